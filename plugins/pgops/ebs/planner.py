@@ -1,0 +1,402 @@
+"""Incremental EBS snapshot chain planner: chain snapshots until the delta is small, then cut over.
+
+A snapshot's point in time is fixed at CreateSnapshot and it stores only the blocks changed since
+the previous snapshot, so round i copies what was written while round i-1 ran:
+d_i = c + r * d_(i-1), with r = W / T (write rate over snapshot throughput) and c the fixed
+per-snapshot overhead. The chain converges to the floor d* = c / (1 - r) when r < 1 and never when
+r >= 1 (the pre-copy live-migration recurrence, Clark et al., NSDI 2005). A hot working set
+rewritten every round raises that floor; durations then stop shrinking, which `decide` detects.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from typing import Any
+
+MIB = 1024 * 1024
+
+ANOTHER_ROUND = "another_round"
+CUT_OVER = "cut_over"
+STALLED_AT_FLOOR = "stalled_at_floor"
+DIVERGING = "diverging"
+MAX_ROUNDS = "max_rounds"
+CUTOVER_AT_REACHED = "cutover_at_reached"
+ACTIONS = (ANOTHER_ROUND, CUT_OVER, STALLED_AT_FLOOR, DIVERGING, MAX_ROUNDS, CUTOVER_AT_REACHED)
+# Actions after which the chain stops and the caller quiesces writes for the final snapshot.
+CUTOVER_ACTIONS = frozenset({CUT_OVER, STALLED_AT_FLOOR, MAX_ROUNDS, CUTOVER_AT_REACHED})
+
+
+def _secs(value: float | None) -> str:
+    if value is None:
+        return "unknown"
+    if math.isinf(value):
+        return "never"
+    return f"{value:.0f} s"
+
+
+def _mibps(value: float | None) -> str:
+    return "unknown" if value is None else f"{value / MIB:.1f} MiB/s"
+
+
+def _ratio(value: float | None) -> str:
+    return "unknown" if value is None else f"{value:.2f}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class RoundObservation:
+    """One finished snapshot of the chain; round 1 is the first, full snapshot."""
+
+    index: int
+    started_at: datetime
+    volume_size_bytes: int
+    completed_at: datetime | None = None
+    duration_s: float | None = None
+    # ListChangedBlocks count x BlockSize against the previous snapshot; None when not measured.
+    delta_bytes: int | None = None
+    predicted_duration_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.duration_s is None:
+            if self.completed_at is None:
+                raise ValueError(f"round {self.index}: give completed_at or duration_s")
+            object.__setattr__(self, "duration_s", (self.completed_at - self.started_at).total_seconds())
+        if self.duration_s <= 0:
+            raise ValueError(f"round {self.index}: duration_s {self.duration_s} must be > 0 seconds")
+        if self.index < 1:
+            raise ValueError(f"round index {self.index} must be >= 1 (round 1 is the full snapshot)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ChainParams:
+    downtime_target_s: float
+    max_rounds: int
+    cutover_at: datetime | None = None
+    stall_ratio: float = 0.8
+    stall_window: int = 2
+    # Predicted time to copy the final snapshot (incremental copy of the last delta), seconds.
+    copy_time_s: float = 300.0
+    # Known fixed per-snapshot overhead; fitted from the rounds when None.
+    overhead_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if not _is_number(self.downtime_target_s) or self.downtime_target_s <= 0:
+            raise ValueError(f"downtime_target_s {self.downtime_target_s!r} must be a number > 0: set the "
+                             "longest write pause you accept, in seconds (e.g. 300)")
+        if not isinstance(self.max_rounds, int) or isinstance(self.max_rounds, bool) or self.max_rounds < 2:
+            raise ValueError(f"max_rounds {self.max_rounds!r} must be an integer >= 2: the write rate needs "
+                             "two finished rounds (10 is a sensible ceiling)")
+        if not _is_number(self.stall_ratio) or not 0 < self.stall_ratio < 1:
+            raise ValueError(f"stall_ratio {self.stall_ratio!r} must be between 0 and 1 (exclusive): it is "
+                             "the round-over-round duration ratio above which the chain counts as stalled "
+                             "(default 0.8)")
+        if not isinstance(self.stall_window, int) or isinstance(self.stall_window, bool) or self.stall_window < 1:
+            raise ValueError(f"stall_window {self.stall_window!r} must be an integer >= 1: the number of "
+                             "successive ratios that must exceed stall_ratio (default 2)")
+        if not _is_number(self.copy_time_s) or self.copy_time_s < 0:
+            raise ValueError(f"copy_time_s {self.copy_time_s!r} must be a number >= 0: the predicted time to "
+                             "copy the final snapshot, in seconds")
+        if self.copy_time_s >= self.downtime_target_s:
+            raise ValueError(f"copy_time_s {self.copy_time_s} >= downtime_target_s {self.downtime_target_s}: "
+                             "no chain can meet the target; raise downtime_target_s or speed up the copy")
+        if self.overhead_s is not None and (not _is_number(self.overhead_s) or self.overhead_s < 0):
+            raise ValueError(f"overhead_s {self.overhead_s!r} must be a number >= 0 seconds, or None to fit "
+                             "it from the rounds")
+        if self.cutover_at is not None and (
+            not isinstance(self.cutover_at, datetime) or self.cutover_at.utcoffset() is None
+        ):
+            raise ValueError(f"cutover_at {self.cutover_at!r} must be a timezone-aware datetime "
+                             "(e.g. datetime(2025, 1, 5, 2, 0, tzinfo=timezone.utc)) or None")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass(frozen=True)
+class ChainEstimate:
+    """What the finished rounds say about the volume; None where they cannot tell yet."""
+
+    rounds: int
+    method: str  # "delta_bytes" or "durations"
+    throughput_bps: float | None
+    write_rate_bps: float | None
+    overhead_s: float
+    r: float | None
+
+    @property
+    def floor_s(self) -> float | None:
+        if self.r is None:
+            return None
+        return math.inf if self.r >= 1 else self.overhead_s / (1 - self.r)
+
+
+def _fit_line(points: Sequence[tuple[float, float]]) -> tuple[float, float] | None:
+    """Least-squares intercept and slope of y = a + b*x, or None when x does not vary."""
+    n = len(points)
+    mean_x = sum(x for x, _ in points) / n
+    mean_y = sum(y for _, y in points) / n
+    sxx = sum((x - mean_x) ** 2 for x, _ in points)
+    if sxx <= 0:
+        return None
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in points) / sxx
+    return mean_y - slope * mean_x, slope
+
+
+def estimate(observations: Sequence[RoundObservation], overhead_s: float | None = None) -> ChainEstimate:
+    """Estimate T, W, c and r from finished rounds (ordered by index)."""
+    if not observations:
+        raise ValueError("estimate needs at least one finished round")
+    if all(o.delta_bytes is not None for o in observations):
+        return _estimate_from_deltas(observations, overhead_s)
+    return _estimate_from_durations(observations, overhead_s)
+
+
+def _estimate_from_deltas(obs: Sequence[RoundObservation], overhead_s: float | None) -> ChainEstimate:
+    later = [(float(o.delta_bytes), o.duration_s) for o in obs if o.index > 1]
+    # Round 1 copies the whole volume at first-snapshot speed; fit without it once the later rounds can.
+    points = later if len({x for x, _ in later}) >= 2 else [(float(o.delta_bytes), o.duration_s) for o in obs]
+    c = overhead_s
+    throughput = None
+    if c is None and len(points) >= 2:
+        fit = _fit_line(points)
+        if fit is not None and fit[0] >= 0 and fit[1] > 0:
+            c, throughput = fit[0], 1 / fit[1]
+    if throughput is None:
+        c = c or 0.0
+        rates = [x / (y - c) for x, y in points if x > 0 and y > c]
+        throughput = statistics.median(rates) if rates else None
+    write_rate = None
+    if len(obs) >= 2:
+        prev, last = obs[-2], obs[-1]
+        interval_s = (last.started_at - prev.started_at).total_seconds()
+        if interval_s > 0:
+            write_rate = last.delta_bytes / interval_s
+    r = write_rate / throughput if write_rate is not None and throughput else None
+    return ChainEstimate(len(obs), "delta_bytes", throughput, write_rate, c, r)
+
+
+def _estimate_from_durations(obs: Sequence[RoundObservation], overhead_s: float | None) -> ChainEstimate:
+    pairs = [(a.duration_s, b.duration_s) for a, b in zip(obs, obs[1:], strict=False)]
+    c, r = overhead_s, None
+    if c is None and len(pairs) >= 2:
+        fit = _fit_line(pairs)
+        if fit is not None and fit[0] >= 0 and fit[1] >= 0:
+            c, r = fit
+    if r is None and pairs:
+        c = c or 0.0
+        r = statistics.median(max(0.0, y - c) / x for x, y in pairs)
+    c = c or 0.0
+    throughput = None
+    if obs[0].index == 1 and obs[0].duration_s > c:
+        throughput = obs[0].volume_size_bytes / (obs[0].duration_s - c)
+    write_rate = r * throughput if r is not None and throughput is not None else None
+    return ChainEstimate(len(obs), "durations", throughput, write_rate, c, r)
+
+
+def predict_next(observations: Sequence[RoundObservation], now: datetime | None = None,
+                 overhead_s: float | None = None) -> float | None:
+    """Predicted duration of a snapshot started at `now` (default: when the last round completed).
+
+    It copies what was written since the last round started: c + r * (interval since that start).
+    None until two rounds have finished (one round cannot tell the write rate).
+    """
+    return _predict(estimate(observations, overhead_s), observations[-1], now)
+
+
+def _predict(est: ChainEstimate, last: RoundObservation, now: datetime | None) -> float | None:
+    if est.r is None:
+        return None
+    interval_s = last.duration_s
+    if now is not None:
+        interval_s = max(interval_s, (now - last.started_at).total_seconds())
+    return est.overhead_s + est.r * interval_s
+
+
+@dataclass(frozen=True)
+class ChainPlan:
+    """The chain predicted before the first snapshot; `rounds` are live rounds before the final one."""
+
+    outcome: str  # the action decide would end with: cut_over, stalled_at_floor, max_rounds, diverging
+    converges: bool
+    reaches_target: bool
+    rounds: int | None
+    round_durations_s: tuple[float, ...]
+    final_round_s: float | None
+    copy_time_s: float
+    downtime_s: float | None
+    total_chain_s: float | None
+    floor_s: float
+    r: float
+    message: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def plan_before_start(volume_size_bytes: int, throughput_bps: float, write_rate_bps: float, overhead_s: float,
+                      downtime_target_s: float, copy_time_s: float, max_rounds: int, *,
+                      stall_ratio: float = 0.8, stall_window: int = 2) -> ChainPlan:
+    """Predict rounds, downtime and total chain time from T, W and c, with the rules `decide` applies.
+
+    Closed form: d_1 = c + V/T and d_i = d* + r^(i-1) * (d_1 - d*), d* = c / (1 - r). The chain has
+    n live rounds, n the first i where the final round d_(i+1) plus the copy fits the target (or the
+    chain stalls, or max_rounds is reached). r >= 1 is reported as "diverging", not raised.
+    """
+    for name, value in (("volume_size_bytes", volume_size_bytes), ("throughput_bps", throughput_bps)):
+        if not _is_number(value) or value <= 0:
+            raise ValueError(f"{name} {value!r} must be a number > 0")
+    for name, value in (("write_rate_bps", write_rate_bps), ("overhead_s", overhead_s),
+                        ("copy_time_s", copy_time_s)):
+        if not _is_number(value) or value < 0:
+            raise ValueError(f"{name} {value!r} must be a number >= 0")
+    params = ChainParams(downtime_target_s=downtime_target_s, max_rounds=max_rounds, stall_ratio=stall_ratio,
+                         stall_window=stall_window, copy_time_s=copy_time_s, overhead_s=overhead_s)
+    r = write_rate_bps / throughput_bps
+    c = overhead_s
+    first_s = c + volume_size_bytes / throughput_bps
+    numbers = (f"T={_mibps(throughput_bps)}, W={_mibps(write_rate_bps)}, r={r:.2f}, c={_secs(c)}, "
+               f"first snapshot {_secs(first_s)}")
+    if r >= 1:
+        return ChainPlan(DIVERGING, False, False, None, (first_s,), None, copy_time_s, None, None, math.inf, r,
+                         f"the chain diverges ({numbers}): writes dirty blocks at least as fast as snapshots "
+                         "copy them, so every round lasts as long as the last; throttle writes below T or "
+                         "catch up through WAL instead")
+    floor_s = c / (1 - r)
+
+    def duration(i: int) -> float:
+        return floor_s + r ** (i - 1) * (first_s - floor_s)
+
+    durations = [first_s]
+    outcome = MAX_ROUNDS
+    for i in range(1, max_rounds + 1):
+        final_s = duration(i + 1)
+        ratios = [duration(j) / duration(j - 1) for j in range(max(2, i - stall_window + 1), i + 1)]
+        if final_s + copy_time_s <= params.downtime_target_s:
+            outcome = CUT_OVER
+        elif len(ratios) == stall_window and all(x > stall_ratio for x in ratios):
+            outcome = STALLED_AT_FLOOR
+        if outcome != MAX_ROUNDS or i == max_rounds:
+            break
+        durations.append(duration(i + 1))
+    n = len(durations)
+    final_s = duration(n + 1)
+    downtime_s = final_s + copy_time_s
+    total_s = sum(durations) + downtime_s
+    reaches = outcome == CUT_OVER
+    summary = (f"{n} live round(s), final snapshot {_secs(final_s)} + copy {_secs(copy_time_s)} = downtime "
+               f"{_secs(downtime_s)} (target {_secs(downtime_target_s)}), total {total_s / 3600:.2f} h, "
+               f"floor d*={_secs(floor_s)}; {numbers}")
+    if outcome == CUT_OVER:
+        message = f"the chain meets the target: {summary}"
+    elif outcome == STALLED_AT_FLOOR:
+        message = (f"the chain stalls at its floor above the target: {summary}; lower the write rate or "
+                   "accept the longer downtime")
+    else:
+        message = f"max_rounds {max_rounds} is reached before the target: {summary}"
+    return ChainPlan(outcome, True, reaches, n, tuple(durations), final_s, copy_time_s, downtime_s, total_s,
+                     floor_s, r, message)
+
+
+def hot_set_floor_s(throughput_bps: float, write_rate_bps: float, overhead_s: float, hot_set_bytes: float,
+                    hot_write_rate_bps: float) -> float:
+    """Floor of a chain whose writes are uniform at W plus a hot set of H bytes rewritten at W_h.
+
+    Each round copies c plus the uniform writes plus min(H, W_h * d) of the hot set:
+    d* solves d = c + (W*d + min(H, W_h*d)) / T (a concave map, so the fixed point is unique).
+    """
+    r_uniform = write_rate_bps / throughput_bps
+    saturated_s = math.inf if r_uniform >= 1 else (overhead_s + hot_set_bytes / throughput_bps) / (1 - r_uniform)
+    if hot_write_rate_bps * saturated_s >= hot_set_bytes:
+        return saturated_s
+    r_total = r_uniform + hot_write_rate_bps / throughput_bps
+    return math.inf if r_total >= 1 else overhead_s / (1 - r_total)
+
+
+@dataclass(frozen=True)
+class ChainNumbers:
+    rounds: int
+    method: str | None
+    r: float | None
+    throughput_bps: float | None
+    write_rate_bps: float | None
+    overhead_s: float | None
+    predicted_next_s: float | None
+    predicted_copy_s: float
+    predicted_downtime_s: float | None
+    floor_s: float | None
+    downtime_target_s: float
+    last_ratio: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: str
+    reason: str
+    numbers: ChainNumbers
+
+    @property
+    def proceed_to_cutover(self) -> bool:
+        return self.action in CUTOVER_ACTIONS
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"action": self.action, "reason": self.reason, "numbers": self.numbers.to_dict()}
+
+
+def decide(observations: Sequence[RoundObservation], params: ChainParams, now: datetime) -> Decision:
+    """Take another round, or stop (and why), given the finished rounds in index order."""
+    obs = sorted(observations, key=lambda o: o.index)
+    target_s = params.downtime_target_s
+    if not obs:
+        numbers = ChainNumbers(0, None, None, None, None, params.overhead_s, None, params.copy_time_s, None, None,
+                               target_s, None)
+        return Decision(ANOTHER_ROUND, "no round has finished: take the first, full snapshot", numbers)
+    est = estimate(obs, params.overhead_s)
+    next_s = _predict(est, obs[-1], now)
+    downtime_s = None if next_s is None else next_s + params.copy_time_s
+    durations = [o.duration_s for o in obs]
+    ratios = [b / a for a, b in zip(durations, durations[1:], strict=False)]
+    numbers = ChainNumbers(len(obs), est.method, est.r, est.throughput_bps, est.write_rate_bps, est.overhead_s,
+                           next_s, params.copy_time_s, downtime_s, est.floor_s, target_s,
+                           ratios[-1] if ratios else None)
+    figures = (f"round {obs[-1].index} took {_secs(durations[-1])}; T={_mibps(est.throughput_bps)}, "
+               f"W={_mibps(est.write_rate_bps)}, r={_ratio(est.r)}, c={_secs(est.overhead_s)}, "
+               f"floor d*={_secs(est.floor_s)}; predicted final snapshot {_secs(next_s)} + copy "
+               f"{_secs(params.copy_time_s)} = downtime {_secs(downtime_s)} (target {_secs(target_s)})")
+    if next_s is None:
+        if len(obs) >= params.max_rounds:
+            return Decision(MAX_ROUNDS, f"max_rounds {params.max_rounds} reached before the write rate was "
+                            f"known: cut over with an unknown downtime; {figures}", numbers)
+        return Decision(ANOTHER_ROUND, f"one round cannot tell the write rate: take another; {figures}", numbers)
+    if est.r >= 1:
+        return Decision(DIVERGING, f"the chain diverges (r={est.r:.2f} >= 1: writes dirty blocks at "
+                        f"{_mibps(est.write_rate_bps)}, snapshots copy {_mibps(est.throughput_bps)}); stop "
+                        f"chaining: throttle writes or catch up through WAL instead; {figures}", numbers)
+    under_target = downtime_s <= target_s
+    if params.cutover_at is not None and now >= params.cutover_at:
+        return Decision(CUTOVER_AT_REACHED, f"cutover_at {params.cutover_at.isoformat()} reached: quiesce "
+                        f"writes and take the final snapshot; {figures}", numbers)
+    if under_target and params.cutover_at is None:
+        return Decision(CUT_OVER, f"under target: quiesce writes and take the final snapshot; {figures}", numbers)
+    recent = ratios[-params.stall_window:]
+    if not under_target and len(recent) == params.stall_window and all(x > params.stall_ratio for x in recent):
+        return Decision(STALLED_AT_FLOOR, f"the chain has stalled at its floor: the last "
+                        f"{params.stall_window} round-over-round ratios "
+                        f"{', '.join(f'{x:.2f}' for x in recent)} exceed {params.stall_ratio}, so more rounds "
+                        f"will not shrink the delta; the floor is the overhead plus the hot working set "
+                        f"rewritten every round; cut over now with predicted downtime {_secs(downtime_s)}; "
+                        f"{figures}", numbers)
+    if len(obs) >= params.max_rounds:
+        return Decision(MAX_ROUNDS, f"max_rounds {params.max_rounds} reached: cut over with predicted "
+                        f"downtime {_secs(downtime_s)}; {figures}", numbers)
+    if under_target:
+        return Decision(ANOTHER_ROUND, f"under target, waiting for cutover_at "
+                        f"{params.cutover_at.isoformat()}: keep the delta small with another round; {figures}",
+                        numbers)
+    return Decision(ANOTHER_ROUND, f"above target and still shrinking: take another round; {figures}", numbers)
