@@ -1,0 +1,156 @@
+"""barman-cloud: the one place that knows its command lines and its JSON.
+
+Every function returns an argv list (never a shell string); credentials never go into argv.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from pgops.inventory import Cluster
+
+# Reserved by barman-cloud as backup selectors, never real backup ids.
+RESERVED_BACKUP_NAMES = ("first", "last", "latest", "oldest", "last-failed")
+_COMPRESSION_FLAGS = {"gzip": "--gzip", "bzip2": "--bzip2", "xz": "--xz", "lz4": "--lz4", "zstd": "--zstd",
+                      "snappy": "--snappy", "none": None}
+
+
+def _common(cluster: Cluster, endpoint_url: str | None) -> list[str]:
+    argv = ["--cloud-provider", "aws-s3"]
+    if endpoint_url:
+        argv += ["--endpoint-url", endpoint_url]
+    return argv
+
+
+def _compression(name: str) -> list[str]:
+    flag = _COMPRESSION_FLAGS[name]
+    return [flag] if flag else []
+
+
+def backup_argv(cluster: Cluster, *, endpoint_url: str | None, backup_name: str, pg_host: str | None = None,
+                pg_port: int | None = None, pg_user: str | None = None, pg_dbname: str | None = None) -> list[str]:
+    """barman-cloud-backup of the local primary into the cluster's prefix, named after the Airflow run."""
+    e = cluster.engine
+    argv = [e.bin("barman-cloud-backup"), *_common(cluster, endpoint_url), *_compression(e.compression),
+            "--jobs", str(e.jobs), "--name", backup_name]
+    if e.immediate_checkpoint:
+        argv.append("--immediate-checkpoint")
+    if pg_host:
+        argv += ["--host", pg_host]
+    if pg_port:
+        argv += ["--port", str(pg_port)]
+    if pg_user:
+        argv += ["--user", pg_user]
+    if pg_dbname:
+        argv += ["--dbname", pg_dbname]
+    argv += [*e.extra_args, cluster.storage.destination_url, cluster.storage.server_name]
+    return argv
+
+
+def wal_archive_argv(cluster: Cluster, *, endpoint_url: str | None) -> list[str]:
+    """archive_command argv (PostgreSQL appends %p): one segment per call."""
+    e = cluster.engine
+    return [e.bin("barman-cloud-wal-archive"), *_common(cluster, endpoint_url), *_compression(e.wal_compression),
+            cluster.storage.destination_url, cluster.storage.server_name]
+
+
+def backup_list_argv(cluster: Cluster, *, endpoint_url: str | None) -> list[str]:
+    return [cluster.engine.bin("barman-cloud-backup-list"), *_common(cluster, endpoint_url), "--format", "json",
+            cluster.storage.destination_url, cluster.storage.server_name]
+
+
+def backup_show_argv(cluster: Cluster, *, endpoint_url: str | None, backup_id: str) -> list[str]:
+    return [cluster.engine.bin("barman-cloud-backup-show"), *_common(cluster, endpoint_url), "--format", "json",
+            cluster.storage.destination_url, cluster.storage.server_name, backup_id]
+
+
+def backup_delete_argv(cluster: Cluster, *, endpoint_url: str | None, dry_run: bool) -> list[str]:
+    argv = [cluster.engine.bin("barman-cloud-backup-delete"), *_common(cluster, endpoint_url),
+            "--retention-policy", cluster.retention.policy,
+            "--minimum-redundancy", str(cluster.retention.minimum_redundancy)]
+    if dry_run:
+        argv.append("--dry-run")
+    return argv + [cluster.storage.destination_url, cluster.storage.server_name]
+
+
+def restore_argv(cluster: Cluster, *, endpoint_url: str | None, backup_id: str, destination_dir: str) -> list[str]:
+    return [cluster.engine.bin("barman-cloud-restore"), *_common(cluster, endpoint_url),
+            cluster.storage.destination_url, cluster.storage.server_name, backup_id, destination_dir]
+
+
+def wal_restore_argv(cluster: Cluster, *, endpoint_url: str | None, parallel: int = 0,
+                     spool_dir: str | None = None) -> list[str]:
+    """restore_command argv without the trailing '%f %p' (PostgreSQL fills those in)."""
+    argv = [cluster.engine.bin("barman-cloud-wal-restore"), *_common(cluster, endpoint_url)]
+    if parallel > 0:
+        argv += ["--parallel", str(parallel)]
+        if spool_dir:
+            argv += ["--spool-dir", spool_dir]
+    return argv + [cluster.storage.destination_url, cluster.storage.server_name]
+
+
+@dataclass(frozen=True, kw_only=True)
+class BackupInfo:
+    """What pgops needs of one barman-cloud catalog entry."""
+
+    backup_id: str
+    backup_name: str | None
+    status: str
+    begin_wal: str | None
+    end_wal: str | None
+    begin_lsn: str | None
+    end_lsn: str | None
+    begin_time: str | None
+    end_time: str | None
+    cluster_size_bytes: int | None
+    timeline: int | None
+    systemid: str | None
+    error: str | None
+
+    @property
+    def done(self) -> bool:
+        return self.status == "DONE"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _to_int(value: Any) -> int | None:
+    try:
+        return int(value) if value is not None and value != "" else None
+    except (TypeError, ValueError):
+        return None
+
+
+def parse_backup_info(entry: dict[str, Any]) -> BackupInfo:
+    return BackupInfo(
+        backup_id=str(entry.get("backup_id")),
+        backup_name=entry.get("backup_name"),
+        status=str(entry.get("status", "UNKNOWN")),
+        begin_wal=entry.get("begin_wal"),
+        end_wal=entry.get("end_wal"),
+        begin_lsn=entry.get("begin_xlog"),
+        end_lsn=entry.get("end_xlog"),
+        begin_time=entry.get("begin_time_iso") or entry.get("begin_time"),
+        end_time=entry.get("end_time_iso") or entry.get("end_time"),
+        cluster_size_bytes=_to_int(entry.get("cluster_size") or entry.get("size")),
+        timeline=_to_int(entry.get("timeline")),
+        systemid=entry.get("systemid"),
+        error=entry.get("error"),
+    )
+
+
+def parse_backup_show(stdout: str) -> BackupInfo:
+    """`barman-cloud-backup-show --format json` nests the backup under the key "cloud"."""
+    data = json.loads(stdout)
+    entry = data.get("cloud", data) if isinstance(data, dict) else None
+    if not isinstance(entry, dict) or "backup_id" not in entry:
+        raise ValueError(f"unexpected barman-cloud-backup-show output: {stdout[:300]!r}")
+    return parse_backup_info(entry)
+
+
+def parse_backup_list(stdout: str) -> list[BackupInfo]:
+    data = json.loads(stdout)
+    return [parse_backup_info(b) for b in data.get("backups_list", [])]

@@ -1,0 +1,386 @@
+"""Cluster inventory: the YAML file that says which PostgreSQL clusters pgops manages.
+
+Parsed at DAG-parse time, so it does no network or database I/O. Every error names the cluster,
+the field, the bad value and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_INVENTORY = REPO_ROOT / "include" / "clusters.example.yaml"
+INVENTORY_ENV = "PGOPS_INVENTORY"
+
+# barman-cloud-backup and barman-cloud-wal-archive accept different compressors.
+BACKUP_COMPRESSIONS = ("gzip", "bzip2", "lz4", "snappy", "none")
+WAL_COMPRESSIONS = ("gzip", "bzip2", "xz", "lz4", "zstd", "snappy", "none")
+RUNNER_KINDS = ("local", "ssh")
+NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+CONN_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,250}$")
+BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+QUEUE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
+RETENTION_RE = re.compile(r"^(RECOVERY\s+WINDOW\s+OF\s+(\d+)\s+(DAY|DAYS|WEEK|WEEKS|MONTH|MONTHS)|REDUNDANCY\s+(\d+))$",
+                          re.IGNORECASE)
+SNS_ARN_RE = re.compile(r"^arn:aws[a-z-]*:sns:[a-z0-9-]+:\d{12}:[A-Za-z0-9_-]{1,256}$")
+CRON_FIELD_RE = re.compile(r"^[\d*/,\-A-Za-z?LW#]+$")
+PRESETS = ("@hourly", "@daily", "@weekly", "@monthly", "@yearly", "@once")
+
+
+class InventoryError(ValueError):
+    """A bad inventory: the message names the cluster, the field, the value and the fix."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Storage:
+    bucket: str
+    prefix: str
+    server_name: str
+
+    @property
+    def destination_url(self) -> str:
+        """barman-cloud's destination: objects go under <url>/<server_name>/."""
+        return f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
+
+    @property
+    def server_prefix(self) -> str:
+        return f"{self.prefix}/{self.server_name}" if self.prefix else self.server_name
+
+    def report_key(self, kind: str, name: str) -> str:
+        return f"{self.server_prefix}/pgops/reports/{kind}/{name}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Engine:
+    kind: str = "barman-cloud"
+    compression: str = "gzip"
+    wal_compression: str = "gzip"
+    jobs: int = 2
+    immediate_checkpoint: bool = True
+    bin_dir: str = ""
+    timeout_s: int = 6 * 3600
+    extra_args: tuple[str, ...] = ()
+
+    def bin(self, name: str) -> str:
+        return str(Path(self.bin_dir) / name) if self.bin_dir else name
+
+
+@dataclass(frozen=True, kw_only=True)
+class Runner:
+    kind: str = "local"
+    queue: str = "default"
+    run_as: str | None = None
+    ssh_conn_id: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Schedule:
+    backup: str = "0 2 * * *"
+    audit: str = "@hourly"
+    restore_verify: str = "0 6 * * *"
+    timezone: str = "UTC"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Retention:
+    policy: str = "RECOVERY WINDOW OF 7 DAYS"
+    minimum_redundancy: int = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class Targets:
+    rpo_s: int = 300
+    rto_s: int = 3600
+
+
+@dataclass(frozen=True, kw_only=True)
+class Alerts:
+    sns_topic_arn: str | None = None
+    aws_conn_id: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Cluster:
+    name: str
+    postgres_conn_id: str
+    aws_conn_id: str
+    storage: Storage
+    engine: Engine = field(default_factory=Engine)
+    runner: Runner = field(default_factory=Runner)
+    schedule: Schedule = field(default_factory=Schedule)
+    retention: Retention = field(default_factory=Retention)
+    targets: Targets = field(default_factory=Targets)
+    alerts: Alerts = field(default_factory=Alerts)
+    tags: tuple[str, ...] = ()
+
+    @property
+    def pool(self) -> str:
+        return f"pgops_{self.name}"
+
+    @property
+    def alerts_conn_id(self) -> str:
+        return self.alerts.aws_conn_id or self.aws_conn_id
+
+
+@dataclass(frozen=True)
+class Inventory:
+    path: Path
+    clusters: tuple[Cluster, ...]
+
+    def get(self, name: str) -> Cluster:
+        for cluster in self.clusters:
+            if cluster.name == name:
+                return cluster
+        known = ", ".join(c.name for c in self.clusters) or "none"
+        raise InventoryError(f"cluster {name!r} is not in the inventory {self.path} (clusters: {known})")
+
+
+class _Fields:
+    """Reads one mapping of the YAML, remembering where it is for error messages."""
+
+    def __init__(self, data: Any, where: str, path: Path):
+        if not isinstance(data, dict):
+            raise InventoryError(f"{path}: {where} must be a mapping, got {type(data).__name__}")
+        self.data, self.where, self.path = data, where, path
+        self.used: set[str] = set()
+
+    def fail(self, key: str, value: Any, problem: str, fix: str) -> InventoryError:
+        return InventoryError(f"{self.path}: {self.where}: field '{key}' = {value!r} {problem}. Fix: {fix}")
+
+    def get(self, key: str, default: Any = None, *, required: bool = False) -> Any:
+        self.used.add(key)
+        if key not in self.data or self.data[key] is None:
+            if required:
+                raise InventoryError(f"{self.path}: {self.where}: field '{key}' is missing. Fix: add '{key}:'")
+            return default
+        return self.data[key]
+
+    def string(self, key: str, default: str | None = None, *, required: bool = False,
+               pattern: re.Pattern | None = None, fix: str = "") -> str | None:
+        value = self.get(key, default, required=required)
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            raise self.fail(key, value, "is not a string", fix or "quote the value")
+        if pattern is not None and not pattern.match(value):
+            raise self.fail(key, value, "is not valid", fix or f"use a value matching {pattern.pattern}")
+        return value
+
+    def integer(self, key: str, default: int, *, minimum: int = 0, maximum: int | None = None) -> int:
+        value = self.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.fail(key, value, "is not an integer", f"write a whole number >= {minimum}")
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
+            raise self.fail(key, value, "is out of range", f"use a number {bound}")
+        return value
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self.get(key, default)
+        if not isinstance(value, bool):
+            raise self.fail(key, value, "is not a boolean", "write true or false")
+        return value
+
+    def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
+        value = self.get(key, default)
+        if value not in choices:
+            raise self.fail(key, value, "is not a known value", f"use one of {', '.join(choices)}")
+        return value
+
+    def sub(self, key: str) -> _Fields:
+        return _Fields(self.get(key, {}) or {}, f"{self.where}.{key}", self.path)
+
+    def reject_unknown(self) -> None:
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            raise InventoryError(
+                f"{self.path}: {self.where}: unknown field(s) {', '.join(unknown)}. "
+                f"Fix: remove them or correct the spelling (known: {', '.join(sorted(self.used))})"
+            )
+
+
+def _check_cron(fields: _Fields, key: str, default: str) -> str:
+    value = fields.string(key, default)
+    assert value is not None
+    if value in PRESETS:
+        return value
+    parts = value.split()
+    if len(parts) != 5 or not all(CRON_FIELD_RE.match(p) for p in parts):
+        raise fields.fail(key, value, "is not a cron expression",
+                          "use five cron fields like '0 2 * * *' or a preset such as @daily")
+    return value
+
+
+def _parse_cluster(raw: Any, index: int, path: Path) -> Cluster:
+    top = _Fields(raw, f"clusters[{index}]", path)
+    name = top.string("name", required=True, pattern=NAME_RE,
+                      fix="use lower-case letters, digits and underscores, starting with a letter (it becomes part of DAG ids)")
+    top.where = f"cluster {name!r}"
+
+    storage_f = top.sub("storage")
+    storage_f.where = f"cluster {name!r}: storage"
+    bucket = storage_f.string("bucket", required=True, pattern=BUCKET_RE,
+                              fix="use an S3 bucket name: 3-63 lower-case letters, digits, dots and hyphens")
+    prefix = (storage_f.string("prefix", "") or "").strip("/")
+    if prefix.startswith("s3://"):
+        raise storage_f.fail("prefix", prefix, "is a URL", "give only the key prefix; the bucket goes in 'bucket'")
+    server_name = storage_f.string("server_name", name, pattern=re.compile(r"^[A-Za-z0-9_.-]+$"),
+                                   fix="use letters, digits, '.', '_' and '-' only")
+    storage_f.reject_unknown()
+
+    engine_f = top.sub("engine")
+    engine_f.where = f"cluster {name!r}: engine"
+    engine = Engine(
+        kind=engine_f.choice("kind", "barman-cloud", ("barman-cloud",)),
+        compression=engine_f.choice("compression", "gzip", BACKUP_COMPRESSIONS),
+        wal_compression=engine_f.choice("wal_compression", "gzip", WAL_COMPRESSIONS),
+        jobs=engine_f.integer("jobs", 2, minimum=1, maximum=64),
+        immediate_checkpoint=engine_f.boolean("immediate_checkpoint", True),
+        bin_dir=expand_env(engine_f.string("bin_dir", "") or ""),
+        timeout_s=engine_f.integer("timeout_s", 6 * 3600, minimum=60),
+        extra_args=tuple(_string_list(engine_f, "extra_args")),
+    )
+    engine_f.reject_unknown()
+
+    runner_f = top.sub("runner")
+    runner_f.where = f"cluster {name!r}: runner"
+    runner_kind = runner_f.choice("kind", "local", RUNNER_KINDS)
+    runner = Runner(
+        kind=runner_kind,
+        queue=runner_f.string("queue", "default", pattern=QUEUE_RE, fix="use letters, digits, '.', '_' and '-'") or "default",
+        run_as=runner_f.string("run_as", None, pattern=re.compile(r"^[a-z_][a-z0-9_-]*$"),
+                               fix="give an OS user name such as postgres"),
+        ssh_conn_id=runner_f.string("ssh_conn_id", None, pattern=CONN_ID_RE),
+    )
+    if runner_kind == "ssh" and not runner.ssh_conn_id:
+        raise runner_f.fail("ssh_conn_id", None, "is required when kind is ssh", "name the Airflow SSH connection id")
+    runner_f.reject_unknown()
+
+    sched_f = top.sub("schedule")
+    sched_f.where = f"cluster {name!r}: schedule"
+    schedule = Schedule(
+        backup=_check_cron(sched_f, "backup", "0 2 * * *"),
+        audit=_check_cron(sched_f, "audit", "@hourly"),
+        restore_verify=_check_cron(sched_f, "restore_verify", "0 6 * * *"),
+        timezone=sched_f.string("timezone", "UTC") or "UTC",
+    )
+    _check_timezone(sched_f, schedule.timezone)
+    sched_f.reject_unknown()
+
+    ret_f = top.sub("retention")
+    ret_f.where = f"cluster {name!r}: retention"
+    policy = ret_f.string("policy", "RECOVERY WINDOW OF 7 DAYS") or ""
+    if not RETENTION_RE.match(policy.strip()):
+        raise ret_f.fail("policy", policy, "is not a barman retention policy",
+                         "write 'RECOVERY WINDOW OF 7 DAYS' (DAYS, WEEKS or MONTHS) or 'REDUNDANCY 3'")
+    retention = Retention(policy=" ".join(policy.upper().split()),
+                          minimum_redundancy=ret_f.integer("minimum_redundancy", 1, minimum=0, maximum=1000))
+    ret_f.reject_unknown()
+
+    tgt_f = top.sub("targets")
+    tgt_f.where = f"cluster {name!r}: targets"
+    targets = Targets(rpo_s=tgt_f.integer("rpo_s", 300, minimum=1), rto_s=tgt_f.integer("rto_s", 3600, minimum=1))
+    tgt_f.reject_unknown()
+
+    al_f = top.sub("alerts")
+    al_f.where = f"cluster {name!r}: alerts"
+    alerts = Alerts(
+        sns_topic_arn=al_f.string("sns_topic_arn", None, pattern=SNS_ARN_RE,
+                                  fix="use an SNS topic ARN like arn:aws:sns:us-east-1:123456789012:pgops-alerts"),
+        aws_conn_id=al_f.string("aws_conn_id", None, pattern=CONN_ID_RE),
+    )
+    al_f.reject_unknown()
+
+    cluster = Cluster(
+        name=name,
+        postgres_conn_id=top.string("postgres_conn_id", required=True, pattern=CONN_ID_RE,
+                                    fix="name an Airflow connection id (letters, digits, '_', '.', '-')"),
+        aws_conn_id=top.string("aws_conn_id", required=True, pattern=CONN_ID_RE,
+                               fix="name an Airflow connection id (letters, digits, '_', '.', '-')"),
+        storage=Storage(bucket=bucket, prefix=prefix, server_name=server_name),
+        engine=engine,
+        runner=runner,
+        schedule=schedule,
+        retention=retention,
+        targets=targets,
+        alerts=alerts,
+        tags=tuple(_string_list(top, "tags")),
+    )
+    top.reject_unknown()
+    return cluster
+
+
+_ENV_REF_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_env(value: str) -> str:
+    """Expand ${VAR} and ${VAR:-default} the way a shell or Compose does (environment only, no I/O)."""
+    return _ENV_REF_RE.sub(lambda m: os.environ.get(m.group(1)) or (m.group(2) or ""), value)
+
+
+def _string_list(fields: _Fields, key: str) -> list[str]:
+    value = fields.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise fields.fail(key, value, "is not a list of strings", f"write {key}: [\"a\", \"b\"]")
+    return value
+
+
+def _check_timezone(fields: _Fields, tz: str) -> None:
+    import pendulum
+
+    try:
+        pendulum.timezone(tz)
+    except Exception as exc:  # pendulum raises several types for unknown zones
+        raise fields.fail("timezone", tz, "is not a known time zone",
+                          "use an IANA name such as UTC or Europe/Paris") from exc
+
+
+def parse_inventory(data: Any, path: Path) -> Inventory:
+    if not isinstance(data, dict) or "clusters" not in data:
+        raise InventoryError(f"{path}: the top level must be a mapping with a 'clusters:' list. Fix: start the file with 'clusters:'")
+    allowed = {"clusters"}
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise InventoryError(f"{path}: unknown top-level field(s) {', '.join(unknown)}. Fix: only 'clusters:' is allowed")
+    raw_clusters = data["clusters"]
+    if not isinstance(raw_clusters, list):
+        raise InventoryError(f"{path}: 'clusters' must be a list of clusters. Fix: write each cluster as '- name: ...'")
+    clusters = [_parse_cluster(raw, i, path) for i, raw in enumerate(raw_clusters)]
+    seen: dict[str, int] = {}
+    for i, cluster in enumerate(clusters):
+        if cluster.name in seen:
+            raise InventoryError(f"{path}: cluster {cluster.name!r}: field 'name' is used twice (clusters[{seen[cluster.name]}] "
+                                 f"and clusters[{i}]). Fix: give every cluster its own name")
+        seen[cluster.name] = i
+    locations: dict[tuple[str, str], str] = {}
+    for cluster in clusters:
+        loc = (cluster.storage.bucket, cluster.storage.server_prefix)
+        if loc in locations:
+            raise InventoryError(f"{path}: cluster {cluster.name!r}: storage s3://{loc[0]}/{loc[1]} is also used by cluster "
+                                 f"{locations[loc]!r}. Fix: give each cluster its own prefix or server_name")
+        locations[loc] = cluster.name
+    return Inventory(path=path, clusters=tuple(clusters))
+
+
+def inventory_path() -> Path:
+    return Path(os.environ.get(INVENTORY_ENV) or DEFAULT_INVENTORY)
+
+
+def load_inventory(path: str | Path | None = None) -> Inventory:
+    """Read and validate the inventory (``$PGOPS_INVENTORY`` or the example file)."""
+    path = Path(path) if path else inventory_path()
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise InventoryError(f"inventory file {path} does not exist. Fix: set {INVENTORY_ENV} to your clusters.yaml") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise InventoryError(f"{path}: not valid YAML ({exc}). Fix: check indentation and quoting") from None
+    return parse_inventory(data, path)

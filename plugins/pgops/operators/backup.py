@@ -1,0 +1,240 @@
+"""Base-backup operators: preflight, barman-cloud backup, verification (+ asset event) and retention."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Any
+
+from airflow.exceptions import AirflowFailException
+from airflow.sdk import BaseOperator
+
+from pgops.archiver import ARCHIVER_SQL, archiver_health
+from pgops.engines import barman_cloud
+from pgops.hooks import aws_child_env, pg_query, pg_target, s3_client, s3_endpoint_url
+from pgops.inventory import Cluster, load_inventory
+from pgops.runners import CommandFailed, get_runner
+
+
+def backup_name_for_run(run_id: str) -> str:
+    """A barman backup name derived from the Airflow run, so a retry can find the backup it made."""
+    name = "pgops-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", run_id).strip("-")
+    return name[:100]
+
+
+class ClusterOperator(BaseOperator):
+    """An operator acting on one inventory cluster (read at execute time, never at parse time)."""
+
+    template_fields: Sequence[str] = ("cluster_name",)
+
+    def __init__(self, *, cluster_name: str, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.cluster_name = cluster_name
+        self._runner = None
+
+    @property
+    def cluster(self) -> Cluster:
+        return load_inventory().get(self.cluster_name)
+
+    def engine_env(self, cluster: Cluster) -> dict[str, str]:
+        return {**aws_child_env(cluster.aws_conn_id), **pg_target(cluster.postgres_conn_id).child_env()}
+
+    def run_engine(self, cluster: Cluster, argv: list[str], *, capture: bool = False, check: bool = True,
+                   timeout_s: float | None = None):
+        self._runner = get_runner(cluster)
+        try:
+            return self._runner.run(argv, env=self.engine_env(cluster), capture=capture, check=check,
+                                    timeout_s=timeout_s or cluster.engine.timeout_s, on_line=self.log.info)
+        finally:
+            self._runner = None
+
+    def on_kill(self) -> None:
+        if self._runner is not None:
+            self._runner.kill()
+
+    def catalog(self, cluster: Cluster) -> list[barman_cloud.BackupInfo]:
+        res = self.run_engine(cluster, barman_cloud.backup_list_argv(cluster, endpoint_url=s3_endpoint_url(cluster.aws_conn_id)),
+                              capture=True, timeout_s=600)
+        return barman_cloud.parse_backup_list(res.stdout)
+
+
+class BackupPreflightOperator(ClusterOperator):
+    """PostgreSQL reachable, WAL archiving healthy, bucket reachable and writable."""
+
+    def execute(self, context) -> dict[str, Any]:
+        cluster = self.cluster
+        try:
+            rows = pg_query(cluster.postgres_conn_id, ARCHIVER_SQL)
+        except Exception as exc:  # psycopg2.OperationalError and friends: the server may come back, so retry
+            t = pg_target(cluster.postgres_conn_id)
+            raise RuntimeError(f"cluster {cluster.name!r}: PostgreSQL at {t.host}:{t.port} is not reachable "
+                               f"({str(exc).strip()}). Fix: start the server or correct connection "
+                               f"{cluster.postgres_conn_id!r}") from None
+        row = rows[0]
+        health = archiver_health(row)
+        self.log.info("%s", health.message)
+        if not health.healthy:
+            raise AirflowFailException(f"cluster {cluster.name!r}: {health.message}")
+        self._check_bucket(cluster, context)
+        return {"archiver": {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in row.items()
+                             if k != "archive_command"}}
+
+    def _check_bucket(self, cluster: Cluster, context) -> None:
+        from botocore.exceptions import ClientError, EndpointConnectionError
+
+        s3 = s3_client(cluster.aws_conn_id)
+        bucket = cluster.storage.bucket
+        try:
+            s3.head_bucket(Bucket=bucket)
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code in ("404", "NoSuchBucket"):
+                raise AirflowFailException(f"cluster {cluster.name!r}: bucket {bucket!r} does not exist. Fix: create it "
+                                           "(with versioning and a lifecycle rule longer than the retention policy) "
+                                           "or correct storage.bucket in the inventory") from None
+            if code in ("403", "AccessDenied"):
+                raise AirflowFailException(f"cluster {cluster.name!r}: access to bucket {bucket!r} is denied. Fix: grant "
+                                           f"s3:ListBucket/GetObject/PutObject to connection {cluster.aws_conn_id!r} "
+                                           "(see include/iam/)") from None
+            raise
+        except EndpointConnectionError as exc:
+            raise RuntimeError(f"cluster {cluster.name!r}: S3 endpoint not reachable: {exc}") from None
+        probe = cluster.storage.report_key("preflight", "write-probe")
+        try:
+            s3.put_object(Bucket=bucket, Key=probe, Body=context["run_id"].encode())
+            s3.delete_object(Bucket=bucket, Key=probe)
+        except ClientError as exc:
+            raise AirflowFailException(f"cluster {cluster.name!r}: bucket {bucket!r} is not writable under "
+                                       f"{cluster.storage.server_prefix}/ ({exc}). Fix: grant s3:PutObject") from None
+        self.log.info("bucket s3://%s/%s/ reachable and writable", bucket, cluster.storage.server_prefix)
+
+
+class BarmanCloudBackupOperator(ClusterOperator):
+    """Run barman-cloud-backup on the DB host. A retry reuses a DONE backup of the same run, never duplicates it."""
+
+    def execute(self, context) -> str:
+        cluster = self.cluster
+        base_name = backup_name_for_run(context["run_id"])
+        existing = [b for b in self.catalog(cluster) if (b.backup_name or "").startswith(base_name)]
+        for b in existing:
+            if b.done:
+                self.log.info("backup %s (%s) of this run is already DONE: reusing it", b.backup_id, b.backup_name)
+                return b.backup_id
+        # A failed earlier attempt leaves its own (FAILED) entry; a new attempt gets its own name.
+        name = base_name if not existing else f"{base_name}-a{len(existing) + 1}"
+        t = pg_target(cluster.postgres_conn_id)
+        argv = barman_cloud.backup_argv(cluster, endpoint_url=s3_endpoint_url(cluster.aws_conn_id), backup_name=name,
+                                        pg_host=t.host, pg_port=t.port, pg_user=t.user, pg_dbname=t.dbname)
+        try:
+            self.run_engine(cluster, argv)
+        except CommandFailed as exc:
+            raise RuntimeError(f"cluster {cluster.name!r}: barman-cloud-backup failed: {exc}") from None
+        show = self.run_engine(cluster, barman_cloud.backup_show_argv(
+            cluster, endpoint_url=s3_endpoint_url(cluster.aws_conn_id), backup_id=name), capture=True, timeout_s=600)
+        info = barman_cloud.parse_backup_show(show.stdout)
+        self.log.info("barman-cloud-backup finished: backup %s (%s) status %s", info.backup_id, name, info.status)
+        return info.backup_id
+
+
+class BarmanCloudVerifyBackupOperator(ClusterOperator):
+    """The new backup must be DONE in the catalog, its end WAL archived; then emit the backup asset event."""
+
+    template_fields: Sequence[str] = ("cluster_name", "backup_id")
+
+    def __init__(self, *, backup_id: str, wal_wait_timeout_s: int = 900, poll_interval_s: float = 5.0, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.backup_id = backup_id
+        self.wal_wait_timeout_s = wal_wait_timeout_s
+        self.poll_interval_s = poll_interval_s
+
+    def execute(self, context) -> dict[str, Any] | None:
+        from pgops.triggers.s3 import WalSegmentArchivedTrigger
+
+        cluster = self.cluster
+        if not self.backup_id or self.backup_id.lower() in barman_cloud.RESERVED_BACKUP_NAMES:
+            raise AirflowFailException(f"cluster {cluster.name!r}: backup_id {self.backup_id!r} is not a backup id. "
+                                       "Fix: pass the id returned by the backup task")
+        show = self.run_engine(cluster, barman_cloud.backup_show_argv(
+            cluster, endpoint_url=s3_endpoint_url(cluster.aws_conn_id), backup_id=self.backup_id),
+            capture=True, timeout_s=600)
+        info = barman_cloud.parse_backup_show(show.stdout)
+        if not info.done:
+            raise AirflowFailException(f"cluster {cluster.name!r}: backup {info.backup_id} has status {info.status}"
+                                       f"{': ' + info.error if info.error else ''}; it is not usable for a restore. "
+                                       "Fix: read the backup task's log; the next run takes a new backup")
+        if not info.end_wal:
+            raise AirflowFailException(f"cluster {cluster.name!r}: backup {info.backup_id} has no end WAL in its catalog")
+        wal_prefix = f"{cluster.storage.server_prefix}/wals/{info.end_wal[:16]}/{info.end_wal}"
+        context["ti"].xcom_push(key="backup_info", value=info.to_dict())
+        self.defer(
+            trigger=WalSegmentArchivedTrigger(aws_conn_id=cluster.aws_conn_id, bucket=cluster.storage.bucket,
+                                              key_prefix=wal_prefix, poll_interval_s=self.poll_interval_s,
+                                              timeout_s=self.wal_wait_timeout_s),
+            method_name="execute_complete",
+            timeout=timedelta(seconds=self.wal_wait_timeout_s + 60),
+        )
+        return None
+
+    def execute_complete(self, context, event: dict[str, Any]) -> dict[str, Any]:
+        cluster = self.cluster
+        if event.get("status") != "success":
+            raise AirflowFailException(f"cluster {cluster.name!r}: backup {self.backup_id}: {event.get('message')}")
+        info = context["ti"].xcom_pull(task_ids=self.task_id, key="backup_info")
+        stored = _stored_bytes(cluster, info["backup_id"])
+        begin, end = info.get("begin_time"), info.get("end_time")
+        duration_s = _duration_s(begin, end)
+        summary = {
+            "cluster": cluster.name, "backup_id": info["backup_id"], "backup_name": info.get("backup_name"),
+            "status": info["status"], "begin_wal": info["begin_wal"], "end_wal": info["end_wal"],
+            "begin_lsn": info.get("begin_lsn"), "end_lsn": info.get("end_lsn"), "begin_time": begin, "end_time": end,
+            "duration_s": duration_s, "cluster_size_bytes": info.get("cluster_size_bytes"),
+            "stored_bytes": stored, "timeline": info.get("timeline"), "systemid": info.get("systemid"),
+            "location": f"s3://{cluster.storage.bucket}/{cluster.storage.server_prefix}/base/{info['backup_id']}/",
+            "end_wal_key": event.get("key"),
+        }
+        for outlet in self.outlets:
+            context["outlet_events"][outlet].extra = summary
+        self.log.info("backup verified: %s", summary)
+        return summary
+
+
+class BarmanCloudRetentionOperator(ClusterOperator):
+    """barman-cloud-backup-delete by the cluster's retention policy (only downstream of a verified backup)."""
+
+    template_fields: Sequence[str] = ("cluster_name", "dry_run")
+
+    def __init__(self, *, dry_run: bool | str = False, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.dry_run = dry_run
+
+    def execute(self, context) -> dict[str, Any]:
+        cluster = self.cluster
+        dry_run = str(self.dry_run).lower() in ("true", "1", "yes")
+        before = {b.backup_id for b in self.catalog(cluster)}
+        argv = barman_cloud.backup_delete_argv(cluster, endpoint_url=s3_endpoint_url(cluster.aws_conn_id), dry_run=dry_run)
+        self.run_engine(cluster, argv, timeout_s=3600)
+        after = {b.backup_id for b in self.catalog(cluster)}
+        deleted = sorted(before - after)
+        self.log.info("retention %s (minimum redundancy %d)%s: deleted %s; kept %s", cluster.retention.policy,
+                      cluster.retention.minimum_redundancy, " [dry run]" if dry_run else "", deleted or "nothing",
+                      sorted(after))
+        return {"dry_run": dry_run, "deleted": deleted, "kept": sorted(after)}
+
+
+def _stored_bytes(cluster: Cluster, backup_id: str) -> int:
+    s3 = s3_client(cluster.aws_conn_id)
+    total = 0
+    for page in s3.get_paginator("list_objects_v2").paginate(
+            Bucket=cluster.storage.bucket, Prefix=f"{cluster.storage.server_prefix}/base/{backup_id}/"):
+        total += sum(o["Size"] for o in page.get("Contents", []))
+    return total
+
+
+def _duration_s(begin: str | None, end: str | None) -> float | None:
+    from datetime import datetime
+
+    try:
+        return round((datetime.fromisoformat(end) - datetime.fromisoformat(begin)).total_seconds(), 3)
+    except (TypeError, ValueError):
+        return None

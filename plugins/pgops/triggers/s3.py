@@ -1,0 +1,55 @@
+"""Deferrable waits on the bucket. Triggers live in plugins/ so the triggerer can import them."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from airflow.triggers.base import BaseTrigger, TriggerEvent
+
+
+class WalSegmentArchivedTrigger(BaseTrigger):
+    """Fires when an object whose key starts with ``key_prefix`` exists (a WAL segment, any compression)."""
+
+    def __init__(self, *, aws_conn_id: str, bucket: str, key_prefix: str, poll_interval_s: float = 5.0,
+                 timeout_s: float = 900.0):
+        super().__init__()
+        self.aws_conn_id = aws_conn_id
+        self.bucket = bucket
+        self.key_prefix = key_prefix
+        self.poll_interval_s = poll_interval_s
+        self.timeout_s = timeout_s
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return (f"{type(self).__module__}.{type(self).__qualname__}",
+                {"aws_conn_id": self.aws_conn_id, "bucket": self.bucket, "key_prefix": self.key_prefix,
+                 "poll_interval_s": self.poll_interval_s, "timeout_s": self.timeout_s})
+
+    def _find(self) -> str | None:
+        from pgops.hooks import s3_client
+
+        resp = s3_client(self.aws_conn_id).list_objects_v2(Bucket=self.bucket, Prefix=self.key_prefix, MaxKeys=5)
+        keys = [o["Key"] for o in resp.get("Contents", [])]
+        return keys[0] if keys else None
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                key = await asyncio.to_thread(self._find)
+            except Exception as exc:  # transient S3 errors: keep polling until the deadline
+                self.log.warning("listing s3://%s/%s failed: %s", self.bucket, self.key_prefix, exc)
+                key = None
+            if key:
+                yield TriggerEvent({"status": "success", "key": key})
+                return
+            if time.monotonic() >= deadline:
+                yield TriggerEvent({"status": "error", "message": (
+                    f"WAL segment s3://{self.bucket}/{self.key_prefix}* was not archived within {self.timeout_s:.0f} s: "
+                    "the backup cannot be restored until it is. Fix: check archive_command and pg_stat_archiver "
+                    "on the primary")})
+                return
+            self.log.info("waiting for s3://%s/%s* to be archived", self.bucket, self.key_prefix)
+            await asyncio.sleep(self.poll_interval_s)
