@@ -174,7 +174,7 @@ class Lab:
     """Start, describe and stop the lab. ``up`` is idempotent; ``down`` stops only what ``up`` started."""
 
     def __init__(self, state_dir: str | Path | None = None, cluster: Cluster | None = None):
-        self.state_dir = Path(state_dir) if state_dir else default_state_dir()
+        self.state_dir = (Path(state_dir) if state_dir else default_state_dir()).resolve()
         self.cluster = cluster or load_inventory().clusters[0]
         self.state_file = self.state_dir / "lab.json"
 
@@ -379,9 +379,12 @@ class Lab:
             "shared_buffers": "128MB", "fsync": "on", "logging_collector": "off",
             "log_line_prefix": "'%m [%p] '",
         }
-        auto = data / "postgresql.auto.conf"
-        auto_text = "".join(f"{k} = {v}\n" for k, v in conf.items())
-        _write_as_db_user(auto, "# written by pgops lab\n" + auto_text)
+        # Our settings live in an included file so ALTER SYSTEM / RESET (postgresql.auto.conf) layer on top of them.
+        _write_as_db_user(data / "pgops-lab.conf", "# written by pgops lab\n" + "".join(f"{k} = {v}\n" for k, v in conf.items()))
+        main_conf = data / "postgresql.conf"
+        if "include 'pgops-lab.conf'" not in main_conf.read_text():
+            with open(main_conf, "a") as fh:
+                fh.write("\ninclude 'pgops-lab.conf'\n")
         _run(as_db_user([str(PG_BIN / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", "60", "start"],
                         env=self.db_env(st)), "pg_ctl start")
         st.pids["pg"] = int((data / "postmaster.pid").read_text().split()[0])

@@ -1,0 +1,84 @@
+"""Shared fixtures: a temp AIRFLOW_HOME (migrated once), the real lab, and a dag.test() runner.
+
+Airflow reads its configuration at import time, so AIRFLOW_HOME is set here, before any test module
+imports airflow.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+_AIRFLOW_HOME = Path(tempfile.mkdtemp(prefix="pgops-airflow-"))
+os.environ.update({
+    "AIRFLOW_HOME": str(_AIRFLOW_HOME),
+    "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+    "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
+    "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+    "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
+    "AIRFLOW__CORE__DAGBAG_IMPORT_ERROR_TRACEBACKS": "False",
+    "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
+    "PGOPS_INVENTORY": str(REPO / "include" / "clusters.example.yaml"),
+})
+os.environ.pop("AIRFLOW_CONN_PGOPS_MAIN_AWS", None)
+
+
+@pytest.fixture(scope="session")
+def airflow_db():
+    """A migrated Airflow metadata DB (SQLite in the temp AIRFLOW_HOME)."""
+    res = subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"airflow db migrate failed: {res.stderr[-2000:]}")
+    return _AIRFLOW_HOME
+
+
+@pytest.fixture(scope="session")
+def lab(tmp_path_factory):
+    """The real lab (SeaweedFS, moto, PostgreSQL 15) for the whole session; stopped by pid at the end."""
+    from pgops.lab import Lab
+
+    state_dir = Path(os.environ.get("PGOPS_TEST_LAB_DIR") or tmp_path_factory.mktemp("lab"))
+    os.chmod(state_dir, 0o755)
+    for parent in state_dir.parents:  # the postgres OS user must traverse to its data dir
+        if str(parent).startswith(tempfile.gettempdir()) and parent != Path(tempfile.gettempdir()):
+            os.chmod(parent, 0o755)
+    the_lab = Lab(state_dir)
+    st = the_lab.up()
+    saved = dict(os.environ)
+    os.environ.update(the_lab.env(st))
+    try:
+        yield the_lab
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        the_lab.down()
+
+
+@pytest.fixture
+def run_dag(airflow_db):
+    """Run a DAG through dag.test() with retries off (a test must not sleep through backoff)."""
+
+    def _run(dag, conf: dict | None = None):
+        for task in dag.tasks:
+            task.retries = 0
+        return dag.test(run_conf=conf)
+
+    return _run
+
+
+def task_states(dagrun) -> dict[str, str]:
+    return {ti.task_id: str(ti.state) for ti in dagrun.get_task_instances()}
+
+
+def load_dag(dag_id: str):
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(REPO / "dags"))
+    assert not bag.import_errors, bag.import_errors
+    return bag.dags[dag_id]
