@@ -22,6 +22,7 @@ INVENTORY_ENV = "PGOPS_INVENTORY"
 BACKUP_COMPRESSIONS = ("gzip", "bzip2", "lz4", "snappy", "none")
 WAL_COMPRESSIONS = ("gzip", "bzip2", "xz", "lz4", "zstd", "snappy", "none")
 RUNNER_KINDS = ("local", "ssh")
+STORAGE_LAYOUTS = ("auto", "barman-cloud", "pgbackrest", "wal-g", "wal-e")  # "auto": detected from the keys
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 CONN_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,250}$")
 BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
@@ -42,6 +43,7 @@ class Storage:
     bucket: str
     prefix: str
     server_name: str
+    layout: str = "auto"
 
     @property
     def destination_url(self) -> str:
@@ -232,6 +234,7 @@ def _parse_cluster(raw: Any, index: int, path: Path) -> Cluster:
         raise storage_f.fail("prefix", prefix, "is a URL", "give only the key prefix; the bucket goes in 'bucket'")
     server_name = storage_f.string("server_name", name, pattern=re.compile(r"^[A-Za-z0-9_.-]+$"),
                                    fix="use letters, digits, '.', '_' and '-' only")
+    layout = storage_f.choice("layout", "auto", STORAGE_LAYOUTS)
     storage_f.reject_unknown()
 
     engine_f = top.sub("engine")
@@ -303,7 +306,7 @@ def _parse_cluster(raw: Any, index: int, path: Path) -> Cluster:
                                     fix="name an Airflow connection id (letters, digits, '_', '.', '-')"),
         aws_conn_id=top.string("aws_conn_id", required=True, pattern=CONN_ID_RE,
                                fix="name an Airflow connection id (letters, digits, '_', '.', '-')"),
-        storage=Storage(bucket=bucket, prefix=prefix, server_name=server_name),
+        storage=Storage(bucket=bucket, prefix=prefix, server_name=server_name, layout=layout),
         engine=engine,
         runner=runner,
         schedule=schedule,
