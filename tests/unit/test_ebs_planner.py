@@ -2,6 +2,7 @@ import math
 from datetime import UTC, datetime, timedelta
 
 import pytest
+
 from pgops.ebs import planner
 from pgops.ebs.planner import ChainParams, RoundObservation
 
@@ -161,3 +162,15 @@ def test_params_validation_names_the_field(kwargs, field):
     base = {"downtime_target_s": 300, "max_rounds": 10, "copy_time_s": 60} | kwargs
     with pytest.raises(ValueError, match=field):
         ChainParams(**base)
+
+
+def test_estimate_separates_hot_set_from_write_rate():
+    hot = 8 * GIB
+    obs = chain(0.1 * T_BPS, 5, hot_set_bytes=hot)
+    est = planner.estimate(obs)
+    assert est.hot_set_bytes == pytest.approx(hot, rel=1e-3)
+    assert est.r == pytest.approx(0.1, rel=1e-3)
+    assert est.floor_s == pytest.approx((C_S + hot / T_BPS) / 0.9, rel=1e-3)
+    # The next round copies the hot set plus the uniform writes of the last interval.
+    expected_s = C_S + (hot + 0.1 * T_BPS * obs[-1].duration_s) / T_BPS
+    assert planner.predict_next(obs) == pytest.approx(expected_s, rel=1e-3)

@@ -1,6 +1,7 @@
 from datetime import timedelta
 
 import pytest
+
 from pgops.ebs import planner, simulator
 from pgops.ebs.planner import ChainParams
 from pgops.ebs.simulator import BLOCK_SIZE_BYTES, EbsSimulator, Workload

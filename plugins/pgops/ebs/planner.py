@@ -126,12 +126,21 @@ class ChainEstimate:
     write_rate_bps: float | None
     overhead_s: float
     r: float | None
+    # Hot working set H rewritten every round whatever its length (delta = H + W * interval); 0 when unseen.
+    hot_set_bytes: float = 0.0
+
+    @property
+    def hot_set_s(self) -> float:
+        return self.hot_set_bytes / self.throughput_bps if self.hot_set_bytes and self.throughput_bps else 0.0
 
     @property
     def floor_s(self) -> float | None:
         if self.r is None:
             return None
-        return math.inf if self.r >= 1 else self.overhead_s / (1 - self.r)
+        return math.inf if self.r >= 1 else (self.overhead_s + self.hot_set_s) / (1 - self.r)
+
+
+_HOT_SET_FIT_ROUNDS = 4
 
 
 def _fit_line(points: Sequence[tuple[float, float]]) -> tuple[float, float] | None:
@@ -169,14 +178,25 @@ def _estimate_from_deltas(obs: Sequence[RoundObservation], overhead_s: float | N
         c = c or 0.0
         rates = [x / (y - c) for x, y in points if x > 0 and y > c]
         throughput = statistics.median(rates) if rates else None
-    write_rate = None
-    if len(obs) >= 2:
-        prev, last = obs[-2], obs[-1]
-        interval_s = (last.started_at - prev.started_at).total_seconds()
-        if interval_s > 0:
-            write_rate = last.delta_bytes / interval_s
+    write_rate, hot_set = None, 0.0
+    # Each later round stores what was written since the previous round started: delta = H + W * interval.
+    # A line through the last rounds separates the uniform write rate W from a hot set H rewritten every
+    # round; a single ratio delta / interval would fold H into W and underestimate the floor.
+    spans = [((b.started_at - a.started_at).total_seconds(), float(b.delta_bytes), b.index)
+             for a, b in zip(obs, obs[1:], strict=False)]
+    spans = [(x, y, i) for x, y, i in spans if x > 0]
+    # The interval after the full snapshot is hours long: uniform writes overlap there, which bends the
+    # line; leave it out once two shorter intervals can carry the fit.
+    short = [(x, y) for x, y, i in spans if i > 2]
+    spans = (short if len(short) >= 2 else [(x, y) for x, y, _ in spans])[-_HOT_SET_FIT_ROUNDS:]
+    if len(spans) >= 2:
+        fit = _fit_line(spans)
+        if fit is not None and fit[0] > 0 and fit[1] >= 0:
+            hot_set, write_rate = fit
+    if write_rate is None and spans:
+        write_rate = spans[-1][1] / spans[-1][0]
     r = write_rate / throughput if write_rate is not None and throughput else None
-    return ChainEstimate(len(obs), "delta_bytes", throughput, write_rate, c, r)
+    return ChainEstimate(len(obs), "delta_bytes", throughput, write_rate, c, r, hot_set)
 
 
 def _estimate_from_durations(obs: Sequence[RoundObservation], overhead_s: float | None) -> ChainEstimate:
@@ -213,7 +233,7 @@ def _predict(est: ChainEstimate, last: RoundObservation, now: datetime | None) -
     interval_s = last.duration_s
     if now is not None:
         interval_s = max(interval_s, (now - last.started_at).total_seconds())
-    return est.overhead_s + est.r * interval_s
+    return est.overhead_s + est.hot_set_s + est.r * interval_s
 
 
 @dataclass(frozen=True)
@@ -330,6 +350,7 @@ class ChainNumbers:
     floor_s: float | None
     downtime_target_s: float
     last_ratio: float | None
+    hot_set_bytes: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -364,9 +385,10 @@ def decide(observations: Sequence[RoundObservation], params: ChainParams, now: d
     ratios = [b / a for a, b in zip(durations, durations[1:], strict=False)]
     numbers = ChainNumbers(len(obs), est.method, est.r, est.throughput_bps, est.write_rate_bps, est.overhead_s,
                            next_s, params.copy_time_s, downtime_s, est.floor_s, target_s,
-                           ratios[-1] if ratios else None)
+                           ratios[-1] if ratios else None, est.hot_set_bytes)
+    hot = f", hot set H={est.hot_set_bytes / MIB:.0f} MiB" if est.hot_set_bytes else ""
     figures = (f"round {obs[-1].index} took {_secs(durations[-1])}; T={_mibps(est.throughput_bps)}, "
-               f"W={_mibps(est.write_rate_bps)}, r={_ratio(est.r)}, c={_secs(est.overhead_s)}, "
+               f"W={_mibps(est.write_rate_bps)}, r={_ratio(est.r)}, c={_secs(est.overhead_s)}{hot}, "
                f"floor d*={_secs(est.floor_s)}; predicted final snapshot {_secs(next_s)} + copy "
                f"{_secs(params.copy_time_s)} = downtime {_secs(downtime_s)} (target {_secs(target_s)})")
     if next_s is None:
