@@ -89,3 +89,17 @@ def pg_query(conn_id: str, sql: str, params: Any = None) -> list[dict[str, Any]]
             return [dict(zip(cols, row, strict=True)) for row in cur.fetchall()]
     finally:
         conn.close()
+
+
+def pg_connect_local(*, host: str, port: int, user: str, dbname: str = "postgres", connect_timeout_s: int = 5,
+                     autocommit: bool = True):
+    """A psycopg2 connection to a PostgreSQL with no Airflow connection (a scratch restore on the restore host).
+
+    ``host`` is a unix socket directory or a loopback address; no password (the scratch instance trusts its socket).
+    """
+    import psycopg2
+
+    conn = psycopg2.connect(host=host, port=port, user=user, dbname=dbname, connect_timeout=connect_timeout_s,
+                            application_name="pgops")
+    conn.autocommit = autocommit
+    return conn
