@@ -1,0 +1,66 @@
+"""A deferrable sensor on EBS snapshot completion (no worker slot held while a snapshot runs for hours)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Any
+
+from airflow.sdk import BaseSensorOperator
+from airflow.sdk.exceptions import AirflowFailException
+
+from pgops.ebs.hooks import EbsEc2Hook
+from pgops.triggers.ebs import EbsSnapshotCompletedTrigger
+
+
+class EbsSnapshotCompletedSensor(BaseSensorOperator):
+    """Wait until every snapshot in ``snapshot_ids`` is completed; fail when one ends in state error."""
+
+    template_fields: Sequence[str] = ("snapshot_ids", "aws_conn_id", "region_name")
+
+    def __init__(self, *, snapshot_ids: list[str] | str, aws_conn_id: str, region_name: str | None = None,
+                 deferrable: bool = True, waiter_delay: int = 30, waiter_max_attempts: int = 2880, **kwargs: Any):
+        kwargs.setdefault("mode", "reschedule")
+        super().__init__(**kwargs)
+        self.snapshot_ids = snapshot_ids
+        self.aws_conn_id = aws_conn_id
+        self.region_name = region_name
+        self.deferrable = deferrable
+        self.waiter_delay = waiter_delay
+        self.waiter_max_attempts = waiter_max_attempts
+
+    def _ids(self) -> list[str]:
+        ids = self.snapshot_ids
+        if isinstance(ids, dict):
+            ids = list(ids.values())
+        if isinstance(ids, str):
+            ids = [ids]
+        return list(ids)
+
+    def poke(self, context) -> bool:
+        snaps = EbsEc2Hook(aws_conn_id=self.aws_conn_id, region_name=self.region_name).conn.describe_snapshots(
+            SnapshotIds=self._ids())["Snapshots"]
+        for s in snaps:
+            self.log.info("snapshot %s: %s %s", s["SnapshotId"], s["State"], s.get("Progress"))
+            if s["State"] == "error":
+                raise AirflowFailException(f"snapshot {s['SnapshotId']} ended in state error: "
+                                           f"{s.get('StateMessage', 'no message')}. Fix: take it again")
+        return all(s["State"] == "completed" for s in snaps)
+
+    def execute(self, context) -> Any:
+        if not self.deferrable:
+            return super().execute(context)
+        if self.poke(context):
+            return self._ids()
+        self.defer(trigger=EbsSnapshotCompletedTrigger(
+            snapshot_ids=self._ids(), aws_conn_id=self.aws_conn_id, region_name=self.region_name,
+            waiter_delay=self.waiter_delay, waiter_max_attempts=self.waiter_max_attempts),
+            method_name="execute_complete",
+            timeout=timedelta(seconds=self.waiter_delay * self.waiter_max_attempts * 2))
+        return None
+
+    def execute_complete(self, context, event: dict[str, Any]) -> list[str]:
+        if event.get("status") != "success":
+            raise AirflowFailException(event.get("message", "snapshot wait failed"))
+        self.log.info("snapshot(s) completed: %s", event["snapshot_ids"])
+        return event["snapshot_ids"]
