@@ -38,6 +38,21 @@ def _demo(args: argparse.Namespace) -> int:
     return demo_main(args)
 
 
+def _audit(args: argparse.Namespace) -> int:
+    """Exit 0 when clean, 1 on a warning, 2 on a critical finding (or when the audit cannot run)."""
+    from pgops import audit
+    from pgops.inventory import InventoryError, load_inventory
+
+    try:
+        cluster = load_inventory(args.inventory).get(args.cluster)
+        report = audit.audit_cluster(cluster, run_id="cli")
+    except (InventoryError, audit.AuditError) as exc:
+        print(f"pgops audit: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, indent=2, sort_keys=True, default=str) if args.json else audit.summary(report))
+    return audit.exit_code(report)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pgops", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -49,6 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("action", choices=["up", "down"], nargs="?", default="up")
     demo.add_argument("--state-dir", default=None)
     demo.set_defaults(func=_demo)
+    aud = sub.add_parser("audit", help="audit a cluster's WAL archive and bucket lifecycle (exit 0 ok, 1 warning, "
+                                       "2 critical)")
+    aud.add_argument("cluster", help="inventory cluster name")
+    aud.add_argument("--inventory", default=None, help="inventory file (default $PGOPS_INVENTORY)")
+    aud.add_argument("--json", action="store_true", help="print the JSON report instead of the summary")
+    aud.set_defaults(func=_audit)
     args = parser.parse_args(argv)
     return args.func(args)
 
