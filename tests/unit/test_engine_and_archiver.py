@@ -1,0 +1,75 @@
+"""barman-cloud argv building and catalog parsing; archiver health from pg_stat_archiver rows."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from pgops.archiver import archiver_health
+from pgops.engines import barman_cloud
+from pgops.inventory import load_inventory
+from pgops.operators.backup import backup_name_for_run
+
+
+@pytest.fixture
+def cluster():
+    return load_inventory().get("main")
+
+
+def test_backup_argv_is_a_list_without_secrets(cluster):
+    argv = barman_cloud.backup_argv(cluster, endpoint_url="http://127.0.0.1:9000", backup_name="pgops-run",
+                                    pg_host="127.0.0.1", pg_port=5433, pg_user="postgres", pg_dbname="postgres")
+    assert argv[0].endswith("barman-cloud-backup")
+    assert argv[-2:] == ["s3://pgops-lab/clusters", "main"]
+    assert ["--endpoint-url", "http://127.0.0.1:9000"] == argv[argv.index("--endpoint-url"):argv.index("--endpoint-url") + 2]
+    assert "--gzip" in argv and "--immediate-checkpoint" in argv and argv[argv.index("--jobs") + 1] == "2"
+    assert not any("password" in a.lower() or "secret" in a.lower() for a in argv)
+
+
+def test_delete_argv_carries_policy(cluster):
+    argv = barman_cloud.backup_delete_argv(cluster, endpoint_url=None, dry_run=True)
+    assert argv[argv.index("--retention-policy") + 1] == "RECOVERY WINDOW OF 7 DAYS"
+    assert argv[argv.index("--minimum-redundancy") + 1] == "2" and "--dry-run" in argv
+    assert "--endpoint-url" not in argv
+
+
+def test_show_output_nests_under_cloud():
+    out = json.dumps({"cloud": {"backup_id": "20260101T000000", "status": "DONE", "begin_wal": "000000010000000000000003",
+                                "end_wal": "000000010000000000000004", "cluster_size": 123, "timeline": 1,
+                                "begin_time_iso": "2026-01-01T00:00:00+00:00"}})
+    info = barman_cloud.parse_backup_show(out)
+    assert info.done and info.cluster_size_bytes == 123 and info.begin_time == "2026-01-01T00:00:00+00:00"
+    failed = barman_cloud.parse_backup_show(json.dumps({"cloud": {"backup_id": "x", "status": "FAILED", "error": "boom"}}))
+    assert not failed.done and failed.error == "boom"
+    with pytest.raises(ValueError, match="unexpected barman-cloud-backup-show output"):
+        barman_cloud.parse_backup_show("{}")
+
+
+def test_backup_name_is_stable_per_run():
+    name = backup_name_for_run("scheduled__2026-11-25T02:00:00+00:00")
+    assert name == backup_name_for_run("scheduled__2026-11-25T02:00:00+00:00")
+    assert name.startswith("pgops-") and ":" not in name and "+" not in name
+
+
+def _row(**kw):
+    base = {"archive_mode": "on", "archive_command": "barman-cloud-wal-archive ... %p", "archived_count": 3,
+            "last_archived_wal": "000000010000000000000003", "last_archived_time": datetime(2026, 1, 1, tzinfo=UTC),
+            "failed_count": 0, "last_failed_wal": None, "last_failed_time": None}
+    base.update(kw)
+    return base
+
+
+def test_archiver_health():
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    assert archiver_health(_row()).healthy
+    failing = archiver_health(_row(failed_count=4, last_failed_wal="000000010000000000000004",
+                                   last_failed_time=t0 + timedelta(minutes=1)))
+    assert not failing.healthy and failing.failing_wal == "000000010000000000000004"
+    assert "archive_command failed for WAL segment 000000010000000000000004" in failing.message
+    recovered = archiver_health(_row(failed_count=4, last_failed_wal="000000010000000000000002",
+                                     last_failed_time=t0 - timedelta(minutes=1)))
+    assert recovered.healthy
+    assert "archive_mode is 'off'" in archiver_health(_row(archive_mode="off")).message
+    assert not archiver_health(_row(archive_command="")).healthy
