@@ -1,0 +1,119 @@
+"""DAG factory: pgops_ebs_migration__<cluster>, a timed incremental EBS snapshot migration (manual trigger).
+
+validate (no AWS call) → preflight → dry-run gate → chain (one task, one deferral per round, the planner
+decides) → cutover (quiesce, final snapshot, release) → wait_final → copy_final → share → create_volume
+→ report (always runs: JSON in the bucket and XCom).
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pendulum
+from airflow.providers.standard.operators.python import ShortCircuitOperator
+from airflow.sdk import DAG, Param
+
+from pgops.dags.common import dag_tags, default_args
+from pgops.ebs.spec import (
+    ACCOUNT_PATTERN,
+    CUTOVER_MODES,
+    INITIALIZATIONS,
+    INSTANCE_ID_PATTERN,
+    MAX_INIT_RATE_MIB_S,
+    MIN_INIT_RATE_MIB_S,
+    REGION_PATTERN,
+    VOLUME_ID_PATTERN,
+)
+from pgops.inventory import Cluster
+from pgops.operators.ebs import (
+    EbsCopySnapshotOperator,
+    EbsCreateVolumeOperator,
+    EbsCutoverOperator,
+    EbsMigrationPreflightOperator,
+    EbsMigrationReportOperator,
+    EbsMigrationValidateOperator,
+    EbsShareSnapshotOperator,
+    EbsSnapshotChainOperator,
+)
+from pgops.sensors.ebs import EbsSnapshotCompletedSensor
+
+DAG_ID_PREFIX = "pgops_ebs_migration__"
+
+
+def migration_params(cluster: Cluster) -> dict[str, Param]:
+    return {
+        "cluster": Param(cluster.name, type="string", const=cluster.name, description="Inventory cluster"),
+        "volume_ids": Param([], type="array", items={"type": "string", "pattern": VOLUME_ID_PATTERN},
+                            uniqueItems=True, description="Source EBS volumes (or give instance_id)"),
+        "instance_id": Param(None, type=["null", "string"], pattern=INSTANCE_ID_PATTERN,
+                             description="Source instance: all its data volumes, crash-consistent (CreateSnapshots)"),
+        "target_region": Param("us-west-2", type="string", pattern=REGION_PATTERN),
+        "target_az": Param("us-west-2a", type="string", pattern=r"^[a-z]{2}(-[a-z]+)+-[0-9][a-z]$",
+                           description="Availability zone of the new volume (in target_region)"),
+        "target_account": Param(None, type=["null", "string"], pattern=ACCOUNT_PATTERN,
+                                description="Share the destination snapshot with this account"),
+        "kms_key_id": Param(None, type=["null", "string"],
+                            description="Destination KMS key (one key for every round keeps copies incremental)"),
+        "downtime_target_minutes": Param(10, type="number", exclusiveMinimum=0),
+        "copy_time_minutes": Param(5, type="number", minimum=0, description="Expected final copy time"),
+        "max_rounds": Param(10, type="integer", minimum=2, maximum=100),
+        "cutover_at": Param(None, type=["null", "string"], format="date-time",
+                            description="Keep chaining until this time, then cut over"),
+        "cutover_mode": Param("backup", type="string", enum=list(CUTOVER_MODES)),
+        "volume_initialization": Param("none", type="string", enum=list(INITIALIZATIONS)),
+        "volume_initialization_rate_mib_s": Param(None, type=["null", "integer"], minimum=MIN_INIT_RATE_MIB_S,
+                                                  maximum=MAX_INIT_RATE_MIB_S),
+        "volume_type": Param("gp3", type="string", enum=["gp3", "gp2", "io1", "io2", "st1", "sc1"]),
+        "delete_intermediate_snapshots": Param(False, type="boolean"),
+        "dry_run": Param(False, type="boolean", description="Validate, preflight and plan only"),
+        "expected_volume_size_gib": Param(None, type=["null", "number"], minimum=1),
+        "expected_throughput_mib_s": Param(None, type=["null", "number"], exclusiveMinimum=0),
+        "expected_write_rate_mib_s": Param(None, type=["null", "number"], minimum=0,
+                                           description="With size and throughput: plan (and refuse r >= 1) "
+                                                       "before round 1"),
+    }
+
+
+def build_ebs_migration_dag(cluster: Cluster) -> DAG:
+    aws = {"aws_conn_id": cluster.aws_conn_id}
+    with DAG(
+        dag_id=f"{DAG_ID_PREFIX}{cluster.name}",
+        description=f"Incremental EBS snapshot migration of {cluster.name}'s volumes to another region/account",
+        schedule=None,
+        start_date=pendulum.datetime(2024, 1, 1, tz="UTC"),
+        catchup=False,
+        max_active_runs=1,
+        default_args=default_args(cluster, retries=1),
+        tags=dag_tags(cluster, "ebs-migration"),
+        params=migration_params(cluster),
+        render_template_as_native_obj=True,
+        doc_md=__doc__,
+    ) as dag:
+        validate = EbsMigrationValidateOperator(task_id="validate", retries=0)
+        preflight = EbsMigrationPreflightOperator(task_id="preflight", execution_timeout=timedelta(minutes=10), **aws)
+        not_dry_run = ShortCircuitOperator(task_id="not_dry_run", python_callable=lambda params: not params["dry_run"],
+                                           ignore_downstream_trigger_rules=False)
+        chain = EbsSnapshotChainOperator(task_id="chain", **aws)
+        cutover = EbsCutoverOperator(task_id="cutover", postgres_conn_id=cluster.postgres_conn_id,
+                                     execution_timeout=timedelta(minutes=30), **aws)
+        wait_final = EbsSnapshotCompletedSensor(task_id="wait_final",
+                                                snapshot_ids="{{ ti.xcom_pull(task_ids='cutover')['snapshots'] }}",
+                                                aws_conn_id=cluster.aws_conn_id, timeout=48 * 3600)
+        copy_final = EbsCopySnapshotOperator(task_id="copy_final",
+                                             snapshot_ids="{{ ti.xcom_pull(task_ids='cutover')['snapshots'] }}",
+                                             target_region="{{ params.target_region }}",
+                                             kms_key_id="{{ params.kms_key_id }}", **aws)
+        share = EbsShareSnapshotOperator(task_id="share",
+                                         snapshot_ids="{{ ti.xcom_pull(task_ids='copy_final')['copies'] }}",
+                                         region="{{ params.target_region }}",
+                                         account_id="{{ params.target_account }}", **aws)
+        create_volume = EbsCreateVolumeOperator(task_id="create_volume",
+                                                snapshot_ids="{{ ti.xcom_pull(task_ids='copy_final')['copies'] }}",
+                                                region="{{ params.target_region }}",
+                                                availability_zone="{{ params.target_az }}",
+                                                execution_timeout=timedelta(hours=2), **aws)
+        report = EbsMigrationReportOperator(task_id="report", cluster_name=cluster.name, trigger_rule="all_done",
+                                            retries=0, **aws)
+        validate >> preflight >> not_dry_run >> chain >> cutover >> wait_final >> copy_final >> share
+        share >> create_volume >> report
+    return dag

@@ -1,0 +1,585 @@
+"""EBS migration operators: snapshots (idempotent, tagged), the round chain, cutover, copy, share, volume, report.
+
+Every resource carries the migration id (dag id + run id), its round and its source, so a retried task
+finds what an earlier try made and reuses it instead of making a second one.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from airflow.sdk import BaseOperator
+from airflow.sdk.exceptions import AirflowFailException
+
+from pgops.ebs import planner
+from pgops.ebs.hooks import EbsDirectHook, EbsEc2Hook, error_code, kms_client, tag_spec, tags_of
+from pgops.ebs.planner import RoundObservation
+from pgops.ebs.spec import (
+    TAG_BACKUP_LABEL,
+    TAG_MIGRATION,
+    TAG_ROUND,
+    TAG_SOURCE_SNAPSHOT,
+    TAG_SOURCE_VOLUME,
+    TAG_VALUE_MAX,
+    MigrationParamsError,
+    MigrationSpec,
+    migration_id,
+    migration_spec,
+)
+from pgops.triggers.ebs import EbsSnapshotCompletedTrigger
+
+FINAL_ROUND = "final"
+MIN_CREATE_INTERVAL_S = 15.0  # EC2: SnapshotCreationPerVolumeRateExceeded under 15 s on one volume
+MAX_COPIES_IN_FLIGHT = 20  # EC2: concurrent snapshot copies per destination region
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _iso(value: Any) -> str | None:
+    return value.astimezone(UTC).isoformat() if isinstance(value, datetime) else value
+
+
+def tag_value(text: str) -> str:
+    """A string as an EC2 tag value: one line, safe characters, at most 256 characters."""
+    flat = re.sub(r"[^A-Za-z0-9 _.:/=+\-@]", " ", text.replace("\n", "; "))
+    return re.sub(r" +", " ", flat).strip()[:TAG_VALUE_MAX]
+
+
+def context_spec(context) -> MigrationSpec:
+    try:
+        return migration_spec(dict(context["params"]))
+    except MigrationParamsError as exc:
+        raise AirflowFailException(str(exc)) from None
+
+
+def create_round_snapshots(ec2: EbsEc2Hook, *, migration: str, round_name: str, volume_ids: Sequence[str],
+                           instance_id: str | None = None, extra_tags: dict[str, str] | None = None,
+                           log=None) -> dict[str, str]:
+    """Snapshots of a round, {source volume: snapshot}; reuses the round's tagged snapshots on a retry.
+
+    With an instance id, CreateSnapshots takes all its data volumes at one instant (crash-consistent).
+    """
+    tags = {TAG_MIGRATION: migration, TAG_ROUND: round_name}
+    found = {s["VolumeId"]: s["SnapshotId"] for s in ec2.find_snapshots(tags)}
+    missing = [v for v in volume_ids if v not in found]
+    if found and log:
+        log.info("round %s: reusing snapshot(s) already taken by an earlier try: %s", round_name, found)
+    if not missing:
+        return {v: found[v] for v in volume_ids}
+    all_tags = {**tags, **(extra_tags or {})}
+    if instance_id:
+        if found:
+            raise AirflowFailException(f"round {round_name}: instance {instance_id} has snapshots of only some "
+                                       f"volumes ({found}); delete them or retry the run from scratch")
+        resp = ec2.call_with_backoff(ec2.conn.create_snapshots, what=f"CreateSnapshots {instance_id}", log=log,
+                                     InstanceSpecification={"InstanceId": instance_id, "ExcludeBootVolume": True},
+                                     Description=f"pgops migration {migration} round {round_name}",
+                                     TagSpecifications=tag_spec("snapshot", all_tags))
+        for snap in resp["Snapshots"]:
+            found[snap["VolumeId"]] = snap["SnapshotId"]
+            ec2.conn.create_tags(Resources=[snap["SnapshotId"]],
+                                 Tags=[{"Key": TAG_SOURCE_VOLUME, "Value": snap["VolumeId"]}])
+    else:
+        for volume_id in missing:
+            snap = ec2.call_with_backoff(ec2.conn.create_snapshot, what=f"CreateSnapshot {volume_id}", log=log,
+                                         VolumeId=volume_id,
+                                         Description=f"pgops migration {migration} round {round_name}",
+                                         TagSpecifications=tag_spec("snapshot", {**all_tags,
+                                                                                 TAG_SOURCE_VOLUME: volume_id}))
+            found[volume_id] = snap["SnapshotId"]
+    if log:
+        log.info("round %s: snapshot(s) %s", round_name, found)
+    absent = [v for v in volume_ids if v not in found]
+    if absent:
+        raise AirflowFailException(f"round {round_name}: no snapshot was made of {absent}")
+    return {v: found[v] for v in volume_ids}
+
+
+def copy_snapshots(ec2_target: EbsEc2Hook, *, migration: str, round_name: str, snapshots: dict[str, str],
+                   source_region: str, kms_key_id: str | None, completion_minutes: int | None = None,
+                   log=None) -> dict[str, str]:
+    """Copy {volume: snapshot} into the target region (re-encrypted with one KMS key); reuse tagged copies."""
+    copies: dict[str, str] = {}
+    for volume_id, snapshot_id in snapshots.items():
+        existing = ec2_target.find_snapshots({TAG_MIGRATION: migration, TAG_SOURCE_SNAPSHOT: snapshot_id})
+        if existing:
+            copies[volume_id] = existing[0]["SnapshotId"]
+            continue
+        kwargs: dict[str, Any] = {
+            "SourceRegion": source_region, "SourceSnapshotId": snapshot_id,
+            "Description": f"pgops migration {migration} round {round_name} copy of {snapshot_id}",
+            "TagSpecifications": tag_spec("snapshot", {TAG_MIGRATION: migration, TAG_ROUND: round_name,
+                                                       TAG_SOURCE_SNAPSHOT: snapshot_id,
+                                                       TAG_SOURCE_VOLUME: volume_id}),
+        }
+        if kms_key_id:
+            kwargs.update(Encrypted=True, KmsKeyId=kms_key_id)
+        if completion_minutes:
+            kwargs["CompletionDurationMinutes"] = completion_minutes
+        resp = ec2_target.call_with_backoff(ec2_target.conn.copy_snapshot, what=f"CopySnapshot {snapshot_id}",
+                                            log=log, **kwargs)
+        copies[volume_id] = resp["SnapshotId"]
+    if log:
+        log.info("round %s: copies in %s: %s", round_name, ec2_target.region_name, copies)
+    return copies
+
+
+class EbsMigrationBaseOperator(BaseOperator):
+    """Reads the run's params (validated) and builds hooks for the source and target regions."""
+
+    template_fields: Sequence[str] = ("aws_conn_id",)
+
+    def __init__(self, *, aws_conn_id: str, source_region: str | None = None, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.aws_conn_id = aws_conn_id
+        self.source_region = source_region
+
+    def ec2(self, region: str | None = None) -> EbsEc2Hook:
+        return EbsEc2Hook(aws_conn_id=self.aws_conn_id, region_name=region or self.source_region)
+
+    def src_region(self) -> str:
+        return self.source_region or self.ec2().conn.meta.region_name
+
+    @staticmethod
+    def migration(context) -> str:
+        return migration_id(context["dag"].dag_id if "dag" in context else context["ti"].dag_id, context["run_id"])
+
+
+class EbsMigrationValidateOperator(BaseOperator):
+    """Cross-field param checks and the plan-time divergence check, before any AWS call."""
+
+    def execute(self, context) -> dict[str, Any]:
+        spec = context_spec(context)
+        if spec.plan:
+            self.log.info("plan before round 1: %s", spec.plan["message"])
+        self.log.info("migration params: %s", spec.to_dict())
+        return spec.to_dict()
+
+
+class EbsMigrationPreflightOperator(EbsMigrationBaseOperator):
+    """Resolve the source volumes, check the target AZ exists and the KMS key lets the target account in."""
+
+    def execute(self, context) -> dict[str, Any]:
+        spec = context_spec(context)
+        ec2 = self.ec2()
+        if spec.instance_id:
+            inst = ec2.conn.describe_instances(InstanceIds=[spec.instance_id])["Reservations"][0]["Instances"][0]
+            root = inst.get("RootDeviceName")
+            volume_ids = [m["Ebs"]["VolumeId"] for m in inst.get("BlockDeviceMappings", [])
+                          if "Ebs" in m and m["DeviceName"] != root]
+            if not volume_ids:
+                raise AirflowFailException(f"instance {spec.instance_id} has no data volume besides its root "
+                                           f"device {root}. Fix: attach the data volumes or name them in volume_ids")
+        else:
+            volume_ids = list(spec.volume_ids)
+        try:
+            volumes = ec2.conn.describe_volumes(VolumeIds=volume_ids)["Volumes"]
+        except Exception as exc:
+            if error_code(exc).startswith("InvalidVolume"):
+                raise AirflowFailException(f"volume(s) {volume_ids} not found in {self.src_region()}: "
+                                           f"{exc}. Fix: check the ids and the connection's region") from None
+            raise
+        target = self.ec2(spec.target_region)
+        zones = [z["ZoneName"] for z in target.conn.describe_availability_zones()["AvailabilityZones"]]
+        if spec.target_az not in zones:
+            raise AirflowFailException(f"target_az {spec.target_az} is not offered in {spec.target_region} "
+                                       f"(zones: {', '.join(zones)}). Fix: pick one of those")
+        kms = self._kms_preflight(spec) if spec.kms_key_id else None
+        resolved = [{"volume_id": v["VolumeId"], "size_gib": v["Size"], "az": v["AvailabilityZone"],
+                     "type": v.get("VolumeType"), "encrypted": v.get("Encrypted", False)} for v in volumes]
+        self.log.info("source volumes in %s: %s; target %s (%s)", self.src_region(), resolved, spec.target_region,
+                      spec.target_az)
+        return {"volume_ids": volume_ids, "volumes": resolved, "instance_id": spec.instance_id,
+                "source_region": self.src_region(), "kms": kms}
+
+    def _kms_preflight(self, spec: MigrationSpec) -> dict[str, Any]:
+        kms = kms_client(self.aws_conn_id, spec.target_region)
+        try:
+            meta = kms.describe_key(KeyId=spec.kms_key_id)["KeyMetadata"]
+        except Exception as exc:
+            raise AirflowFailException(f"kms_key_id {spec.kms_key_id} is not usable in {spec.target_region}: "
+                                       f"{exc}. Fix: create the key there or grant this role kms:DescribeKey") from None
+        if meta.get("KeyState") != "Enabled":
+            raise AirflowFailException(f"KMS key {meta['Arn']} is {meta.get('KeyState')}. Fix: enable it")
+        result = {"key_arn": meta["Arn"], "target_account_allowed": None}
+        if spec.target_account:
+            policy = kms.get_key_policy(KeyId=meta["KeyId"], PolicyName="default")["Policy"]
+            grants = kms.list_grants(KeyId=meta["KeyId"]).get("Grants", [])
+            allowed = spec.target_account in policy or any(spec.target_account in g.get("GranteePrincipal", "")
+                                                           for g in grants)
+            if not allowed:
+                raise AirflowFailException(
+                    f"KMS key {meta['Arn']} does not let account {spec.target_account} use it (neither its "
+                    "policy nor a grant names it), so a shared snapshot would be unusable there. Fix: add "
+                    f"arn:aws:iam::{spec.target_account}:root to the key policy for kms:Decrypt, kms:DescribeKey, "
+                    "kms:CreateGrant and kms:ReEncrypt*")
+            result["target_account_allowed"] = True
+        self.log.info("KMS preflight: %s", result)
+        return result
+
+
+class EbsCreateSnapshotsOperator(EbsMigrationBaseOperator):
+    """Snapshot volumes (or an instance's data volumes at one instant) for one round; idempotent by tags."""
+
+    template_fields: Sequence[str] = ("aws_conn_id", "volume_ids", "instance_id", "round_name", "migration_id")
+
+    def __init__(self, *, volume_ids: list[str] | None = None, instance_id: str | None = None,
+                 round_name: str = "1", migration_id: str | None = None, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.volume_ids = volume_ids or []
+        self.instance_id = instance_id
+        self.round_name = round_name
+        self.migration_id = migration_id
+
+    def execute(self, context) -> dict[str, str]:
+        mig = self.migration_id or self.migration(context)
+        return create_round_snapshots(self.ec2(), migration=mig, round_name=str(self.round_name),
+                                      volume_ids=self.volume_ids, instance_id=self.instance_id or None, log=self.log)
+
+
+class EbsSnapshotChainOperator(EbsMigrationBaseOperator):
+    """The round loop: snapshot, defer until complete, measure, ask the planner, repeat or stop.
+
+    One task re-deferring per round (no cyclic DAG). Each round is logged, pushed to XCom as
+    ``round_<n>`` and its planner decision as ``decision_<n>``; the return value lists them all.
+    Each finished round is copied to the target region while the next runs, so the final copy is
+    incremental; copies are never deleted here.
+    """
+
+    def __init__(self, *, waiter_delay: int = 30, min_create_interval_s: float = MIN_CREATE_INTERVAL_S,
+                 **kwargs: Any):
+        super().__init__(**kwargs)
+        self.waiter_delay = waiter_delay
+        self.min_create_interval_s = min_create_interval_s
+
+    def execute(self, context) -> dict[str, Any]:
+        return self._next(context, {"rounds": [], "decisions": []})
+
+    def _observations(self, state: dict[str, Any], size_bytes: int) -> list[RoundObservation]:
+        return [RoundObservation(index=r["index"], started_at=datetime.fromisoformat(r["started_at"]),
+                                 duration_s=r["duration_s"], delta_bytes=r["delta_bytes"],
+                                 volume_size_bytes=size_bytes, predicted_duration_s=r["predicted_duration_s"])
+                for r in state["rounds"]]
+
+    def _next(self, context, state: dict[str, Any]) -> dict[str, Any]:
+        import time
+
+        spec = context_spec(context)
+        pre = context["ti"].xcom_pull(task_ids="preflight")
+        size_bytes = sum(v["size_gib"] for v in pre["volumes"]) * 1024**3
+        decision = planner.decide(self._observations(state, size_bytes), spec.chain_params(), _now())
+        index = len(state["rounds"]) + 1
+        self.log.info("planner after %d round(s): %s — %s", index - 1, decision.action, decision.reason)
+        state["decisions"].append(decision.to_dict())
+        context["ti"].xcom_push(key=f"decision_{index - 1}", value=decision.to_dict())
+        if decision.action == planner.DIVERGING:
+            raise AirflowFailException(decision.reason)
+        if decision.proceed_to_cutover:
+            state["outcome"] = decision.action
+            state["last_snapshots"] = state["rounds"][-1]["snapshots"] if state["rounds"] else {}
+            return state
+        if state["rounds"]:  # EC2 refuses a second CreateSnapshot on a volume within 15 s
+            since_s = (_now() - datetime.fromisoformat(state["rounds"][-1]["started_at"])).total_seconds()
+            if since_s < self.min_create_interval_s:
+                time.sleep(self.min_create_interval_s - since_s)
+        mig = self.migration(context)
+        snaps = create_round_snapshots(self.ec2(), migration=mig, round_name=str(index), volume_ids=pre["volume_ids"],
+                                       instance_id=pre["instance_id"], log=self.log)
+        pending = {"index": index, "snapshots": snaps, "predicted_duration_s": decision.numbers.predicted_next_s}
+        self.defer(trigger=EbsSnapshotCompletedTrigger(snapshot_ids=list(snaps.values()), aws_conn_id=self.aws_conn_id,
+                                                       region_name=self.source_region, waiter_delay=self.waiter_delay),
+                   method_name="round_complete", kwargs={"state": state, "pending": pending},
+                   timeout=timedelta(days=2))
+        return state  # not reached: defer raises
+
+    def round_complete(self, context, event: dict[str, Any], state: dict[str, Any],
+                       pending: dict[str, Any]) -> dict[str, Any]:
+        if event.get("status") != "success":
+            raise AirflowFailException(f"round {pending['index']}: {event.get('message')}")
+        spec = context_spec(context)
+        ec2 = self.ec2()
+        done_at = _now()
+        described = ec2.conn.describe_snapshots(SnapshotIds=list(pending["snapshots"].values()))["Snapshots"]
+        started = min(s["StartTime"] for s in described)
+        completed = max(s.get("CompletionTime") or done_at for s in described)
+        duration_s = max((completed - started).total_seconds(), 1.0)  # the lab completes snapshots at once
+        previous = state["rounds"][-1]["snapshots"] if state["rounds"] else {}
+        direct = EbsDirectHook(aws_conn_id=self.aws_conn_id, region_name=self.source_region)
+        deltas = [direct.changed_bytes(previous.get(v), s) for v, s in pending["snapshots"].items()]
+        delta_bytes = None if any(d is None for d in deltas) else sum(deltas)
+        record = {**pending, "started_at": _iso(started), "completed_at": _iso(completed), "duration_s": duration_s,
+                  "delta_bytes": delta_bytes,
+                  "progress": {s["SnapshotId"]: s.get("Progress") for s in described}}
+        record["copies"] = self._copy_round(context, spec, record)
+        state["rounds"].append(record)
+        context["ti"].xcom_push(key=f"round_{record['index']}", value=record)
+        predicted = record["predicted_duration_s"]
+        self.log.info("round %d done: started %s, %.0f s (predicted %s), delta %s bytes, snapshots %s",
+                      record["index"], record["started_at"], duration_s,
+                      "n/a" if predicted is None else f"{predicted:.0f} s",
+                      "unknown" if delta_bytes is None else delta_bytes, record["snapshots"])
+        return self._next(context, state)
+
+    def _copy_round(self, context, spec: MigrationSpec, record: dict[str, Any]) -> dict[str, str]:
+        target = self.ec2(spec.target_region)
+        in_flight = [s for s in target.find_snapshots({TAG_MIGRATION: self.migration(context)})
+                     if s.get("State") == "pending"]
+        if len(in_flight) + len(record["snapshots"]) > MAX_COPIES_IN_FLIGHT:
+            self.log.info("round %d: %d copies already in flight to %s (limit %d): not copying this round",
+                          record["index"], len(in_flight), spec.target_region, MAX_COPIES_IN_FLIGHT)
+            return {}
+        return copy_snapshots(target, migration=self.migration(context), round_name=str(record["index"]),
+                              snapshots=record["snapshots"], source_region=self.src_region(),
+                              kms_key_id=spec.kms_key_id, log=self.log)
+
+
+class EbsCutoverOperator(EbsMigrationBaseOperator):
+    """Quiesce by the chosen mode, take the final snapshot(s), release at once (the point in time is fixed)."""
+
+    def __init__(self, *, postgres_conn_id: str, quiesce_timeout_s: float = 600.0, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.postgres_conn_id = postgres_conn_id
+        self.quiesce_timeout_s = quiesce_timeout_s
+
+    def execute(self, context) -> dict[str, Any]:
+        spec = context_spec(context)
+        pre = context["ti"].xcom_pull(task_ids="preflight")
+        mig = self.migration(context)
+        ec2 = self.ec2()
+        result: dict[str, Any] = {"mode": spec.cutover_mode, "quiesced_at": _iso(_now()), "backup": None}
+
+        def take(extra_tags: dict[str, str] | None = None) -> dict[str, str]:
+            return create_round_snapshots(ec2, migration=mig, round_name=FINAL_ROUND, volume_ids=pre["volume_ids"],
+                                          instance_id=pre["instance_id"], extra_tags=extra_tags, log=self.log)
+
+        if spec.cutover_mode == "crash-consistent":
+            result["snapshots"] = take()
+        elif spec.cutover_mode == "backup":
+            from pgops.ebs.quiesce import backup_mode
+            from pgops.hooks import pg_connect
+
+            existing = ec2.find_snapshots({TAG_MIGRATION: mig, TAG_ROUND: FINAL_ROUND})
+            if existing:
+                label = tags_of(existing[0]).get(TAG_BACKUP_LABEL)
+                self.log.warning("final snapshot(s) exist from an earlier try: reusing them; their backup_label "
+                                 "survives only as the (truncated) tag: %s", label)
+                result["snapshots"] = take()
+                result["backup"] = {"backup_label": label, "truncated": True}
+            else:
+                with backup_mode(lambda: pg_connect(self.postgres_conn_id), label=mig[:100],
+                                 timeout_s=self.quiesce_timeout_s, log=self.log.info) as held:
+                    result["snapshots"] = take()
+                label = held.backup_label or ""
+                for snapshot_id in result["snapshots"].values():
+                    ec2.conn.create_tags(Resources=[snapshot_id], Tags=[{"Key": TAG_BACKUP_LABEL,
+                                                                         "Value": tag_value(label)}])
+                result["backup"] = held.to_dict()
+                self.log.info("backup_label (write it as PGDATA/backup_label on the new volume before starting):\n%s",
+                              label)
+        else:
+            raise AirflowFailException("cutover_mode stop-writes is not supported in this version. Fix: use "
+                                       "cutover_mode=backup (online, keeps the backup_label with the snapshot) or "
+                                       "crash-consistent (CreateSnapshots of all the instance's data volumes)")
+        result["released_at"] = _iso(_now())
+        self.log.info("final snapshot(s) %s; quiesce held %s .. %s", result["snapshots"], result["quiesced_at"],
+                      result["released_at"])
+        return result
+
+
+class EbsCopySnapshotOperator(EbsMigrationBaseOperator):
+    """Copy snapshots to the target region with one KMS key, then defer until the copies complete."""
+
+    template_fields: Sequence[str] = ("aws_conn_id", "snapshot_ids", "target_region", "kms_key_id", "round_name")
+
+    def __init__(self, *, snapshot_ids: dict[str, str] | str, target_region: str, kms_key_id: str | None = None,
+                 round_name: str = FINAL_ROUND, completion_duration_minutes: int | None = None,
+                 waiter_delay: int = 30, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.snapshot_ids = snapshot_ids
+        self.target_region = target_region
+        self.kms_key_id = kms_key_id
+        self.round_name = round_name
+        self.completion_duration_minutes = completion_duration_minutes
+        self.waiter_delay = waiter_delay
+
+    def execute(self, context) -> None:
+        target = self.ec2(self.target_region)
+        copies = copy_snapshots(target, migration=self.migration(context), round_name=str(self.round_name),
+                                snapshots=dict(self.snapshot_ids), source_region=self.src_region(),
+                                kms_key_id=self.kms_key_id or None,
+                                completion_minutes=self.completion_duration_minutes, log=self.log)
+        self.defer(trigger=EbsSnapshotCompletedTrigger(snapshot_ids=list(copies.values()), aws_conn_id=self.aws_conn_id,
+                                                       region_name=self.target_region, waiter_delay=self.waiter_delay),
+                   method_name="execute_complete", kwargs={"copies": copies, "started_at": _iso(_now())},
+                   timeout=timedelta(days=2))
+
+    def execute_complete(self, context, event: dict[str, Any], copies: dict[str, str],
+                         started_at: str) -> dict[str, Any]:
+        if event.get("status") != "success":
+            raise AirflowFailException(f"copy to {self.target_region}: {event.get('message')}")
+        result = {"copies": copies, "region": self.target_region, "started_at": started_at,
+                  "completed_at": _iso(_now())}
+        self.log.info("copies completed in %s: %s", self.target_region, copies)
+        return result
+
+
+class EbsShareSnapshotOperator(EbsMigrationBaseOperator):
+    """ModifySnapshotAttribute createVolumePermission for the target account (a no-op without one)."""
+
+    template_fields: Sequence[str] = ("aws_conn_id", "snapshot_ids", "region", "account_id")
+
+    def __init__(self, *, snapshot_ids: dict[str, str] | str, region: str, account_id: str | None, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.snapshot_ids = snapshot_ids
+        self.region = region
+        self.account_id = account_id
+
+    def execute(self, context) -> dict[str, Any]:
+        if not self.account_id or self.account_id == "None":
+            self.log.info("no target account: the copies stay in this account")
+            return {"shared_with": None}
+        ec2 = self.ec2(self.region)
+        for snapshot_id in dict(self.snapshot_ids).values():
+            ec2.conn.modify_snapshot_attribute(SnapshotId=snapshot_id, Attribute="createVolumePermission",
+                                              OperationType="add", UserIds=[self.account_id])
+            self.log.info("snapshot %s shared with account %s", snapshot_id, self.account_id)
+        return {"shared_with": self.account_id, "snapshots": dict(self.snapshot_ids)}
+
+
+class EbsCreateVolumeOperator(EbsMigrationBaseOperator):
+    """Create a volume per copied snapshot in the target AZ, wait until available, report initialization."""
+
+    template_fields: Sequence[str] = ("aws_conn_id", "snapshot_ids", "region", "availability_zone")
+
+    def __init__(self, *, snapshot_ids: dict[str, str] | str, region: str, availability_zone: str,
+                 volume_type: str = "gp3", initialization: str = "none", initialization_rate_mib_s: int | None = None,
+                 **kwargs: Any):
+        super().__init__(**kwargs)
+        self.snapshot_ids = snapshot_ids
+        self.region = region
+        self.availability_zone = availability_zone
+        self.volume_type = volume_type
+        self.initialization = initialization
+        self.initialization_rate_mib_s = initialization_rate_mib_s
+
+    def execute(self, context) -> dict[str, Any]:
+        spec = context_spec(context) if "params" in context and "target_region" in context["params"] else None
+        if spec is not None:
+            self.volume_type, self.initialization = spec.volume_type, spec.volume_initialization
+            self.initialization_rate_mib_s = spec.volume_initialization_rate_mib_s
+        ec2 = self.ec2(self.region)
+        mig = self.migration(context)
+        volumes: dict[str, str] = {}
+        for source_volume, snapshot_id in dict(self.snapshot_ids).items():
+            existing = ec2.find_volumes({TAG_MIGRATION: mig, TAG_SOURCE_VOLUME: source_volume})
+            if existing:
+                volumes[source_volume] = existing[0]["VolumeId"]
+                self.log.info("volume %s for %s exists from an earlier try: reusing it", volumes[source_volume],
+                              source_volume)
+                continue
+            if self.initialization == "fast-snapshot-restore":
+                ec2.conn.enable_fast_snapshot_restores(AvailabilityZones=[self.availability_zone],
+                                                       SourceSnapshotIds=[snapshot_id])
+            kwargs: dict[str, Any] = {
+                "SnapshotId": snapshot_id, "AvailabilityZone": self.availability_zone, "VolumeType": self.volume_type,
+                "TagSpecifications": tag_spec("volume", {TAG_MIGRATION: mig, TAG_SOURCE_VOLUME: source_volume,
+                                                         TAG_SOURCE_SNAPSHOT: snapshot_id,
+                                                         "Name": f"pgops-migrated-{source_volume}"}),
+            }
+            if self.initialization == "rate" and self.initialization_rate_mib_s:
+                kwargs["VolumeInitializationRate"] = int(self.initialization_rate_mib_s)
+            volumes[source_volume] = ec2.conn.create_volume(**kwargs)["VolumeId"]
+            self.log.info("volume %s from %s in %s (%s, initialization %s)", volumes[source_volume], snapshot_id,
+                          self.availability_zone, self.volume_type, self.initialization)
+        ec2.get_waiter("volume_available").wait(VolumeIds=list(volumes.values()),
+                                                WaiterConfig={"Delay": 5, "MaxAttempts": 720})
+        available_at = _iso(_now())
+        init = {v: self._initialization(ec2, v) for v in volumes.values()}
+        self.log.info("volumes available at %s: %s; initialization %s", available_at, volumes, init)
+        return {"volumes": volumes, "region": self.region, "availability_zone": self.availability_zone,
+                "available_at": available_at, "initialization": init}
+
+    def _initialization(self, ec2: EbsEc2Hook, volume_id: str) -> Any:
+        try:
+            status = ec2.conn.describe_volume_status(VolumeIds=[volume_id])["VolumeStatuses"]
+        except Exception as exc:  # noqa: BLE001 - a lab without DescribeVolumeStatus gives "unknown"
+            self.log.info("DescribeVolumeStatus %s not available (%s): initialization unknown", volume_id,
+                          str(exc).splitlines()[0][:120])
+            return "unknown"
+        details = status[0].get("InitializationStatusDetails") if status else None
+        return details or "unknown"
+
+
+class EbsMigrationReportOperator(EbsMigrationBaseOperator):
+    """Write the ebs-migration report (bucket + XCom); delete intermediate snapshots after a success if asked."""
+
+    def __init__(self, *, cluster_name: str, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.cluster_name = cluster_name
+
+    def execute(self, context) -> dict[str, Any]:
+        from pgops.hooks import s3_client
+        from pgops.inventory import load_inventory
+        from pgops.reports import envelope, utcnow, write_report
+
+        ti = context["ti"]
+        pull = lambda task: ti.xcom_pull(task_ids=task)  # noqa: E731
+        spec, chain, cutover = pull("validate"), pull("chain"), pull("cutover")
+        copy, share, volume = pull("copy_final"), pull("share"), pull("create_volume")
+        dry_run = bool(spec and spec.get("dry_run"))
+        status = "ok" if volume else ("warning" if dry_run else "failed")
+        rounds = (chain or {}).get("rounds", [])
+        downtime_s = None
+        if cutover and copy:
+            downtime_s = (datetime.fromisoformat(copy["completed_at"])
+                          - datetime.fromisoformat(cutover["quiesced_at"])).total_seconds()
+        to_volume_s = None
+        if cutover and volume:
+            to_volume_s = (datetime.fromisoformat(volume["available_at"])
+                           - datetime.fromisoformat(cutover["quiesced_at"])).total_seconds()
+        deleted: list[str] = []
+        if status == "ok" and spec.get("delete_intermediate_snapshots"):
+            deleted = self._delete_intermediates(context, spec, rounds, copy)
+        body = {
+            "migration_id": self.migration(context), "dry_run": dry_run, "params": spec,
+            "source": pull("preflight"), "plan": (spec or {}).get("plan"),
+            "rounds": [{"index": r["index"], "started_at": r["started_at"], "duration_s": r["duration_s"],
+                        "delta_bytes": r["delta_bytes"], "predicted_duration_s": r["predicted_duration_s"],
+                        "snapshots": r["snapshots"], "copies": r.get("copies")} for r in rounds],
+            "decisions": (chain or {}).get("decisions", []), "outcome": (chain or {}).get("outcome"),
+            "cutover": cutover, "downtime_s": downtime_s, "cutover_to_volume_available_s": to_volume_s,
+            "destination_snapshots": (copy or {}).get("copies"), "shared": share,
+            "destination_volumes": (volume or {}).get("volumes"), "initialization": (volume or {}).get("initialization"),
+            "deleted_intermediate_snapshots": deleted,
+        }
+        started = context["dag_run"].start_date if context.get("dag_run") else None
+        report = envelope(kind="ebs-migration", cluster=self.cluster_name, run_id=context["run_id"],
+                          started_at=started or utcnow(), status=status, body=body)
+        cluster = load_inventory().get(self.cluster_name)
+        key = write_report(s3_client(cluster.aws_conn_id), cluster, report)
+        self.log.info("ebs-migration report %s (status %s): %d round(s), downtime %s s, volumes %s", key, status,
+                      len(rounds), downtime_s, body["destination_volumes"])
+        if status == "failed":
+            raise AirflowFailException(f"migration {body['migration_id']} did not finish; report at {key}")
+        return report | {"report_key": key}
+
+    def _delete_intermediates(self, context, spec: dict[str, Any], rounds: list[dict[str, Any]],
+                              copy: dict[str, Any] | None) -> list[str]:
+        # Only after the final copy completed: the newest copy is kept, so later copies stay incremental.
+        keep = set((copy or {}).get("copies", {}).values())
+        deleted = []
+        for region, key in ((self.src_region(), "snapshots"), (spec["target_region"], "copies")):
+            ec2 = self.ec2(region)
+            for r in rounds:
+                for snapshot_id in (r.get(key) or {}).values():
+                    if snapshot_id in keep:
+                        continue
+                    ec2.conn.delete_snapshot(SnapshotId=snapshot_id)
+                    deleted.append(snapshot_id)
+        self.log.info("deleted intermediate snapshots: %s", deleted)
+        return deleted
