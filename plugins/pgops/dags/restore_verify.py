@@ -1,0 +1,93 @@
+"""DAG factory: pgops_restore_verify__<cluster>.
+
+canary → setup → restore → wait_recovery → checks → report, with teardown always run after the scratch
+instance was set up. Runs after each verified base backup (asset) and on its own cron; a manual run takes a
+backup id, a target (latest, canary, timestamp, LSN), the checks and `keep`.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import pendulum
+from airflow.sdk import DAG, AssetOrTimeSchedule, CronTriggerTimetable, Param, TriggerRule
+
+from pgops.dags.common import backup_asset, dag_tags, default_args
+from pgops.inventory import Cluster
+from pgops.operators.restore import (
+    DEFAULT_SCRATCH_ROOT,
+    BarmanCloudRestoreOperator,
+    RecoveryEndedOperator,
+    RestoreCanaryOperator,
+    RestoreChecksOperator,
+    RestoreReportOperator,
+    RestoreSetupOperator,
+    RestoreTeardownOperator,
+)
+from pgops.restore import CHECKS
+
+DAG_ID_PREFIX = "pgops_restore_verify__"
+TARGET_PATTERN = (r"^(latest|canary|[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}|"
+                  r"\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?(Z|[+-]\d{2}(:?\d{2})?))$")
+SCRATCH_ROOT_ENV = "PGOPS_RESTORE_SCRATCH_ROOT"
+
+
+def build_restore_verify_dag(cluster: Cluster) -> DAG:
+    q = cluster.runner.queue  # restore steps run on the restore host (the cluster's runner)
+    with DAG(
+        dag_id=f"{DAG_ID_PREFIX}{cluster.name}",
+        description=f"Restore {cluster.name}'s newest backup into a scratch instance, prove the data, measure RTO",
+        schedule=AssetOrTimeSchedule(
+            timetable=CronTriggerTimetable(cluster.schedule.restore_verify, timezone=cluster.schedule.timezone),
+            assets=backup_asset(cluster)),
+        start_date=pendulum.datetime(2024, 1, 1, tz=cluster.schedule.timezone),
+        catchup=False,
+        max_active_runs=1,
+        default_args=default_args(cluster, retries=0),
+        render_template_as_native_obj=True,
+        tags=dag_tags(cluster, "restore-verify"),
+        params={
+            "cluster": Param(cluster.name, type="string", const=cluster.name, description="Inventory cluster"),
+            "backup_id": Param("latest", type="string", pattern=r"^[A-Za-z0-9_.:-]{1,100}$",
+                               description="Backup id or name from the catalog, or 'latest'"),
+            "target": Param("canary", type="string", pattern=TARGET_PATTERN,
+                            description="latest | canary | ISO timestamp with zone | LSN like 0/3000060"),
+            "checks": Param(list(CHECKS), type="array", items={"type": "string", "enum": list(CHECKS)},
+                            description="Checks to run on the restored instance"),
+            "heapallindexed": Param(True, type="boolean", description="pg_amcheck --heapallindexed (slower, deeper)"),
+            "keep": Param(False, type="boolean", description="Leave the scratch instance running (debugging, "
+                                                             "recovering lost rows); teardown logs how to remove it"),
+            "scratch_root": Param(os.environ.get(SCRATCH_ROOT_ENV, DEFAULT_SCRATCH_ROOT), type="string",
+                                  pattern=r"^/[^\0]*$", description="Directory on the restore host for scratch areas"),
+            "required_bytes": Param(0, type="integer", minimum=0,
+                                    description="Free bytes the restore needs (0: the backup's size plus a margin)"),
+            "recovery_timeout_s": Param(max(3600, 3 * cluster.targets.rto_s), type="integer", minimum=60,
+                                        description="Fail when recovery has not ended after this long"),
+            "horizon_days": Param(90, type="integer", minimum=1, description="RTO trend warning horizon"),
+        },
+        doc_md=__doc__,
+    ) as dag:
+        canary = RestoreCanaryOperator(task_id="canary", cluster_name=cluster.name, target="{{ params.target }}",
+                                       execution_timeout=timedelta(minutes=15))
+        setup = RestoreSetupOperator(
+            task_id="setup", cluster_name=cluster.name, queue=q, backup_id="{{ params.backup_id }}",
+            target="{{ params.target }}", scratch_root="{{ params.scratch_root }}",
+            required_bytes="{{ params.required_bytes }}", trigger_rule=TriggerRule.NONE_FAILED,
+            execution_timeout=timedelta(minutes=30))
+        restore = BarmanCloudRestoreOperator(
+            task_id="restore", cluster_name=cluster.name, queue=q, pool=cluster.pool,
+            execution_timeout=timedelta(seconds=cluster.engine.timeout_s + 600))
+        wait = RecoveryEndedOperator(task_id="wait_recovery", cluster_name=cluster.name, queue=q,
+                                     timeout_s="{{ params.recovery_timeout_s }}")
+        checks = RestoreChecksOperator(task_id="checks", cluster_name=cluster.name, queue=q,
+                                       checks="{{ params.checks }}", heapallindexed="{{ params.heapallindexed }}",
+                                       execution_timeout=timedelta(seconds=cluster.engine.timeout_s))
+        report = RestoreReportOperator(task_id="report", cluster_name=cluster.name, keep="{{ params.keep }}",
+                                       horizon_days="{{ params.horizon_days }}", trigger_rule=TriggerRule.ALL_DONE,
+                                       execution_timeout=timedelta(minutes=10))
+        teardown = RestoreTeardownOperator(task_id="teardown", cluster_name=cluster.name, queue=q,
+                                           keep="{{ params.keep }}", scratch_root="{{ params.scratch_root }}",
+                                           execution_timeout=timedelta(hours=1))
+        canary >> setup >> restore >> wait >> checks >> [report, teardown.as_teardown(setups=setup)]
+    return dag

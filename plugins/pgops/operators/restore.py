@@ -1,0 +1,598 @@
+"""Restore-verification operators: canary, setup, restore, wait for recovery, checks, report, teardown.
+
+Commands on the restore host go through the cluster's runner (as the postgres OS user in the lab); AWS
+credentials reach barman-cloud and the scratch PostgreSQL through the environment, never argv.
+Each step pushes its error under XCom key "error" so the report can say what broke.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+
+from pgops import restore as core
+from pgops.archiver import ARCHIVER_SQL, archiver_health
+from pgops.engines import barman_cloud
+from pgops.hooks import aws_child_env, pg_connect, pg_connect_local, pg_query, s3_client, s3_endpoint_url
+from pgops.inventory import REPO_ROOT, Cluster
+from pgops.operators.backup import ClusterOperator
+from pgops.reports import envelope, list_reports, utcnow, write_report
+from pgops.runners import CommandFailed, get_runner
+
+DEFAULT_SCRATCH_ROOT = "/var/tmp/pgops-restore"
+SQL_CHECKS_DIR = REPO_ROOT / "include" / "sql" / "checks"
+CANARY_DDL = """
+CREATE SCHEMA IF NOT EXISTS pgops;
+CREATE TABLE IF NOT EXISTS pgops.restore_canary (
+    id bigserial PRIMARY KEY,
+    run_id text NOT NULL,
+    written_at timestamptz NOT NULL DEFAULT clock_timestamp()
+)
+"""
+
+
+def pg_bin(name: str) -> str:
+    from pgops.lab import PG_BIN
+
+    return str(PG_BIN / name)
+
+
+def scratch_paths(root: str, dag_id: str, run_id: str) -> dict[str, str]:
+    scratch = str(Path(root) / core.scratch_name(dag_id, run_id))
+    return {"scratch_dir": scratch, "data_dir": f"{scratch}/data", "socket_dir": f"{scratch}/run",
+            "spool_dir": f"{scratch}/spool", "log_file": f"{scratch}/postgres.log"}
+
+
+class RestoreStepOperator(ClusterOperator):
+    """A step of the restore verification; its failure message is kept in XCom for the report."""
+
+    template_fields: Sequence[str] = ("cluster_name",)
+
+    def __init__(self, *, setup_task_id: str = "setup", **kwargs: Any):
+        super().__init__(**kwargs)
+        self.setup_task_id = setup_task_id
+
+    def execute(self, context) -> Any:
+        return self._guard(context, self.run_step, context)
+
+    def run_step(self, context) -> Any:
+        raise NotImplementedError
+
+    def _guard(self, context, fn, *args) -> Any:
+        try:
+            return fn(*args)
+        except AirflowSkipException:
+            raise
+        except Exception as exc:
+            try:
+                context["ti"].xcom_push(key="error", value=str(exc)[:4000])
+            except Exception:  # the report then says "did not finish": still true
+                self.log.warning("could not record the error in XCom")
+            raise
+
+    def host(self, cluster: Cluster, argv: list[str], *, env: dict[str, str] | None = None, timeout_s: float = 300,
+             capture: bool = False, check: bool = True):
+        """Run argv on the restore host (the cluster's runner) with only the environment it needs."""
+        self._runner = get_runner(cluster)
+        try:
+            return self._runner.run(argv, env=env, timeout_s=timeout_s, capture=capture, check=check,
+                                    on_line=self.log.info)
+        finally:
+            self._runner = None
+
+    def plan(self, context) -> dict[str, Any]:
+        plan = context["ti"].xcom_pull(task_ids=self.setup_task_id)
+        if not plan:
+            raise AirflowFailException(f"no restore plan from task {self.setup_task_id!r}: it did not finish")
+        return plan
+
+
+class RestoreCanaryOperator(RestoreStepOperator):
+    """Write a canary row on the primary (own transaction), switch WAL (another), wait until it is archived."""
+
+    template_fields: Sequence[str] = ("cluster_name", "target")
+
+    def __init__(self, *, target: str = "canary", archive_timeout_s: float | None = None, poll_interval_s: float = 1.0,
+                 **kwargs: Any):
+        super().__init__(**kwargs)
+        self.target = target
+        self.archive_timeout_s = archive_timeout_s
+        self.poll_interval_s = poll_interval_s
+
+    def run_step(self, context) -> dict[str, Any]:
+        kind, _ = core.parse_target(self.target)
+        if kind not in ("canary", "latest"):
+            raise AirflowSkipException(f"target {self.target!r} is a fixed point in the past: no canary needed")
+        cluster = self.cluster
+        conn = pg_connect(cluster.postgres_conn_id, autocommit=True)
+        try:
+            with conn.cursor() as cur:
+                cur.execute(CANARY_DDL)
+                conn.autocommit = False
+                cur.execute("INSERT INTO pgops.restore_canary (run_id) VALUES (%s) "
+                            "RETURNING id, pg_current_xact_id()::text", (context["run_id"],))
+                canary_id, xid = cur.fetchone()
+                conn.commit()
+                conn.autocommit = True
+                # Separate statements: the commit must be in the segment that the switch closes.
+                cur.execute("SELECT clock_timestamp(), pg_current_wal_lsn()::text, "
+                            "pg_walfile_name(pg_current_wal_lsn())")
+                committed_at, lsn, segment = cur.fetchone()
+                cur.execute("SELECT pg_switch_wal()::text")
+        finally:
+            conn.close()
+        self.log.info("canary row %s (xid %s) committed at %s, LSN %s in segment %s; waiting for it to be archived",
+                      canary_id, xid, committed_at.isoformat(), lsn, segment)
+        timeout_s = self.archive_timeout_s or max(60, cluster.targets.rpo_s)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            row = pg_query(cluster.postgres_conn_id, ARCHIVER_SQL)[0]
+            last = row.get("last_archived_wal") or ""
+            if core.SEGMENT_RE.match(last[:24]) and last[:24] >= segment:
+                break
+            health = archiver_health(row)
+            if not health.healthy:
+                raise AirflowFailException(f"cluster {cluster.name!r}: canary segment {segment} cannot be archived: "
+                                           f"{health.message}")
+            if time.monotonic() >= deadline:
+                raise AirflowFailException(
+                    f"cluster {cluster.name!r}: canary segment {segment} was not archived within {timeout_s:.0f} s "
+                    f"(last archived: {last or 'none'}); RPO target {cluster.targets.rpo_s} s is not met. "
+                    "Fix: check archive_command and pg_stat_archiver on the primary")
+            time.sleep(self.poll_interval_s)
+        archived_at = row.get("last_archived_time")
+        lag_s = (archived_at - committed_at).total_seconds() if archived_at else None
+        self.log.info("canary segment %s archived at %s (%.1f s after the commit)", segment,
+                      archived_at.isoformat() if archived_at else "?", lag_s or 0.0)
+        return {"id": canary_id, "xid": xid, "committed_at": committed_at.isoformat(), "lsn": lsn,
+                "segment": segment, "archived_at": archived_at.isoformat() if archived_at else None,
+                "archive_lag_s": round(lag_s, 3) if lag_s is not None else None}
+
+
+class RestoreSetupOperator(RestoreStepOperator):
+    """Pick the backup and target, make the scratch area, check free space against the backup size, pick a port."""
+
+    template_fields: Sequence[str] = ("cluster_name", "backup_id", "target", "scratch_root", "required_bytes",
+                                      "canary_mode")
+
+    def __init__(self, *, backup_id: str = "latest", target: str = "canary", scratch_root: str = DEFAULT_SCRATCH_ROOT,
+                 required_bytes: int | str = 0, canary_mode: str = "xid", canary_task_id: str = "canary",
+                 db_user: str = "postgres", **kwargs: Any):
+        super().__init__(**kwargs)
+        self.backup_id = backup_id
+        self.target = target
+        self.scratch_root = scratch_root
+        self.required_bytes = required_bytes
+        self.canary_mode = canary_mode
+        self.canary_task_id = canary_task_id
+        self.db_user = db_user
+
+    def run_step(self, context) -> dict[str, Any]:
+        cluster = self.cluster
+        try:
+            kind, value = core.parse_target(str(self.target))
+            canary = context["ti"].xcom_pull(task_ids=self.canary_task_id) if kind in ("canary", "latest") else None
+            target = core.resolve_target(kind, value, canary=canary, canary_mode=self.canary_mode)
+            backup = core.choose_backup(self.catalog(cluster), str(self.backup_id or "latest"),
+                                        before=core.target_time(target, canary))
+        except core.RestorePlanError as exc:
+            raise AirflowFailException(f"cluster {cluster.name!r}: {exc}") from None
+        paths = scratch_paths(str(self.scratch_root), self.dag_id, context["run_id"])
+        root = str(self.scratch_root)
+        self.host(cluster, ["mkdir", "-p", root])
+        # A retry or a cleared run starts from nothing: stop and remove what an earlier try left.
+        stop_and_remove(self, cluster, paths)
+        avail = core.parse_df_avail(self.host(cluster, ["df", "-B1", "--output=avail", root], capture=True).stdout)
+        needed = int(self.required_bytes or 0) or core.required_bytes(backup.cluster_size_bytes)
+        short = core.disk_shortfall(avail_bytes=avail, needed_bytes=needed, path=root, backup_id=backup.backup_id)
+        if short:
+            raise AirflowFailException(f"cluster {cluster.name!r}: {short}")
+        self.host(cluster, ["mkdir", "-m", "0700", "-p", paths["scratch_dir"], paths["socket_dir"], paths["spool_dir"]])
+        from pgops.lab import free_port
+
+        plan = {**paths, "port": free_port(), "db_user": self.db_user, "backup_id": backup.backup_id,
+                "backup_name": backup.backup_name, "backup_end_time": backup.end_time, "backup_end_wal": backup.end_wal,
+                "backup_size_bytes": backup.cluster_size_bytes, "systemid": backup.systemid,
+                "target": {"kind": target.kind, "value": target.value}, "target_param": str(self.target),
+                "canary": canary, "needed_bytes": needed, "avail_bytes": avail}
+        self.log.info("restore plan: backup %s (ended %s, %s) to %s in %s on port %s; %s free, %s needed",
+                      backup.backup_id, backup.end_time, core.human_bytes(backup.cluster_size_bytes or 0),
+                      target.describe(), paths["scratch_dir"], plan["port"], core.human_bytes(avail),
+                      core.human_bytes(needed))
+        return plan
+
+
+class BarmanCloudRestoreOperator(RestoreStepOperator):
+    """barman-cloud-restore into the scratch area, recovery settings, then start PostgreSQL (no wait)."""
+
+    template_fields: Sequence[str] = ("cluster_name", "wal_parallel")
+
+    def __init__(self, *, wal_parallel: int | str = 4, extra_settings: dict[str, str] | None = None, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.wal_parallel = wal_parallel
+        self.extra_settings = extra_settings or {}
+
+    def run_step(self, context) -> dict[str, Any]:
+        cluster = self.cluster
+        plan = self.plan(context)
+        endpoint = s3_endpoint_url(cluster.aws_conn_id)
+        aws_env = aws_child_env(cluster.aws_conn_id)
+        started_at = utcnow()
+        t0 = time.monotonic()
+        argv = barman_cloud.restore_argv(cluster, endpoint_url=endpoint, backup_id=plan["backup_id"],
+                                         destination_dir=plan["data_dir"])
+        try:
+            self.host(cluster, argv, env=aws_env, timeout_s=cluster.engine.timeout_s)
+        except CommandFailed as exc:
+            raise AirflowFailException(
+                f"cluster {cluster.name!r}: barman-cloud-restore of backup {plan['backup_id']} from "
+                f"s3://{cluster.storage.bucket}/{cluster.storage.server_prefix}/base/{plan['backup_id']}/ failed: {exc}. "
+                "The base backup cannot be restored: check its objects in the bucket and take a new backup") from None
+        download_s = time.monotonic() - t0
+        self.log.info("backup %s downloaded in %.1f s", plan["backup_id"], download_s)
+
+        target = core.RecoveryTarget(kind=plan["target"]["kind"], value=plan["target"]["value"])
+        wal_argv = barman_cloud.wal_restore_argv(cluster, endpoint_url=endpoint, parallel=int(self.wal_parallel),
+                                                 spool_dir=plan["spool_dir"])
+        data = plan["data_dir"]
+        settings = core.recovery_settings(restore_command=core.restore_command(wal_argv), target=target,
+                                          port=plan["port"], socket_dir=plan["socket_dir"],
+                                          hba_file=f"{data}/pg_hba.conf", extra=self.extra_settings)
+        write = 'printf "%s" "$1" >> "$2"'
+        self.host(cluster, ["sh", "-c", '[ -e "$1" ] || : > "$1"', "sh", f"{data}/postgresql.conf"])
+        self.host(cluster, ["sh", "-c", write, "sh", core.render_conf(settings), f"{data}/postgresql.auto.conf"])
+        self.host(cluster, ["sh", "-c", 'printf "%s" "$1" > "$2"', "sh", core.SCRATCH_HBA, f"{data}/pg_hba.conf"])
+        self.host(cluster, ["rm", "-f", f"{data}/standby.signal", f"{data}/postmaster.pid"])
+        self.host(cluster, ["touch", f"{data}/recovery.signal"])
+        self.log.info("recovery settings: target %s, restore_command %s", target.describe(), settings["restore_command"])
+
+        pg_started_at = utcnow()
+        # The postmaster inherits the AWS credentials its restore_command needs (environment, not the config file).
+        self.host(cluster, [pg_bin("pg_ctl"), "-D", data, "-l", plan["log_file"], "-W", "start"], env=aws_env,
+                  timeout_s=60)
+        pid = self._wait_pid(plan)
+        self.log.info("scratch PostgreSQL started (postmaster pid %s) on 127.0.0.1:%s, socket %s", pid, plan["port"],
+                      plan["socket_dir"])
+        return {"pid": pid, "download_s": round(download_s, 3), "restore_started_at": started_at.isoformat(),
+                "pg_started_at": pg_started_at.isoformat()}
+
+    def _wait_pid(self, plan: dict[str, Any], timeout_s: float = 60) -> int:
+        from pgops.lab import pid_alive
+
+        pid_file = Path(plan["data_dir"]) / "postmaster.pid"
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                pid = int(pid_file.read_text().split()[0])
+                if pid_alive(pid):
+                    return pid
+            except (OSError, ValueError, IndexError):
+                pass
+            parsed = core.parse_server_log(_read(plan["log_file"]))
+            if parsed.failed:
+                raise AirflowFailException(f"scratch PostgreSQL did not start: {parsed.failure_message()}")
+            time.sleep(0.2)
+        raise AirflowFailException(f"scratch PostgreSQL wrote no postmaster.pid within {timeout_s:.0f} s; "
+                                   f"server log: {_tail(plan['log_file'])}")
+
+
+class RecoveryEndedOperator(RestoreStepOperator):
+    """Deferrable wait until the scratch instance leaves recovery (no worker slot held through a long replay)."""
+
+    template_fields: Sequence[str] = ("cluster_name", "timeout_s")
+
+    def __init__(self, *, restore_task_id: str = "restore", timeout_s: float | str = 6 * 3600,
+                 poll_interval_s: float = 2.0, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.restore_task_id = restore_task_id
+        self.timeout_s = timeout_s
+        self.poll_interval_s = poll_interval_s
+
+    def run_step(self, context) -> None:
+        from pgops.triggers.restore import RecoveryEndedTrigger
+
+        plan = self.plan(context)
+        started = context["ti"].xcom_pull(task_ids=self.restore_task_id)
+        if not started:
+            raise AirflowFailException(f"no scratch instance from task {self.restore_task_id!r}")
+        timeout_s = float(self.timeout_s)
+        self.defer(trigger=RecoveryEndedTrigger(socket_dir=plan["socket_dir"], port=plan["port"],
+                                                user=plan["db_user"], pid=started["pid"], log_file=plan["log_file"],
+                                                poll_interval_s=self.poll_interval_s, timeout_s=timeout_s),
+                   method_name="execute_complete", timeout=timedelta(seconds=timeout_s + 120))
+
+    def execute_complete(self, context, event: dict[str, Any]) -> dict[str, Any]:
+        return self._guard(context, self._complete, context, event)
+
+    def _complete(self, context, event: dict[str, Any]) -> dict[str, Any]:
+        plan = self.plan(context)
+        if event.get("status") != "success":
+            for line in event.get("log_tail") or []:
+                self.log.error("server log: %s", line)
+            raise AirflowFailException(f"restore of backup {plan['backup_id']} to "
+                                       f"{core.RecoveryTarget(**plan['target']).describe()} failed: {event.get('message')}")
+        started = context["ti"].xcom_pull(task_ids=self.restore_task_id)
+        begin, ready = core.log_timestamp(event.get("started_at")), core.log_timestamp(event.get("ready_at"))
+        ended_at = datetime.fromisoformat(event["ended_at"])
+        replay_s = (ready - begin).total_seconds() if begin and ready else \
+            (ended_at - datetime.fromisoformat(started["pg_started_at"])).total_seconds()
+        recovered_at = ready or ended_at
+        rto_s = (recovered_at - datetime.fromisoformat(started["restore_started_at"])).total_seconds()
+        result = {"replay_s": round(replay_s, 3), "segments_replayed": event.get("restored_segments"),
+                  "last_restored_segment": event.get("last_restored_segment"),
+                  "recovery_stop": event.get("recovery_stop"), "recovered_at": recovered_at.isoformat(),
+                  "rto_s": round(rto_s, 3)}
+        self.log.info("recovery ended: %s", result)
+        return result
+
+
+class RestoreChecksOperator(RestoreStepOperator):
+    """Prove the data: canary row, system identifier, pg_amcheck, SQL checks (each must return no rows)."""
+
+    template_fields: Sequence[str] = ("cluster_name", "checks", "heapallindexed")
+
+    def __init__(self, *, checks: Sequence[str] | str = core.CHECKS, heapallindexed: bool | str = True,
+                 sql_dir: str | None = None, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.checks = checks
+        self.heapallindexed = heapallindexed
+        self.sql_dir = sql_dir
+
+    def _conn(self, plan: dict[str, Any], dbname: str = "postgres"):
+        return pg_connect_local(host=plan["socket_dir"], port=plan["port"], user=plan["db_user"], dbname=dbname)
+
+    def _rows(self, plan: dict[str, Any], sql: str, params: Any = None, dbname: str = "postgres") -> list[tuple]:
+        conn = self._conn(plan, dbname)
+        try:
+            with conn.cursor() as cur:
+                cur.execute(sql, params)
+                return cur.fetchall() if cur.description else []
+        finally:
+            conn.close()
+
+    def run_step(self, context) -> dict[str, Any]:
+        cluster = self.cluster
+        plan = self.plan(context)
+        wanted = _as_list(self.checks)
+        unknown = sorted(set(wanted) - set(core.CHECKS))
+        if unknown:
+            raise AirflowFailException(f"unknown check(s) {unknown}; known: {', '.join(core.CHECKS)}")
+        dbs = [r[0] for r in self._rows(plan, "SELECT datname FROM pg_database WHERE datallowconn ORDER BY 1")]
+        size = int(self._rows(plan, "SELECT sum(pg_database_size(datname))::bigint FROM pg_database")[0][0])
+        results: dict[str, dict[str, Any]] = {}
+        if "canary" in wanted:
+            results["canary"] = self._canary(plan)
+        if "system_identifier" in wanted:
+            results["system_identifier"] = self._system_identifier(cluster, plan)
+        if "amcheck" in wanted:
+            results["amcheck"] = self._amcheck(cluster, plan)
+        if "sql" in wanted:
+            results.update(self._sql_checks(plan, dbs))
+        failed = {k: v for k, v in results.items() if not v["ok"] and not v.get("skipped")}
+        out = {"checks": results, "database_size_bytes": size, "databases": dbs}
+        context["ti"].xcom_push(key="checks", value=out)
+        for name, res in results.items():
+            self.log.info("check %-28s %s %s", name, "skipped" if res.get("skipped") else ("ok" if res["ok"] else "FAILED"),
+                          res.get("detail", ""))
+        if failed:
+            raise AirflowFailException("restored data failed check(s): " +
+                                       "; ".join(f"{k}: {v.get('detail')}" for k, v in failed.items()))
+        return out
+
+    def _canary(self, plan: dict[str, Any]) -> dict[str, Any]:
+        canary = plan.get("canary")
+        if not canary:
+            return {"ok": True, "skipped": True, "detail": "no canary for this target"}
+        if not self._rows(plan, "SELECT to_regclass('pgops.restore_canary') IS NOT NULL")[0][0]:
+            return {"ok": False, "detail": f"table pgops.restore_canary is missing, so canary row {canary['id']} "
+                                           f"(committed {canary['committed_at']}) did not come back"}
+        if self._rows(plan, "SELECT 1 FROM pgops.restore_canary WHERE id = %s", (canary["id"],)):
+            return {"ok": True, "detail": f"canary row {canary['id']} (committed {canary['committed_at']}) is there",
+                    "rpo_proven_at": canary["committed_at"]}
+        rows = self._rows(plan, "SELECT max(id) FROM pgops.restore_canary")
+        newest = rows[-1][0] if rows else None
+        return {"ok": False, "detail": f"canary row {canary['id']} (committed {canary['committed_at']}, segment "
+                                       f"{canary['segment']}) is missing (newest canary restored: {newest}): backup plus "
+                                       "WAL do not reach the canary"}
+
+    def _system_identifier(self, cluster: Cluster, plan: dict[str, Any]) -> dict[str, Any]:
+        sql = "SELECT system_identifier::text AS sysid FROM pg_control_system()"
+        restored = self._rows(plan, sql)[0][0]
+        primary = pg_query(cluster.postgres_conn_id, sql)[0]["sysid"]
+        ok = restored == primary
+        detail = f"restored {restored}, primary {primary}"
+        if plan.get("systemid") and plan["systemid"] != restored:
+            ok, detail = False, detail + f", catalog {plan['systemid']}"
+        return {"ok": ok, "detail": detail if ok else f"system identifier differs: {detail}: this is not a copy of "
+                                                      "the primary (wrong bucket prefix or server_name?)"}
+
+    def _amcheck(self, cluster: Cluster, plan: dict[str, Any]) -> dict[str, Any]:
+        argv = [pg_bin("pg_amcheck"), "-h", plan["socket_dir"], "-p", str(plan["port"]), "-U", plan["db_user"],
+                "--all", "--install-missing", "--no-password"]
+        if str(self.heapallindexed).lower() in ("true", "1", "yes"):
+            argv.append("--heapallindexed")
+        res = self.host(cluster, argv, timeout_s=cluster.engine.timeout_s, check=False)
+        if res.returncode == 0:
+            return {"ok": True, "detail": f"pg_amcheck --all{' --heapallindexed' if '--heapallindexed' in argv else ''}"
+                                          f" clean in {res.duration_s:.1f} s"}
+        lines = [line for line in res.output_tail if line.strip()][-10:]
+        return {"ok": False, "detail": f"pg_amcheck exit {res.returncode}: " + " | ".join(lines)}
+
+    def _sql_checks(self, plan: dict[str, Any], dbs: list[str]) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        for path in sorted(Path(self.sql_dir or SQL_CHECKS_DIR).glob("*.sql")):
+            sql = path.read_text()
+            bad: list[str] = []
+            for db in dbs:
+                try:
+                    rows = self._rows(plan, sql, dbname=db)
+                except Exception as exc:  # a broken check is a failed check, named with its database
+                    bad.append(f"{db}: error {str(exc).strip()}")
+                    continue
+                for row in rows[:20]:
+                    self.log.error("check %s in %s returned %s", path.name, db, row)
+                    bad.append(f"{db}: {row}")
+            out[f"sql:{path.stem}"] = {"ok": not bad, "detail": "no rows" if not bad else "; ".join(bad[:10])}
+        return out
+
+
+class RestoreReportOperator(RestoreStepOperator):
+    """Measurements, RTO against the target and its trend, a durable JSON report; fails the run if any step failed."""
+
+    template_fields: Sequence[str] = ("cluster_name", "horizon_days", "keep")
+
+    def __init__(self, *, steps: Sequence[str] = ("canary", "setup", "restore", "wait_recovery", "checks"),
+                 horizon_days: int | str = 90, keep: bool | str = False, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.steps = list(steps)
+        self.horizon_days = horizon_days
+        self.keep = keep
+
+    def run_step(self, context) -> dict[str, Any]:
+        cluster = self.cluster
+        ti = context["ti"]
+        errors = {s: ti.xcom_pull(task_ids=s, key="error") for s in self.steps}
+        errors = {k: v for k, v in errors.items() if v}
+        values = {s: ti.xcom_pull(task_ids=s) for s in self.steps}
+        checks = ti.xcom_pull(task_ids="checks", key="checks") or {}
+        missing = [s for s in self.steps if s != "canary" and values.get(s) is None and s not in errors]
+        failed = bool(errors or missing)
+        plan = values.get("setup") or {}
+        restore = values.get("restore") or {}
+        wait = values.get("wait_recovery") or {}
+        measurements = {
+            "database_size_bytes": checks.get("database_size_bytes"),
+            "backup_size_bytes": plan.get("backup_size_bytes"),
+            "download_s": restore.get("download_s"), "replay_s": wait.get("replay_s"),
+            "segments_replayed": wait.get("segments_replayed"), "rto_s": wait.get("rto_s") if not failed else None,
+        }
+        s3 = s3_client(cluster.aws_conn_id)
+        trend = core.RtoTrend(points=0, horizon_days=int(self.horizon_days))
+        if measurements["rto_s"] is not None and measurements["database_size_bytes"]:
+            history = core.history_points(list_reports(s3, cluster, "restore-verify"))
+            history.append({"at": utcnow(), "size_bytes": measurements["database_size_bytes"],
+                            "rto_s": measurements["rto_s"]})
+            trend = core.rto_trend(history, target_s=cluster.targets.rto_s, horizon_days=int(self.horizon_days))
+        status = core.report_status(failed=failed, rto_s=measurements["rto_s"], rto_target_s=cluster.targets.rto_s,
+                                    trend_warning=trend.warning)
+        started_at = restore.get("restore_started_at") or (context.get("dag_run") and
+                                                           getattr(context["dag_run"], "start_date", None))
+        body = {
+            "backup_id": plan.get("backup_id"), "backup_end_time": plan.get("backup_end_time"),
+            "target": plan.get("target"), "target_param": plan.get("target_param"), "canary": values.get("canary"),
+            "recovery_stop": wait.get("recovery_stop"), "last_restored_segment": wait.get("last_restored_segment"),
+            "checks": checks.get("checks"), "measurements": measurements, "rto_target_s": cluster.targets.rto_s,
+            "rto_trend": trend.to_dict(), "errors": errors, "steps_not_finished": missing,
+            "restore_host": {"runner": cluster.runner.kind, "queue": cluster.runner.queue,
+                             "scratch_dir": plan.get("scratch_dir"), "kept": _truthy(self.keep)},
+        }
+        report = envelope(kind="restore-verify", cluster=cluster.name, run_id=context["run_id"],
+                          started_at=_as_dt(started_at) or utcnow(), status=status, body=body)
+        key = write_report(s3, cluster, report)
+        self.log.info("restore verification of %s: %s | backup %s | target %s | size %s | download %s s | replay %s s "
+                      "(%s segments) | RTO %s s (target %s s) | report s3://%s/%s", cluster.name, status.upper(),
+                      plan.get("backup_id"), plan.get("target"), core.human_bytes(measurements["database_size_bytes"] or 0),
+                      measurements["download_s"], measurements["replay_s"], measurements["segments_replayed"],
+                      measurements["rto_s"], cluster.targets.rto_s, cluster.storage.bucket, key)
+        if trend.warning:
+            self.log.warning("%s", trend.warning)
+        if failed:
+            what = "; ".join(f"{k}: {v}" for k, v in errors.items()) or f"step(s) {', '.join(missing)} did not finish"
+            raise AirflowFailException(f"restore verification of {cluster.name} failed: {what}")
+        if status == "critical":
+            raise AirflowFailException(f"restore verification of {cluster.name}: RTO {measurements['rto_s']:.0f} s is over "
+                                       f"the target {cluster.targets.rto_s} s (database {core.human_bytes(measurements['database_size_bytes'])})")
+        return {"status": status, "key": key, "measurements": measurements}
+
+
+class RestoreTeardownOperator(RestoreStepOperator):
+    """Stop the scratch PostgreSQL (pg_ctl -m immediate, then its pid) and remove the scratch area, unless keep."""
+
+    template_fields: Sequence[str] = ("cluster_name", "keep", "scratch_root")
+
+    def __init__(self, *, keep: bool | str = False, scratch_root: str = DEFAULT_SCRATCH_ROOT, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.keep = keep
+        self.scratch_root = scratch_root
+
+    def run_step(self, context) -> dict[str, Any]:
+        cluster = self.cluster
+        plan = context["ti"].xcom_pull(task_ids=self.setup_task_id) or \
+            scratch_paths(str(self.scratch_root), self.dag_id, context["run_id"])
+        if _truthy(self.keep):
+            port = plan.get("port", "<port>")
+            self.log.warning(
+                "keep is set: the scratch instance stays up. Connect (as root or the postgres OS user): "
+                "psql -h %s -p %s -U %s -d postgres   Remove it: %s -D %s -m fast stop && rm -rf %s",
+                plan["socket_dir"], port, plan.get("db_user", "postgres"), pg_bin("pg_ctl"), plan["data_dir"],
+                plan["scratch_dir"])
+            return {"kept": True, "scratch_dir": plan["scratch_dir"]}
+        stopped = stop_and_remove(self, cluster, plan)
+        return {"kept": False, "scratch_dir": plan["scratch_dir"], "stopped_pid": stopped}
+
+
+def stop_and_remove(op: RestoreStepOperator, cluster: Cluster, paths: dict[str, Any]) -> int | None:
+    """Stop a scratch PostgreSQL by its pid (pg_ctl -m immediate first) and remove its scratch directory."""
+    from pgops.lab import pid_alive
+
+    data, scratch = paths["data_dir"], paths["scratch_dir"]
+    pid = None
+    try:
+        pid = int((Path(data) / "postmaster.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        pass
+    if pid and pid_alive(pid):
+        op.log.info("stopping scratch PostgreSQL (pid %s) in %s", pid, data)
+        op.host(cluster, [pg_bin("pg_ctl"), "-D", data, "-m", "immediate", "-w", "-t", "60", "stop"], check=False,
+                timeout_s=120)
+        deadline = time.monotonic() + 30
+        while pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if pid_alive(pid):
+            op.log.warning("postmaster %s survived pg_ctl stop: killing it", pid)
+            op.host(cluster, ["kill", "-KILL", str(pid)], check=False)
+    if os.path.lexists(scratch):
+        op.host(cluster, ["rm", "-rf", "--one-file-system", scratch], timeout_s=1800)
+        op.log.info("removed %s", scratch)
+    return pid
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+def _tail(path: str, n: int = 8) -> str:
+    lines = [line for line in _read(path).splitlines() if line.strip()][-n:]
+    return " | ".join(lines) or "(empty)"
+
+
+def _truthy(value: Any) -> bool:
+    return str(value).strip().lower() in ("true", "1", "yes", "on")
+
+
+def _as_list(value: Any) -> list[str]:
+    if isinstance(value, str):
+        import json
+
+        try:
+            value = json.loads(value)
+        except ValueError:
+            value = [v.strip() for v in value.strip("[]").replace("'", "").split(",")]
+    return [str(v).strip() for v in value if str(v).strip()]
+
+
+def _as_dt(value: Any) -> datetime | None:
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+    if isinstance(value, str) and value:
+        return datetime.fromisoformat(value)
+    return None
