@@ -40,12 +40,15 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _audit(args: argparse.Namespace) -> int:
     """Exit 0 when clean, 1 on a warning, 2 on a critical finding (or when the audit cannot run)."""
+    import contextlib
+
     from pgops import audit
     from pgops.inventory import InventoryError, load_inventory
 
     try:
         cluster = load_inventory(args.inventory).get(args.cluster)
-        report = audit.audit_cluster(cluster, run_id="cli")
+        with contextlib.redirect_stdout(sys.stderr):  # Airflow's connection logging: stdout is for the report
+            report = audit.audit_cluster(cluster, run_id="cli")
     except (InventoryError, audit.AuditError) as exc:
         print(f"pgops audit: {exc}", file=sys.stderr)
         return 2
