@@ -11,7 +11,7 @@ SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO="sudo -n"; fi
 
 # --- system packages ------------------------------------------------------------------------------
-apt_pkgs=(postgresql-15 postgresql-client-15 gcc libpq-dev python3-dev python3-venv openssl procps)
+apt_pkgs=(postgresql-15 postgresql-client-15 gcc libpq-dev python3-dev python3-venv openssl procps iproute2)
 if [ -f include/dbhost/apt-packages.txt ]; then
   while read -r line; do
     line=${line%%#*}; line=$(echo "$line" | xargs); [ -n "$line" ] && apt_pkgs+=("$line")
