@@ -51,13 +51,6 @@ class AuditError(RuntimeError):
     """The audit cannot run at all (no bucket, no access): only a human can fix it."""
 
 
-@dataclass(frozen=True)
-class ListedObject:
-    key: str
-    size_bytes: int
-    last_modified: datetime | None
-
-
 # --- helpers --------------------------------------------------------------------------------------
 
 
@@ -119,20 +112,16 @@ def _days(seconds: float) -> str:
 # --- the bucket -----------------------------------------------------------------------------------
 
 
-def iter_listing(s3, bucket: str, prefix: str, *, skip_prefixes: tuple[str, ...] = ()) -> Iterator[ListedObject]:
-    """Every object under prefix, page by page (1,000 keys per request), as a generator."""
+def iter_listing(s3, bucket: str, prefix: str, *,
+                 skip_prefixes: tuple[str, ...] = ()) -> Iterator[tuple[str, int, datetime | None]]:
+    """(key, size_bytes, last_modified) of every object under prefix, page by page (1,000 keys per request)."""
     paginator = s3.get_paginator("list_objects_v2")
     for page in paginator.paginate(Bucket=bucket, Prefix=prefix, PaginationConfig={"PageSize": PAGE_SIZE}):
         for obj in page.get("Contents", ()):
             key = obj["Key"]
             if skip_prefixes and key.startswith(skip_prefixes):
                 continue
-            yield ListedObject(key, obj.get("Size", 0), obj.get("LastModified"))
-
-
-def _tuples(objects: Iterator[ListedObject]) -> Iterator[tuple[str, int, datetime | None]]:
-    for obj in objects:
-        yield obj.key, obj.size_bytes, obj.last_modified
+            yield key, obj.get("Size", 0), obj.get("LastModified")
 
 
 def fetch(s3, bucket: str, keys: list[str]) -> tuple[dict[str, bytes], dict[str, datetime]]:
@@ -492,7 +481,7 @@ def audit_cluster(
 
     try:
         listing = layouts.parse_listing(
-            _tuples(iter_listing(s3, storage.bucket, root + "/", skip_prefixes=(f"{root}/pgops/",))),
+            iter_listing(s3, storage.bucket, root + "/", skip_prefixes=(f"{root}/pgops/",)),
             prefix=root, layout=None if storage.layout == "auto" else storage.layout, wal_segment_size_bytes=size)
     except ClientError as exc:
         code = _error_code(exc)
