@@ -144,8 +144,24 @@ def human_bytes(n: float) -> str:
 
 # -- scratch instance settings -------------------------------------------------------------------
 def scratch_name(dag_id: str, run_id: str) -> str:
-    """A directory name derived from the run, so a retry or a cleared run finds what an earlier try left."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{dag_id}__{run_id}").strip("-")[:200]
+    """A directory name derived from the run, so a retry or a cleared run finds what an earlier try left.
+
+    Short on purpose: the unix socket inside it must fit PostgreSQL's 107-byte socket path limit.
+    """
+    import hashlib
+
+    return "rv-" + hashlib.sha256(f"{dag_id}\0{run_id}".encode()).hexdigest()[:16]
+
+
+UNIX_SOCKET_PATH_MAX = 107
+
+
+def socket_path_problem(socket_dir: str) -> str | None:
+    path = f"{socket_dir}/.s.PGSQL.65535"
+    if len(path.encode()) <= UNIX_SOCKET_PATH_MAX:
+        return None
+    return (f"the scratch instance's socket path {path} is {len(path.encode())} bytes, over the {UNIX_SOCKET_PATH_MAX}-byte "
+            "limit of unix sockets. Fix: use a shorter scratch_root")
 
 
 def restore_command(wal_restore_argv: Sequence[str]) -> str:

@@ -160,3 +160,6 @@ def test_scratch_name_is_stable_and_safe():
     name = core.scratch_name("pgops_restore_verify__main", "manual__2024-05-01T10:00:00+00:00")
     assert name == core.scratch_name("pgops_restore_verify__main", "manual__2024-05-01T10:00:00+00:00")
     assert "/" not in name and ":" not in name and "+" not in name
+    assert name != core.scratch_name("pgops_restore_verify__main", "manual__2024-05-02T10:00:00+00:00")
+    assert core.socket_path_problem(f"/var/tmp/pgops-restore/{name}/run") is None
+    assert "107-byte" in core.socket_path_problem("/" + "x" * 100 + "/run")

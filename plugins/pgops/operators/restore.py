@@ -185,6 +185,9 @@ class RestoreSetupOperator(RestoreStepOperator):
             raise AirflowFailException(f"cluster {cluster.name!r}: {exc}") from None
         paths = scratch_paths(str(self.scratch_root), self.dag_id, context["run_id"])
         root = str(self.scratch_root)
+        problem = core.socket_path_problem(paths["socket_dir"])
+        if problem:
+            raise AirflowFailException(f"cluster {cluster.name!r}: {problem}")
         self.host(cluster, ["mkdir", "-p", root])
         # A retry or a cleared run starts from nothing: stop and remove what an earlier try left.
         stop_and_remove(self, cluster, paths)

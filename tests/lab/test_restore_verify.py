@@ -1,0 +1,207 @@
+"""The restore-verification DAG on the real lab: a real backup restored into a scratch PostgreSQL 15.
+
+One base backup is shared by the module (full restores are the slow part); tests that break the archive
+run last, in file order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import load_dag, task_states
+
+pytestmark = [pytest.mark.lab, pytest.mark.airflow]
+
+DAG_ID = "pgops_restore_verify__main"
+SCRATCH_ROOT = f"/var/tmp/pgops-restore-test-{os.getpid()}"
+
+
+def _conf(**params) -> dict:
+    return {"scratch_root": SCRATCH_ROOT, "heapallindexed": True, **params}
+
+
+def _wait_archived(lab, timeout_s: float = 60) -> str:
+    """Switch WAL in its own transaction and wait until that segment is archived."""
+    segment = lab.psql("SELECT pg_walfile_name(pg_current_wal_lsn())")
+    lab.psql("SELECT pg_switch_wal()")
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if (lab.psql("SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver") or "") >= segment:
+            return segment
+        time.sleep(0.3)
+    pytest.fail(f"segment {segment} was not archived within {timeout_s} s")
+
+
+def _latest_report(lab) -> dict:
+    st = lab.load()
+    key = f"{st.prefix}/{st.server_name}/pgops/reports/restore-verify/latest.json"
+    return json.loads(lab.s3_client().get_object(Bucket=st.bucket, Key=key)["Body"].read())
+
+
+def _processes_using(path: str) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if path in cmdline:
+            pids.append(int(proc.name))
+    return pids
+
+
+def _assert_nothing_left(dr) -> None:
+    from pgops.operators.restore import scratch_paths
+
+    paths = scratch_paths(SCRATCH_ROOT, DAG_ID, dr.run_id)
+    assert not os.path.exists(paths["scratch_dir"]), f"{paths['scratch_dir']} was left behind"
+    assert _processes_using(paths["data_dir"]) == [], "a scratch PostgreSQL is still running"
+
+
+def _stop_kept(plan: dict) -> None:
+    """Stop a kept scratch instance by its pid and remove its directory (what the teardown log says to do)."""
+    from pgops.lab import PG_BIN, as_db_user, stop_pid
+
+    pid = int((Path(plan["data_dir"]) / "postmaster.pid").read_text().split()[0])
+    subprocess.run(as_db_user([str(PG_BIN / "pg_ctl"), "-D", plan["data_dir"], "-m", "fast", "-w", "stop"]),
+                   capture_output=True)
+    stop_pid(pid, timeout_s=10)
+    shutil.rmtree(plan["scratch_dir"], ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def backup(lab):
+    """One base backup for the module, taken after some data exists."""
+    from pgops.operators.backup import BarmanCloudBackupOperator
+
+    lab.psql("CREATE TABLE IF NOT EXISTS rv_data (id int PRIMARY KEY, note text); "
+             "INSERT INTO rv_data SELECT g, md5(g::text) FROM generate_series(1, 20000) g ON CONFLICT DO NOTHING; "
+             "CREATE INDEX IF NOT EXISTS rv_data_note ON rv_data (note);")
+    backup_id = BarmanCloudBackupOperator(task_id="backup", cluster_name="main").execute(
+        {"run_id": f"restore-verify-{os.getpid()}"})
+    _wait_archived(lab)
+    try:
+        yield backup_id
+    finally:
+        shutil.rmtree(SCRATCH_ROOT, ignore_errors=True)
+
+
+def test_short_disk_fails_before_downloading(lab, backup, run_dag):
+    dr = run_dag(load_dag(DAG_ID), _conf(required_bytes=10**18))
+    states = task_states(dr)
+    assert states["setup"] == "failed" and states["restore"] == "upstream_failed", states
+    assert states["report"] == "failed", states  # the failure is reported, and the run fails
+    report = _latest_report(lab)
+    assert report["status"] == "failed" and report["run_id"] == dr.run_id
+    message = report["body"]["errors"]["setup"]
+    assert "1000000000000000000 bytes" in message and "bytes) free in" in message, message
+    _assert_nothing_left(dr)
+
+
+def test_canary_restore_is_verified_and_rto_recorded(lab, backup, run_dag):
+    dr = run_dag(load_dag(DAG_ID), _conf())
+    states = task_states(dr)
+    assert set(states.values()) == {"success"}, states
+    canary = dr.get_task_instance("canary").xcom_pull(task_ids="canary")
+    report = _latest_report(lab)
+    assert report["kind"] == "restore-verify" and report["run_id"] == dr.run_id
+    assert report["status"] in ("ok", "warning"), report
+    body = report["body"]
+    assert body["backup_id"] == backup and body["target"] == {"kind": "xid", "value": canary["xid"]}
+    assert body["checks"]["canary"]["ok"] and str(canary["id"]) in body["checks"]["canary"]["detail"]
+    assert body["checks"]["system_identifier"]["ok"] and body["checks"]["amcheck"]["ok"]
+    assert {k for k in body["checks"] if k.startswith("sql:")} == {
+        "sql:10_invalid_indexes", "sql:20_missing_relation_files", "sql:30_wraparound_age"}
+    m = body["measurements"]
+    assert m["rto_s"] > 0 and m["download_s"] > 0 and m["replay_s"] >= 0 and m["segments_replayed"] >= 1, m
+    assert m["database_size_bytes"] > 1_000_000
+    assert m["rto_s"] >= m["download_s"]
+    assert body["restore_host"]["kept"] is False
+    _assert_nothing_left(dr)
+
+
+def test_timestamp_target_restores_exactly_the_earlier_rows(lab, backup, run_dag):
+    lab.psql("CREATE TABLE IF NOT EXISTS rv_pitr (id int PRIMARY KEY)")
+    lab.psql("INSERT INTO rv_pitr VALUES (1), (2)")
+    time.sleep(1.1)
+    target = lab.psql("SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', "
+                      "'YYYY-MM-DD\"T\"HH24:MI:SS.US\"+00:00\"')")
+    time.sleep(1.1)
+    lab.psql("INSERT INTO rv_pitr VALUES (3)")
+    _wait_archived(lab)
+
+    dr = run_dag(load_dag(DAG_ID), _conf(target=target, keep=True, checks=["system_identifier", "sql"]))
+    plan = dr.get_task_instance("setup").xcom_pull(task_ids="setup")
+    try:
+        states = task_states(dr)
+        assert set(states.values()) == {"success", "skipped"} and states["canary"] == "skipped", states
+        from pgops.hooks import pg_connect_local
+
+        conn = pg_connect_local(host=plan["socket_dir"], port=plan["port"], user="postgres")
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT array_agg(id ORDER BY id) FROM rv_pitr")
+                assert cur.fetchone()[0] == [1, 2]
+                cur.execute("SELECT pg_is_in_recovery(), current_setting('archive_mode'), "
+                            "current_setting('listen_addresses')")
+                assert cur.fetchone() == (False, "off", "127.0.0.1")
+        finally:
+            conn.close()
+        assert _latest_report(lab)["body"]["restore_host"]["kept"] is True
+    finally:
+        _stop_kept(plan)
+    _assert_nothing_left(dr)
+
+
+def test_missing_wal_segment_is_named_and_everything_is_cleaned_up(lab, backup, run_dag):
+    lab.psql("INSERT INTO rv_data SELECT g, 'late' FROM generate_series(20001, 21000) g ON CONFLICT DO NOTHING")
+    segment = _wait_archived(lab)
+    st = lab.load()
+    s3 = lab.s3_client()
+    prefix = f"{st.prefix}/{st.server_name}/wals/{segment[:16]}/{segment}"
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=st.bucket, Prefix=prefix).get("Contents", [])]
+    assert keys, f"segment {segment} is not in the bucket"
+    for key in keys:
+        s3.delete_object(Bucket=st.bucket, Key=key)
+
+    dr = run_dag(load_dag(DAG_ID), _conf())
+    states = task_states(dr)
+    assert states["wait_recovery"] == "failed" and states["checks"] == "upstream_failed", states
+    assert states["teardown"] == "success", states
+    report = _latest_report(lab)
+    assert report["status"] == "failed"
+    message = report["body"]["errors"]["wait_recovery"]
+    assert f"WAL segment {segment} is missing" in message, message
+    assert "recovery ended before configured recovery target was reached" in message, message
+    _assert_nothing_left(dr)
+
+
+def test_corrupted_base_backup_fails_clearly(lab, backup, run_dag):
+    from pgops.operators.backup import BarmanCloudBackupOperator
+
+    broken = BarmanCloudBackupOperator(task_id="backup", cluster_name="main").execute(
+        {"run_id": f"restore-verify-corrupt-{os.getpid()}"})
+    st = lab.load()
+    s3 = lab.s3_client()
+    base = f"{st.prefix}/{st.server_name}/base/{broken}/"
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=st.bucket, Prefix=base).get("Contents", [])]
+    data_key = next(k for k in keys if k.endswith("/data.tar.gz"))
+    s3.put_object(Bucket=st.bucket, Key=data_key, Body=os.urandom(64 * 1024))
+    try:
+        dr = run_dag(load_dag(DAG_ID), _conf(backup_id=broken, target="latest"))
+        states = task_states(dr)
+        assert states["restore"] == "failed" and states["teardown"] == "success", states
+        message = _latest_report(lab)["body"]["errors"]["restore"]
+        assert f"barman-cloud-restore of backup {broken}" in message and "failed" in message, message
+        _assert_nothing_left(dr)
+    finally:
+        for key in keys:  # leave the catalog with usable backups only
+            s3.delete_object(Bucket=st.bucket, Key=key)
