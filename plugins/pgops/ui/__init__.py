@@ -1,0 +1,1 @@
+"""The recoverability dashboard: pure builders (summary), SVG charts (charts), the FastAPI app (api), the plugin."""

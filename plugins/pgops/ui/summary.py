@@ -1,0 +1,581 @@
+"""Dashboard builders: plain report dicts in, plain view dicts out (no Airflow, no I/O).
+
+- `fleet_row`: one cluster at a glance, coloured green / amber / red with the reasons, worst first.
+- `timeline`: the recovery window over the last N days (backups as points, WAL coverage as bars, gaps and
+  the times no backup can reach marked).
+- `rto_series`: measured RTO against database size, the least-squares trend and the target.
+- `migration_view`: the rounds of an EBS migration, the floor, each decision, the cutover downtime.
+
+Inputs are the report envelopes of `pgops.reports` (kinds wal-audit, restore-verify, ebs-migration) and the
+extra of backup asset events; every field is optional, because a report of an older schema, or one written
+by a run that failed half-way, must still render.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from pgops import wal
+
+GREEN, AMBER, RED = "green", "amber", "red"
+_RANK = {GREEN: 0, AMBER: 1, RED: 2}
+DAY_S = 86400.0
+
+
+# --- small helpers ------------------------------------------------------------------------------------
+
+
+def parse_ts(value: Any) -> datetime | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+    try:
+        ts = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
+
+
+def _iso(ts: datetime | None) -> str | None:
+    return ts.isoformat() if ts else None
+
+
+def human_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "unknown"
+    s = abs(float(seconds))
+    sign = "-" if seconds < 0 else ""
+    if s < 90:
+        return f"{sign}{s:.0f} s"
+    if s < 5400:
+        return f"{sign}{s / 60:.0f} min"
+    if s < 2 * DAY_S:
+        return f"{sign}{s / 3600:.1f} h"
+    return f"{sign}{s / DAY_S:.1f} days"
+
+
+def human_bytes(n: float | None) -> str:
+    if n is None:
+        return "unknown"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
+
+
+def worst(colours: Iterable[str]) -> str:
+    out = GREEN
+    for c in colours:
+        if _RANK[c] > _RANK[out]:
+            out = c
+    return out
+
+
+def _body(report: Mapping[str, Any] | None) -> dict[str, Any]:
+    return dict((report or {}).get("body") or {})
+
+
+def _age_s(ts: datetime | None, now: datetime) -> float | None:
+    return None if ts is None else (now - ts).total_seconds()
+
+
+# --- fleet row ----------------------------------------------------------------------------------------
+
+
+def fleet_row(
+    cluster: str,
+    *,
+    now: datetime,
+    audit: Mapping[str, Any] | None,
+    restore: Mapping[str, Any] | None = None,
+    migration: Mapping[str, Any] | None = None,
+    backup_event: Mapping[str, Any] | None = None,
+    rto_target_s: float = 3600,
+    rpo_target_s: float = 300,
+    backup_interval_s: float | None = DAY_S,
+    audit_interval_s: float | None = 3600,
+    restore_interval_s: float | None = DAY_S,
+) -> dict[str, Any]:
+    """One cluster at a glance: what can be restored, when it was last proven, and the colour with why.
+
+    ``backup_event`` is the extra of the newest backup asset event (it may be newer than the last audit).
+    """
+    reasons: list[dict[str, str]] = []
+
+    def say(colour: str, text: str) -> None:
+        reasons.append({"colour": colour, "text": text})
+
+    a = _body(audit)
+    # newest backup: the audit's view, unless a later backup event says more
+    backups = [b for b in a.get("backups") or [] if b.get("end_time")]
+    done = [b for b in backups if str(b.get("status", "DONE")).upper() == "DONE"]
+    newest = max(done, key=lambda b: parse_ts(b["end_time"]), default=None)
+    newest_backup = None
+    if newest:
+        newest_backup = {"backup_id": newest.get("backup_id"), "time": newest.get("end_time"),
+                         "status": newest.get("status"), "size_bytes": newest.get("size_bytes")}
+    elif (a.get("freshness") or {}).get("newest_backup_time"):
+        newest_backup = {"backup_id": None, "time": a["freshness"]["newest_backup_time"], "status": "DONE",
+                         "size_bytes": None}
+    if backup_event and backup_event.get("end_time"):
+        ev_t = parse_ts(backup_event["end_time"])
+        if newest_backup is None or (ev_t and ev_t > parse_ts(newest_backup["time"])):
+            newest_backup = {"backup_id": backup_event.get("backup_id"), "time": backup_event["end_time"],
+                             "status": backup_event.get("status"),
+                             "size_bytes": backup_event.get("cluster_size_bytes") or backup_event.get("stored_bytes")}
+    backup_t = parse_ts(newest_backup["time"]) if newest_backup else None
+    backup_age = _age_s(backup_t, now)
+    if newest_backup:
+        newest_backup["age_s"] = backup_age
+
+    # the audit: is it there and fresh, what does it find, what window does it prove
+    audit_t = parse_ts((audit or {}).get("finished_at"))
+    audit_age = _age_s(audit_t, now)
+    counts = a.get("counts") or {}
+    window = a.get("recoverable_window")
+    days_until_loss = None
+    if audit is None:
+        say(AMBER, "no WAL audit report yet: recoverability is unknown (run the pgops_wal_audit DAG)")
+    else:
+        if audit_interval_s and audit_age is not None and audit_age > 2 * audit_interval_s + 600:
+            say(AMBER, f"the WAL audit report is {human_duration(audit_age)} old (audit every "
+                       f"{human_duration(audit_interval_s)}): the figures below may be out of date")
+        findings = a.get("findings") or []
+        for f in findings:
+            if f.get("severity") == "critical":
+                say(RED, f"{f.get('id')}: {f.get('message')}")
+        for f in findings:
+            if f.get("severity") == "warning":
+                say(AMBER, f"{f.get('id')}: {f.get('message')}")
+        if audit.get("status") == "failed":
+            say(RED, "the last WAL audit failed to run: recoverability is unknown")
+        if not window and audit.get("status") != "failed":
+            say(RED, "no recoverable window: no backup can be restored and rolled forward")
+        left = (a.get("lifecycle") or {}).get("days_until_last_backup_expires")
+        if left is None:
+            for f in findings:
+                if f.get("id") == "BACKUPS_STOPPED":
+                    left = (f.get("evidence") or {}).get("days_until_last_backup_expires")
+        if left is not None and audit_age is not None:
+            days_until_loss = float(left) - audit_age / DAY_S
+
+    # backups stopped or overdue, judged now (the audit may be hours old)
+    if backup_age is None:
+        if audit is not None:
+            say(RED, "no finished base backup: nothing can be restored")
+    elif backup_interval_s:
+        if backup_age > 2 * backup_interval_s:
+            loss = (f"; the last recoverable backup expires by lifecycle in {days_until_loss:.1f} days"
+                    if days_until_loss is not None else "")
+            say(RED, f"backups have stopped: the newest base backup is {human_duration(backup_age)} old "
+                     f"(one every {human_duration(backup_interval_s)}){loss}")
+        elif backup_age > backup_interval_s + max(3600.0, 0.25 * backup_interval_s):
+            say(AMBER, f"base backup overdue: the newest is {human_duration(backup_age)} old "
+                       f"(one every {human_duration(backup_interval_s)})")
+
+    # the last restore verification: when was recoverability last proven, and how fast
+    r = _body(restore)
+    restore_row = None
+    forecast = None
+    if restore is None:
+        say(AMBER, "never proven restorable: no restore verification report yet (run pgops_restore_verify)")
+    else:
+        m = r.get("measurements") or {}
+        canary = r.get("canary") or {}
+        restore_t = parse_ts(restore.get("finished_at"))
+        passed = restore.get("status") != "failed"
+        restore_row = {
+            "finished_at": restore.get("finished_at"), "age_s": _age_s(restore_t, now), "run_id": restore.get("run_id"),
+            "status": restore.get("status"), "passed": passed, "backup_id": r.get("backup_id"),
+            "rto_s": m.get("rto_s"), "rto_target_s": r.get("rto_target_s") or rto_target_s,
+            "rpo_s": canary.get("archive_lag_s"), "rpo_target_s": rpo_target_s,
+            "database_size_bytes": m.get("database_size_bytes"),
+        }
+        target = restore_row["rto_target_s"]
+        if not passed:
+            errors = "; ".join(f"{k}: {v}" for k, v in (r.get("errors") or {}).items())
+            not_finished = ", ".join(r.get("steps_not_finished") or [])
+            detail = errors or (f"step(s) {not_finished} did not finish" if not_finished else "see the run's logs")
+            say(RED, f"the last restore verification failed ({human_duration(restore_row['age_s'])} ago, run "
+                     f"{restore.get('run_id')}): {detail}")
+        elif m.get("rto_s") is not None and m["rto_s"] > target:
+            say(RED, f"measured RTO {human_duration(m['rto_s'])} is over the target {human_duration(target)}")
+        if restore_interval_s and restore_row["age_s"] is not None and restore_row["age_s"] > 2 * restore_interval_s + 3600:
+            say(AMBER, f"last proven restorable {human_duration(restore_row['age_s'])} ago "
+                       f"(verification every {human_duration(restore_interval_s)})")
+        if restore_row["rpo_s"] is not None and restore_row["rpo_s"] > rpo_target_s:
+            say(AMBER, f"measured RPO {human_duration(restore_row['rpo_s'])} (canary commit to archived) is over "
+                       f"the target {human_duration(rpo_target_s)}")
+        trend = r.get("rto_trend") or {}
+        if trend.get("projected_rto_s") is not None:
+            forecast = {"projected_rto_s": trend["projected_rto_s"], "horizon_days": trend.get("horizon_days"),
+                        "days_until_target": trend.get("days_until_target"), "target_s": target,
+                        "over_target": trend["projected_rto_s"] > target}
+            if forecast["over_target"] and passed:
+                when = (f" in about {trend['days_until_target']:.0f} days"
+                        if trend.get("days_until_target") is not None else "")
+                say(AMBER, f"RTO forecast {human_duration(trend['projected_rto_s'])} within "
+                           f"{trend.get('horizon_days')} days crosses the target {human_duration(target)}{when}")
+
+    mig = None
+    if migration is not None:
+        view = migration_view(migration)
+        mig = {"run_id": migration.get("run_id"), "status": migration.get("status"), "colour": view["colour"],
+               "outcome": view["outcome"], "rounds": len(view["rounds"]), "downtime_s": view["downtime_s"],
+               "finished_at": migration.get("finished_at")}
+
+    colour = worst(x["colour"] for x in reasons)
+    reasons.sort(key=lambda x: -_RANK[x["colour"]])
+    if not reasons:
+        bits = ["WAL continuous"]
+        if backup_age is not None:
+            bits.append(f"newest backup {human_duration(backup_age)} old")
+        if restore_row:
+            bits.append(f"restore proven {human_duration(restore_row['age_s'])} ago"
+                        + (f" (RTO {human_duration(restore_row['rto_s'])}, target "
+                           f"{human_duration(restore_row['rto_target_s'])})" if restore_row["rto_s"] is not None else ""))
+        reasons.append({"colour": GREEN, "text": ", ".join(bits)})
+    return {
+        "cluster": cluster, "colour": colour, "reason": reasons[0]["text"], "reasons": reasons,
+        "newest_backup": newest_backup,
+        "window": ({"earliest_time": window.get("earliest_time"), "latest_time": window.get("latest_time"),
+                    "earliest_backup_id": window.get("earliest_backup_id"),
+                    "latest_segment": window.get("latest_segment"), "latest_lsn": window.get("latest_lsn")}
+                   if window else None),
+        "findings": {"critical": int(counts.get("critical", 0)), "warning": int(counts.get("warning", 0))},
+        "audit": ({"finished_at": audit.get("finished_at"), "age_s": audit_age, "status": audit.get("status"),
+                   "run_id": audit.get("run_id")} if audit else None),
+        "restore": restore_row, "rto_forecast": forecast, "days_until_loss": days_until_loss, "migration": mig,
+    }
+
+
+# --- recovery-window timeline -------------------------------------------------------------------------
+
+
+class _SegmentClock:
+    """Maps a WAL segment number to a time by interpolating between known (segment, time) anchors.
+
+    The audit knows the time of a backup's begin and end segments and of the newest archived segment; a gap
+    is only known by segment names, so its time is read off this clock. Segment numbers grow with the LSN
+    across timelines, so one clock serves every timeline.
+    """
+
+    def __init__(self, anchors: Iterable[tuple[int, datetime]]):
+        pts: dict[int, datetime] = {}
+        for segno, ts in anchors:
+            pts[segno] = min(ts, pts[segno]) if segno in pts else ts
+        self.points = sorted(pts.items())
+        # keep time monotonic in segment order (clock skew between sources must not fold the axis)
+        mono: list[tuple[int, datetime]] = []
+        for segno, ts in self.points:
+            if mono and ts < mono[-1][1]:
+                ts = mono[-1][1]
+            mono.append((segno, ts))
+        self.points = mono
+
+    def time_of(self, segno: int) -> datetime | None:
+        pts = self.points
+        if not pts:
+            return None
+        if segno <= pts[0][0]:
+            return pts[0][1]
+        if segno >= pts[-1][0]:
+            return pts[-1][1]
+        for (s0, t0), (s1, t1) in zip(pts, pts[1:], strict=False):
+            if s0 <= segno <= s1:
+                frac = (segno - s0) / (s1 - s0) if s1 != s0 else 0.0
+                return t0 + (t1 - t0) * frac
+        return pts[-1][1]
+
+
+def _segno(name: str | None, size: int) -> tuple[int, int] | None:
+    if not name:
+        return None
+    try:
+        return wal.segment_to_segno(name[:24], size)
+    except (ValueError, TypeError):
+        return None
+
+
+def _lsn_segno(lsn: str | None, size: int) -> int | None:
+    if not lsn:
+        return None
+    try:
+        return wal.lsn_to_segno(wal.parse_lsn(lsn), size)
+    except (ValueError, TypeError):
+        return None
+
+
+def timeline(
+    audit: Mapping[str, Any] | None,
+    *,
+    now: datetime,
+    days: int = 14,
+    restores: Sequence[Mapping[str, Any]] = (),
+    backup_events: Sequence[Mapping[str, Any]] = (),
+) -> dict[str, Any]:
+    """The recovery window over the last `days`: backups (points), WAL coverage (bars per timeline), gaps,
+    the times no backup can reach (unreachable), timeline switches and the restore verifications."""
+    start = now - timedelta(days=days)
+    a = _body(audit)
+    size = int(a.get("wal_segment_size_bytes") or wal.DEFAULT_WAL_SEGMENT_SIZE_BYTES)
+    cont = a.get("continuity") or {}
+    fresh = a.get("freshness") or {}
+    window = a.get("recoverable_window") or cont.get("window")
+
+    # backups: the audit's list, completed by asset events newer than the audit
+    by_id: dict[str, dict[str, Any]] = {}
+    for b in a.get("backups") or []:
+        by_id[b.get("backup_id")] = {"backup_id": b.get("backup_id"), "status": str(b.get("status") or "DONE").upper(),
+                                     "timeline": b.get("timeline"), "begin_segment": b.get("begin_segment"),
+                                     "end_segment": b.get("end_segment"), "end_lsn": b.get("end_lsn"),
+                                     "begin_time": b.get("begin_time"), "end_time": b.get("end_time"),
+                                     "size_bytes": b.get("size_bytes"), "source": "audit"}
+    for ev in backup_events:
+        bid = ev.get("backup_id")
+        if bid and bid not in by_id:
+            by_id[bid] = {"backup_id": bid, "status": str(ev.get("status") or "DONE").upper(),
+                          "timeline": ev.get("timeline"), "begin_segment": ev.get("begin_wal"),
+                          "end_segment": ev.get("end_wal"), "end_lsn": ev.get("end_lsn"),
+                          "begin_time": ev.get("begin_time"), "end_time": ev.get("end_time"),
+                          "size_bytes": ev.get("cluster_size_bytes") or ev.get("stored_bytes"), "source": "event"}
+    broken = set(cont.get("broken_backup_ids") or [])
+    inconsistent = {bid for g in cont.get("gaps") or [] for bid in g.get("inconsistent_backup_ids") or []}
+
+    anchors: list[tuple[int, datetime]] = []
+    first_seen: dict[int, tuple[int, datetime]] = {}  # timeline -> earliest (segno, time) seen on it
+
+    def anchor(name: str | None, ts: datetime | None) -> None:
+        parsed = _segno(name, size)
+        if parsed is None or ts is None:
+            return
+        tli, segno = parsed
+        anchors.append((segno, ts))
+        if tli not in first_seen or segno < first_seen[tli][0]:
+            first_seen[tli] = (segno, ts)
+
+    for b in by_id.values():
+        anchor(b["begin_segment"], parse_ts(b["begin_time"]))
+        anchor(b["end_segment"], parse_ts(b["end_time"]))
+    if window:
+        anchor(window.get("latest_segment"), parse_ts(window.get("latest_time")))
+    newest_wal_t = parse_ts(fresh.get("newest_wal_time")) or parse_ts((window or {}).get("latest_time"))
+    anchor(cont.get("newest_segment"), newest_wal_t)
+    clock = _SegmentClock(anchors)
+
+    gaps = []
+    for g in cont.get("gaps") or []:
+        first, last = _segno(g.get("first_segment"), size), _segno(g.get("last_segment"), size)
+        if first is None or last is None:
+            continue
+        g_start, g_end = clock.time_of(first[1]), clock.time_of(last[1] + 1)
+        gaps.append({"timeline": g.get("timeline"), "first_segment": g.get("first_segment"),
+                     "last_segment": g.get("last_segment"), "count": g.get("count"), "start": g_start, "end": g_end,
+                     "backup_ids": g.get("backup_ids") or []})
+    gaps.sort(key=lambda g: g["start"] or now)
+
+    # reachable: from each consistent backup's end to the next gap (or to the newest archived WAL)
+    wal_end = newest_wal_t or parse_ts((window or {}).get("latest_time"))
+    usable = sorted((b for b in by_id.values() if b["status"] == "DONE" and b["backup_id"] not in inconsistent
+                     and parse_ts(b["end_time"])), key=lambda b: parse_ts(b["end_time"]))
+    reachable: list[tuple[datetime, datetime]] = []
+    for b in usable:
+        b_end = parse_ts(b["end_time"])
+        stop = wal_end
+        for g in gaps:
+            if g["start"] and g["start"] >= b_end:
+                stop = min(stop, g["start"]) if stop else g["start"]
+                break
+        if stop and stop > b_end:
+            reachable.append((b_end, stop))
+    reachable = _union(reachable)
+    # coverage: archived WAL from the oldest backup's begin to the newest segment, less the gaps
+    first_begin = min((parse_ts(b["begin_time"]) for b in by_id.values() if parse_ts(b["begin_time"])), default=None)
+    coverage: list[dict[str, Any]] = []
+    if first_begin and wal_end and wal_end > first_begin:
+        spans = [(first_begin, wal_end)]
+        for g in gaps:
+            if g["start"] and g["end"]:
+                spans = _subtract(spans, (g["start"], g["end"]))
+        switches = sorted((t, tli) for tli, (_, t) in first_seen.items())
+        for s, e in spans:
+            cuts = [t for t, _ in switches if s < t < e]
+            edges = [s, *cuts, e]
+            for s2, e2 in zip(edges, edges[1:], strict=False):
+                tli = max((tli for t, tli in switches if t <= s2), default=switches[0][1] if switches else 1)
+                coverage.append({"start": s2, "end": e2, "timeline": tli})
+    switch_marks = [{"time": t, "timeline": tli} for tli, (_, t) in sorted(first_seen.items())
+                    if tli != min(first_seen)]
+    horizon_start = first_begin or start
+    unreachable = _subtract([(max(horizon_start, start), wal_end or now)], *reachable) if wal_end else []
+    if wal_end and wal_end < now:
+        unreachable.append((wal_end, now))  # after the newest archived WAL: not archived (yet)
+
+    restore_points = []
+    for rep in restores:
+        t = parse_ts(rep.get("finished_at"))
+        if t and t >= start:
+            rb = _body(rep)
+            restore_points.append({"time": t, "passed": rep.get("status") != "failed", "status": rep.get("status"),
+                                   "run_id": rep.get("run_id"), "backup_id": rb.get("backup_id"),
+                                   "rto_s": (rb.get("measurements") or {}).get("rto_s")})
+
+    def clip(items: list[dict[str, Any]], a_key: str = "start", b_key: str = "end") -> list[dict[str, Any]]:
+        out = []
+        for it in items:
+            s, e = it[a_key], it[b_key]
+            if s is None or e is None or e <= start or s >= now:
+                continue
+            out.append({**it, a_key: max(s, start), b_key: min(e, now)})
+        return out
+
+    backups_out = []
+    for b in sorted(by_id.values(), key=lambda b: parse_ts(b["end_time"]) or now):
+        t = parse_ts(b["end_time"]) or parse_ts(b["begin_time"])
+        if t is None or t < start:
+            continue
+        state = ("unusable" if b["backup_id"] in inconsistent or b["status"] != "DONE"
+                 else "broken" if b["backup_id"] in broken else "ok")
+        backups_out.append({**b, "time": t, "state": state})
+    return _jsonable({
+        "start": start, "end": now, "days": days,
+        "window": ({"earliest_time": parse_ts(window.get("earliest_time")), "latest_time": parse_ts(window.get("latest_time")),
+                    "earliest_backup_id": window.get("earliest_backup_id"), "latest_segment": window.get("latest_segment")}
+                   if window else None),
+        "backups": backups_out,
+        "coverage": clip(coverage),
+        "gaps": [{**g, "start": max(g["start"], start), "end": min(g["end"], now)} for g in gaps
+                 if g["start"] and g["end"] and g["end"] > start],
+        "reachable": clip([{"start": s, "end": e} for s, e in reachable]),
+        "unreachable": clip([{"start": s, "end": e} for s, e in unreachable if e > s]),
+        "switches": [s for s in switch_marks if start <= s["time"] <= now],
+        "restores": restore_points,
+    })
+
+
+def _union(spans: Iterable[tuple[datetime, datetime]]) -> list[tuple[datetime, datetime]]:
+    out: list[list[datetime]] = []
+    for s, e in sorted(spans):
+        if out and s <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], e)
+        else:
+            out.append([s, e])
+    return [(s, e) for s, e in out]
+
+
+def _subtract(spans: list[tuple[datetime, datetime]], *cuts: tuple[datetime, datetime]) -> list[tuple[datetime, datetime]]:
+    for cs, ce in cuts:
+        nxt = []
+        for s, e in spans:
+            if ce <= s or cs >= e:
+                nxt.append((s, e))
+                continue
+            if s < cs:
+                nxt.append((s, cs))
+            if ce < e:
+                nxt.append((ce, e))
+        spans = nxt
+    return spans
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, Mapping):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+# --- RTO against size ---------------------------------------------------------------------------------
+
+
+def rto_series(restores: Sequence[Mapping[str, Any]], *, target_s: float, horizon_days: int = 90) -> dict[str, Any]:
+    """Measured RTO against database size (verified runs), the least-squares fit, its forecast and the target."""
+    from pgops.restore import history_points, rto_trend
+
+    points = []
+    for rep in restores:
+        m = _body(rep).get("measurements") or {}
+        if m.get("database_size_bytes") and m.get("rto_s") is not None:
+            points.append({"at": rep.get("finished_at"), "size_bytes": m["database_size_bytes"], "rto_s": m["rto_s"],
+                           "passed": rep.get("status") != "failed", "run_id": rep.get("run_id")})
+    failed = [{"at": rep.get("finished_at"), "run_id": rep.get("run_id")} for rep in restores
+              if rep.get("status") == "failed"]
+    trend = rto_trend(history_points(list(restores)), target_s=target_s, horizon_days=horizon_days).to_dict()
+    fit = None
+    if trend.get("seconds_per_gib") is not None and points:
+        slope = trend["seconds_per_gib"] / 2**30
+        lo = min(p["size_bytes"] for p in points)
+        hi = max(p["size_bytes"] for p in points)
+        if trend.get("growth_bytes_per_day") and trend["growth_bytes_per_day"] > 0:
+            hi = max(hi, hi + trend["growth_bytes_per_day"] * horizon_days)
+        fit = {"from": {"size_bytes": lo, "rto_s": trend["intercept_s"] + slope * lo},
+               "to": {"size_bytes": hi, "rto_s": trend["intercept_s"] + slope * hi}}
+    return {"points": points, "failed": failed, "target_s": target_s, "trend": trend, "fit": fit,
+            "over_target": bool(trend.get("projected_rto_s") and trend["projected_rto_s"] > target_s)}
+
+
+# --- EBS migration ------------------------------------------------------------------------------------
+
+_OUTCOME_COLOUR = {"cut_over": GREEN, "cutover_at_reached": GREEN, "stalled_at_floor": AMBER, "max_rounds": AMBER,
+                   "diverging": RED}
+
+
+def migration_view(report: Mapping[str, Any]) -> dict[str, Any]:
+    """Rounds (predicted and actual duration, delta bytes) with the decision after each, the floor, the cutover."""
+    b = _body(report)
+    decisions = list(b.get("decisions") or [])
+    rounds = []
+    for r in sorted(b.get("rounds") or [], key=lambda r: r.get("index") or 0):
+        i = int(r.get("index") or 0)
+        d = decisions[i] if i < len(decisions) else {}
+        rounds.append({"index": i, "started_at": r.get("started_at"), "duration_s": r.get("duration_s"),
+                       "predicted_duration_s": r.get("predicted_duration_s"), "delta_bytes": r.get("delta_bytes"),
+                       "decision": d.get("action"), "reason": d.get("reason")})
+    last = decisions[-1] if decisions else {}
+    numbers = last.get("numbers") or {}
+    plan = b.get("plan") or {}
+    floor_s = numbers.get("floor_s") if numbers.get("floor_s") is not None else plan.get("floor_s")
+    target_s = numbers.get("downtime_target_s")
+    outcome = b.get("outcome") or last.get("action")
+    durations = [r["duration_s"] for r in rounds if r["duration_s"] is not None]
+    ratios = [y / x for x, y in zip(durations, durations[1:], strict=False) if x]
+    growing = len(ratios) >= 2 and all(x >= 1 for x in ratios[-2:])
+    reasons = []
+    colour = GREEN
+    if report.get("status") == "failed":
+        colour = RED
+        reasons.append(f"the migration did not finish (outcome {outcome or 'unknown'})")
+    if outcome == "diverging" or (numbers.get("r") is not None and numbers["r"] >= 1) or growing:
+        colour = RED
+        reasons.append("the chain diverges: rounds do not shrink"
+                       + (f" (r={numbers['r']:.2f} >= 1)" if numbers.get("r") is not None and numbers["r"] >= 1 else "")
+                       + (f"; round-over-round ratios {', '.join(f'{x:.2f}' for x in ratios[-3:])}" if ratios else ""))
+    elif outcome in _OUTCOME_COLOUR:
+        colour = worst([colour, _OUTCOME_COLOUR[outcome]])
+        if _OUTCOME_COLOUR[outcome] != GREEN:
+            reasons.append(last.get("reason") or outcome)
+    downtime_s = b.get("downtime_s")
+    if downtime_s is not None and target_s is not None and downtime_s > target_s:
+        colour = worst([colour, AMBER])
+        reasons.append(f"cutover downtime {human_duration(downtime_s)} over the target {human_duration(target_s)}")
+    if not reasons:
+        reasons.append(f"converged in {len(rounds)} round(s)"
+                       + (f", cutover downtime {human_duration(downtime_s)}" if downtime_s is not None else ""))
+    init = b.get("initialization")
+    return {
+        "cluster": report.get("cluster"), "run_id": report.get("run_id"), "migration_id": b.get("migration_id"),
+        "status": report.get("status"), "colour": colour, "reasons": reasons, "outcome": outcome,
+        "dry_run": b.get("dry_run"), "rounds": rounds, "floor_s": floor_s, "downtime_target_s": target_s,
+        "r": numbers.get("r"), "downtime_s": downtime_s,
+        "cutover_to_volume_available_s": b.get("cutover_to_volume_available_s"),
+        "initialization": init, "destination_volumes": b.get("destination_volumes"),
+        "started_at": report.get("started_at"), "finished_at": report.get("finished_at"),
+    }
