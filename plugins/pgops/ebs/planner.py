@@ -380,6 +380,10 @@ def decide(observations: Sequence[RoundObservation], params: ChainParams, now: d
         return Decision(ANOTHER_ROUND, "no round has finished: take the first, full snapshot", numbers)
     est = estimate(obs, params.overhead_s)
     next_s = _predict(est, obs[-1], now)
+    if est.throughput_bps:
+        # No snapshot copies more than the whole volume: a small or idle volume may cut over whatever r says.
+        full_s = est.overhead_s + est.hot_set_s + obs[-1].volume_size_bytes / est.throughput_bps
+        next_s = full_s if next_s is None else min(next_s, full_s)
     downtime_s = None if next_s is None else next_s + params.copy_time_s
     durations = [o.duration_s for o in obs]
     ratios = [b / a for a, b in zip(durations, durations[1:], strict=False)]
@@ -391,16 +395,16 @@ def decide(observations: Sequence[RoundObservation], params: ChainParams, now: d
                f"W={_mibps(est.write_rate_bps)}, r={_ratio(est.r)}, c={_secs(est.overhead_s)}{hot}, "
                f"floor d*={_secs(est.floor_s)}; predicted final snapshot {_secs(next_s)} + copy "
                f"{_secs(params.copy_time_s)} = downtime {_secs(downtime_s)} (target {_secs(target_s)})")
-    if next_s is None:
+    under_target = next_s is not None and next_s + params.copy_time_s <= target_s
+    if next_s is None or (est.r is None and not under_target):
         if len(obs) >= params.max_rounds:
             return Decision(MAX_ROUNDS, f"max_rounds {params.max_rounds} reached before the write rate was "
                             f"known: cut over with an unknown downtime; {figures}", numbers)
         return Decision(ANOTHER_ROUND, f"one round cannot tell the write rate: take another; {figures}", numbers)
-    if est.r >= 1:
+    if est.r is not None and est.r >= 1 and not under_target:
         return Decision(DIVERGING, f"the chain diverges (r={est.r:.2f} >= 1: writes dirty blocks at "
                         f"{_mibps(est.write_rate_bps)}, snapshots copy {_mibps(est.throughput_bps)}); stop "
                         f"chaining: throttle writes or catch up through WAL instead; {figures}", numbers)
-    under_target = downtime_s <= target_s
     if params.cutover_at is not None and now >= params.cutover_at:
         return Decision(CUTOVER_AT_REACHED, f"cutover_at {params.cutover_at.isoformat()} reached: quiesce "
                         f"writes and take the final snapshot; {figures}", numbers)

@@ -44,6 +44,17 @@ def _iso(value: Any) -> str | None:
     return value.astimezone(UTC).isoformat() if isinstance(value, datetime) else value
 
 
+def json_safe(value: Any) -> Any:
+    """XCom and reports are JSON: an infinite floor (a diverging chain) becomes None."""
+    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def tag_value(text: str) -> str:
     """A string as an EC2 tag value: one line, safe characters, at most 256 characters."""
     flat = re.sub(r"[^A-Za-z0-9 _.:/=+\-@]", " ", text.replace("\n", "; "))
@@ -275,8 +286,8 @@ class EbsSnapshotChainOperator(EbsMigrationBaseOperator):
         decision = planner.decide(self._observations(state, size_bytes), spec.chain_params(), _now())
         index = len(state["rounds"]) + 1
         self.log.info("planner after %d round(s): %s — %s", index - 1, decision.action, decision.reason)
-        state["decisions"].append(decision.to_dict())
-        context["ti"].xcom_push(key=f"decision_{index - 1}", value=decision.to_dict())
+        state["decisions"].append(json_safe(decision.to_dict()))
+        context["ti"].xcom_push(key=f"decision_{index - 1}", value=state["decisions"][-1])
         if decision.action == planner.DIVERGING:
             raise AirflowFailException(decision.reason)
         if decision.proceed_to_cutover:
@@ -291,14 +302,18 @@ class EbsSnapshotChainOperator(EbsMigrationBaseOperator):
         snaps = create_round_snapshots(self.ec2(), migration=mig, round_name=str(index), volume_ids=pre["volume_ids"],
                                        instance_id=pre["instance_id"], log=self.log)
         pending = {"index": index, "snapshots": snaps, "predicted_duration_s": decision.numbers.predicted_next_s}
+        # The chain's state rides in XCom across deferrals (a resumed task is the same try).
+        context["ti"].xcom_push(key="chain_state", value={"state": state, "pending": pending})
         self.defer(trigger=EbsSnapshotCompletedTrigger(snapshot_ids=list(snaps.values()), aws_conn_id=self.aws_conn_id,
                                                        region_name=self.source_region, waiter_delay=self.waiter_delay),
-                   method_name="round_complete", kwargs={"state": state, "pending": pending},
+                   method_name="round_complete",
                    timeout=timedelta(days=2))
         return state  # not reached: defer raises
 
-    def round_complete(self, context, event: dict[str, Any], state: dict[str, Any],
-                       pending: dict[str, Any]) -> dict[str, Any]:
+    def round_complete(self, context, event: dict[str, Any] | None = None) -> dict[str, Any]:
+        saved = context["ti"].xcom_pull(task_ids=self.task_id, key="chain_state")
+        state, pending = saved["state"], saved["pending"]
+        event = event or {}
         if event.get("status") != "success":
             raise AirflowFailException(f"round {pending['index']}: {event.get('message')}")
         spec = context_spec(context)
@@ -409,18 +424,21 @@ class EbsCopySnapshotOperator(EbsMigrationBaseOperator):
 
     def execute(self, context) -> None:
         target = self.ec2(self.target_region)
+        started_at = _iso(_now())
         copies = copy_snapshots(target, migration=self.migration(context), round_name=str(self.round_name),
                                 snapshots=dict(self.snapshot_ids), source_region=self.src_region(),
                                 kms_key_id=self.kms_key_id or None,
                                 completion_minutes=self.completion_duration_minutes, log=self.log)
+        context["ti"].xcom_push(key="copy_state", value={"copies": copies, "started_at": started_at})
         self.defer(trigger=EbsSnapshotCompletedTrigger(snapshot_ids=list(copies.values()), aws_conn_id=self.aws_conn_id,
                                                        region_name=self.target_region, waiter_delay=self.waiter_delay),
-                   method_name="execute_complete", kwargs={"copies": copies, "started_at": _iso(_now())},
+                   method_name="execute_complete",
                    timeout=timedelta(days=2))
 
-    def execute_complete(self, context, event: dict[str, Any], copies: dict[str, str],
-                         started_at: str) -> dict[str, Any]:
-        if event.get("status") != "success":
+    def execute_complete(self, context, event: dict[str, Any] | None = None) -> dict[str, Any]:
+        saved = context["ti"].xcom_pull(task_ids=self.task_id, key="copy_state")
+        copies, started_at = saved["copies"], saved["started_at"]
+        if (event or {}).get("status") != "success":
             raise AirflowFailException(f"copy to {self.target_region}: {event.get('message')}")
         result = {"copies": copies, "region": self.target_region, "started_at": started_at,
                   "completed_at": _iso(_now())}
