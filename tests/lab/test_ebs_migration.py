@@ -163,7 +163,7 @@ def test_dry_run_plans_and_writes_a_report_without_snapshots(moto, run_dag):
     lab = moto
     volume_id = lab.aws_client("ec2", region=SOURCE_REGION).create_volume(
         Size=8, AvailabilityZone=f"{SOURCE_REGION}a")["VolumeId"]
-    dr = run_dag(load_dag(DAG_ID), conf=_conf(volume_id, dry_run=True, expected_volume_size_gib=2048,
+    dr = run_dag(load_dag(DAG_ID), conf=_conf(volume_id, dry_run=True, max_rounds=10, expected_volume_size_gib=2048,
                                              expected_throughput_mib_s=40, expected_write_rate_mib_s=4))
     states = task_states(dr)
     assert states["preflight"] == "success" and states["chain"] == "skipped" and states["report"] == "success", states
