@@ -7,6 +7,7 @@ imports airflow.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -39,15 +40,13 @@ def airflow_db():
 
 
 @pytest.fixture(scope="session")
-def lab(tmp_path_factory):
+def lab():
     """The real lab (SeaweedFS, moto, PostgreSQL 15) for the whole session; stopped by pid at the end."""
     from pgops.lab import Lab
 
-    state_dir = Path(os.environ.get("PGOPS_TEST_LAB_DIR") or tmp_path_factory.mktemp("lab"))
+    # Not under pytest's basetemp (0700): the postgres OS user must reach its data dir.
+    state_dir = Path(os.environ.get("PGOPS_TEST_LAB_DIR") or tempfile.mkdtemp(prefix="pgops-lab-"))
     os.chmod(state_dir, 0o755)
-    for parent in state_dir.parents:  # the postgres OS user must traverse to its data dir
-        if str(parent).startswith(tempfile.gettempdir()) and parent != Path(tempfile.gettempdir()):
-            os.chmod(parent, 0o755)
     the_lab = Lab(state_dir)
     st = the_lab.up()
     saved = dict(os.environ)
@@ -58,6 +57,8 @@ def lab(tmp_path_factory):
         os.environ.clear()
         os.environ.update(saved)
         the_lab.down()
+        if not os.environ.get("PGOPS_TEST_LAB_DIR"):
+            shutil.rmtree(state_dir, ignore_errors=True)
 
 
 @pytest.fixture

@@ -9,13 +9,12 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
 
 from pgops.ebs import planner
-from pgops.ebs.hooks import EbsDirectHook, EbsEc2Hook, error_code, kms_client, tag_spec, tags_of
 from pgops.ebs.planner import RoundObservation
 from pgops.ebs.spec import (
     TAG_BACKUP_LABEL,
@@ -29,11 +28,27 @@ from pgops.ebs.spec import (
     migration_id,
     migration_spec,
 )
-from pgops.triggers.ebs import EbsSnapshotCompletedTrigger
 
 FINAL_ROUND = "final"
 MIN_CREATE_INTERVAL_S = 15.0  # EC2: SnapshotCreationPerVolumeRateExceeded under 15 s on one volume
 MAX_COPIES_IN_FLIGHT = 20  # EC2: concurrent snapshot copies per destination region
+
+
+if TYPE_CHECKING:
+    from pgops.ebs.hooks import EbsEc2Hook
+
+
+def _hooks():
+    """The EBS hooks import boto3 and the Amazon provider: load them when a task runs, not at DAG parse time."""
+    from pgops.ebs import hooks
+
+    return hooks
+
+
+def _trigger(**kwargs: Any):
+
+    return _trigger(**kwargs)
+
 
 
 def _now() -> datetime:
@@ -90,7 +105,7 @@ def create_round_snapshots(ec2: EbsEc2Hook, *, migration: str, round_name: str, 
         resp = ec2.call_with_backoff(ec2.conn.create_snapshots, what=f"CreateSnapshots {instance_id}", log=log,
                                      InstanceSpecification={"InstanceId": instance_id, "ExcludeBootVolume": True},
                                      Description=f"pgops migration {migration} round {round_name}",
-                                     TagSpecifications=tag_spec("snapshot", all_tags))
+                                     TagSpecifications=_hooks().tag_spec("snapshot", all_tags))
         for snap in resp["Snapshots"]:
             found[snap["VolumeId"]] = snap["SnapshotId"]
             ec2.conn.create_tags(Resources=[snap["SnapshotId"]],
@@ -100,7 +115,7 @@ def create_round_snapshots(ec2: EbsEc2Hook, *, migration: str, round_name: str, 
             snap = ec2.call_with_backoff(ec2.conn.create_snapshot, what=f"CreateSnapshot {volume_id}", log=log,
                                          VolumeId=volume_id,
                                          Description=f"pgops migration {migration} round {round_name}",
-                                         TagSpecifications=tag_spec("snapshot", {**all_tags,
+                                         TagSpecifications=_hooks().tag_spec("snapshot", {**all_tags,
                                                                                  TAG_SOURCE_VOLUME: volume_id}))
             found[volume_id] = snap["SnapshotId"]
     if log:
@@ -124,7 +139,7 @@ def copy_snapshots(ec2_target: EbsEc2Hook, *, migration: str, round_name: str, s
         kwargs: dict[str, Any] = {
             "SourceRegion": source_region, "SourceSnapshotId": snapshot_id,
             "Description": f"pgops migration {migration} round {round_name} copy of {snapshot_id}",
-            "TagSpecifications": tag_spec("snapshot", {TAG_MIGRATION: migration, TAG_ROUND: round_name,
+            "TagSpecifications": _hooks().tag_spec("snapshot", {TAG_MIGRATION: migration, TAG_ROUND: round_name,
                                                        TAG_SOURCE_SNAPSHOT: snapshot_id,
                                                        TAG_SOURCE_VOLUME: volume_id}),
         }
@@ -151,7 +166,7 @@ class EbsMigrationBaseOperator(BaseOperator):
         self.source_region = source_region
 
     def ec2(self, region: str | None = None) -> EbsEc2Hook:
-        return EbsEc2Hook(aws_conn_id=self.aws_conn_id, region_name=region or self.source_region)
+        return _hooks().EbsEc2Hook(aws_conn_id=self.aws_conn_id, region_name=region or self.source_region)
 
     def src_region(self) -> str:
         return self.source_region or self.ec2().conn.meta.region_name
@@ -191,7 +206,7 @@ class EbsMigrationPreflightOperator(EbsMigrationBaseOperator):
         try:
             volumes = ec2.conn.describe_volumes(VolumeIds=volume_ids)["Volumes"]
         except Exception as exc:
-            if error_code(exc).startswith("InvalidVolume"):
+            if _hooks().error_code(exc).startswith("InvalidVolume"):
                 raise AirflowFailException(f"volume(s) {volume_ids} not found in {self.src_region()}: "
                                            f"{exc}. Fix: check the ids and the connection's region") from None
             raise
@@ -209,7 +224,7 @@ class EbsMigrationPreflightOperator(EbsMigrationBaseOperator):
                 "source_region": self.src_region(), "kms": kms}
 
     def _kms_preflight(self, spec: MigrationSpec) -> dict[str, Any]:
-        kms = kms_client(self.aws_conn_id, spec.target_region)
+        kms = _hooks().kms_client(self.aws_conn_id, spec.target_region)
         try:
             meta = kms.describe_key(KeyId=spec.kms_key_id)["KeyMetadata"]
         except Exception as exc:
@@ -304,7 +319,7 @@ class EbsSnapshotChainOperator(EbsMigrationBaseOperator):
         pending = {"index": index, "snapshots": snaps, "predicted_duration_s": decision.numbers.predicted_next_s}
         # The chain's state rides in XCom across deferrals (a resumed task is the same try).
         context["ti"].xcom_push(key="chain_state", value={"state": state, "pending": pending})
-        self.defer(trigger=EbsSnapshotCompletedTrigger(snapshot_ids=list(snaps.values()), aws_conn_id=self.aws_conn_id,
+        self.defer(trigger=_trigger(snapshot_ids=list(snaps.values()), aws_conn_id=self.aws_conn_id,
                                                        region_name=self.source_region, waiter_delay=self.waiter_delay),
                    method_name="round_complete",
                    timeout=timedelta(days=2))
@@ -324,7 +339,7 @@ class EbsSnapshotChainOperator(EbsMigrationBaseOperator):
         completed = max(s.get("CompletionTime") or done_at for s in described)
         duration_s = max((completed - started).total_seconds(), 1.0)  # the lab completes snapshots at once
         previous = state["rounds"][-1]["snapshots"] if state["rounds"] else {}
-        direct = EbsDirectHook(aws_conn_id=self.aws_conn_id, region_name=self.source_region)
+        direct = _hooks().EbsDirectHook(aws_conn_id=self.aws_conn_id, region_name=self.source_region)
         deltas = [direct.changed_bytes(previous.get(v), s) for v, s in pending["snapshots"].items()]
         delta_bytes = None if any(d is None for d in deltas) else sum(deltas)
         record = {**pending, "started_at": _iso(started), "completed_at": _iso(completed), "duration_s": duration_s,
@@ -380,7 +395,7 @@ class EbsCutoverOperator(EbsMigrationBaseOperator):
 
             existing = ec2.find_snapshots({TAG_MIGRATION: mig, TAG_ROUND: FINAL_ROUND})
             if existing:
-                label = tags_of(existing[0]).get(TAG_BACKUP_LABEL)
+                label = _hooks().tags_of(existing[0]).get(TAG_BACKUP_LABEL)
                 self.log.warning("final snapshot(s) exist from an earlier try: reusing them; their backup_label "
                                  "survives only as the (truncated) tag: %s", label)
                 result["snapshots"] = take()
@@ -430,7 +445,7 @@ class EbsCopySnapshotOperator(EbsMigrationBaseOperator):
                                 kms_key_id=self.kms_key_id or None,
                                 completion_minutes=self.completion_duration_minutes, log=self.log)
         context["ti"].xcom_push(key="copy_state", value={"copies": copies, "started_at": started_at})
-        self.defer(trigger=EbsSnapshotCompletedTrigger(snapshot_ids=list(copies.values()), aws_conn_id=self.aws_conn_id,
+        self.defer(trigger=_trigger(snapshot_ids=list(copies.values()), aws_conn_id=self.aws_conn_id,
                                                        region_name=self.target_region, waiter_delay=self.waiter_delay),
                    method_name="execute_complete",
                    timeout=timedelta(days=2))
@@ -505,7 +520,7 @@ class EbsCreateVolumeOperator(EbsMigrationBaseOperator):
                                                        SourceSnapshotIds=[snapshot_id])
             kwargs: dict[str, Any] = {
                 "SnapshotId": snapshot_id, "AvailabilityZone": self.availability_zone, "VolumeType": self.volume_type,
-                "TagSpecifications": tag_spec("volume", {TAG_MIGRATION: mig, TAG_SOURCE_VOLUME: source_volume,
+                "TagSpecifications": _hooks().tag_spec("volume", {TAG_MIGRATION: mig, TAG_SOURCE_VOLUME: source_volume,
                                                          TAG_SOURCE_SNAPSHOT: snapshot_id,
                                                          "Name": f"pgops-migrated-{source_volume}"}),
             }

@@ -9,8 +9,19 @@ from typing import Any
 from airflow.sdk import BaseSensorOperator
 from airflow.sdk.exceptions import AirflowFailException
 
-from pgops.ebs.hooks import EbsEc2Hook
-from pgops.triggers.ebs import EbsSnapshotCompletedTrigger
+
+def _ec2_hook(**kwargs: Any):
+    from pgops.ebs.hooks import EbsEc2Hook  # boto3 + provider: load at run time, not at DAG parse time
+
+    return EbsEc2Hook(**kwargs)
+
+
+def _trigger(**kwargs: Any):
+    from pgops.triggers.ebs import EbsSnapshotCompletedTrigger
+
+    return EbsSnapshotCompletedTrigger(**kwargs)
+
+
 
 
 class EbsSnapshotCompletedSensor(BaseSensorOperator):
@@ -38,7 +49,7 @@ class EbsSnapshotCompletedSensor(BaseSensorOperator):
         return list(ids)
 
     def poke(self, context) -> bool:
-        snaps = EbsEc2Hook(aws_conn_id=self.aws_conn_id, region_name=self.region_name).conn.describe_snapshots(
+        snaps = _ec2_hook(aws_conn_id=self.aws_conn_id, region_name=self.region_name).conn.describe_snapshots(
             SnapshotIds=self._ids())["Snapshots"]
         for s in snaps:
             self.log.info("snapshot %s: %s %s", s["SnapshotId"], s["State"], s.get("Progress"))
@@ -52,7 +63,7 @@ class EbsSnapshotCompletedSensor(BaseSensorOperator):
             return super().execute(context)
         if self.poke(context):
             return self._ids()
-        self.defer(trigger=EbsSnapshotCompletedTrigger(
+        self.defer(trigger=_trigger(
             snapshot_ids=self._ids(), aws_conn_id=self.aws_conn_id, region_name=self.region_name,
             waiter_delay=self.waiter_delay, waiter_max_attempts=self.waiter_max_attempts),
             method_name="execute_complete",
