@@ -359,6 +359,6 @@ def _widget_html(rows: list[dict[str, Any]], base: str) -> str:
     if not rows:
         return "<p class='muted small'>No pgops cluster you may read.</p>"
     items = "".join(f"<li class='widget-row' data-colour='{r['colour']}'><span class='dot {r['colour']}'></span>"
-                    f"<a href='{base}/clusters/{quote(r['cluster'])}' target='_self'><b>{_e(r['cluster'])}</b></a> "
+                    f"<a href='{base}/clusters/{quote(r['cluster'])}' target='_top'><b>{_e(r['cluster'])}</b></a> "
                     f"<span class='small' title='{_e(r['reason'])}'>{_e(r['reason'])}</span></li>" for r in rows)
     return f"<ul class='widget'>{items}</ul>"

@@ -211,7 +211,8 @@ def timeline_svg(tl: dict[str, Any], *, width: int = 960) -> str:
     out.append("</g>")
     out.append(_legend([("rect", "reachable", "recoverable"), ("rect", "unreachable", "not recoverable"),
                         ("rect", "wal-bar", "archived WAL"), ("rect", "gap", "WAL gap"),
-                        ("dot", "backup-point", "base backup"), ("diamond", "restore-point ok", "restore passed"),
+                        ("dot", "backup-point", "base backup"), ("dot", "backup-point broken", "backup cut off by a gap"),
+                        ("diamond", "restore-point ok", "restore passed"),
                         ("diamond", "restore-point failed", "restore failed")], left, height - 8))
     out.append("</svg>")
     return "".join(out)
