@@ -61,6 +61,7 @@ def demo_up(state_dir: str | None) -> int:
 
 def _print_access(stack: AirflowStack, ast: dict, lab: Lab) -> None:
     print(f"\n  Airflow UI:  {ast['url']}   login: admin / {stack.password()}")
+    print(f"  Dashboard:   {ast['url']}/plugin/recoverability   (the page itself: {ast['url']}/pgops/)")
     print(f"  Lab state:   {lab.state_dir}   (source <(.venv/bin/pgops lab env) for the endpoints)")
     print("  Stop everything:  make down\n", flush=True)
 
