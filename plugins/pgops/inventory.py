@@ -108,6 +108,43 @@ class Alerts:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ReplicaNode:
+    """One PostgreSQL node of a cluster: how pgops reaches it and how the others stream from it."""
+
+    name: str
+    postgres_conn_id: str
+    host: str | None = None  # for primary_conninfo on the other nodes (None: the connection's host)
+    port: int | None = None
+    slot: str | None = None  # physical replication slot this node streams through
+    data_directory: str | None = None
+    repmgr_conf: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Replication:
+    primary: ReplicaNode
+    standbys: tuple[ReplicaNode, ...] = ()
+    repmgr: bool = False
+    replication_user: str = "postgres"
+    passfile: str | None = None  # libpq passfile on the DB hosts, named in primary_conninfo (no password in it)
+    max_lag_bytes: int = 16 * 1024 * 1024
+    max_lag_s: int = 60
+    slot_warning_bytes: int = 1024**3
+    slot_critical_bytes: int = 8 * 1024**3
+
+    @property
+    def nodes(self) -> tuple[ReplicaNode, ...]:
+        return (self.primary, *self.standbys)
+
+    def node(self, name: str) -> ReplicaNode:
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise InventoryError(f"replication node {name!r} is not in the inventory "
+                             f"(nodes: {', '.join(n.name for n in self.nodes)})")
+
+
+@dataclass(frozen=True, kw_only=True)
 class Cluster:
     name: str
     postgres_conn_id: str
@@ -120,6 +157,7 @@ class Cluster:
     targets: Targets = field(default_factory=Targets)
     alerts: Alerts = field(default_factory=Alerts)
     tags: tuple[str, ...] = ()
+    replication: Replication | None = None
 
     @property
     def pool(self) -> str:
@@ -300,10 +338,15 @@ def _parse_cluster(raw: Any, index: int, path: Path) -> Cluster:
     )
     al_f.reject_unknown()
 
+    postgres_conn_id = top.string("postgres_conn_id", required=True, pattern=CONN_ID_RE,
+                                  fix="name an Airflow connection id (letters, digits, '_', '.', '-')")
+    replication = None
+    if top.data.get("replication") is not None:
+        replication = _parse_replication(top, name, primary_conn_id=postgres_conn_id or "")
+
     cluster = Cluster(
         name=name,
-        postgres_conn_id=top.string("postgres_conn_id", required=True, pattern=CONN_ID_RE,
-                                    fix="name an Airflow connection id (letters, digits, '_', '.', '-')"),
+        postgres_conn_id=postgres_conn_id,
         aws_conn_id=top.string("aws_conn_id", required=True, pattern=CONN_ID_RE,
                                fix="name an Airflow connection id (letters, digits, '_', '.', '-')"),
         storage=Storage(bucket=bucket, prefix=prefix, server_name=server_name, layout=layout),
@@ -314,9 +357,73 @@ def _parse_cluster(raw: Any, index: int, path: Path) -> Cluster:
         targets=targets,
         alerts=alerts,
         tags=tuple(_string_list(top, "tags")),
+        replication=replication,
     )
     top.reject_unknown()
     return cluster
+
+
+SLOT_RE = re.compile(r"^[a-z0-9_]{1,63}$")
+HOST_RE = re.compile(r"^[A-Za-z0-9_.:/\[\]-]{1,255}$")  # a name, an address or a unix socket directory
+PATH_RE = re.compile(r"^/[^\0]*$")
+
+
+def _parse_node(f: _Fields, *, conn_id: str | None = None) -> ReplicaNode:
+    node = ReplicaNode(
+        name=f.string("name", required=True, pattern=NAME_RE,
+                      fix="use lower-case letters, digits and underscores, starting with a letter") or "",
+        postgres_conn_id=conn_id or f.string("postgres_conn_id", required=True, pattern=CONN_ID_RE,
+                                             fix="name the Airflow connection to this node") or "",
+        host=f.string("host", None, pattern=HOST_RE, fix="give a host name, an IP address or a socket directory"),
+        port=f.integer("port", 5432, minimum=1, maximum=65535) if f.get("port") is not None else None,
+        slot=f.string("slot", None, pattern=SLOT_RE,
+                      fix="use lower-case letters, digits and underscores (PostgreSQL slot names), at most 63"),
+        data_directory=f.string("data_directory", None, pattern=PATH_RE, fix="give an absolute path"),
+        repmgr_conf=f.string("repmgr_conf", None, pattern=PATH_RE, fix="give the absolute path of repmgr.conf"),
+    )
+    f.reject_unknown()
+    return node
+
+
+def _parse_replication(top: _Fields, name: str, *, primary_conn_id: str) -> Replication:
+    rf = top.sub("replication")
+    rf.where = f"cluster {name!r}: replication"
+    pf = rf.sub("primary")
+    pf.where = f"cluster {name!r}: replication.primary"
+    if "postgres_conn_id" in pf.data:
+        raise pf.fail("postgres_conn_id", pf.data["postgres_conn_id"], "is not allowed here",
+                      "the primary is the cluster's own postgres_conn_id; remove it")
+    primary = _parse_node(pf, conn_id=primary_conn_id)
+    raw = rf.get("standbys", [])
+    if not isinstance(raw, list):
+        raise rf.fail("standbys", raw, "is not a list", "write each standby as '- name: ...'")
+    standbys = []
+    for i, item in enumerate(raw):
+        sf = _Fields(item, f"cluster {name!r}: replication.standbys[{i}]", rf.path)
+        standbys.append(_parse_node(sf))
+    seen: set[str] = set()
+    for node in (primary, *standbys):
+        if node.name in seen:
+            raise rf.fail("standbys", node.name, "names a node twice", "give every node its own name")
+        seen.add(node.name)
+    slots = [n.slot for n in (primary, *standbys) if n.slot]
+    if len(slots) != len(set(slots)):
+        raise rf.fail("standbys", slots, "uses a slot name twice", "give every node its own slot")
+    repl = Replication(
+        primary=primary, standbys=tuple(standbys), repmgr=rf.boolean("repmgr", False),
+        replication_user=rf.string("replication_user", "postgres", pattern=re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$"),
+                                   fix="give a PostgreSQL role name") or "postgres",
+        passfile=rf.string("passfile", None, pattern=PATH_RE, fix="give an absolute path"),
+        max_lag_bytes=rf.integer("max_lag_bytes", 16 * 1024 * 1024, minimum=0),
+        max_lag_s=rf.integer("max_lag_s", 60, minimum=0),
+        slot_warning_bytes=rf.integer("slot_warning_bytes", 1024**3, minimum=0),
+        slot_critical_bytes=rf.integer("slot_critical_bytes", 8 * 1024**3, minimum=1),
+    )
+    if repl.slot_warning_bytes > repl.slot_critical_bytes:
+        raise rf.fail("slot_warning_bytes", repl.slot_warning_bytes, f"is above slot_critical_bytes "
+                      f"({repl.slot_critical_bytes})", "make the warning threshold the smaller one")
+    rf.reject_unknown()
+    return repl
 
 
 _ENV_REF_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
