@@ -1,0 +1,235 @@
+"""The ssh runner against a real sshd (Debian openssh-server) on a loopback port, logging in as postgres.
+
+The test starts its own sshd with a host key and a client key it generates, and stops it by pid.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO, task_states
+
+from pgops.lab import free_port, pid_alive, stop_pid
+
+SSHD = Path("/usr/sbin/sshd")
+CONN_ID = "pgops_main_ssh"
+pytestmark = [pytest.mark.skipif(not SSHD.exists(), reason="openssh-server is not installed (make setup installs it)"),
+              pytest.mark.skipif(os.geteuid() != 0, reason="sshd must start as root to log in as the postgres user")]
+
+
+@dataclass
+class Sshd:
+    dir: Path
+    port: int
+    pid: int
+    host_pub: str
+    client_key: str
+    log: Path
+
+    def conn(self, **extra_changes) -> str:
+        extra = {"private_key": self.client_key, "host_key": self.host_pub, "no_host_key_check": False,
+                 "conn_timeout": 10, **extra_changes}
+        extra = {k: v for k, v in extra.items() if v is not None}
+        return json.dumps({"conn_type": "ssh", "host": "127.0.0.1", "port": self.port, "login": "postgres",
+                           "extra": extra})
+
+
+def _keygen(path: Path) -> None:
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "pgops-test", "-f", str(path)],
+                   check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def sshd():
+    d = Path(tempfile.mkdtemp(prefix="pgops-sshd-"))
+    os.chmod(d, 0o755)  # sshd reads authorized_keys as the postgres user
+    _keygen(d / "host_key")
+    _keygen(d / "client_key")
+    (d / "authorized_keys").write_text((d / "client_key.pub").read_text())
+    os.chmod(d / "authorized_keys", 0o644)
+    port = free_port()
+    (d / "sshd_config").write_text("\n".join([
+        f"Port {port}", "ListenAddress 127.0.0.1", f"HostKey {d / 'host_key'}", f"PidFile {d / 'sshd.pid'}",
+        f"AuthorizedKeysFile {d / 'authorized_keys'}", "StrictModes no", "PubkeyAuthentication yes",
+        "PasswordAuthentication no", "KbdInteractiveAuthentication no",
+        "UsePAM yes",  # without PAM sshd refuses the postgres account: its password is locked ("!")
+        "PermitRootLogin no",
+        "AllowUsers postgres", "X11Forwarding no", "AllowTcpForwarding no", "LogLevel VERBOSE", "",
+    ]))
+    Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege-separation directory
+    log = d / "sshd.log"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([str(SSHD), "-D", "-e", "-f", str(d / "sshd_config")], stdout=out,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 20
+        while "Server listening" not in log.read_text():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"sshd did not start: {log.read_text()[-2000:]}")
+            time.sleep(0.1)
+        yield Sshd(dir=d, port=port, pid=proc.pid, host_pub=(d / "host_key.pub").read_text().strip(),
+                   client_key=(d / "client_key").read_text(), log=log)
+    finally:
+        stop_pid(proc.pid, timeout_s=10)
+        proc.wait(timeout=10)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def ssh_conn(sshd, monkeypatch):
+    monkeypatch.setenv(f"AIRFLOW_CONN_{CONN_ID.upper()}", sshd.conn())
+    return CONN_ID
+
+
+def _runner(**kw):
+    from pgops.runners import SshRunner
+
+    return SshRunner(ssh_conn_id=CONN_ID, cluster_name="main", **kw)
+
+
+def _pgid_members(pgid: int) -> list[int]:
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(stat.parent.name))
+    return members
+
+
+def test_runs_as_postgres_with_quoting_env_and_streaming(ssh_conn):
+    lines: list[str] = []
+    secret = "s3cr3t 'quoted' $HOME; rm -rf /nope"
+    res = _runner().run(["sh", "-c", 'id -un; printf "%s\\n" "$1"; printf "%s\\n" "$PGOPS_T"; pwd; echo err >&2',
+                         "x", "a b; $(touch /tmp/pgops-should-not-exist)"],
+                        env={"PGOPS_T": secret}, timeout_s=30, on_line=lines.append)
+    assert res.returncode == 0
+    assert lines == ["postgres", "a b; $(touch /tmp/pgops-should-not-exist)", secret, "/", "err"]
+    assert not Path("/tmp/pgops-should-not-exist").exists()
+
+    # The environment travels on stdin: no process on the host shows the secret in its argv.
+    ps = _runner().run(["ps", "-eo", "args"], env={"PGOPS_T": secret}, capture=True, timeout_s=30)
+    assert "ps -eo args" in ps.stdout and secret not in ps.stdout
+
+    captured = _runner().run(["sh", "-c", "echo out; echo warn >&2"], capture=True, timeout_s=30,
+                             on_line=lines.append)
+    assert captured.stdout == "out\n" and lines[-1] == "warn"
+
+
+def test_failure_carries_exit_code_and_output(ssh_conn):
+    from pgops.runners import CommandFailed
+
+    with pytest.raises(CommandFailed, match=r"failed on postgres@127\.0\.0\.1:\d+ .* exit code 3: boom") as err:
+        _runner().run(["sh", "-c", "echo boom; exit 3"], timeout_s=30)
+    assert err.value.returncode == 3
+    assert _runner().run(["false"], check=False, timeout_s=30).returncode == 1
+
+
+def test_timeout_kills_the_remote_process_tree(ssh_conn):
+    from pgops.runners import CommandTimeout
+
+    runner = _runner()
+    started = time.monotonic()
+    with pytest.raises(CommandTimeout, match="timed out after 2 s and was killed"):
+        runner.run(["sh", "-c", "sleep 300 & sleep 301 & echo started; wait"], timeout_s=2)
+    assert time.monotonic() - started < 20
+    assert runner.remote_pid and not pid_alive(runner.remote_pid)
+    assert _pgid_members(runner.remote_pid) == []  # the background children are gone too
+
+
+def test_kill_from_another_thread_stops_the_remote_command(ssh_conn):
+    import threading
+
+    from pgops.runners import CommandFailed
+
+    runner = _runner()
+    lines: list[str] = []
+    threading.Timer(3, runner.kill).start()
+    started = time.monotonic()
+    with pytest.raises(CommandFailed):
+        runner.run(["sh", "-c", "echo started; sleep 300"], timeout_s=600, on_line=lines.append)
+    assert time.monotonic() - started < 30 and lines == ["started"]
+    assert _pgid_members(runner.remote_pid) == []
+
+
+def test_host_key_mismatch_is_a_clear_error(sshd, monkeypatch, tmp_path):
+    from pgops.runners import RunnerAccessDenied
+
+    _keygen(tmp_path / "other_host")
+    monkeypatch.setenv(f"AIRFLOW_CONN_{CONN_ID.upper()}",
+                       sshd.conn(host_key=(tmp_path / "other_host.pub").read_text().strip()))
+    with pytest.raises(RunnerAccessDenied, match=r"host key mismatch for postgres@127\.0\.0\.1:\d+.*the server "
+                                                 r"presented ssh-ed25519 SHA256:.*man in the middle.*host_key"):
+        _runner().run(["true"], timeout_s=30)
+
+
+def test_unknown_host_key_is_refused_unless_the_connection_allows_it(sshd, monkeypatch):
+    from pgops.runners import RunnerAccessDenied
+
+    monkeypatch.setenv(f"AIRFLOW_CONN_{CONN_ID.upper()}", sshd.conn(host_key=None))
+    with pytest.raises(RunnerAccessDenied, match="host key of postgres@127.0.0.1.* is unknown.*ssh-keyscan"):
+        _runner().run(["true"], timeout_s=30)
+    monkeypatch.setenv(f"AIRFLOW_CONN_{CONN_ID.upper()}", sshd.conn(host_key=None, no_host_key_check=True))
+    assert _runner().run(["true"], timeout_s=30).returncode == 0
+
+
+def test_auth_failure_is_a_clear_error(sshd, monkeypatch, tmp_path):
+    from pgops.runners import RunnerAccessDenied
+
+    _keygen(tmp_path / "stranger")
+    monkeypatch.setenv(f"AIRFLOW_CONN_{CONN_ID.upper()}", sshd.conn(private_key=(tmp_path / "stranger").read_text()))
+    started = time.monotonic()
+    with pytest.raises(RunnerAccessDenied, match=r"SSH authentication as postgres@127\.0\.0\.1:\d+ failed.*"
+                                                 r"authorized_keys"):
+        _runner().run(["true"], timeout_s=30)
+    assert time.monotonic() - started < 10  # refused once, not retried
+
+
+def test_run_as_other_than_the_login_is_refused(ssh_conn):
+    from pgops.runners import RunnerAccessDenied
+
+    with pytest.raises(RunnerAccessDenied, match="run_as is 'barman' but SSH connection"):
+        _runner(run_as="barman").run(["true"], timeout_s=30)
+
+
+def _ssh_inventory(tmp_path: Path) -> Path:
+    data = yaml.safe_load((REPO / "include" / "clusters.example.yaml").read_text())
+    data["clusters"][0]["runner"] = {"kind": "ssh", "ssh_conn_id": CONN_ID}
+    path = tmp_path / "clusters.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.lab
+@pytest.mark.airflow
+def test_base_backup_dag_through_ssh(lab, run_dag, sshd, ssh_conn, tmp_path, monkeypatch):
+    from pgops.dags.base_backup import build_base_backup_dag
+    from pgops.inventory import load_inventory
+    from pgops.runners import SshRunner, get_runner
+
+    monkeypatch.setenv("PGOPS_INVENTORY", str(_ssh_inventory(tmp_path)))
+    cluster = load_inventory().get("main")
+    assert isinstance(get_runner(cluster), SshRunner)
+    logins_before = sshd.log.read_text().count("Accepted publickey for postgres")
+    dr = run_dag(build_base_backup_dag(cluster))
+    assert task_states(dr) == {"preflight": "success", "backup": "success", "verify": "success",
+                               "retention": "success"}, task_states(dr)
+    summary = dr.get_task_instance("verify").xcom_pull(task_ids="verify")
+    assert summary["status"] == "DONE" and summary["stored_bytes"] > 0
+    # catalog, backup, show, show, catalog, delete, catalog: every engine call went through sshd
+    assert sshd.log.read_text().count("Accepted publickey for postgres") - logins_before >= 5
+    st = lab.load()
+    keys = [o["Key"] for o in lab.s3_client().list_objects_v2(
+        Bucket=st.bucket, Prefix=f"{st.prefix}/{st.server_name}/base/{summary['backup_id']}/").get("Contents", [])]
+    assert any(k.endswith("backup.info") for k in keys), keys
