@@ -1,6 +1,6 @@
 """The dashboard's FastAPI app, mounted in Airflow's API server at /pgops by the plugin.
 
-Every route needs an Airflow login (the API server's own `GetUserDep`: a bearer token or the UI's `_token`
+Every route needs an Airflow login (the API server's own `get_user`, behind `GetUserDep`: a bearer token or the UI's `_token`
 cookie): without one the JSON routes answer 401 (403 for an invalid token), the HTML pages the same status
 with a link to the login page. A user sees only the clusters whose pgops DAGs the auth manager lets them read.
 """
@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from airflow.api_fastapi.core_api.security import GetUserDep
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from pgops.inventory import Cluster
 from pgops.ui import charts, summary
@@ -37,9 +37,18 @@ WIDGET_JS = Path(__file__).with_name("widget.js")
 DEFAULT_DAYS = 14
 
 
-async def current_user(user: GetUserDep):
-    """The logged-in Airflow user (bearer token or the UI's cookie); 401/403 otherwise."""
-    return user
+_bearer = HTTPBearer(auto_error=False)
+
+
+async def current_user(request: Request, creds: HTTPAuthorizationCredentials | None = Depends(_bearer)):  # noqa: B008
+    """The logged-in Airflow user (bearer token or the UI's `_token` cookie), 401/403 otherwise.
+
+    The API server's own `get_user` (what `GetUserDep` resolves), imported on the first request: importing
+    airflow.api_fastapi.core_api.security costs ~2.4 s, and every Airflow process loads this plugin.
+    """
+    from airflow.api_fastapi.core_api.security import get_user
+
+    return await get_user(request=request, _oauth_token=None, bearer_credentials=creds)
 
 
 def _readable_dag_ids(user: Any, wanted: set[str]) -> set[str]:
