@@ -270,7 +270,7 @@ def test_reports_are_cached_for_the_ttl_then_reread(dash):
 def browser(tmp_path_factory):
     if not (shutil.which(CHROMIUM) and shutil.which(CHROMEDRIVER)):
         pytest.fail("Debian's chromium and chromium-driver are not installed (include/test-apt-packages.txt)")
-    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium import webdriver  # requirements: selenium (drives Debian's chromium through chromedriver)
     from selenium.webdriver.chrome.service import Service
 
     opts = webdriver.ChromeOptions()
