@@ -47,7 +47,7 @@ def _hooks():
 
 def _trigger(**kwargs: Any):
 
-    return _trigger(**kwargs)
+    return EbsSnapshotCompletedTrigger(**kwargs)
 
 
 
