@@ -9,8 +9,9 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from pgops.inventory import Cluster
+from pgops.inventory import REPO_ROOT, Cluster
 
+WAL_ARCHIVE_WRAPPER = REPO_ROOT / "include" / "dbhost" / "pgops_wal_archive.py"
 # Reserved by barman-cloud as backup selectors, never real backup ids.
 RESERVED_BACKUP_NAMES = ("first", "last", "latest", "oldest", "last-failed")
 _COMPRESSION_FLAGS = {"gzip": "--gzip", "bzip2": "--bzip2", "xz": "--xz", "lz4": "--lz4", "zstd": "--zstd",
@@ -54,6 +55,17 @@ def wal_archive_argv(cluster: Cluster, *, endpoint_url: str | None) -> list[str]
     e = cluster.engine
     return [e.bin("barman-cloud-wal-archive"), *_common(cluster, endpoint_url), *_compression(e.wal_compression),
             cluster.storage.destination_url, cluster.storage.server_name]
+
+
+def archive_command_argv(cluster: Cluster, *, endpoint_url: str | None) -> list[str]:
+    """The archive_command argv (PostgreSQL appends %p). With engine.wal_archive_parallel > 1, the pgops
+    wrapper (include/dbhost/pgops_wal_archive.py, run by the DB-host venv's python) also archives the next
+    ready segments with barman-cloud-wal-archive's own uploader, N at a time, imported once per batch."""
+    argv = wal_archive_argv(cluster, endpoint_url=endpoint_url)
+    n = cluster.engine.wal_archive_parallel
+    if n <= 1:
+        return argv
+    return [cluster.engine.bin("python3"), str(WAL_ARCHIVE_WRAPPER), "--parallel", str(n), "--in-process", "--", *argv]
 
 
 def backup_list_argv(cluster: Cluster, *, endpoint_url: str | None) -> list[str]:
