@@ -343,7 +343,7 @@ class Lab:
 
         from pgops.engines import barman_cloud
 
-        argv = barman_cloud.wal_archive_argv(self.cluster, endpoint_url=st.s3_endpoint)
+        argv = barman_cloud.archive_command_argv(self.cluster, endpoint_url=st.s3_endpoint)
         return shlex.join(argv) + " %p"
 
     def db_env(self, st: LabState) -> dict[str, str]:
