@@ -46,6 +46,7 @@ def _hooks():
 
 
 def _trigger(**kwargs: Any):
+    from pgops.triggers.ebs import EbsSnapshotCompletedTrigger
 
     return EbsSnapshotCompletedTrigger(**kwargs)
 
