@@ -12,11 +12,13 @@ if [ "$(id -u)" != 0 ]; then SUDO="sudo -n"; fi
 
 # --- system packages ------------------------------------------------------------------------------
 apt_pkgs=(postgresql-15 postgresql-client-15 gcc libpq-dev python3-dev python3-venv openssl procps iproute2)
-if [ -f include/dbhost/apt-packages.txt ]; then
+# DB-host tools (pgBackRest, repmgr, sshd for the ssh runner) and what the tests need (chromium).
+for list in include/dbhost/apt-packages.txt include/test-apt-packages.txt; do
+  [ -f "$list" ] || continue
   while read -r line; do
     line=${line%%#*}; line=$(echo "$line" | xargs); [ -n "$line" ] && apt_pkgs+=("$line")
-  done < include/dbhost/apt-packages.txt
-fi
+  done < "$list"
+done
 missing=()
 for p in "${apt_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
