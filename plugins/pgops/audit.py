@@ -565,6 +565,12 @@ def audit_cluster(
     findings.extend(primary_findings)
     body["primary"] = primary
 
+    if check_live_primary and cluster.replication is not None and cluster.replication.standbys:
+        from pgops import replication  # only clusters with standbys ask them
+
+        body["replication"], replication_findings = replication.check_cluster(cluster)
+        findings.extend(replication_findings)
+
     interval = interval_s(cluster.schedule.backup, now=now)
     fresh, fresh_findings = check_freshness(cluster=cluster, backups=backups, modified=modified, index=index,
                                             primary=primary, now=now, backup_interval_s=interval)
