@@ -1,0 +1,87 @@
+"""DAG factory: pgops_standby_rebuild__<cluster> (manual): rebuild a standby from the newest backup.
+
+preflight → restore → wait_streaming → register (repmgr) → report. The target is an inventory replication node
+that is not the current primary (the preflight refuses it loudly otherwise); the restore comes from the S3
+backup plus archived WAL, so the primary only serves the last stretch of WAL through the slot. The audit's
+failover findings link this DAG with the params filled in.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pendulum
+from airflow.sdk import DAG, Param, TriggerRule
+
+from pgops.dags.common import dag_tags, default_args
+from pgops.inventory import Cluster
+from pgops.operators.standby import (
+    StandbyPreflightOperator,
+    StandbyRegisterOperator,
+    StandbyReportOperator,
+    StandbyRestoreOperator,
+    StandbyStreamingOperator,
+)
+
+DAG_ID_PREFIX = "pgops_standby_rebuild__"
+
+
+def build_standby_rebuild_dag(cluster: Cluster) -> DAG:
+    q = cluster.runner.queue  # restore, start and repmgr run on the target's host
+    repl = cluster.replication
+    names = [n.name for n in repl.nodes] if repl else []
+    first = repl.standbys[0] if repl and repl.standbys else None
+    with DAG(
+        dag_id=f"{DAG_ID_PREFIX}{cluster.name}",
+        description=f"Rebuild a standby of {cluster.name} from the newest backup and make it stream",
+        schedule=None,
+        start_date=pendulum.datetime(2024, 1, 1, tz=cluster.schedule.timezone),
+        catchup=False,
+        max_active_runs=1,
+        default_args=default_args(cluster, retries=0),
+        render_template_as_native_obj=True,
+        tags=dag_tags(cluster, "standby-rebuild"),
+        params={
+            "cluster": Param(cluster.name, type="string", const=cluster.name, description="Inventory cluster"),
+            "target": Param(first.name if first else "", type="string",
+                            **({"enum": names} if names else {}),
+                            description="Replication node to rebuild (never the current primary)"),
+            "data_directory": Param("", type="string", pattern=r"^(/[^\0]*)?$",
+                                    description="Its data directory ('' = the inventory's data_directory)"),
+            "slot": Param("", type="string", pattern=r"^[a-z0-9_]{0,63}$",
+                          description="Physical slot on the primary ('' = the node's slot); created when missing"),
+            "force": Param(False, type="boolean",
+                           description="Stop the target and replace a non-empty data directory"),
+            "backup": Param("latest", type="string", pattern=r"^[A-Za-z0-9_.:-]{1,100}$",
+                            description="Backup id or name, or 'latest' (the newest DONE backup)"),
+            "socket_dir": Param("/var/run/postgresql", type="string", pattern=r"^/[^\0]*$",
+                                description="unix_socket_directories of the rebuilt standby"),
+            "settings": Param({}, type="object", description="Extra postgresql.auto.conf settings for the standby"),
+            "wal_parallel": Param(4, type="integer", minimum=0, maximum=32,
+                                  description="barman-cloud-wal-restore --parallel (prefetch) in restore_command"),
+            "max_lag_bytes": Param(0, type="integer", minimum=0,
+                                   description="Ready when replay lag is at most this (0: the inventory's max_lag_bytes)"),
+            "timeout_s": Param(max(3600, 3 * cluster.targets.rto_s), type="integer", minimum=60,
+                               description="Fail when the standby does not stream after this long"),
+            "required_bytes": Param(0, type="integer", minimum=0,
+                                    description="Free bytes needed (0: the backup's size plus a margin)"),
+        },
+        doc_md=__doc__,
+    ) as dag:
+        preflight = StandbyPreflightOperator(
+            task_id="preflight", cluster_name=cluster.name, queue=q, target="{{ params.target }}",
+            data_directory="{{ params.data_directory }}", slot="{{ params.slot }}", force="{{ params.force }}",
+            backup="{{ params.backup }}", socket_dir="{{ params.socket_dir }}",
+            required_bytes="{{ params.required_bytes }}", execution_timeout=timedelta(minutes=15))
+        restore = StandbyRestoreOperator(
+            task_id="restore", cluster_name=cluster.name, queue=q, pool=cluster.pool,
+            wal_parallel="{{ params.wal_parallel }}", extra_settings="{{ params.settings }}",
+            execution_timeout=timedelta(seconds=cluster.engine.timeout_s + 600))
+        wait = StandbyStreamingOperator(task_id="wait_streaming", cluster_name=cluster.name, queue=q,
+                                        timeout_s="{{ params.timeout_s }}", max_lag_bytes="{{ params.max_lag_bytes }}")
+        register = StandbyRegisterOperator(task_id="register", cluster_name=cluster.name, queue=q,
+                                           execution_timeout=timedelta(minutes=10))
+        report = StandbyReportOperator(task_id="report", cluster_name=cluster.name,
+                                       trigger_rule=TriggerRule.ALL_DONE, execution_timeout=timedelta(minutes=10))
+        preflight >> restore >> wait >> register >> report
+    return dag
