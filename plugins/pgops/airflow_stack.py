@@ -191,6 +191,25 @@ class AirflowStack:
             time.sleep(2)
         raise StackError(f"run {run_id} of {dag_id} did not finish within {timeout_s:.0f} s (tasks: {seen})")
 
+    def unpause(self, dag_id: str) -> None:
+        self._request("PATCH", f"/api/v2/dags/{dag_id}", {"is_paused": False})
+
+    def wait_for_new_run(self, dag_id: str, *, after: set[str], run_type: str | None = None,
+                         timeout_s: float = 120) -> str:
+        """The id of a run of dag_id that is not in `after` (e.g. run_type="asset_triggered")."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            runs = self._request("GET", f"/api/v2/dags/{dag_id}/dagRuns?limit=20")["dag_runs"]
+            new = [r["dag_run_id"] for r in runs
+                   if r["dag_run_id"] not in after and run_type in (None, r.get("run_type"))]
+            if new:
+                return new[0]
+            time.sleep(2)
+        raise StackError(f"no new run of {dag_id} within {timeout_s:.0f} s")
+
+    def run_ids(self, dag_id: str) -> set[str]:
+        return {r["dag_run_id"] for r in self._request("GET", f"/api/v2/dags/{dag_id}/dagRuns?limit=100")["dag_runs"]}
+
     def xcom(self, dag_id: str, run_id: str, task_id: str, key: str = "return_value") -> Any:
         entry = self._request("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries/{key}")
         return entry.get("value")

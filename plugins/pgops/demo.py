@@ -38,12 +38,15 @@ def demo_up(state_dir: str | None) -> int:
     ast = stack.up()
     stack.ensure_pools({c.pool: 1 for c in inventory.clusters})
     dag_id = f"pgops_base_backup__{cluster.name}"
-    stack.wait_for_dag(dag_id)
+    audit_id, restore_id = f"pgops_wal_audit__{cluster.name}", f"pgops_restore_verify__{cluster.name}"
+    for d in (dag_id, audit_id, restore_id):
+        stack.wait_for_dag(d)
+    stack.unpause(restore_id)  # scheduled on the backup asset: the backup below starts it
+    restores_before = stack.run_ids(restore_id)
     run_id = stack.trigger(dag_id)
     _say(f"triggered {dag_id} run {run_id}; following it ...")
     started = time.monotonic()
-    state = stack.wait_for_run(dag_id, run_id, timeout_s=900,
-                               on_change=lambda task, s: _say(f"  task {task}: {s}") if s else None)
+    state = _follow(stack, dag_id, run_id)
     if state != "success":
         _say(f"run {run_id} ended {state}: see the task logs in the UI at {ast['url']}")
         _print_access(stack, ast, lab)
@@ -55,8 +58,20 @@ def demo_up(state_dir: str | None) -> int:
     for key in ("backup_id", "status", "cluster_size_bytes", "stored_bytes", "begin_wal", "end_wal", "begin_time",
                 "end_time", "duration_s", "location"):
         print(f"    {key:<19} {summary.get(key)}")
+    restore_run = stack.wait_for_new_run(restore_id, after=restores_before, run_type="asset_triggered")
+    _say(f"the backup's asset event started {restore_id} ({restore_run}): restore, canary, checks, RTO ...")
+    restore_state = _follow(stack, restore_id, restore_run)
+    audit_run = stack.trigger(audit_id)
+    _say(f"triggered {audit_id} ({audit_run}): WAL continuity, lifecycle, freshness, bucket hardening ...")
+    audit_state = _follow(stack, audit_id, audit_run)
+    _say(f"restore verification: {restore_state}; WAL audit: {audit_state} (its report is on the dashboard)")
     _print_access(stack, ast, lab)
     return 0
+
+
+def _follow(stack: AirflowStack, dag_id: str, run_id: str) -> str:
+    return stack.wait_for_run(dag_id, run_id, timeout_s=900,
+                              on_change=lambda task, s: _say(f"  {dag_id.split('__')[0]}: {task} {s}") if s else None)
 
 
 def _print_access(stack: AirflowStack, ast: dict, lab: Lab) -> None:
