@@ -233,3 +233,37 @@ def test_base_backup_dag_through_ssh(lab, run_dag, sshd, ssh_conn, tmp_path, mon
     keys = [o["Key"] for o in lab.s3_client().list_objects_v2(
         Bucket=st.bucket, Prefix=f"{st.prefix}/{st.server_name}/base/{summary['backup_id']}/").get("Contents", [])]
     assert any(k.endswith("backup.info") for k in keys), keys
+
+
+@pytest.mark.lab
+@pytest.mark.airflow
+def test_restore_verification_dag_through_ssh(lab, run_dag, sshd, ssh_conn, tmp_path, monkeypatch):
+    """Every restore-host command (mkdir, barman-cloud-restore, pg_ctl, pg_amcheck, rm) runs through sshd."""
+    from pgops.dags.restore_verify import build_restore_verify_dag
+    from pgops.inventory import load_inventory
+    from pgops.operators.backup import BarmanCloudBackupOperator
+    from pgops.operators.restore import scratch_paths
+
+    monkeypatch.setenv("PGOPS_INVENTORY", str(_ssh_inventory(tmp_path)))
+    cluster = load_inventory().get("main")
+    lab.psql("CREATE TABLE IF NOT EXISTS ssh_rv (id int PRIMARY KEY); "
+             "INSERT INTO ssh_rv SELECT g FROM generate_series(1, 1000) g ON CONFLICT DO NOTHING;")
+    backup_id = BarmanCloudBackupOperator(task_id="backup", cluster_name="main").execute(
+        {"run_id": f"ssh-restore-{os.getpid()}"})
+    scratch_root = f"/var/tmp/pgops-restore-ssh-{os.getpid()}"
+    logins_before = sshd.log.read_text().count("Accepted publickey for postgres")
+    try:
+        dag = build_restore_verify_dag(cluster)
+        dr = run_dag(dag, {"scratch_root": scratch_root, "backup_id": backup_id, "heapallindexed": False})
+        states = task_states(dr)
+        assert set(states.values()) == {"success"}, states
+        st = lab.load()
+        key = f"{st.prefix}/{st.server_name}/pgops/reports/restore-verify/latest.json"
+        report = json.loads(lab.s3_client().get_object(Bucket=st.bucket, Key=key)["Body"].read())
+        assert report["run_id"] == dr.run_id and report["status"] in ("ok", "warning"), report
+        assert report["body"]["backup_id"] == backup_id and report["body"]["checks"]["canary"]["ok"]
+        assert report["body"]["restore_host"]["runner"] == "ssh"
+        assert sshd.log.read_text().count("Accepted publickey for postgres") - logins_before >= 5
+        assert not os.path.exists(scratch_paths(scratch_root, dag.dag_id, dr.run_id)["scratch_dir"])
+    finally:
+        shutil.rmtree(scratch_root, ignore_errors=True)
