@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pgops.inventory import REPO_ROOT
-from pgops.lab import free_port, pid_alive, stop_pid
+from pgops.procs import free_port, pid_alive, stop_pid
 
 COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
 ADMIN_USER = "admin"

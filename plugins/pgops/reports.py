@@ -21,6 +21,19 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def parse_ts(value: Any) -> datetime | None:
+    """A report timestamp (ISO string, maybe with Z, or a datetime) as an aware UTC datetime; None if absent."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+    try:
+        ts = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
+
+
 def envelope(*, kind: str, cluster: str, run_id: str, started_at: datetime, finished_at: datetime | None = None,
              status: str, body: dict[str, Any]) -> dict[str, Any]:
     if kind not in KINDS:

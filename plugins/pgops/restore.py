@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from pgops.reports import parse_ts
+
 TARGET_KINDS = ("latest", "canary", "time", "lsn", "xid")
 CHECKS = ("canary", "system_identifier", "amcheck", "sql")
 LSN_RE = re.compile(r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$")
@@ -78,9 +80,9 @@ def resolve_target(kind: str, value: str | None, *, canary: dict[str, Any] | Non
 def target_time(target: RecoveryTarget, canary: dict[str, Any] | None) -> datetime | None:
     """The wall-clock moment a target stands for, when known (to pick a backup that ends before it)."""
     if target.kind == "time":
-        return _parse_ts(target.value)
+        return parse_ts(target.value)
     if target.kind == "xid" and canary:
-        return _parse_ts(canary.get("committed_at"))
+        return parse_ts(canary.get("committed_at"))
     return None
 
 
@@ -101,9 +103,9 @@ def choose_backup(catalog: Sequence[Any], requested: str, *, before: datetime | 
                                "Fix: give a backup id from barman-cloud-backup-list or 'latest'")
     if not done:
         raise RestorePlanError("the catalog has no DONE backup to restore. Fix: run the base-backup DAG first")
-    candidates = sorted(done, key=lambda b: (_parse_ts(b.end_time) or datetime.min.replace(tzinfo=UTC), b.backup_id))
+    candidates = sorted(done, key=lambda b: (parse_ts(b.end_time) or datetime.min.replace(tzinfo=UTC), b.backup_id))
     if before is not None:
-        usable = [b for b in candidates if (_parse_ts(b.end_time) or before) < before]
+        usable = [b for b in candidates if (parse_ts(b.end_time) or before) < before]
         if not usable:
             raise RestorePlanError(f"no DONE backup ended before the target {before.isoformat()} (oldest ends "
                                    f"{candidates[0].end_time}). Fix: choose a later target")
@@ -385,19 +387,7 @@ def history_points(reports: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     for r in reports:
         body = r.get("body") or {}
         m = body.get("measurements") or {}
-        at = _parse_ts(r.get("finished_at"))
+        at = parse_ts(r.get("finished_at"))
         if r.get("status") != "failed" and m.get("database_size_bytes") and m.get("rto_s") is not None and at:
             out.append({"at": at, "size_bytes": m["database_size_bytes"], "rto_s": m["rto_s"]})
     return out
-
-
-def _parse_ts(value: Any) -> datetime | None:
-    if value is None or value == "":
-        return None
-    if isinstance(value, datetime):
-        return value if value.tzinfo else value.replace(tzinfo=UTC)
-    try:
-        ts = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return ts if ts.tzinfo else ts.replace(tzinfo=UTC)

@@ -38,7 +38,7 @@ CREATE TABLE IF NOT EXISTS pgops.restore_canary (
 
 
 def pg_bin(name: str) -> str:
-    from pgops.lab import PG_BIN
+    from pgops.procs import PG_BIN
 
     return str(PG_BIN / name)
 
@@ -197,7 +197,7 @@ class RestoreSetupOperator(RestoreStepOperator):
         if short:
             raise AirflowFailException(f"cluster {cluster.name!r}: {short}")
         self.host(cluster, ["mkdir", "-m", "0700", "-p", paths["scratch_dir"], paths["socket_dir"], paths["spool_dir"]])
-        from pgops.lab import free_port
+        from pgops.procs import free_port
 
         plan = {**paths, "port": free_port(), "db_user": self.db_user, "backup_id": backup.backup_id,
                 "backup_name": backup.backup_name, "backup_end_time": backup.end_time, "backup_end_wal": backup.end_wal,
@@ -266,7 +266,7 @@ class BarmanCloudRestoreOperator(RestoreStepOperator):
                 "pg_started_at": pg_started_at.isoformat()}
 
     def _wait_pid(self, plan: dict[str, Any], timeout_s: float = 60) -> int:
-        from pgops.lab import pid_alive
+        from pgops.procs import pid_alive
 
         pid_file = Path(plan["data_dir"]) / "postmaster.pid"
         deadline = time.monotonic() + timeout_s
@@ -542,7 +542,7 @@ class RestoreTeardownOperator(RestoreStepOperator):
 
 def stop_and_remove(op: RestoreStepOperator, cluster: Cluster, paths: dict[str, Any]) -> int | None:
     """Stop a scratch PostgreSQL by its pid (pg_ctl -m immediate first) and remove its scratch directory."""
-    from pgops.lab import pid_alive
+    from pgops.procs import pid_alive
 
     data, scratch = paths["data_dir"], paths["scratch_dir"]
     pid = None

@@ -75,7 +75,7 @@ class StandbyStepOperator(RestoreStepOperator):
 
     def stop_target(self, cluster: Cluster, data_dir: str) -> int | None:
         """Stop the target's postmaster (pg_ctl -m fast, then its pid); leave the data directory in place."""
-        from pgops.lab import pid_alive
+        from pgops.procs import pid_alive
 
         pid = None
         try:
@@ -277,7 +277,7 @@ class StandbyRestoreOperator(StandbyStepOperator):
         return {"pid": pid, "download_s": round(download_s, 3), "restore_started_at": started_at.isoformat()}
 
     def _wait_pid(self, plan: dict[str, Any], timeout_s: float = 60) -> int:
-        from pgops.lab import pid_alive
+        from pgops.procs import pid_alive
 
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

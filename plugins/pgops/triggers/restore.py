@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -11,18 +10,7 @@ from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie is not a running postmaster
-        return open(f"/proc/{pid}/stat").read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True
+from pgops.procs import pid_alive
 
 
 def _read_log(path: str) -> str:
@@ -100,7 +88,7 @@ class RecoveryEndedTrigger(BaseTrigger):
                                     "last_restored_segment": (parsed.restored_segments or [None])[-1],
                                     "recovery_stop": parsed.recovery_stop})
                 return
-            if not _pid_alive(self.pid):
+            if not pid_alive(self.pid):
                 text = await asyncio.to_thread(_read_log, self.log_file)
                 parsed = parse_server_log(text)
                 reason = parsed.failure_message() or "no FATAL line in its log"

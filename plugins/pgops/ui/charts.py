@@ -15,7 +15,8 @@ from datetime import UTC, datetime, timedelta
 from html import escape
 from typing import Any
 
-from pgops.ui.summary import human_bytes, human_duration, parse_ts
+from pgops.reports import parse_ts
+from pgops.ui.summary import human_bytes, human_duration
 
 STYLE = """
 :root { color-scheme: light dark;

@@ -14,10 +14,11 @@ by a run that failed half-way, must still render.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from pgops import wal
+from pgops.reports import parse_ts
 
 GREEN, AMBER, RED = "green", "amber", "red"
 _RANK = {GREEN: 0, AMBER: 1, RED: 2}
@@ -25,18 +26,6 @@ DAY_S = 86400.0
 
 
 # --- small helpers ------------------------------------------------------------------------------------
-
-
-def parse_ts(value: Any) -> datetime | None:
-    if value is None or value == "":
-        return None
-    if isinstance(value, datetime):
-        return value if value.tzinfo else value.replace(tzinfo=UTC)
-    try:
-        ts = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
 
 
 def _iso(ts: datetime | None) -> str | None:
