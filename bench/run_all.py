@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHES = ["bench_audit_listing.py", "bench_ebs_chain.py"]
+BENCHES = ["bench_audit_listing.py", "bench_ebs_chain.py", "bench_peers.py"]
 
 
 def main() -> int:

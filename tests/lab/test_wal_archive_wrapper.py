@@ -1,0 +1,126 @@
+"""include/dbhost/pgops_wal_archive.py on the real lab: segments archived ahead are in the bucket before
+PostgreSQL is told so, a marker that does not match the file is not trusted, a failure records nothing."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shlex
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.lab]
+
+SEGMENTS = [f"0000000100000000000000{n:02X}" for n in range(0xA0, 0xA6)]
+
+
+def _cluster(lab, parallel: int):
+    c = lab.cluster
+    return dataclasses.replace(c, engine=dataclasses.replace(c.engine, wal_archive_parallel=parallel))
+
+
+def _wal_keys(lab) -> set[str]:
+    st = lab.load()
+    keys = set()
+    for page in lab.s3_client().get_paginator("list_objects_v2").paginate(
+            Bucket=st.bucket, Prefix=f"{st.prefix}/{st.server_name}/wals/"):
+        keys |= {o["Key"].rsplit("/", 1)[-1].split(".")[0] for o in page.get("Contents", [])}
+    return keys
+
+
+@pytest.fixture
+def fake_pg_wal(lab, tmp_path):
+    """A data directory stand-in: pg_wal with six ready segments (a copy of a real segment's bytes)."""
+    from pgops.lab import as_db_user
+
+    st = lab.load()
+    data = Path("/var/tmp") / f"pgops-walwrap-{os.getpid()}"
+    (data / "pg_wal" / "archive_status").mkdir(parents=True)
+    real = sorted(n for n in os.listdir(Path(st.pg_data) / "pg_wal") if len(n) == 24)[0]
+    for name in SEGMENTS:
+        shutil.copyfile(Path(st.pg_data) / "pg_wal" / real, data / "pg_wal" / name)
+        (data / "pg_wal" / "archive_status" / f"{name}.ready").touch()
+    subprocess.run(["chown", "-R", "postgres:postgres", str(data)], check=False)
+    os.chmod(data, 0o755)
+
+    def run(parallel: int, segment: str, *, endpoint=None, env=None) -> subprocess.CompletedProcess:
+        from pgops.engines import barman_cloud
+
+        argv = barman_cloud.archive_command_argv(_cluster(lab, parallel), endpoint_url=endpoint or st.s3_endpoint)
+        return subprocess.run(as_db_user(["sh", "-c", f"cd {shlex.quote(str(data))} && {shlex.join(argv)} pg_wal/{segment}"],
+                                         env=env or lab.db_env(st)), capture_output=True, text=True, timeout=300)
+
+    yield data, run
+    shutil.rmtree(data, ignore_errors=True)
+
+
+def test_archives_ahead_and_trusts_only_matching_markers(lab, fake_pg_wal):
+    data, run = fake_pg_wal
+    spool = data / "pgops_wal_spool"
+    res = run(3, SEGMENTS[0])  # batch = 2 x parallel: this segment and the next five ready ones
+    assert res.returncode == 0, res.stderr
+    assert set(SEGMENTS) <= _wal_keys(lab)
+    assert sorted(p.name for p in spool.iterdir()) == [f"{n}.archived" for n in SEGMENTS[1:]]
+
+    # PostgreSQL's own call for a segment archived ahead returns at once and consumes the marker.
+    assert run(3, SEGMENTS[1]).returncode == 0
+    assert not (spool / f"{SEGMENTS[1]}.archived").exists()
+
+    # The file changed after it was archived ahead (e.g. a restored copy): the marker is not trusted.
+    st = lab.load()
+    key = next(k for k in _keys_for(lab, SEGMENTS[2]))
+    lab.s3_client().delete_object(Bucket=st.bucket, Key=key)
+    os.utime(data / "pg_wal" / SEGMENTS[2], ns=(1, 1))
+    for n in SEGMENTS[3:]:
+        (data / "pg_wal" / "archive_status" / f"{n}.ready").unlink()
+    assert run(2, SEGMENTS[2]).returncode == 0
+    assert SEGMENTS[2] in _wal_keys(lab), "a stale marker was trusted: the segment is not in the bucket"
+
+
+def test_a_failure_records_nothing(lab, fake_pg_wal):
+    data, run = fake_pg_wal
+    from pgops.lab import free_port
+
+    res = run(3, SEGMENTS[0], endpoint=f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    assert res.returncode != 0
+    assert "archive command failed for WAL segment" in res.stderr or "exception" in res.stderr.lower()
+    assert not list((data / "pgops_wal_spool").glob("*.archived"))
+
+
+def test_primary_archives_through_the_wrapper(lab):
+    from pgops.engines import barman_cloud
+
+    st = lab.load()
+    command = shlex.join(barman_cloud.archive_command_argv(_cluster(lab, 4), endpoint_url=st.s3_endpoint)) + " %p"
+    lab.psql("ALTER SYSTEM SET archive_command = '" + command.replace("'", "''") + "'")
+    lab.psql("SELECT pg_reload_conf()")
+    try:
+        lab.psql("CREATE TABLE IF NOT EXISTS wrapfill (x int)")
+        first = lab.psql("SELECT pg_walfile_name(pg_current_wal_lsn())")
+        for _ in range(6):
+            lab.psql("INSERT INTO wrapfill SELECT generate_series(1, 1000)")
+            lab.psql("SELECT pg_switch_wal()")
+        last = lab.psql("SELECT pg_walfile_name(pg_current_wal_lsn() - 1)")
+        deadline = time.time() + 120
+        while time.time() < deadline and lab.psql("SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver") < last:
+            time.sleep(0.5)
+        archived = lab.psql("SELECT last_archived_wal FROM pg_stat_archiver")
+        assert archived >= last
+        keys = _wal_keys(lab)
+        wanted = [n for n in sorted(os.listdir(Path(st.pg_data) / "pg_wal")) if len(n) == 24 and first <= n <= archived]
+        # Everything PostgreSQL was told is archived is in the bucket (recycled files are checked by range).
+        assert all(n in keys for n in wanted)
+        assert lab.psql("SELECT failed_count FROM pg_stat_archiver") == "0"
+    finally:
+        lab.psql("ALTER SYSTEM RESET archive_command")
+        lab.psql("SELECT pg_reload_conf()")
+
+
+def _keys_for(lab, segment: str) -> list[str]:
+    st = lab.load()
+    resp = lab.s3_client().list_objects_v2(Bucket=st.bucket, Prefix=f"{st.prefix}/{st.server_name}/wals/{segment[:16]}/")
+    return [o["Key"] for o in resp.get("Contents", []) if segment in o["Key"]]
