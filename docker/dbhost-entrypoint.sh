@@ -7,6 +7,7 @@ set -euo pipefail
 PG_BIN=${PGOPS_PG_BIN:-/usr/lib/postgresql/15/bin}
 install -d -o postgres -g postgres -m 0700 "$PGDATA"
 install -d -o postgres -g postgres -m 0775 /var/run/postgresql
+install -d -o postgres -g postgres -m 0755 "${PGOPS_RESTORE_SCRATCH_ROOT:-/var/tmp/pgops-restore}"
 
 if [ ! -s "$PGDATA/PG_VERSION" ]; then
   pwfile=$(mktemp); chown postgres "$pwfile"; chmod 0600 "$pwfile"

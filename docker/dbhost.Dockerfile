@@ -30,6 +30,7 @@ COPY include /opt/pgops/include
 COPY docker /opt/pgops/docker
 RUN /opt/airflow-venv/bin/pip install --no-cache-dir --no-deps -e /opt/pgops \
  && mkdir -p /opt/airflow/logs \
+ && install -d -o postgres -g postgres -m 0755 /var/tmp/pgops-restore \
  && chown -R postgres:0 /opt/airflow && chmod -R g+rwX /opt/airflow \
  && usermod -a -G root postgres
 

@@ -23,7 +23,7 @@ DOCKERFILES = {"airflow": REPO / "docker" / "airflow.Dockerfile", "dbhost": REPO
 # Read only by the lab, the demo or the tests: a deployment never sets them.
 LAB_OR_TEST_ONLY = re.compile(r"^PGOPS_(LAB_.*|TEST_.*|REPMGR_BIN|AWS_CALLS_FILE)$")
 LONG_RUNNING = {"postgres", "redis", "s3", "airflow-apiserver", "airflow-scheduler", "airflow-dag-processor",
-                "airflow-triggerer", "airflow-worker", "dbhost"}
+                "airflow-triggerer", "airflow-worker", "dbhost", "dbhost-triggerer"}
 
 _VAR = re.compile(r"\$(?:\{(?P<braced>[^}]*)\}|(?P<plain>[A-Za-z_][A-Za-z0-9_]*)|(?P<escaped>\$))")
 _BRACED = re.compile(r"^(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:-|-|:\?|\?|:\+|\+)(?P<arg>.*))?$", re.S)
@@ -146,12 +146,14 @@ def test_healthchecks_and_ordered_start_up(compose):
     assert env["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] == "http://airflow-apiserver:8080/execution/"
 
 
-def _worker_queues(compose) -> dict[str, set[str]]:
+def _queues(compose, component: str) -> dict[str, set[str]]:
+    """Queues served per service by Celery workers (component "worker") or triggerers ("triggerer")."""
     out = {}
     for name, svc in compose["services"].items():
         cmd = svc.get("command") or []
         cmd = cmd.split() if isinstance(cmd, str) else list(cmd)
-        if "celery" in cmd and "worker" in cmd:
+        if (component == "worker" and "celery" in cmd and "worker" in cmd) or (
+                component == "triggerer" and "triggerer" in cmd):
             queues = {"default"}
             for flag in ("--queues", "-q"):
                 if flag in cmd:
@@ -166,13 +168,19 @@ def test_worker_queues_match_the_example_inventory(compose):
 
     inventory = load_inventory(REPO / "include" / "clusters.example.yaml")
     wanted = {c.runner.queue for c in inventory.clusters} | {"default"}
-    queues = _worker_queues(compose)
+    queues = _queues(compose, "worker")
     served = set().union(*queues.values())
     assert served == wanted, f"compose workers serve {sorted(served)}, the inventory needs {sorted(wanted)}"
     assert queues["airflow-worker"] == {"default"}
     for c in inventory.clusters:  # a local-runner cluster's queue is served on its DB host, nowhere else
         if c.runner.kind == "local":
             assert [n for n, q in queues.items() if c.runner.queue in q] == ["dbhost"], c.name
+    # Triggers follow their task's queue: a triggerer serves each queue, the DB host's one inside dbhost.
+    triggerers = _queues(compose, "triggerer")
+    assert set().union(*triggerers.values()) == wanted, triggerers
+    assert compose["x-airflow-common"]["environment"]["AIRFLOW__TRIGGERER__QUEUES_ENABLED"] == "true"
+    dbt = compose["services"]["dbhost-triggerer"]
+    assert dbt["network_mode"] == "service:dbhost" and dbt["pid"] == "service:dbhost"
 
 
 def _env_vars_read_by_code() -> set[str]:
