@@ -492,7 +492,8 @@ def load_inventory(path: str | Path | None = None) -> Inventory:
     except FileNotFoundError:
         raise InventoryError(f"inventory file {path} does not exist. Fix: set {INVENTORY_ENV} to your clusters.yaml") from None
     try:
-        data = yaml.safe_load(text)
+        # libyaml's loader when built in: every DAG file parses the inventory, ~10x faster than pure Python.
+        data = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # noqa: S506 (a safe loader)
     except yaml.YAMLError as exc:
         raise InventoryError(f"{path}: not valid YAML ({exc}). Fix: check indentation and quoting") from None
     return parse_inventory(data, path)
