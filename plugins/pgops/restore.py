@@ -168,7 +168,14 @@ def socket_path_problem(socket_dir: str) -> str | None:
 
 def restore_command(wal_restore_argv: Sequence[str]) -> str:
     """restore_command: barman-cloud-wal-restore's argv (with -p N --spool-dir) plus PostgreSQL's %f %p."""
-    return shlex.join([str(a) for a in wal_restore_argv]) + " %f %p"
+    argv = [str(a) for a in wal_restore_argv]
+    command = shlex.join(argv) + " %f %p"
+    if "--spool-dir" in argv[:-1]:
+        # barman-cloud-wal-restore's own first step (a prefetched segment is moved out of the spool) without its
+        # ~1 s Python start per segment; anything else (or a failed move) goes to barman-cloud-wal-restore.
+        spool = shlex.quote(argv[argv.index("--spool-dir") + 1] + "/")
+        return f"[ -f {spool}%f ] && mv -f {spool}%f %p || {command}"
+    return command
 
 
 def recovery_settings(*, restore_command: str, target: RecoveryTarget, port: int, socket_dir: str,
