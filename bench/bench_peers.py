@@ -39,6 +39,7 @@ sys.path.insert(0, str(REPO / "plugins"))
 
 import peers_lib as pl  # noqa: E402
 
+from pgops import restore as core  # noqa: E402
 from pgops.engines import barman_cloud  # noqa: E402
 from pgops.inventory import load_inventory  # noqa: E402
 from pgops.lab import Lab, as_db_user  # noqa: E402
@@ -244,14 +245,17 @@ class Bench:
 
         local = scratch / "walcopy"
         out["local_copy_segments"] = pl.download_wal_copy(lab, st, local, newest.begin_wal or "")
-        spool = scratch / "spool"
-        spool.mkdir(mode=0o700, exist_ok=True)
-        pl.chown_db(spool)
+        spool, spool2 = scratch / "spool-bare", scratch / "spool-pgops"  # one each: no segment fetched by the other
+        for d in (spool, spool2):
+            d.mkdir(mode=0o700, exist_ok=True)
+            pl.chown_db(d)
         variants = {
             "barman_no_prefetch": shlex.join(barman_cloud.wal_restore_argv(self.cluster, endpoint_url=st.s3_endpoint))
             + " %f %p",
             "barman_prefetch": shlex.join(barman_cloud.wal_restore_argv(
                 self.cluster, endpoint_url=st.s3_endpoint, parallel=args.wal_parallel, spool_dir=str(spool))) + " %f %p",
+            "pgops_prefetch": core.restore_command(barman_cloud.wal_restore_argv(
+                self.cluster, endpoint_url=st.s3_endpoint, parallel=args.wal_parallel, spool_dir=str(spool2))),
             "local_copy": f"cp {shlex.quote(str(local))}/%f %p",
         }
         out["replay"] = {}
@@ -282,12 +286,13 @@ class Bench:
         pl.remove_tree(target)
         pgbr_total = out["pgbackrest_restore_s"] + out["pgbackrest_replay"]["replay_s"]
         out["pgbackrest_total_s"] = pgbr_total
-        out["barman_total_prefetch_s"] = out["barman_restore_s"] + out["replay"]["barman_prefetch"]["replay_s"]
+        out["barman_total_prefetch_s"] = out["barman_restore_s"] + out["replay"]["pgops_prefetch"]["replay_s"]
         rp = out["replay"]
         out["ratios"] = {
             "dag_rto_over_pgbackrest": (out["dag"]["rto_s"] or 0) / pgbr_total,
             "barman_prefetch_total_over_pgbackrest": out["barman_total_prefetch_s"] / pgbr_total,
-            "replay_prefetch_over_local": rp["barman_prefetch"]["replay_s"] / rp["local_copy"]["replay_s"],
+            "replay_prefetch_over_local": rp["pgops_prefetch"]["replay_s"] / rp["local_copy"]["replay_s"],
+            "replay_bare_prefetch_over_local": rp["barman_prefetch"]["replay_s"] / rp["local_copy"]["replay_s"],
             "replay_no_prefetch_over_local": rp["barman_no_prefetch"]["replay_s"] / rp["local_copy"]["replay_s"],
         }
         return out
@@ -367,6 +372,8 @@ def table(r: dict) -> str:
     rows += [("restore a: barman-cloud-restore", f"{x['barman_restore_s']:.1f} s", f"{x['replayed_wal_bytes'] / 2**20:.0f} MiB WAL to replay"),
              ("  replay, no prefetch", f"{rp['barman_no_prefetch']['replay_s']:.1f} s", f"{rp['barman_no_prefetch']['segments_restored']} seg"),
              ("  replay, --parallel prefetch", f"{rp['barman_prefetch']['replay_s']:.1f} s", f"{rp['barman_prefetch']['segments_restored']} seg"),
+             ("  replay, prefetch + spool shortcut (ours)", f"{rp['pgops_prefetch']['replay_s']:.1f} s",
+              f"{rp['pgops_prefetch']['segments_restored']} seg"),
              ("  replay from a local WAL copy", f"{rp['local_copy']['replay_s']:.1f} s", ""),
              ("restore b: restore-verify DAG RTO", f"{x['dag']['rto_s'] or 0:.1f} s", f"whole run {x['dag']['run_s']:.1f} s"),
              ("restore c: pgBackRest restore + replay", f"{x['pgbackrest_total_s']:.1f} s",

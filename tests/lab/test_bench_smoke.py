@@ -32,7 +32,7 @@ def test_bench_peers_smoke(tmp_path):
         assert w["wal_bytes"] > 0 and w["drained"] and w["failed_archive_calls"] == 0, name
     x = r["restore"]
     assert x["dag"]["rto_s"] > 0 and x["pgbackrest_total_s"] > 0
-    for name in ("barman_no_prefetch", "barman_prefetch", "local_copy"):
+    for name in ("barman_no_prefetch", "barman_prefetch", "pgops_prefetch", "local_copy"):
         assert x["replay"][name]["segments_restored"] > 0, name
     assert r["parse"]["dags"] == 3 * 4 and r["parse"]["guarded_calls"] == []
     for line in ("backup c: DAG backup task", "WAL pgops wrapper", "restore b: restore-verify DAG RTO", "parse: DagBag"):
