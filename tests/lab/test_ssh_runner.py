@@ -267,3 +267,18 @@ def test_restore_verification_dag_through_ssh(lab, run_dag, sshd, ssh_conn, tmp_
         assert not os.path.exists(scratch_paths(scratch_root, dag.dag_id, dr.run_id)["scratch_dir"])
     finally:
         shutil.rmtree(scratch_root, ignore_errors=True)
+
+
+def test_remote_command_quotes_every_word_and_refuses_unsafe_environment():
+    import shlex
+
+    from pgops.runners import REMOTE_SCRIPT, SshRunner, _env_block
+
+    argv = ["/opt/x/barman-cloud-backup", "--name", "a b'c", "$(reboot)", "s3://b/p"]
+    words = shlex.split(SshRunner(ssh_conn_id=CONN_ID).remote_command(argv, timeout_s=90.4))
+    assert words == ["sh", "-c", REMOTE_SCRIPT, "pgops-runner", "90s", *argv]
+    assert _env_block({"A": "x y"}) == b"A=x y\n\n"
+    with pytest.raises(ValueError, match="newline"):
+        _env_block({"PGPASSWORD": "a\nb"})
+    with pytest.raises(ValueError, match="not valid"):
+        _env_block({"A;rm": "x"})
