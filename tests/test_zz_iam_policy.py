@@ -110,7 +110,7 @@ def test_no_policy_action_is_unused(aws_calls):
         pytest.skip("only a subset of the suite ran (-k/-m/paths/deselection): unused actions cannot be judged")
     not_run = aws_calls.not_run()
     if not_run:
-        pytest.skip(f"{len(not_run)} test(s) did not pass in this session (e.g. {not_run[0]}): "
+        pytest.skip(f"{len(not_run)} test(s) failed or did not run in this session (e.g. {not_run[0]}): "
                     "their AWS calls may be missing, so unused actions cannot be judged")
     used = {iam_action(c) for c in aws_calls.product_calls()}
     unused = []
