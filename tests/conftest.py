@@ -64,6 +64,15 @@ def lab():
 
 
 @pytest.fixture
+def db_tmp_path():
+    """A temp dir the postgres OS user can reach (pytest's own tmp_path sits under a 0700 directory)."""
+    path = Path(tempfile.mkdtemp(prefix="pgops-dbtmp-"))
+    os.chmod(path, 0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
 def run_dag(airflow_db):
     """Run a DAG through dag.test() with retries off (a test must not sleep through backoff)."""
 

@@ -162,12 +162,12 @@ def test_dag_run_succeeds_and_writes_report(lab, run_dag):
 
 
 @pytest.mark.skipif(not shutil.which("pgbackrest"), reason="pgbackrest is not installed (include/dbhost/apt-packages.txt)")
-def test_pgbackrest_repository(lab, tmp_path):
+def test_pgbackrest_repository(lab, db_tmp_path):
     from pgops.audit import audit_cluster
     from pgops.lab import as_db_user, is_root
 
     st = lab.load()
-    work = tmp_path / "pgbr"
+    work = db_tmp_path / "pgbr"
     (work / "log").mkdir(parents=True)
     (work / "lock").mkdir()
     repo_prefix = f"pgbackrest-{secrets.token_hex(3)}"
@@ -181,7 +181,7 @@ def test_pgbackrest_repository(lab, tmp_path):
         "[main]", f"pg1-path={st.pg_data}", f"pg1-port={st.pg_port}", f"pg1-socket-path={st.pg_socket_dir}",
         "pg1-user=postgres", ""]))
     os.chmod(conf, 0o600)
-    for p in [tmp_path, work]:
+    for p in [db_tmp_path, work]:
         os.chmod(p, 0o755)
     if is_root():
         pw = pwd.getpwnam("postgres")

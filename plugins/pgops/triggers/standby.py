@@ -10,7 +10,8 @@ from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
-from pgops.triggers.restore import _pid_alive, _read_log
+from pgops.procs import pid_alive
+from pgops.triggers.restore import _read_log
 
 STREAMING_SQL = """
 SELECT pg_is_in_recovery() AS in_recovery,
@@ -80,7 +81,7 @@ class StandbyStreamingTrigger(BaseTrigger):
                                         "lag_bytes": int(state["lag_bytes"]), "timeline": state["received_tli"],
                                         "replay_lsn": state["replay_lsn"]})
                     return
-            if not _pid_alive(self.pid):
+            if not pid_alive(self.pid):
                 yield self._error(f"PostgreSQL (postmaster pid {self.pid}) exited before the standby streamed")
                 return
             if time.monotonic() >= deadline:
