@@ -64,7 +64,8 @@ class Engine:
     compression: str = "gzip"
     wal_compression: str = "gzip"
     jobs: int = 2
-    wal_archive_parallel: int = 1  # >1: include/dbhost/pgops_wal_archive.py archives ready segments ahead
+    # >1: include/dbhost/pgops_wal_archive.py archives ready segments ahead (bench_peers: 1.9x the bare CLI)
+    wal_archive_parallel: int = 4
     immediate_checkpoint: bool = True
     bin_dir: str = ""
     timeout_s: int = 6 * 3600
@@ -283,7 +284,7 @@ def _parse_cluster(raw: Any, index: int, path: Path) -> Cluster:
         compression=engine_f.choice("compression", "gzip", BACKUP_COMPRESSIONS),
         wal_compression=engine_f.choice("wal_compression", "gzip", WAL_COMPRESSIONS),
         jobs=engine_f.integer("jobs", 2, minimum=1, maximum=64),
-        wal_archive_parallel=engine_f.integer("wal_archive_parallel", 1, minimum=1, maximum=32),
+        wal_archive_parallel=engine_f.integer("wal_archive_parallel", 4, minimum=1, maximum=32),
         immediate_checkpoint=engine_f.boolean("immediate_checkpoint", True),
         bin_dir=expand_env(engine_f.string("bin_dir", "") or ""),
         timeout_s=engine_f.integer("timeout_s", 6 * 3600, minimum=60),
