@@ -1,8 +1,10 @@
 """Bucket lifecycle rules against the retention policy: can S3 delete WAL or backups still needed?
 
-Input is the boto3 shape of get_bucket_lifecycle_configuration()["Rules"]. Retention belongs to
-barman-cloud-backup-delete; a lifecycle rule is only a safety net, so it must never expire
-objects younger than the retention needs, and never the write-once .history and backup.info files.
+Input is the boto3 shape of get_bucket_lifecycle_configuration()["Rules"]. Retention belongs to the
+archiver (barman-cloud-backup-delete, pgbackrest expire, wal-g/wal-e delete); a lifecycle rule is
+only a safety net, so it must never expire objects younger than the retention needs, and never the
+write-once .history files and backup metadata. Where each kind of object lives under the cluster
+root is one table per bucket layout (LAYOUT_PATHS).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from datetime import UTC, date, datetime
 from typing import Any
 
 from pgops import findings as F
+from pgops import layouts
 
 DEFAULT_MARGIN_DAYS = 7
 ABORT_MULTIPART_DAYS = 7
@@ -23,7 +26,6 @@ DEFAULT_WAL_TAG = ("pgops-expire", "wal")  # archive with barman-cloud-wal-archi
 _DAYS_PER_UNIT = {"DAY": 1, "WEEK": 7, "MONTH": 31}  # barman counts a month as 31 days
 _RETENTION_RE = re.compile(r"^\s*(?:RECOVERY\s+WINDOW\s+OF\s+(\d+)\s+(DAY|WEEK|MONTH)S?|REDUNDANCY\s+(\d+))\s*$",
                            re.IGNORECASE)
-_HEX = set("0123456789ABCDEF")
 
 WAL = "wal"
 HISTORY = "history"
@@ -85,6 +87,8 @@ class LifecycleAssessment:
     findings: list[F.Finding] = field(default_factory=list)
     recommended: dict[str, Any] = field(default_factory=dict)  # boto3 LifecycleConfiguration
     days_until_last_backup_expires: float | None = None
+    layout: str | None = layouts.BARMAN_CLOUD
+    recommended_notes: list[str] = field(default_factory=list)  # why the recommendation looks as it does
 
     @property
     def status(self) -> str:
@@ -93,18 +97,163 @@ class LifecycleAssessment:
     def to_dict(self) -> dict[str, Any]:
         return {"status": self.status, "required_days": self.required_days,
                 "days_until_last_backup_expires": self.days_until_last_backup_expires,
-                "findings": [f.to_dict() for f in self.findings], "recommended": self.recommended}
+                "layout": self.layout, "findings": [f.to_dict() for f in self.findings],
+                "recommended": self.recommended, "recommended_notes": self.recommended_notes}
 
 
-def _could_start(rest: str, template: str) -> bool:
-    """Could a key remainder matching template ('H' = upper hex, else literal) start with rest?"""
-    for char, want in zip(rest, template, strict=False):
-        if want == "H":
-            if char not in _HEX:
-                return False
-        elif char != want:
+# --- where each object class lives, per bucket layout -----------------------------------------------
+#
+# Key templates are relative to the cluster root (the barman-cloud server prefix, the pgBackRest
+# repo path, the WAL-G/WAL-E prefix). A {token} stands for a run of characters of one kind; the
+# rest is literal. The names the tools generate (backup ids, labels, archive ids) have their own
+# character sets so that, say, backup/<stanza>/backup.info is not mistaken for a backup directory.
+
+_UPPER_HEX = frozenset("0123456789ABCDEF")
+_DIGITS = frozenset("0123456789")
+_ANY = frozenset()  # as a charset: any character, "/" included
+_TOKENS: dict[str, tuple[frozenset[str] | None, int, int | None]] = {  # charset (None: any but "/"), min, max
+    "h8": (_UPPER_HEX, 8, 8),
+    "h16": (_UPPER_HEX, 16, 16),
+    "seg": (_UPPER_HEX, 24, 24),
+    "name": (None, 1, None),
+    "int": (_DIGITS, 1, None),
+    "barman_id": (_DIGITS | {"T"}, 1, None),  # 20261125T120000
+    "pg_version": (_DIGITS | {"."}, 1, None),  # archive id <pg_version>-<int>: 15-1, 9.6-2
+    "pgbr_label": (_DIGITS | set("-_FDI"), 1, None),  # 20261125-120000F[_20261126-120000D|I]
+    "xlog_name": (_UPPER_HEX | {"_", "D"}, 1, None),  # base_<seg>[_D_<seg>] (WAL-G), base_<seg>_<offset> (WAL-E)
+    "*": (_ANY, 0, None),
+}
+_TOKEN_RE = re.compile(r"\{([^}]+)\}")
+
+
+def _compile(template: str) -> tuple[str | tuple[frozenset[str] | None, int, int | None], ...]:
+    parts = _TOKEN_RE.split(template)
+    return tuple(_TOKENS[part] if i % 2 else part for i, part in enumerate(parts) if part)
+
+
+def _reaches(prefix: str, tokens: tuple, *, full: bool = False, i: int = 0, t: int = 0) -> bool:
+    """Can a key of the template start with prefix (full: be exactly prefix)?"""
+    if i == len(prefix):
+        return not full or all(not isinstance(tok, str) and tok[1] == 0 for tok in tokens[t:])
+    if t == len(tokens):
+        return False
+    tok = tokens[t]
+    if isinstance(tok, str):
+        n = min(len(tok), len(prefix) - i)
+        if prefix[i:i + n] != tok[:n]:
             return False
-    return True
+        if n < len(tok):
+            return not full
+        return _reaches(prefix, tokens, full=full, i=i + n, t=t + 1)
+    chars, low, high = tok
+    k = 0
+    while True:
+        if k >= low and _reaches(prefix, tokens, full=full, i=i + k, t=t + 1):
+            return True
+        if i + k == len(prefix):
+            return not full
+        char = prefix[i + k]
+        if k == high or (char == "/" if chars is None else chars is not _ANY and char not in chars):
+            return False
+        k += 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class LayoutPaths:
+    """Where a layout keeps each object class, and who owns its retention."""
+
+    tool: str
+    retention: str  # the command that expires backups and WAL together
+    reach: dict[str, tuple[str, ...]]  # class -> key templates
+    # class -> templates of keys that are not of that class although its templates reach them: a rule
+    # prefix that is itself such a key (e.g. <backup dir>/backup.info) does not reach the class
+    not_reach: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    history: str  # where .history files are, for messages
+    metadata: str  # which metadata files, for messages
+    base: str  # where base backup data is, for messages
+    # WAL alone can be tagged (barman-cloud-wal-archive --tag, not --history-tag): the prefix of the
+    # tag-filtered WAL rule the recommendation adds; None when the tool cannot tag WAL apart
+    tagged_wal_prefix: str | None = None
+    no_wal_rule: str = ""  # why the recommendation has no WAL rule (when tagged_wal_prefix is None)
+
+    def compiled(self, table: str) -> dict[str, tuple[tuple, ...]]:
+        return {cls: tuple(_compile(t) for t in templates)
+                for cls, templates in getattr(self, table).items()}
+
+
+UNKNOWN_LAYOUT = None
+LAYOUT_PATHS: dict[str | None, LayoutPaths] = {
+    layouts.BARMAN_CLOUD: LayoutPaths(
+        tool="barman-cloud", retention="barman-cloud-backup-delete",
+        reach={WAL: ("wals/{h16}/{*}",), HISTORY: ("wals/{h8}.history{*}",),
+               BASE: ("base/{barman_id}/{*}",), BACKUP_METADATA: ("base/{barman_id}/backup.info",)},
+        not_reach={BASE: ("base/{barman_id}/backup.info",)},
+        history="wals/<timeline>.history", metadata="base/<backup id>/backup.info", base="base/<backup id>/",
+        tagged_wal_prefix="wals/",
+    ),
+    layouts.PGBACKREST: LayoutPaths(
+        tool="pgBackRest", retention="pgbackrest expire (repo1-retention-full / repo1-retention-archive)",
+        reach={WAL: ("archive/{name}/{pg_version}-{int}/{h16}/{*}",),
+               HISTORY: ("archive/{name}/{pg_version}-{int}/{h8}.history{*}",),
+               BASE: ("backup/{name}/{pgbr_label}/{*}",),
+               BACKUP_METADATA: ("archive/{name}/archive.info{*}", "backup/{name}/backup.info{*}",
+                                 "backup/{name}/{pgbr_label}/backup.manifest{*}")},
+        not_reach={BASE: ("backup/{name}/{pgbr_label}/backup.manifest{*}",)},
+        history="archive/<stanza>/<pg version>-<id>/<timeline>.history",
+        metadata="backup/<stanza>/backup.info, backup/<stanza>/<label>/backup.manifest and "
+                 "archive/<stanza>/archive.info",
+        base="backup/<stanza>/<label>/",
+        no_wal_rule="pgBackRest cannot tag WAL apart from its other objects and keeps .history files next to "
+                    "the WAL directories, so no lifecycle filter selects WAL alone",
+    ),
+    layouts.WAL_G: LayoutPaths(
+        tool="WAL-G", retention="wal-g delete retain",
+        reach={WAL: ("wal_005/{seg}{*}",), HISTORY: ("wal_005/{h8}.history{*}",),
+               BASE: ("basebackups_005/base_{xlog_name}/{*}",),
+               BACKUP_METADATA: ("basebackups_005/base_{xlog_name}_backup_stop_sentinel.json",
+                                 "basebackups_005/base_{xlog_name}/metadata.json")},
+        not_reach={BASE: ("basebackups_005/base_{xlog_name}/metadata.json",)},
+        history="wal_005/<timeline>.history.<ext>",
+        metadata="basebackups_005/<backup>_backup_stop_sentinel.json and <backup>/metadata.json",
+        base="basebackups_005/<backup>/",
+        no_wal_rule="WAL-G cannot tag objects and keeps .history files in wal_005/ with the WAL, so no "
+                    "lifecycle filter selects WAL alone",
+    ),
+    layouts.WAL_E: LayoutPaths(
+        tool="WAL-E", retention="wal-e delete retain",
+        reach={WAL: ("wal_005/{seg}{*}",), HISTORY: ("wal_005/{h8}.history{*}",),
+               BASE: ("basebackups_005/base_{xlog_name}/{*}",),
+               BACKUP_METADATA: ("basebackups_005/base_{xlog_name}_backup_stop_sentinel.json",)},
+        history="wal_005/<timeline>.history.lzo", metadata="basebackups_005/<backup>_backup_stop_sentinel.json",
+        base="basebackups_005/<backup>/",
+        no_wal_rule="WAL-E cannot tag objects and keeps .history files in wal_005/ with the WAL, so no "
+                    "lifecycle filter selects WAL alone",
+    ),
+    # not recognised: any key under the root may be anything (but pgops' own reports)
+    UNKNOWN_LAYOUT: LayoutPaths(
+        tool="the archiver", retention="the archiver's own retention",
+        reach={WAL: ("{*}",), HISTORY: ("{*}",), BASE: ("{*}",), BACKUP_METADATA: ("{*}",)},
+        not_reach={cls: ("pgops/{*}",) for cls in (WAL, HISTORY, BASE, BACKUP_METADATA)},
+        history=".history files", metadata="backup metadata", base="base backups",
+        no_wal_rule="the bucket layout is not recognised, so where WAL lives is unknown",
+    ),
+}
+_COMPILED = {name: (paths.compiled("reach"), paths.compiled("not_reach")) for name, paths in LAYOUT_PATHS.items()}
+
+
+def layout_paths(layout: str | None) -> LayoutPaths:
+    if layout not in LAYOUT_PATHS:
+        raise ValueError(f"layout {layout!r} is not one of {layouts.LAYOUTS} (or None: not recognised)")
+    return LAYOUT_PATHS[layout]
+
+
+def classes_reached(rest: str, layout: str | None) -> set[str]:
+    """The object classes with a key (relative to the cluster root) that starts with rest."""
+    layout_paths(layout)
+    reach, not_reach = _COMPILED[layout]
+    return {cls for cls, templates in reach.items()
+            if any(_reaches(rest, tokens) for tokens in templates)
+            and not any(_reaches(rest, tokens, full=True) for tokens in not_reach.get(cls, ()))}
 
 
 def _rule_prefix_and_tags(rule: Mapping[str, Any]) -> tuple[str, dict[str, str]]:
@@ -120,9 +269,12 @@ def _rule_prefix_and_tags(rule: Mapping[str, Any]) -> tuple[str, dict[str, str]]
 
 
 def rule_scope(rule: Mapping[str, Any], *, cluster_prefix: str,
-               object_tags: Mapping[str, Mapping[str, str]] | None = None) -> RuleScope:
+               object_tags: Mapping[str, Mapping[str, str]] | None = None,
+               layout: str | None = layouts.BARMAN_CLOUD) -> RuleScope:
     """The cluster's object classes (WAL, HISTORY, BASE, BACKUP_METADATA) a rule's filter matches.
 
+    layout: the bucket layout under cluster_prefix (layouts.BARMAN_CLOUD, PGBACKREST, WAL_G, WAL_E;
+    None when not recognised: then any key under it counts as every class).
     object_tags: the tags each class is written with (barman-cloud --tag / --history-tag / --tags);
     a tag filter matches a class only when the class carries all of the rule's tags.
     """
@@ -133,23 +285,7 @@ def rule_scope(rule: Mapping[str, Any], *, cluster_prefix: str,
     if base_prefix.startswith(prefix):
         classes = {WAL, HISTORY, BASE, BACKUP_METADATA}
     elif prefix.startswith(base_prefix):
-        rest = prefix[len(base_prefix):]
-        if _could_start(rest, "wals/"):
-            tail = rest[len("wals/"):]
-            if _could_start(tail, "HHHHHHHHHHHHHHHH/") and not tail[:1] == ".":
-                classes.add(WAL)
-            if _could_start(tail, "HHHHHHHH.history"):
-                classes.add(HISTORY)
-        if _could_start(rest, "base/"):
-            tail = rest[len("base/"):]
-            if "/" not in tail:
-                classes |= {BASE, BACKUP_METADATA}
-            else:
-                file_part = tail.split("/", 1)[1]
-                if "/" not in file_part and "backup.info".startswith(file_part):
-                    classes.add(BACKUP_METADATA)
-                if file_part != "backup.info":
-                    classes.add(BASE)
+        classes = classes_reached(prefix[len(base_prefix):], layout)
     if tags:
         classes = {c for c in classes if all(object_tags.get(c, {}).get(k) == v for k, v in tags.items())}
     return RuleScope(rule_id=rule.get("ID", "(no id)"), classes=frozenset(classes),
@@ -179,10 +315,12 @@ def evaluate_lifecycle(
     margin_days: int = DEFAULT_MARGIN_DAYS,
     now: datetime | None = None,
     wal_tag: tuple[str, str] = DEFAULT_WAL_TAG,
+    layout: str | None = layouts.BARMAN_CLOUD,
 ) -> LifecycleAssessment:
     """Findings for the bucket's lifecycle rules and a corrected configuration.
 
     rules: the "Rules" list, or None/[] when the bucket has no lifecycle configuration.
+    layout: the bucket layout under cluster_prefix (None: not recognised, every key counts).
     newest_backup_age_days: age of the newest finished backup, to tell when backups have stopped.
     """
     policy = retention_policy if isinstance(retention_policy, RetentionPolicy) else parse_retention_policy(
@@ -190,27 +328,35 @@ def evaluate_lifecycle(
     today = (now or datetime.now(UTC)).date()
     needed = required_days(policy, backup_interval_days=backup_interval_days,
                            oldest_needed_backup_age_days=oldest_needed_backup_age_days, margin_days=margin_days)
-    assessment = LifecycleAssessment(required_days=needed)
+    paths = layout_paths(layout)
+    assessment = LifecycleAssessment(required_days=needed, layout=layout)
     out = assessment.findings
+    if paths.tagged_wal_prefix is not None:
+        wal_fix = f"tagged WAL expiry after {needed} days, "
+        history_fix = (f"limit the rule to tagged WAL (archive with --tag {wal_tag[0]},{wal_tag[1]} and filter on "
+                       f"that tag) so .history files are never expired")
+    else:
+        wal_fix = ""
+        history_fix = f"remove the rule's expiration and let {paths.retention} expire WAL: {paths.no_wal_rule}"
     rules = list(rules or [])
     base_expiry: list[float] = []
     if not rules:
         out.append(F.Finding(
             id=F.LIFECYCLE_ABSENT, severity=F.OK,
             message=f"bucket has no lifecycle configuration: retention of {cluster_prefix} relies on "
-                    f"barman-cloud-backup-delete ({policy}) alone",
-            evidence={"cluster_prefix": cluster_prefix},
-            fix="optionally add the recommended safety-net rules (tagged WAL expiry after "
-                f"{needed} days, abort incomplete multipart uploads)",
+                    f"{paths.retention} ({policy}) alone",
+            evidence={"cluster_prefix": cluster_prefix, "layout": layout},
+            fix=f"optionally add the recommended safety-net rules ({wal_fix}abort incomplete multipart uploads)",
         ))
     for rule in rules:
         if rule.get("Status") != "Enabled":
             continue
-        scope = rule_scope(rule, cluster_prefix=cluster_prefix, object_tags=object_tags)
+        scope = rule_scope(rule, cluster_prefix=cluster_prefix, object_tags=object_tags, layout=layout)
         _, tags = _rule_prefix_and_tags(rule)
         days = _expiry_days(rule, today)
         evidence = {"rule_id": scope.rule_id, "expiration_days": days, "required_days": needed,
-                    "retention_policy": str(policy), "classes": sorted(scope.classes), "rule_tags": tags}
+                    "retention_policy": str(policy), "classes": sorted(scope.classes), "rule_tags": tags,
+                    "layout": layout}
         if tags:
             affected = "affects" if scope.classes else "does not affect"
             out.append(F.Finding(
@@ -253,26 +399,26 @@ def evaluate_lifecycle(
                 message=f"lifecycle rule {scope.rule_id} expires base backups of {cluster_prefix} after {days:.0f} "
                         f"days; retention {policy} needs {needed}",
                 evidence=evidence,
-                fix="remove expiration from base/ (barman-cloud-backup-delete owns retention) or raise it to "
+                fix=f"remove expiration from {paths.base} ({paths.retention} owns retention) or raise it to "
                     f"at least {needed} days",
             ))
         if HISTORY in scope.classes:
             out.append(F.Finding(
                 id=F.LIFECYCLE_EXPIRES_HISTORY, severity=F.WARNING,
-                message=f"lifecycle rule {scope.rule_id} expires .history files under {cluster_prefix}/wals after "
-                        f"{days:.0f} days; they are written once and recovery across a timeline switch needs them",
+                message=f"lifecycle rule {scope.rule_id} expires .history files ({cluster_prefix}/{paths.history}) "
+                        f"after {days:.0f} days; they are written once and recovery across a timeline switch "
+                        f"needs them",
                 evidence=evidence,
-                fix=f"limit the rule to tagged WAL (archive with --tag {wal_tag[0]},{wal_tag[1]} and filter on "
-                    f"that tag) so .history files are never expired",
+                fix=history_fix,
             ))
         if BACKUP_METADATA in scope.classes:
             out.append(F.Finding(
                 id=F.LIFECYCLE_EXPIRES_BACKUP_METADATA, severity=F.WARNING,
-                message=f"lifecycle rule {scope.rule_id} expires backup.info files under {cluster_prefix}/base "
-                        f"after {days:.0f} days; barman-cloud then no longer sees the backup and cannot "
-                        f"delete its data",
+                message=f"lifecycle rule {scope.rule_id} expires backup metadata ({paths.metadata} under "
+                        f"{cluster_prefix}) after {days:.0f} days; {paths.tool} then no longer knows the backup: "
+                        f"it can neither restore it nor delete its data",
                 evidence=evidence,
-                fix="remove expiration from base/; barman-cloud-backup-delete deletes backups with their metadata",
+                fix=f"remove that expiration; {paths.retention} deletes backups with their metadata",
             ))
         if BASE in scope.classes:
             base_expiry.append(days)
@@ -297,7 +443,8 @@ def evaluate_lifecycle(
             evidence={"required_days": needed, "rule_ids": [r.get("ID") for r in rules]},
         ))
     assessment.recommended = recommend_configuration(rules, cluster_prefix=cluster_prefix, required=needed,
-                                                     object_tags=object_tags, wal_tag=wal_tag, today=today)
+                                                     object_tags=object_tags, wal_tag=wal_tag, today=today,
+                                                     layout=layout, notes=assessment.recommended_notes)
     return assessment
 
 
@@ -309,12 +456,18 @@ def recommend_configuration(
     object_tags: Mapping[str, Mapping[str, str]] | None = None,
     wal_tag: tuple[str, str] = DEFAULT_WAL_TAG,
     today: date | None = None,
+    layout: str | None = layouts.BARMAN_CLOUD,
+    notes: list[str] | None = None,
 ) -> dict[str, Any]:
     """A full LifecycleConfiguration: others' rules kept, ours safe, plus pgops' safety-net rules.
 
-    Rules scoped inside the cluster prefix lose their expiration (replaced by the tagged WAL rule);
-    broader rules cannot exclude a prefix, so their expiration is only raised to the required days.
+    Rules scoped inside the cluster prefix lose their expiration (replaced by the tagged WAL rule
+    where the layout's tool can tag WAL apart from .history files: barman-cloud only); broader
+    rules cannot exclude a prefix, so their expiration is only raised to the required days.
+    notes: when given, receives why the configuration has no WAL rule (S3 rules carry no comment;
+    the ID of pgops' abort-multipart rule says it too).
     """
+    paths = layout_paths(layout)
     today = today or datetime.now(UTC).date()
     base_prefix = cluster_prefix.strip("/") + "/"
     slug = re.sub(r"[^A-Za-z0-9-]+", "-", cluster_prefix.strip("/")) or "root"
@@ -322,7 +475,7 @@ def recommend_configuration(
     has_abort = has_wal_rule = False
     for rule in rules:
         fixed = copy.deepcopy(dict(rule))
-        scope = rule_scope(rule, cluster_prefix=cluster_prefix, object_tags=object_tags)
+        scope = rule_scope(rule, cluster_prefix=cluster_prefix, object_tags=object_tags, layout=layout)
         enabled = rule.get("Status") == "Enabled"
         covers_all = base_prefix.startswith(_rule_prefix_and_tags(rule)[0])
         if enabled and covers_all and "AbortIncompleteMultipartUpload" in fixed:
@@ -341,16 +494,24 @@ def recommend_configuration(
                                                  "NoncurrentVersionTransitions", "AbortIncompleteMultipartUpload")):
                     continue
         out.append(fixed)
-    if not has_wal_rule:
+    abort_id = f"pgops-{slug}-abort-multipart"
+    if not has_wal_rule and paths.tagged_wal_prefix is not None:
         out.append({
             "ID": f"pgops-{slug}-wal-expiry"[:255],
             "Status": "Enabled",
-            "Filter": {"And": {"Prefix": f"{base_prefix}wals/", "Tags": [{"Key": wal_tag[0], "Value": wal_tag[1]}]}},
+            "Filter": {"And": {"Prefix": f"{base_prefix}{paths.tagged_wal_prefix}",
+                               "Tags": [{"Key": wal_tag[0], "Value": wal_tag[1]}]}},
             "Expiration": {"Days": required},
         })
+    elif not has_wal_rule:
+        tool = re.sub(r"[^a-z0-9]+", "-", paths.tool.lower()).strip("-")
+        abort_id += f"-no-wal-expiry-{tool}-cannot-tag-wal" if layout is not None else "-no-wal-expiry-layout-unknown"
+        if notes is not None:
+            notes.append(f"no WAL expiry rule: {paths.no_wal_rule}; {paths.retention} owns the expiry of WAL "
+                         f"and backups (a rule would need at least {required} days)")
     if not has_abort:
         out.append({
-            "ID": f"pgops-{slug}-abort-multipart"[:255],
+            "ID": abort_id[:255],
             "Status": "Enabled",
             "Filter": {"Prefix": base_prefix},
             "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": ABORT_MULTIPART_DAYS},
