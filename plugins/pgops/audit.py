@@ -577,8 +577,12 @@ def audit_cluster(
     findings.extend(fresh_findings)
     body["freshness"] = fresh
 
+    # which keys a rule reaches depends on the layout; an empty prefix will be written by our engine
+    layout = listing.layout or (storage.layout if storage.layout != "auto" else
+                                layouts.BARMAN_CLOUD if listing.key_count == 0 else None)
     body["lifecycle"], lifecycle_findings = _lifecycle(s3, cluster, backups=backups, modified=modified,
-                                                       interval_s=interval, now=now, apply=apply_lifecycle)
+                                                       interval_s=interval, now=now, apply=apply_lifecycle,
+                                                       layout=layout)
     findings.extend(lifecycle_findings)
     body["hardening"], hardening_findings = check_hardening(s3, storage.bucket)
     findings.extend(hardening_findings)
@@ -591,7 +595,8 @@ def audit_cluster(
 
 
 def _lifecycle(s3, cluster: Cluster, *, backups: list[layouts.BackupRef], modified: Mapping[str, datetime],
-               interval_s: float | None, now: datetime, apply: bool) -> tuple[dict[str, Any], list[F.Finding]]:
+               interval_s: float | None, now: datetime, apply: bool,
+               layout: str | None = layouts.BARMAN_CLOUD) -> tuple[dict[str, Any], list[F.Finding]]:
     bucket = cluster.storage.bucket
     rules, problem = read_lifecycle(s3, bucket)
     if rules is None:
@@ -607,7 +612,7 @@ def _lifecycle(s3, cluster: Cluster, *, backups: list[layouts.BackupRef], modifi
     kwargs = dict(cluster_prefix=cluster.storage.server_prefix, retention_policy=cluster.retention.policy,
                   backup_interval_days=(interval_s or 86400) / 86400,
                   oldest_needed_backup_age_days=ages[0] if ages else None,
-                  newest_backup_age_days=ages[-1] if ages else None, now=now)
+                  newest_backup_age_days=ages[-1] if ages else None, now=now, layout=layout)
     assessment = lifecycle.evaluate_lifecycle(rules, **kwargs)
     out = assessment.to_dict()
     out.pop("findings", None)

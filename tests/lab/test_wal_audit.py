@@ -339,6 +339,35 @@ def test_history_under_expiring_rule_is_warning(lab, moto_bucket):
     assert not [i for i in _ids(report, "critical") if i.startswith("LIFECYCLE")]
 
 
+def test_lifecycle_on_walg_layout_uses_its_paths(lab, moto_bucket):
+    from pgops.audit import audit_cluster
+
+    s3, bucket = moto_bucket
+    root = "walg/main"
+    _put(s3, bucket, f"{root}/basebackups_005/base_000000010000000000000002_backup_stop_sentinel.json",
+         json.dumps({"LSN": 0x2000028, "FinishLSN": 0x2000100,
+                     "FinishTime": (NOW - timedelta(hours=1)).isoformat()}).encode())
+    _put(s3, bucket, f"{root}/basebackups_005/base_000000010000000000000002/tar_partitions/part_1.tar.lz4")
+    for n in range(2, 5):
+        _put(s3, bucket, f"{root}/wal_005/0000000100000000000000{n:02X}.lz4")
+    s3.put_bucket_lifecycle_configuration(Bucket=bucket, LifecycleConfiguration={"Rules": [
+        {"ID": "wal-3d", "Status": "Enabled", "Filter": {"Prefix": f"{root}/wal_005/"}, "Expiration": {"Days": 3}},
+        {"ID": "old-layout", "Status": "Enabled", "Filter": {"Prefix": f"{root}/wals/"}, "Expiration": {"Days": 1}}]})
+    cluster = _cluster(lab, bucket=bucket, prefix="walg")
+    report = audit_cluster(cluster, s3=s3, check_live_primary=False)
+    lifecycle = report["body"]["lifecycle"]
+    assert report["body"]["layout"] == lifecycle["layout"] == "wal-g"
+    assert _finding(report, "LIFECYCLE_EXPIRES_NEEDED_WAL")["evidence"]["rule_id"] == "wal-3d"
+    assert _finding(report, "LIFECYCLE_EXPIRES_HISTORY")["evidence"]["rule_id"] == "wal-3d"
+    assert not [f for f in report["body"]["findings"] if f["evidence"].get("rule_id") == "old-layout"]
+    assert not [r for r in lifecycle["recommended"]["Rules"] if "And" in r.get("Filter", {})]
+    assert lifecycle["recommended_notes"]
+
+    fixed = audit_cluster(cluster, s3=s3, check_live_primary=False, apply_lifecycle=True)
+    assert fixed["body"]["lifecycle"]["applied"] is True
+    assert not [i for i in _ids(fixed) if i.startswith("LIFECYCLE_EXPIRES")], _ids(fixed)
+
+
 def test_backups_stopped_counts_days_until_loss(lab, moto_bucket):
     from pgops.audit import audit_cluster
 
