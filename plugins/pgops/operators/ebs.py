@@ -474,15 +474,17 @@ class EbsShareSnapshotOperator(EbsMigrationBaseOperator):
         self.account_id = account_id
 
     def execute(self, context) -> dict[str, Any]:
-        if not self.account_id or self.account_id == "None":
+        # A DAG rendering templates as native objects turns "{{ params.target_account }}" into an int.
+        account = "" if self.account_id is None else str(self.account_id).strip()
+        if not account or account == "None":
             self.log.info("no target account: the copies stay in this account")
             return {"shared_with": None}
         ec2 = self.ec2(self.region)
         for snapshot_id in dict(self.snapshot_ids).values():
             ec2.conn.modify_snapshot_attribute(SnapshotId=snapshot_id, Attribute="createVolumePermission",
-                                              OperationType="add", UserIds=[self.account_id])
-            self.log.info("snapshot %s shared with account %s", snapshot_id, self.account_id)
-        return {"shared_with": self.account_id, "snapshots": dict(self.snapshot_ids)}
+                                              OperationType="add", UserIds=[account])
+            self.log.info("snapshot %s shared with account %s", snapshot_id, account)
+        return {"shared_with": account, "snapshots": dict(self.snapshot_ids)}
 
 
 class EbsCreateVolumeOperator(EbsMigrationBaseOperator):
