@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -218,3 +219,200 @@ def test_watchdog_releases_backup_when_the_task_hangs(lab):
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
     lab.psql("SELECT pg_backup_start('after-hang', true); SELECT lsn FROM pg_backup_stop(false);")
+
+
+# --- stop-writes cutover: a clean stop through the cluster's runner, the final snapshot while down, a restart ---
+TARGET_ACCOUNT = "210987654321"
+
+
+def _postmaster(lab) -> tuple[int | None, str | None]:
+    """(postmaster pid from postmaster.pid, pg_postmaster_start_time) or (None, None) when the server is down."""
+    from pathlib import Path
+
+    from pgops.lab import LabError
+
+    pid_file = Path(lab.load().pg_data) / "postmaster.pid"
+    try:
+        return int(pid_file.read_text().split()[0]), lab.psql("SELECT pg_postmaster_start_time()")
+    except (OSError, LabError):
+        return None, None
+
+
+def _wait_up(lab, within_s: float) -> tuple[int, str]:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        pid, started = _postmaster(lab)
+        if started:
+            return pid, started
+        time.sleep(0.5)
+    raise AssertionError(f"the lab primary is not up {within_s} s later")
+
+
+@pytest.fixture
+def stoppable_primary(lab, monkeypatch):
+    """The lab primary, which a test stops; the runner's environment is the one the lab starts it with (its
+    archive_command needs it). Afterwards the primary runs and the lab state knows its new postmaster pid."""
+    st = lab.load()
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)  # would shadow the DB host's credentials file
+    for name, value in lab.db_env(st).items():
+        monkeypatch.setenv(name, value)
+    lab.psql("CREATE TABLE IF NOT EXISTS pgops_ebs_canary (id int PRIMARY KEY, note text); "
+             "TRUNCATE pgops_ebs_canary; INSERT INTO pgops_ebs_canary VALUES (1, 'before the stop')")
+    try:
+        yield lab
+    finally:
+        try:
+            pid, _started = _wait_up(lab, 60)
+        except AssertionError:
+            lab.pg_ctl("start")  # records the new pid
+        else:
+            st = lab.load()
+            st.pids["pg"] = pid
+            lab._save(st)
+        lab.psql("DROP TABLE IF EXISTS pgops_ebs_canary")
+
+
+def _canary(lab) -> str:
+    return lab.psql("SELECT note FROM pgops_ebs_canary WHERE id = 1")
+
+
+def test_stop_writes_whole_dag_from_an_instance_shared_and_cleaned_up(stoppable_primary, moto, run_dag, monkeypatch):
+    """stop-writes cutover of an instance's data volumes, shared with another account (KMS preflight), intermediate
+    snapshots deleted after success; the final snapshot is taken while PostgreSQL is down, which runs again after."""
+    import pgops.operators.ebs as ebs_ops
+
+    lab = stoppable_primary
+    ec2 = lab.aws_client("ec2", region=SOURCE_REGION)
+    inst = ec2.run_instances(MinCount=1, MaxCount=1, ImageId="ami-12345678", InstanceType="t3.micro",
+                             Placement={"AvailabilityZone": f"{SOURCE_REGION}a"})["Instances"][0]["InstanceId"]
+    data = [ec2.create_volume(Size=8, AvailabilityZone=f"{SOURCE_REGION}a")["VolumeId"] for _ in range(2)]
+    for device, vid in zip(("/dev/sdf", "/dev/sdg"), data, strict=True):
+        ec2.attach_volume(VolumeId=vid, InstanceId=inst, Device=device)
+    key_policy = {"Version": "2012-10-17", "Statement": [
+        {"Sid": "TargetAccountUsesCopies", "Effect": "Allow",
+         "Principal": {"AWS": f"arn:aws:iam::{TARGET_ACCOUNT}:root"},
+         "Action": ["kms:Decrypt", "kms:DescribeKey", "kms:CreateGrant", "kms:ReEncrypt*"], "Resource": "*"}]}
+    key_arn = lab.aws_client("kms", region=TARGET_REGION).create_key(
+        Description="pgops migration", Policy=json.dumps(key_policy))["KeyMetadata"]["Arn"]
+
+    pid_before, started_before = _postmaster(lab)
+    seen_at_final: list[tuple] = []
+    original = ebs_ops.create_round_snapshots
+
+    def observed(ec2_hook, **kwargs):
+        if kwargs["round_name"] == ebs_ops.FINAL_ROUND:
+            seen_at_final.append(_postmaster(lab))
+        return original(ec2_hook, **kwargs)
+
+    monkeypatch.setattr(ebs_ops, "create_round_snapshots", observed)
+    conf = _conf("vol-0123456789abcdef0", volume_ids=[], instance_id=inst, cutover_mode="stop-writes",
+                 kms_key_id=key_arn, target_account=TARGET_ACCOUNT, delete_intermediate_snapshots=True)
+    dr = run_dag(load_dag(DAG_ID), conf=conf)
+    states = task_states(dr)
+    assert set(states.values()) == {"success"}, states
+    migration = f"{DAG_ID}/{dr.run_id}"
+
+    # The final snapshot was taken with the server down; it runs again, restarted, with the data intact.
+    assert seen_at_final == [(None, None)]
+    pid_after, started_after = _wait_up(lab, 30)
+    assert pid_after != pid_before and started_after != started_before
+    assert _canary(lab) == "before the stop"
+    cutover = dr.get_task_instance("cutover").xcom_pull(task_ids="cutover")
+    stop = cutover["stop"]
+    assert cutover["mode"] == "stop-writes" and stop["restarted_by"] == "task" and 0 < stop["down_s"] < 120
+    # The restarted server archives again (its environment came through the runner).
+    lab.psql("INSERT INTO pgops_ebs_canary VALUES (2, 'after the restart')")
+    segment = lab.psql("SELECT pg_walfile_name(pg_current_wal_lsn())")
+    lab.psql("SELECT pg_switch_wal()")
+    deadline = time.monotonic() + 60
+    while (lab.psql("SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver") or "") < segment:
+        assert time.monotonic() < deadline, lab.psql("SELECT * FROM pg_stat_archiver")
+        time.sleep(0.5)
+
+    # Preflight: the instance's data volumes (not its root), the KMS key lets the target account in.
+    pre = dr.get_task_instance("preflight").xcom_pull(task_ids="preflight")
+    assert sorted(pre["volume_ids"]) == sorted(data) and pre["kms"]["target_account_allowed"] is True
+    # Shared with the target account; intermediate snapshots and copies deleted, the final ones kept.
+    source = _snapshots(lab, SOURCE_REGION, **{"pgops:migration-id": migration})
+    copies = _snapshots(lab, TARGET_REGION, **{"pgops:migration-id": migration})
+    assert {_tags(s)["pgops:round"] for s in source} == {"final"} and len(source) == 2
+    assert {_tags(c)["pgops:round"] for c in copies} == {"final"} and len(copies) == 2
+    target = lab.aws_client("ec2", region=TARGET_REGION)
+    for c in copies:
+        perms = target.describe_snapshot_attribute(SnapshotId=c["SnapshotId"],
+                                                   Attribute="createVolumePermission")["CreateVolumePermissions"]
+        assert {"UserId": TARGET_ACCOUNT} in perms, perms
+    report = dr.get_task_instance("report").xcom_pull(task_ids="report")["body"]
+    assert len(report["deleted_intermediate_snapshots"]) == 2 * 2 * len(report["rounds"])
+    assert report["shared"]["shared_with"] == TARGET_ACCOUNT
+
+
+class _TI:
+    dag_id = "pgops_test"
+
+    def __init__(self, preflight: dict):
+        self.preflight = preflight
+
+    def xcom_pull(self, task_ids: str, key: str | None = None):
+        assert task_ids == "preflight", task_ids
+        return self.preflight
+
+
+def test_stop_writes_restarts_after_a_failure_between_stop_and_snapshot(stoppable_primary, moto):
+    from pgops.operators.ebs import EbsCutoverOperator
+
+    lab = stoppable_primary
+    _pid, started_before = _postmaster(lab)
+    op = EbsCutoverOperator(task_id="cutover", postgres_conn_id=lab.cluster.postgres_conn_id,
+                            cluster_name=lab.cluster.name, aws_conn_id=lab.cluster.aws_conn_id)
+    missing = "vol-0123456789abcdef0"  # not in moto: CreateSnapshot fails after the stop
+    context = {"params": _conf(missing, cutover_mode="stop-writes"), "run_id": "stop-fails",
+               "ti": _TI({"volume_ids": [missing], "instance_id": None})}
+    with pytest.raises(Exception, match="InvalidVolume"):
+        op.execute(context)
+    _pid, started_after = _postmaster(lab)  # up again when execute returns, not later
+    assert started_after and started_after != started_before
+    assert _canary(lab) == "before the stop"
+
+
+WATCHED = textwrap.dedent("""
+    import sys, time
+    from pgops.ebs.quiesce import server_stopped
+    from pgops.inventory import load_inventory
+    from pgops.procs import PG_BIN
+    from pgops.runners import get_runner
+
+    runner = get_runner(load_inventory().get("main"))
+    with server_stopped(runner, pg_ctl=str(PG_BIN / "pg_ctl"), data_dir=sys.argv[1], log_file=sys.argv[2],
+                        restart_within_s=float(sys.argv[3]), log=lambda m: print(m, flush=True)):
+        print("STOPPED", flush=True)
+        time.sleep(3600)
+""")
+
+
+def test_stop_writes_watchdog_restarts_when_the_task_dies(stoppable_primary):
+    from pathlib import Path
+
+    lab = stoppable_primary
+    st = lab.load()
+    _pid, started_before = _postmaster(lab)
+    proc = subprocess.Popen([sys.executable, "-c", WATCHED, st.pg_data, str(Path(st.pg_data).parent / "postgres.log"),
+                             "6"], stdout=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("STOPPED"):
+                break
+        else:
+            raise AssertionError(f"the task exited with {proc.wait()} before stopping PostgreSQL")
+        os.kill(proc.pid, signal.SIGKILL)  # the task dies with the server down
+        proc.wait()
+        assert _postmaster(lab) == (None, None)
+        killed_at = time.monotonic()
+        _pid, started_after = _wait_up(lab, 30)
+        assert started_after != started_before and time.monotonic() - killed_at < 30
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert _canary(lab) == "before the stop"

@@ -94,7 +94,9 @@ def build_ebs_migration_dag(cluster: Cluster) -> DAG:
         not_dry_run = ShortCircuitOperator(task_id="not_dry_run", python_callable=lambda params: not params["dry_run"],
                                            ignore_downstream_trigger_rules=False)
         chain = EbsSnapshotChainOperator(task_id="chain", **aws)
+        # On the DB host's queue: stop-writes stops and restarts PostgreSQL through the cluster's runner.
         cutover = EbsCutoverOperator(task_id="cutover", postgres_conn_id=cluster.postgres_conn_id,
+                                     cluster_name=cluster.name, queue=cluster.runner.queue,
                                      execution_timeout=timedelta(minutes=30), **aws)
         wait_final = EbsSnapshotCompletedSensor(task_id="wait_final",
                                                 snapshot_ids="{{ ti.xcom_pull(task_ids='cutover')['snapshots'] }}",

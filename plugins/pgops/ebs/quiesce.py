@@ -5,10 +5,14 @@ non-exclusive backup when its session ends, so the session itself is the watchdo
 process dies, its socket closes and the backend ends the backup. Two more bounds cover a hung (not
 dead) task: the session's idle_session_timeout ends it on the server side, and a local timer closes
 it after `timeout_s`.
+
+`stop-writes` stops the server cleanly through the cluster's runner and starts it again on exit; a
+detached watchdog on the DB host starts it after a bounded time if the task dies in between.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -78,3 +82,87 @@ def _close_quietly(conn: Any) -> None:
         conn.close()
     except Exception:  # noqa: BLE001 - closing a dead connection must not hide the real error
         pass
+
+
+# --- stop-writes: a clean stop, a snapshot, a restart ---------------------------------------------------------
+# The watchdog runs on the DB host in its own session (setsid), so it outlives the task, the runner's process
+# group and an SSH channel: after `delay` seconds it runs `pg_ctl start` unless the task cancelled it. Its $0
+# names it, and the cancel checks that name before killing the process group (a recycled pid is left alone).
+WATCHDOG_NAME = "pgops-restart-watchdog"
+WATCHDOG_SPAWN = ('setsid sh -c \'sleep "$1"; shift; exec "$@"\' ' + WATCHDOG_NAME
+                  + ' "$@" </dev/null >/dev/null 2>&1 & echo "$!"')
+WATCHDOG_CANCEL = ('grep -q ' + WATCHDOG_NAME + ' "/proc/$1/cmdline" 2>/dev/null || exit 0; '
+                   'kill -TERM -"$1" 2>/dev/null; exit 0')
+PG_CTL_NOT_RUNNING = 3  # `pg_ctl status`: no server running
+
+
+@dataclass
+class StoppedServer:
+    data_dir: str
+    restart_within_s: float
+    watchdog_pid: int | None = None
+    stopped_at: float | None = None  # time.time()
+    started_at: float | None = None
+    restarted_by: str | None = None  # "task" | "already running" | None (the watchdog will)
+    deadline_monotonic: float = 0.0
+
+    def time_left_s(self) -> float:
+        return self.deadline_monotonic - time.monotonic()
+
+    def to_dict(self) -> dict[str, Any]:
+        down_s = None if self.stopped_at is None or self.started_at is None else self.started_at - self.stopped_at
+        return {"data_dir": self.data_dir, "restart_within_s": self.restart_within_s,
+                "watchdog_pid": self.watchdog_pid, "stopped_at": self.stopped_at, "started_at": self.started_at,
+                "down_s": down_s, "restarted_by": self.restarted_by}
+
+
+def pg_ctl_start_argv(pg_ctl: str, data_dir: str, *, log_file: str, config_file: str | None = None,
+                      timeout_s: int = 300) -> list[str]:
+    """`pg_ctl start`; a config file outside the data dir (Debian's /etc/postgresql/...) is passed to postgres."""
+    argv = [pg_ctl, "-D", data_dir, "-l", log_file, "-w", "-t", str(int(timeout_s))]
+    if config_file and os.path.dirname(config_file) != data_dir.rstrip("/"):
+        argv += ["-o", f"-c config_file={config_file}"]
+    return [*argv, "start"]
+
+
+@contextmanager
+def server_stopped(runner: Any, *, pg_ctl: str, data_dir: str, log_file: str, config_file: str | None = None,
+                   restart_within_s: float = 600.0, stop_timeout_s: int = 120,
+                   log: Callable[..., None] = print) -> Iterator[StoppedServer]:
+    """Stop PostgreSQL cleanly (`pg_ctl stop -m fast`) through the runner; ALWAYS start it again on exit.
+
+    Before stopping, a watchdog on the DB host is armed to start the server after `restart_within_s` even if this
+    process dies. On exit (success or error) the server is started here unless it runs already; the watchdog is
+    cancelled only once the server is up, so a failed start here still leaves the watchdog to try.
+    Commands run with the runner's environment: the server gets the environment the runner gives them.
+    """
+    start_argv = pg_ctl_start_argv(pg_ctl, data_dir, log_file=log_file, config_file=config_file)
+    state = StoppedServer(data_dir=data_dir, restart_within_s=restart_within_s)
+    spawned = runner.run(["sh", "-c", WATCHDOG_SPAWN, "sh", str(int(restart_within_s)), *start_argv],
+                         capture=True, timeout_s=60)
+    state.watchdog_pid = int(spawned.stdout.strip().splitlines()[-1])
+    state.deadline_monotonic = time.monotonic() + restart_within_s
+    log(f"restart watchdog armed on the DB host (pid {state.watchdog_pid}): it starts PostgreSQL after "
+        f"{restart_within_s:.0f} s unless cancelled")
+    try:
+        runner.run([pg_ctl, "-D", data_dir, "-m", "fast", "-w", "-t", str(int(stop_timeout_s)), "stop"],
+                   timeout_s=stop_timeout_s + 30)
+        state.stopped_at = time.time()
+        log(f"PostgreSQL stopped cleanly ({data_dir})")
+        yield state
+    finally:
+        try:
+            status = runner.run([pg_ctl, "-D", data_dir, "status"], check=False, capture=True, timeout_s=60)
+            if status.returncode == PG_CTL_NOT_RUNNING:
+                runner.run(start_argv, timeout_s=360)
+                state.restarted_by = "task"
+            else:
+                state.restarted_by = "already running"
+            state.started_at = time.time()
+            log(f"PostgreSQL running again ({state.restarted_by})")
+        except Exception as exc:
+            log(f"starting PostgreSQL failed ({exc}); the watchdog (pid {state.watchdog_pid}) tries again "
+                f"{max(state.time_left_s(), 0):.0f} s from now")
+            raise
+        runner.run(["sh", "-c", WATCHDOG_CANCEL, "sh", str(state.watchdog_pid)], timeout_s=60)
+        log(f"restart watchdog {state.watchdog_pid} cancelled")

@@ -370,12 +370,26 @@ class EbsSnapshotChainOperator(EbsMigrationBaseOperator):
 
 
 class EbsCutoverOperator(EbsMigrationBaseOperator):
-    """Quiesce by the chosen mode, take the final snapshot(s), release at once (the point in time is fixed)."""
+    """Quiesce by the chosen mode, take the final snapshot(s), release at once (the point in time is fixed).
 
-    def __init__(self, *, postgres_conn_id: str, quiesce_timeout_s: float = 600.0, **kwargs: Any):
+    stop-writes: `pg_ctl stop -m fast` through the cluster's runner, snapshot(s) while the server is down, then
+    `pg_ctl start` with the runner's environment, always, and a DB-host watchdog that starts it after
+    `quiesce_timeout_s` if this task dies. A server managed by systemd is started outside systemd's unit here.
+    """
+
+    def __init__(self, *, postgres_conn_id: str, cluster_name: str | None = None, quiesce_timeout_s: float = 600.0,
+                 pg_log_file: str | None = None, **kwargs: Any):
         super().__init__(**kwargs)
         self.postgres_conn_id = postgres_conn_id
+        self.cluster_name = cluster_name
         self.quiesce_timeout_s = quiesce_timeout_s
+        self.pg_log_file = pg_log_file
+        self._runner = None
+
+    def on_kill(self) -> None:
+        # A killed task leaves a stopped server to the watchdog on the DB host (stop-writes mode).
+        if self._runner is not None:
+            self._runner.kill()
 
     def execute(self, context) -> dict[str, Any]:
         spec = context_spec(context)
@@ -412,14 +426,49 @@ class EbsCutoverOperator(EbsMigrationBaseOperator):
                 result["backup"] = held.to_dict()
                 self.log.info("backup_label (write it as PGDATA/backup_label on the new volume before starting):\n%s",
                               label)
-        else:
-            raise AirflowFailException("cutover_mode stop-writes is not supported in this version. Fix: use "
-                                       "cutover_mode=backup (online, keeps the backup_label with the snapshot) or "
-                                       "crash-consistent (CreateSnapshots of all the instance's data volumes)")
+        else:  # stop-writes
+            if ec2.find_snapshots({TAG_MIGRATION: mig, TAG_ROUND: FINAL_ROUND}):
+                self.log.warning("final snapshot(s) exist from an earlier try: reusing them, no second stop")
+                result["snapshots"] = take()
+            else:
+                result["snapshots"], result["stop"] = self._stop_writes(take)
         result["released_at"] = _iso(_now())
         self.log.info("final snapshot(s) %s; quiesce held %s .. %s", result["snapshots"], result["quiesced_at"],
                       result["released_at"])
         return result
+
+
+    def _stop_writes(self, take) -> tuple[dict[str, str], dict[str, Any]]:
+        """Clean stop through the cluster's runner, final snapshot(s) while down, restart (always, bounded)."""
+        import posixpath
+
+        from pgops.ebs.quiesce import QuiesceError, server_stopped
+        from pgops.hooks import pg_query
+        from pgops.inventory import load_inventory
+        from pgops.procs import PG_BIN
+        from pgops.runners import get_runner
+
+        if not self.cluster_name:
+            raise AirflowFailException("cutover_mode stop-writes needs the operator's cluster_name (its runner "
+                                       "stops and starts PostgreSQL on the DB host)")
+        row = pg_query(self.postgres_conn_id, "SELECT current_setting('data_directory') AS data_dir, "
+                                              "current_setting('config_file') AS config_file")[0]
+        data_dir = row["data_dir"]
+        log_file = self.pg_log_file or posixpath.join(posixpath.dirname(data_dir.rstrip("/")), "postgres.log")
+        self._runner = get_runner(load_inventory().get(self.cluster_name))
+        try:
+            with server_stopped(self._runner, pg_ctl=str(PG_BIN / "pg_ctl"), data_dir=data_dir, log_file=log_file,
+                                config_file=row["config_file"], restart_within_s=self.quiesce_timeout_s,
+                                log=self.log.info) as stopped:
+                if stopped.time_left_s() < 5:
+                    raise QuiesceError(f"the stop took {self.quiesce_timeout_s - stopped.time_left_s():.0f} s: the "
+                                       "watchdog restarts PostgreSQL now, too late for the final snapshot")
+                snapshots = take()
+        finally:
+            self._runner = None
+        self.log.info("PostgreSQL was down for %.1f s around the final snapshot(s) %s",
+                      (stopped.started_at or 0) - (stopped.stopped_at or 0), snapshots)
+        return snapshots, stopped.to_dict()
 
 
 class EbsCopySnapshotOperator(EbsMigrationBaseOperator):
