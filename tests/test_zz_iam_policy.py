@@ -27,11 +27,6 @@ UNOBSERVABLE_SIDS = ("BarmanCloudOnDbHostSubprocess", "EbsEncryptedCopyKmsViaEc2
 # test_not_exercised_actions_have_call_sites checks). Remove an entry once a test covers its path.
 NOT_EXERCISED = {
     "ec2:EnableFastSnapshotRestores": "create_volume with fast snapshot restore: moto has no FSR (ARCHITECTURE.md)",
-    "ec2:DescribeInstances": "EBS migration preflight with spec.instance_id: the lab DAG test migrates a volume",
-    "ec2:ModifySnapshotAttribute": "share step with account_id (cross-account): moto copies within one account",
-    "ec2:DeleteSnapshot": "report cleanup of superseded round snapshots: not reached by the lab DAG test",
-    "kms:GetKeyPolicy": "KMS preflight for a cross-account target_account: not in the lab DAG test",
-    "kms:ListGrants": "KMS preflight for a cross-account target_account: not in the lab DAG test",
 }
 # Operation -> IAM action where the names differ (S3); every other service uses "<prefix>:<Operation>".
 S3_ACTIONS = {

@@ -348,6 +348,21 @@ def test_stop_writes_whole_dag_from_an_instance_shared_and_cleaned_up(stoppable_
     assert report["shared"]["shared_with"] == TARGET_ACCOUNT
 
 
+def test_kms_preflight_refuses_a_key_the_target_account_cannot_use(moto):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from pgops.operators.ebs import EbsMigrationPreflightOperator
+
+    lab = moto
+    volume_id = lab.aws_client("ec2", region=SOURCE_REGION).create_volume(
+        Size=8, AvailabilityZone=f"{SOURCE_REGION}a")["VolumeId"]
+    key_arn = lab.aws_client("kms", region=TARGET_REGION).create_key(Description="this account only")["KeyMetadata"]["Arn"]
+    op = EbsMigrationPreflightOperator(task_id="preflight", aws_conn_id=lab.cluster.aws_conn_id)
+    params = _conf(volume_id, kms_key_id=key_arn, target_account=TARGET_ACCOUNT)
+    with pytest.raises(AirflowFailException, match=f"does not let account {TARGET_ACCOUNT} use it"):
+        op.execute({"params": params})
+
+
 class _TI:
     dag_id = "pgops_test"
 
