@@ -9,12 +9,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
+import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from conftest import load_dag, task_states
+from conftest import REPO, load_dag, task_states
 
 pytestmark = [pytest.mark.lab, pytest.mark.airflow]
 
@@ -64,6 +67,17 @@ def _assert_nothing_left(dr) -> None:
     paths = scratch_paths(SCRATCH_ROOT, DAG_ID, dr.run_id)
     assert not os.path.exists(paths["scratch_dir"]), f"{paths['scratch_dir']} was left behind"
     assert _processes_using(paths["data_dir"]) == [], "a scratch PostgreSQL is still running"
+
+
+def _ti_state(run_id: str, task_id: str) -> str | None:
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        state = session.scalar(select(TaskInstance.state).where(
+            TaskInstance.dag_id == DAG_ID, TaskInstance.run_id == run_id, TaskInstance.task_id == task_id))
+    return str(state) if state else None
 
 
 def _stop_kept(plan: dict) -> None:
@@ -159,6 +173,105 @@ def test_timestamp_target_restores_exactly_the_earlier_rows(lab, backup, run_dag
     finally:
         _stop_kept(plan)
     _assert_nothing_left(dr)
+
+
+def test_setup_failing_part_way_is_torn_down(lab, backup, run_dag, monkeypatch):
+    """Setup fails after it made the scratch area: Airflow would skip a teardown whose setup failed; ours runs."""
+    import pgops.procs
+    from pgops.operators.restore import scratch_paths
+
+    seen: list[str] = []
+
+    def no_port() -> int:
+        seen.extend(str(p) for p in Path(SCRATCH_ROOT).iterdir())
+        raise OSError("no free TCP port on the restore host")
+
+    monkeypatch.setattr(pgops.procs, "free_port", no_port)
+    dr = run_dag(load_dag(DAG_ID), _conf())
+    states = task_states(dr)
+    assert states["setup"] == "failed" and states["restore"] == "upstream_failed", states
+    assert states["teardown"] == "success", states
+    assert scratch_paths(SCRATCH_ROOT, DAG_ID, dr.run_id)["scratch_dir"] in seen, seen  # it got that far
+    report = _latest_report(lab)
+    assert report["run_id"] == dr.run_id and "no free TCP port" in report["body"]["errors"]["setup"], report
+    _assert_nothing_left(dr)
+
+
+# A try of the whole DAG in its own process, so the test can SIGKILL it like a worker dying mid-task. The
+# restore task asks the scratch instance to pause at the target instead of promoting: recovery never ends by
+# itself and the wait step stays in flight until the kill.
+_KILLED_TRY = """
+import json, sys
+from datetime import datetime
+
+from airflow.dag_processing.dagbag import DagBag
+
+dag_folder, dag_id, when, conf = sys.argv[1:5]
+bag = DagBag(dag_folder=dag_folder)
+assert not bag.import_errors, bag.import_errors
+dag = bag.dags[dag_id]
+for task in dag.tasks:
+    task.retries = 0
+dag.get_task("restore").extra_settings = {"recovery_target_action": "pause"}
+when = datetime.fromisoformat(when)
+dag.test(run_after=when, logical_date=when, run_conf=json.loads(conf))
+"""
+
+
+def test_replay_killed_then_run_cleared_leaves_nothing(lab, backup, airflow_db, db_tmp_path):
+    from airflow.models.dagrun import DagRun
+    from airflow.utils.types import DagRunType
+
+    from pgops.operators.restore import scratch_paths
+    from pgops.procs import pid_alive
+
+    when = datetime.now(UTC).replace(microsecond=0)
+    run_id = DagRun.generate_run_id(run_type=DagRunType.MANUAL, logical_date=when, run_after=when)
+    paths = scratch_paths(SCRATCH_ROOT, DAG_ID, run_id)
+    conf = _conf(recovery_timeout_s=900)
+    out = db_tmp_path / "first-try.log"
+    with open(out, "wb") as fh:
+        proc = subprocess.Popen([sys.executable, "-c", _KILLED_TRY, str(REPO / "dags"), DAG_ID, when.isoformat(),
+                                 json.dumps(conf)], stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert proc.poll() is None, f"the first try ended by itself (rc {proc.returncode}): " \
+                                        f"{out.read_text(errors='replace')[-3000:]}"
+            paused = "pausing at the end of recovery" in (Path(paths["log_file"]).read_text(errors="replace")
+                                                           if os.path.exists(paths["log_file"]) else "")
+            if paused and _ti_state(run_id, "restore") == "success" and \
+                    _ti_state(run_id, "wait_recovery") in ("queued", "running", "deferred"):
+                break
+            assert time.monotonic() < deadline, f"the first try did not reach the wait step: " \
+                                                f"{out.read_text(errors='replace')[-3000:]}"
+            time.sleep(0.5)
+        postmaster = int((Path(paths["data_dir"]) / "postmaster.pid").read_text().split()[0])
+        time.sleep(3)  # a few polls of the wait step against an instance that stays in recovery
+        proc.send_signal(signal.SIGKILL)  # the worker dies with the replay wait in flight: no teardown
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+        # What the crash leaves: the scratch PostgreSQL still up in recovery, its directory in place.
+        assert pid_alive(postmaster) and os.path.isdir(paths["data_dir"])
+
+        # Clear the run: the same run id from its first task. Setup finds the scratch area by the run and
+        # must stop and remove what the killed try left before restoring again.
+        dag = load_dag(DAG_ID)
+        for task in dag.tasks:
+            task.retries = 0
+        dr = dag.test(run_after=when, logical_date=when, run_conf=conf)
+        assert dr.run_id == run_id
+        states = task_states(dr)
+        assert set(states.values()) == {"success"}, states
+        assert not pid_alive(postmaster), f"the killed try's postmaster {postmaster} is still running"
+        assert _latest_report(lab)["run_id"] == run_id
+        _assert_nothing_left(dr)
+    finally:  # a failed assertion must not leave the try or its instance behind
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+        if (Path(paths["data_dir"]) / "postmaster.pid").exists():
+            _stop_kept(paths)
+        shutil.rmtree(paths["scratch_dir"], ignore_errors=True)
 
 
 def test_missing_wal_segment_is_named_and_everything_is_cleaned_up(lab, backup, run_dag):

@@ -1,8 +1,8 @@
 """DAG factory: pgops_restore_verify__<cluster>.
 
-canary → setup → restore → wait_recovery → checks → report, with teardown always run after the scratch
-instance was set up. Runs after each verified base backup (asset) and on its own cron; a manual run takes a
-backup id, a target (latest, canary, timestamp, LSN), the checks and `keep`.
+canary → setup → restore → wait_recovery → checks → report, and a teardown that runs whatever happened
+upstream (a failed or killed setup included). Runs after each verified base backup (asset) and on its own
+cron; a manual run takes a backup id, a target (latest, canary, timestamp, LSN), the checks and `keep`.
 """
 
 from __future__ import annotations
@@ -90,4 +90,8 @@ def build_restore_verify_dag(cluster: Cluster) -> DAG:
                                            keep="{{ params.keep }}", scratch_root="{{ params.scratch_root }}",
                                            execution_timeout=timedelta(hours=1))
         canary >> setup >> restore >> wait >> checks >> [report, teardown.as_teardown(setups=setup)]
+        # Airflow runs a teardown only when one of its setups succeeded (ALL_DONE_SETUP_SUCCESS). A setup that
+        # fails or is killed after making the scratch area would leave it behind: run the teardown whenever its
+        # upstream is done. With nothing to remove (canary failed, setup failed early) it does nothing.
+        teardown.trigger_rule = TriggerRule.ALL_DONE
     return dag

@@ -526,8 +526,13 @@ class RestoreTeardownOperator(RestoreStepOperator):
 
     def run_step(self, context) -> dict[str, Any]:
         cluster = self.cluster
-        plan = context["ti"].xcom_pull(task_ids=self.setup_task_id) or \
-            scratch_paths(str(self.scratch_root), self.dag_id, context["run_id"])
+        plan = context["ti"].xcom_pull(task_ids=self.setup_task_id)
+        if not plan:
+            # Setup did not finish (failed, killed or never ran): there is no instance worth keeping, only
+            # whatever a partial setup made. Same path as setup derives from the run.
+            paths = scratch_paths(str(self.scratch_root), self.dag_id, context["run_id"])
+            stopped = stop_and_remove(self, cluster, paths)
+            return {"kept": False, "scratch_dir": paths["scratch_dir"], "stopped_pid": stopped}
         if _truthy(self.keep):
             port = plan.get("port", "<port>")
             self.log.warning(
