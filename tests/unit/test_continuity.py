@@ -1,6 +1,7 @@
 from datetime import UTC, datetime, timedelta
 
 import pytest
+
 from pgops import findings as F
 from pgops import wal
 from pgops.continuity import check_continuity

@@ -1,6 +1,7 @@
 from datetime import UTC, datetime
 
 import pytest
+
 from pgops import findings as F
 from pgops import lifecycle as L
 

@@ -1,4 +1,5 @@
 import pytest
+
 from pgops import wal
 
 GIB = 1024 * wal.MIB
