@@ -196,6 +196,7 @@ class StandbyPreflightOperator(StandbyStepOperator):
             pg_query(primary.postgres_conn_id, "SELECT pg_create_physical_replication_slot(%s, true)", (slot,))
             created = True
             self.log.info("created physical replication slot %s on %s", slot, primary_name)
+        self._archive_current_segment(primary.postgres_conn_id, primary_name)
         ptarget = _conn_host_port(primary.postgres_conn_id)
         conninfo = primary_conninfo(repl, primary, application_name=node.name, fallback_host=ptarget[0],
                                     fallback_port=ptarget[1])
@@ -210,6 +211,30 @@ class StandbyPreflightOperator(StandbyStepOperator):
                       "%s free, %s needed", node.name, primary_name, plan["primary_timeline"], backup.backup_id,
                       data_dir, plan["port"], slot, core.human_bytes(avail + reclaim), core.human_bytes(needed))
         return plan
+
+
+    def _archive_current_segment(self, conn_id: str, primary_name: str, timeout_s: float = 300) -> None:
+        """Switch WAL on the primary and wait until that segment is in the bucket.
+
+        After a failover the segment holding the timeline switch is still open on the new primary; if recovery
+        cannot fetch it, PostgreSQL replays the old timeline's copy of that segment past the switch point and
+        the standby can never stream from the new primary.
+        """
+        from pgops.hooks import pg_query
+
+        wal = pg_query(conn_id, "SELECT pg_walfile_name(pg_current_wal_lsn()) AS wal")[0]["wal"]
+        pg_query(conn_id, "SELECT pg_switch_wal()")
+        deadline = time.monotonic() + timeout_s
+        last = None
+        while time.monotonic() < deadline:
+            last = pg_query(conn_id, "SELECT last_archived_wal FROM pg_stat_archiver")[0]["last_archived_wal"]
+            if last and len(last) >= 24 and last[:24] >= wal:
+                self.log.info("WAL segment %s of %s is archived: the restore can follow its timeline", wal, primary_name)
+                return
+            time.sleep(1)
+        raise AirflowFailException(f"WAL segment {wal} of the primary {primary_name} was not archived within "
+                                   f"{timeout_s:.0f} s (last archived: {last}); a standby restored now could replay "
+                                   "the old timeline. Fix: check archive_command and pg_stat_archiver on the primary")
 
 
 class StandbyRestoreOperator(StandbyStepOperator):
