@@ -17,7 +17,8 @@ import pytest
 
 pytest_plugins = ["aws_calls"]
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO  # noqa: E402
+
 _AIRFLOW_HOME = Path(tempfile.mkdtemp(prefix="pgops-airflow-"))
 os.environ.update({
     "AIRFLOW_HOME": str(_AIRFLOW_HOME),
@@ -82,15 +83,3 @@ def run_dag(airflow_db):
         return dag.test(run_conf=conf)
 
     return _run
-
-
-def task_states(dagrun) -> dict[str, str]:
-    return {ti.task_id: str(ti.state) for ti in dagrun.get_task_instances()}
-
-
-def load_dag(dag_id: str):
-    from airflow.dag_processing.dagbag import DagBag
-
-    bag = DagBag(dag_folder=str(REPO / "dags"))
-    assert not bag.import_errors, bag.import_errors
-    return bag.dags[dag_id]

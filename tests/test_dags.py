@@ -6,7 +6,7 @@ import socket
 import time
 
 import pytest
-from conftest import REPO
+from helpers import REPO
 
 from pgops.inventory import load_inventory
 

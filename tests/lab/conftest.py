@@ -13,23 +13,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 CLUSTER = "repl"
-
-
-# Test modules here do `from conftest import ...`, which now resolves to this file: the helpers of
-# tests/conftest.py are repeated here so those imports keep working.
-def task_states(dagrun) -> dict[str, str]:
-    return {ti.task_id: str(ti.state) for ti in dagrun.get_task_instances()}
-
-
-def load_dag(dag_id: str):
-    from airflow.dag_processing.dagbag import DagBag
-
-    bag = DagBag(dag_folder=str(REPO / "dags"))
-    assert not bag.import_errors, bag.import_errors
-    return bag.dags[dag_id]
 
 
 @dataclass

@@ -13,7 +13,7 @@ import urllib.request
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from conftest import load_dag, task_states
+from helpers import load_dag, task_states
 
 pytestmark = [pytest.mark.lab, pytest.mark.airflow]
 

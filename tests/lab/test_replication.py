@@ -9,7 +9,7 @@ import os
 import time
 
 import pytest
-from conftest import load_dag, task_states
+from helpers import load_dag, task_states
 
 from pgops import findings as F
 from pgops import replication as R

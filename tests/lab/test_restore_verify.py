@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from conftest import REPO, load_dag, task_states
+from helpers import REPO, load_dag, task_states
 
 pytestmark = [pytest.mark.lab, pytest.mark.airflow]
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, task_states
+from helpers import REPO, task_states
 
 from pgops.lab import free_port, pid_alive, stop_pid
 

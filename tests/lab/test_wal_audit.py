@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, load_dag, task_states
+from helpers import REPO, load_dag, task_states
 
 pytestmark = [pytest.mark.lab]
 
