@@ -16,18 +16,21 @@ import pytest
 pytestmark = [pytest.mark.lab]
 
 SEGMENTS = [f"0000000100000000000000{n:02X}" for n in range(0xA0, 0xA6)]
+# The stand-in segments go under their own server name: in the lab primary's prefix they would be a gap.
+FAKE_SERVER = f"walwrap-{os.getpid()}"
 
 
-def _cluster(lab, parallel: int):
+def _cluster(lab, parallel: int, server: str | None = None):
     c = lab.cluster
-    return dataclasses.replace(c, engine=dataclasses.replace(c.engine, wal_archive_parallel=parallel))
+    storage = dataclasses.replace(c.storage, server_name=server) if server else c.storage
+    return dataclasses.replace(c, storage=storage, engine=dataclasses.replace(c.engine, wal_archive_parallel=parallel))
 
 
-def _wal_keys(lab) -> set[str]:
+def _wal_keys(lab, server: str | None = None) -> set[str]:
     st = lab.load()
     keys = set()
     for page in lab.s3_client().get_paginator("list_objects_v2").paginate(
-            Bucket=st.bucket, Prefix=f"{st.prefix}/{st.server_name}/wals/"):
+            Bucket=st.bucket, Prefix=f"{st.prefix}/{server or st.server_name}/wals/"):
         keys |= {o["Key"].rsplit("/", 1)[-1].split(".")[0] for o in page.get("Contents", [])}
     return keys
 
@@ -50,7 +53,8 @@ def fake_pg_wal(lab, tmp_path):
     def run(parallel: int, segment: str, *, endpoint=None, env=None) -> subprocess.CompletedProcess:
         from pgops.engines import barman_cloud
 
-        argv = barman_cloud.archive_command_argv(_cluster(lab, parallel), endpoint_url=endpoint or st.s3_endpoint)
+        argv = barman_cloud.archive_command_argv(_cluster(lab, parallel, FAKE_SERVER),
+                                                 endpoint_url=endpoint or st.s3_endpoint)
         return subprocess.run(as_db_user(["sh", "-c", f"cd {shlex.quote(str(data))} && {shlex.join(argv)} pg_wal/{segment}"],
                                          env=env or lab.db_env(st)), capture_output=True, text=True, timeout=300)
 
@@ -63,7 +67,7 @@ def test_archives_ahead_and_trusts_only_matching_markers(lab, fake_pg_wal):
     spool = data / "pgops_wal_spool"
     res = run(3, SEGMENTS[0])  # batch = 2 x parallel: this segment and the next five ready ones
     assert res.returncode == 0, res.stderr
-    assert set(SEGMENTS) <= _wal_keys(lab)
+    assert set(SEGMENTS) <= _wal_keys(lab, FAKE_SERVER)
     assert sorted(p.name for p in spool.iterdir()) == [f"{n}.archived" for n in SEGMENTS[1:]]
 
     # PostgreSQL's own call for a segment archived ahead returns at once and consumes the marker.
@@ -72,13 +76,13 @@ def test_archives_ahead_and_trusts_only_matching_markers(lab, fake_pg_wal):
 
     # The file changed after it was archived ahead (e.g. a restored copy): the marker is not trusted.
     st = lab.load()
-    key = next(k for k in _keys_for(lab, SEGMENTS[2]))
+    key = next(k for k in _keys_for(lab, SEGMENTS[2], FAKE_SERVER))
     lab.s3_client().delete_object(Bucket=st.bucket, Key=key)
     os.utime(data / "pg_wal" / SEGMENTS[2], ns=(1, 1))
     for n in SEGMENTS[3:]:
         (data / "pg_wal" / "archive_status" / f"{n}.ready").unlink()
     assert run(2, SEGMENTS[2]).returncode == 0
-    assert SEGMENTS[2] in _wal_keys(lab), "a stale marker was trusted: the segment is not in the bucket"
+    assert SEGMENTS[2] in _wal_keys(lab, FAKE_SERVER), "a stale marker was trusted: the segment is not in the bucket"
 
 
 def test_a_failure_records_nothing(lab, fake_pg_wal):
@@ -121,7 +125,8 @@ def test_primary_archives_through_the_wrapper(lab):
         lab.psql("SELECT pg_reload_conf()")
 
 
-def _keys_for(lab, segment: str) -> list[str]:
+def _keys_for(lab, segment: str, server: str | None = None) -> list[str]:
     st = lab.load()
-    resp = lab.s3_client().list_objects_v2(Bucket=st.bucket, Prefix=f"{st.prefix}/{st.server_name}/wals/{segment[:16]}/")
+    resp = lab.s3_client().list_objects_v2(Bucket=st.bucket,
+                                           Prefix=f"{st.prefix}/{server or st.server_name}/wals/{segment[:16]}/")
     return [o["Key"] for o in resp.get("Contents", []) if segment in o["Key"]]
