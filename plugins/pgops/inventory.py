@@ -492,9 +492,25 @@ def load_inventory(path: str | Path | None = None) -> Inventory:
         text = path.read_text()
     except FileNotFoundError:
         raise InventoryError(f"inventory file {path} does not exist. Fix: set {INVENTORY_ENV} to your clusters.yaml") from None
+    return parse_inventory(_parse_yaml(text, path), path)
+
+
+_YAML_CACHE: dict[str, Any] = {}
+
+
+def _parse_yaml(text: str, path: Path) -> Any:
+    """The inventory text as data; the last text parsed is cached (parse_inventory never mutates it).
+
+    Every DAG file loads the inventory: in one DagBag fill the five files parse it once, and the environment
+    variables are still expanded, and everything validated, on every load.
+    """
+    if text in _YAML_CACHE:
+        return _YAML_CACHE[text]
     try:
-        # libyaml's loader when built in: every DAG file parses the inventory, ~10x faster than pure Python.
+        # libyaml's loader when built in: ~10x faster than pure Python.
         data = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # noqa: S506 (a safe loader)
     except yaml.YAMLError as exc:
         raise InventoryError(f"{path}: not valid YAML ({exc}). Fix: check indentation and quoting") from None
-    return parse_inventory(data, path)
+    _YAML_CACHE.clear()
+    _YAML_CACHE[text] = data
+    return data

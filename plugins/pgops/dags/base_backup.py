@@ -7,7 +7,7 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import DAG, CronTriggerTimetable, Param
 
-from pgops.dags.common import backup_asset, dag_tags, default_args
+from pgops.dags.common import backup_asset, dag_tags, default_args, pgops_dag
 from pgops.inventory import Cluster
 from pgops.operators.backup import (
     BackupPreflightOperator,
@@ -20,7 +20,7 @@ DAG_ID_PREFIX = "pgops_base_backup__"
 
 
 def build_base_backup_dag(cluster: Cluster) -> DAG:
-    with DAG(
+    with pgops_dag(
         dag_id=f"{DAG_ID_PREFIX}{cluster.name}",
         description=f"Nightly barman-cloud base backup of {cluster.name} to "
                     f"s3://{cluster.storage.bucket}/{cluster.storage.server_prefix}/",

@@ -13,7 +13,7 @@ import pendulum
 from airflow.providers.standard.operators.python import ShortCircuitOperator
 from airflow.sdk import DAG, Param
 
-from pgops.dags.common import dag_tags, default_args
+from pgops.dags.common import dag_tags, default_args, pgops_dag
 from pgops.ebs.spec import (
     ACCOUNT_PATTERN,
     CUTOVER_MODES,
@@ -76,7 +76,7 @@ def migration_params(cluster: Cluster) -> dict[str, Param]:
 
 def build_ebs_migration_dag(cluster: Cluster) -> DAG:
     aws = {"aws_conn_id": cluster.aws_conn_id}
-    with DAG(
+    with pgops_dag(
         dag_id=f"{DAG_ID_PREFIX}{cluster.name}",
         description=f"Incremental EBS snapshot migration of {cluster.name}'s volumes to another region/account",
         schedule=None,

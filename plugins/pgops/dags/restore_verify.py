@@ -13,7 +13,7 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import DAG, AssetOrTimeSchedule, CronTriggerTimetable, Param, TriggerRule
 
-from pgops.dags.common import backup_asset, dag_tags, default_args
+from pgops.dags.common import backup_asset, dag_tags, default_args, pgops_dag
 from pgops.inventory import Cluster
 from pgops.operators.restore import (
     DEFAULT_SCRATCH_ROOT,
@@ -35,7 +35,7 @@ SCRATCH_ROOT_ENV = "PGOPS_RESTORE_SCRATCH_ROOT"
 
 def build_restore_verify_dag(cluster: Cluster) -> DAG:
     q = cluster.runner.queue  # restore steps run on the restore host (the cluster's runner)
-    with DAG(
+    with pgops_dag(
         dag_id=f"{DAG_ID_PREFIX}{cluster.name}",
         description=f"Restore {cluster.name}'s newest backup into a scratch instance, prove the data, measure RTO",
         schedule=AssetOrTimeSchedule(

@@ -13,7 +13,7 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import DAG, Param, TriggerRule
 
-from pgops.dags.common import dag_tags, default_args
+from pgops.dags.common import dag_tags, default_args, pgops_dag
 from pgops.inventory import Cluster
 from pgops.operators.standby import (
     StandbyPreflightOperator,
@@ -31,7 +31,7 @@ def build_standby_rebuild_dag(cluster: Cluster) -> DAG:
     repl = cluster.replication
     names = [n.name for n in repl.nodes] if repl else []
     first = repl.standbys[0] if repl and repl.standbys else None
-    with DAG(
+    with pgops_dag(
         dag_id=f"{DAG_ID_PREFIX}{cluster.name}",
         description=f"Rebuild a standby of {cluster.name} from the newest backup and make it stream",
         schedule=None,

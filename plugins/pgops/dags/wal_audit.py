@@ -7,7 +7,7 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import DAG, CronTriggerTimetable, Param
 
-from pgops.dags.common import dag_tags, default_args
+from pgops.dags.common import dag_tags, default_args, pgops_dag
 from pgops.inventory import Cluster
 from pgops.operators.audit import WalArchiveAuditOperator
 
@@ -24,7 +24,7 @@ def _schedule(cluster: Cluster):
 
 
 def build_wal_audit_dag(cluster: Cluster) -> DAG:
-    with DAG(
+    with pgops_dag(
         dag_id=f"{DAG_ID_PREFIX}{cluster.name}",
         description=f"Audit the WAL archive and bucket lifecycle of {cluster.name} in "
                     f"s3://{cluster.storage.bucket}/{cluster.storage.server_prefix}/",
