@@ -167,12 +167,12 @@ def socket_path_problem(socket_dir: str) -> str | None:
 
 
 def restore_command(wal_restore_argv: Sequence[str]) -> str:
-    """restore_command: barman-cloud-wal-restore's argv (with -p N --spool-dir) plus PostgreSQL's %f %p."""
+    """restore_command: the WAL restore argv (wal_restore_argv) plus PostgreSQL's %f %p."""
     argv = [str(a) for a in wal_restore_argv]
     command = shlex.join(argv) + " %f %p"
     if "--spool-dir" in argv[:-1]:
-        # barman-cloud-wal-restore's own first step (a prefetched segment is moved out of the spool) without its
-        # ~1 s Python start per segment; anything else (or a failed move) goes to barman-cloud-wal-restore.
+        # A prefetched segment is moved out of the spool by the shell, without a Python start per segment;
+        # anything else (or a failed move) goes to the command.
         spool = shlex.quote(argv[argv.index("--spool-dir") + 1] + "/")
         return f"[ -f {spool}%f ] && mv -f {spool}%f %p || {command}"
     return command

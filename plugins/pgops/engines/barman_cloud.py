@@ -12,6 +12,7 @@ from typing import Any
 from pgops.inventory import REPO_ROOT, Cluster
 
 WAL_ARCHIVE_WRAPPER = REPO_ROOT / "include" / "dbhost" / "pgops_wal_archive.py"
+WAL_RESTORE_WRAPPER = REPO_ROOT / "include" / "dbhost" / "pgops_wal_restore.py"
 # Reserved by barman-cloud as backup selectors, never real backup ids.
 RESERVED_BACKUP_NAMES = ("first", "last", "latest", "oldest", "last-failed")
 _COMPRESSION_FLAGS = {"gzip": "--gzip", "bzip2": "--bzip2", "xz": "--xz", "lz4": "--lz4", "zstd": "--zstd",
@@ -93,14 +94,23 @@ def restore_argv(cluster: Cluster, *, endpoint_url: str | None, backup_id: str, 
 
 
 def wal_restore_argv(cluster: Cluster, *, endpoint_url: str | None, parallel: int = 0,
-                     spool_dir: str | None = None) -> list[str]:
-    """restore_command argv without the trailing '%f %p' (PostgreSQL fills those in)."""
+                     spool_dir: str | None = None, bare: bool = False) -> list[str]:
+    """restore_command argv without the trailing '%f %p' (PostgreSQL fills those in).
+
+    With parallel > 0 and a spool: the pgops prefetcher (include/dbhost/pgops_wal_restore.py: barman's code
+    imported once, ``parallel`` download threads) in front of barman-cloud-wal-restore, which still answers
+    everything the prefetcher does not have. bare=True: barman-cloud-wal-restore's own --parallel prefetch.
+    """
     argv = [cluster.engine.bin("barman-cloud-wal-restore"), *_common(cluster, endpoint_url)]
+    tail = [cluster.storage.destination_url, cluster.storage.server_name]
+    if parallel > 0 and spool_dir and not bare:
+        return [cluster.engine.bin("python3"), str(WAL_RESTORE_WRAPPER), "--parallel", str(parallel),
+                "--spool-dir", spool_dir, "--", *argv, *tail]
     if parallel > 0:
         argv += ["--parallel", str(parallel)]
         if spool_dir:
             argv += ["--spool-dir", spool_dir]
-    return argv + [cluster.storage.destination_url, cluster.storage.server_name]
+    return argv + tail
 
 
 @dataclass(frozen=True, kw_only=True)
