@@ -2,12 +2,14 @@
 
 Starts its own lab (SeaweedFS S3 with its HTTPS listener for pgBackRest, PostgreSQL 15) in a temp state
 dir, fills a pgbench database of --scale, and measures with the same parallelism (--jobs) and the same
-compression (gzip; level 9 for base backups, as barman-cloud-backup's tar stream uses; level 6 for WAL):
-  backup   a pg_basebackup -Ft -D - > /dev/null (read floor)   b barman-cloud-backup CLI (our options)
+compression (lz4, pgops' default; pgBackRest compress-type=lz4):
+  backup   a pg_basebackup -Ft -D - > /dev/null (read floor)   b barman-cloud-backup CLI (our options; and
+           with --gzip and without compression, so the default is the fastest measured)
            c the base-backup DAG (dag.test: backup task and whole run)   d pgBackRest full backup
   WAL      pgbench write load (200-row UPDATEs, synchronous_commit off) for --load-s with each archive_command:
            barman-cloud-wal-archive, pgBackRest async archive-push, the pgops wrapper; lag sampled every second
-  restore  barman-cloud-restore + replay without / with parallel WAL prefetch, replay from a local WAL copy,
+  restore  barman-cloud-restore + replay without prefetch, with barman's --parallel prefetch, with the pgops
+           prefetcher (include/dbhost/pgops_wal_restore.py), and from a local WAL copy;
            the restore-verification DAG's RTO, pgBackRest restore + replay (async archive-get prefetch)
   parse    DagBag fill of dags/ with a generated 50-cluster inventory, under a no-network/no-database guard
 Results: bench/results/peers.json (or --out) and one table in the log. Stops everything it started.
@@ -200,8 +202,21 @@ class Bench:
         self.log("backup b: barman-cloud-backup CLI")
         argv = barman_cloud.backup_argv(self.cluster, endpoint_url=st.s3_endpoint, backup_name="bench-cli",
                                         pg_host=st.pg_socket_dir, pg_port=st.pg_port, pg_user="postgres")
+        before = self._base_bytes()
         out["b_barman_cli_s"], _ = pl.timed(pl.run_db, argv, env=self.env)
+        b_stored = self._base_bytes() - before
         out["barman_argv"] = " ".join(a for a in argv if a not in (st.s3_endpoint,))
+        out["b_compressions"] = {self.cluster.engine.compression: {"s": out["b_barman_cli_s"], "stored_bytes": b_stored}}
+        for comp in ("gzip", "none"):  # the other choices, so the default is the fastest measured
+            if comp == self.cluster.engine.compression:
+                continue
+            self.log(f"backup b, --{comp}: barman-cloud-backup CLI")
+            c = dataclasses.replace(self.cluster, engine=dataclasses.replace(self.cluster.engine, compression=comp))
+            before = self._base_bytes()
+            argv = barman_cloud.backup_argv(c, endpoint_url=st.s3_endpoint, backup_name=f"bench-cli-{comp}",
+                                            pg_host=st.pg_socket_dir, pg_port=st.pg_port, pg_user="postgres")
+            secs, _ = pl.timed(pl.run_db, argv, env=self.env)
+            out["b_compressions"][comp] = {"s": secs, "stored_bytes": self._base_bytes() - before}
 
         self.log("backup c: the base-backup DAG (dag.test)")
         dag = self.run_dag("pgops_base_backup__main", {})
@@ -219,6 +234,14 @@ class Bench:
         c, b, d, a = out["c_dag_backup_task_s"], out["b_barman_cli_s"], out["d_pgbackrest_s"], out["a_read_floor_s"]
         out["ratios"] = {"c_over_b": c / b, "c_over_d": c / d, "a_over_c": a / c, "c_run_over_b": out["c_dag_run_s"] / b}
         return out
+
+    def _base_bytes(self) -> int:
+        """Bytes of every object under the cluster's base/ prefix (a backup's size: the difference)."""
+        st, total = self.st, 0
+        for page in self.lab.s3_client(st).get_paginator("list_objects_v2").paginate(
+                Bucket=st.bucket, Prefix=f"{st.prefix}/{st.server_name}/base/"):
+            total += sum(o["Size"] for o in page.get("Contents", []))
+        return total
 
     # -- 3. restore ---------------------------------------------------------------------------------------------
     def restores(self) -> dict:
@@ -253,7 +276,7 @@ class Bench:
             "barman_no_prefetch": shlex.join(barman_cloud.wal_restore_argv(self.cluster, endpoint_url=st.s3_endpoint))
             + " %f %p",
             "barman_prefetch": shlex.join(barman_cloud.wal_restore_argv(
-                self.cluster, endpoint_url=st.s3_endpoint, parallel=args.wal_parallel, spool_dir=str(spool))) + " %f %p",
+                self.cluster, endpoint_url=st.s3_endpoint, parallel=args.wal_parallel, spool_dir=str(spool), bare=True)) + " %f %p",
             "pgops_prefetch": core.restore_command(barman_cloud.wal_restore_argv(
                 self.cluster, endpoint_url=st.s3_endpoint, parallel=args.wal_parallel, spool_dir=str(spool2))),
             "local_copy": f"cp {shlex.quote(str(local))}/%f %p",
@@ -265,6 +288,8 @@ class Bench:
             self.log(f"replay: {name}")
             out["replay"][name] = pl.replay(target, restore_command=command, env=self.env)
             pl.remove_tree(target)
+        for d in (spool, spool2):
+            pl.remove_tree(d)  # the pgops prefetcher stops when its spool is gone
         pl.remove_tree(pristine)
 
         self.log("restore: the restore-verification DAG (dag.test)")
@@ -357,7 +382,9 @@ def table(r: dict) -> str:
                  f"{m.get('cpus')} cpus, {m.get('memory_gib')} GiB"))
     b = r["backup"]
     rows += [("backup a: pg_basebackup to /dev/null", f"{b['a_read_floor_s']:.1f} s", "read floor"),
-             ("backup b: barman-cloud-backup CLI", f"{b['b_barman_cli_s']:.1f} s", ""),
+             ("backup b: barman-cloud-backup CLI", f"{b['b_barman_cli_s']:.1f} s", "default compression"),
+             *((f"  b with --{k}", f"{v['s']:.1f} s", f"{(v.get('stored_bytes') or 0) / 2**20:.0f} MiB stored")
+               for k, v in b.get("b_compressions", {}).items()),
              ("backup c: DAG backup task / whole run", f"{b['c_dag_backup_task_s']:.1f} s / {b['c_dag_run_s']:.1f} s", ""),
              ("backup d: pgBackRest full", f"{b['d_pgbackrest_s']:.1f} s", ""),
              ("  c/b (goal <= 1.10)", f"{b['ratios']['c_over_b']:.2f}", "ok" if b["ratios"]["c_over_b"] <= 1.10 else "MISS"),
@@ -371,8 +398,8 @@ def table(r: dict) -> str:
     rp = x["replay"]
     rows += [("restore a: barman-cloud-restore", f"{x['barman_restore_s']:.1f} s", f"{x['replayed_wal_bytes'] / 2**20:.0f} MiB WAL to replay"),
              ("  replay, no prefetch", f"{rp['barman_no_prefetch']['replay_s']:.1f} s", f"{rp['barman_no_prefetch']['segments_restored']} seg"),
-             ("  replay, --parallel prefetch", f"{rp['barman_prefetch']['replay_s']:.1f} s", f"{rp['barman_prefetch']['segments_restored']} seg"),
-             ("  replay, prefetch + spool shortcut (ours)", f"{rp['pgops_prefetch']['replay_s']:.1f} s",
+             ("  replay, barman --parallel prefetch", f"{rp['barman_prefetch']['replay_s']:.1f} s", f"{rp['barman_prefetch']['segments_restored']} seg"),
+             ("  replay, pgops prefetcher", f"{rp['pgops_prefetch']['replay_s']:.1f} s",
               f"{rp['pgops_prefetch']['segments_restored']} seg"),
              ("  replay from a local WAL copy", f"{rp['local_copy']['replay_s']:.1f} s", ""),
              ("restore b: restore-verify DAG RTO", f"{x['dag']['rto_s'] or 0:.1f} s", f"whole run {x['dag']['run_s']:.1f} s"),

@@ -6,7 +6,6 @@ environment, never in argv or the log).
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import pwd
@@ -19,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pgops import restore as core
+from pgops.audit import decompress
 from pgops.lab import PG_BIN, Lab, LabState, as_db_user, free_port, is_root, pid_alive, stop_pid
 
 SEGMENT_BYTES = 16 * 1024 * 1024
@@ -87,8 +87,8 @@ class PgBackRest:
     st: LabState
     work: Path
     process_max: int
-    compress_type: str = "gz"
-    compress_level: int = 9
+    compress_type: str = "lz4"  # as pgops' default (barman-cloud --lz4): comparable compression
+    compress_level: int = 1
     conf: Path = field(init=False)
 
     def __post_init__(self) -> None:
@@ -117,8 +117,7 @@ class PgBackRest:
         return run_db(self.argv(*args), timeout_s=timeout_s).stdout
 
     def archive_command(self, *, asynchronous: bool = True) -> str:
-        # WAL compression: gz level 6 for WAL (barman-cloud-wal-archive's gzip default level is 6 as well)
-        extra = ["--compress-level=6"] + ([] if asynchronous else ["--no-archive-async"])
+        extra = [] if asynchronous else ["--no-archive-async"]
         return shlex.join(self.argv(*extra, "archive-push")) + " %p"
 
 
@@ -274,10 +273,10 @@ def download_wal_copy(lab: Lab, st: LabState, dest: Path, first_segment: str) ->
         for obj in page.get("Contents", []):
             name = obj["Key"].rsplit("/", 1)[-1]
             base = name.split(".", 1)[0]
-            if len(base) != 24 or base < first_segment or (name != base and not name.endswith(".gz")):
+            if len(base) != 24 or base < first_segment or ".partial" in name or ".backup" in name:
                 continue
             body = s3.get_object(Bucket=st.bucket, Key=obj["Key"])["Body"].read()
-            (dest / base).write_bytes(gzip.decompress(body) if name.endswith(".gz") else body)
+            (dest / base).write_bytes(decompress(name, body))  # by magic bytes: gzip, lz4, zstd, ...
             count += 1
     chown_db(dest)
     os.chmod(dest, 0o755)

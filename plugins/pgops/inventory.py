@@ -61,8 +61,8 @@ class Storage:
 @dataclass(frozen=True, kw_only=True)
 class Engine:
     kind: str = "barman-cloud"
-    compression: str = "gzip"
-    wal_compression: str = "gzip"
+    compression: str = "lz4"
+    wal_compression: str = "lz4"
     jobs: int = 2
     # >1: include/dbhost/pgops_wal_archive.py archives ready segments ahead (bench_peers: 1.9x the bare CLI)
     wal_archive_parallel: int = 4
@@ -281,8 +281,8 @@ def _parse_cluster(raw: Any, index: int, path: Path) -> Cluster:
     engine_f.where = f"cluster {name!r}: engine"
     engine = Engine(
         kind=engine_f.choice("kind", "barman-cloud", ("barman-cloud",)),
-        compression=engine_f.choice("compression", "gzip", BACKUP_COMPRESSIONS),
-        wal_compression=engine_f.choice("wal_compression", "gzip", WAL_COMPRESSIONS),
+        compression=engine_f.choice("compression", "lz4", BACKUP_COMPRESSIONS),
+        wal_compression=engine_f.choice("wal_compression", "lz4", WAL_COMPRESSIONS),
         jobs=engine_f.integer("jobs", 2, minimum=1, maximum=64),
         wal_archive_parallel=engine_f.integer("wal_archive_parallel", 4, minimum=1, maximum=32),
         immediate_checkpoint=engine_f.boolean("immediate_checkpoint", True),

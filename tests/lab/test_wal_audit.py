@@ -126,7 +126,8 @@ def test_lab_archive_is_clean_then_a_deleted_segment_is_critical(lab, run_dag):
     from pgops import wal
 
     victim = wal.segno_to_segment(1, wal.segment_to_segno(newest)[1] - 1)
-    key = f"{st.prefix}/{st.server_name}/wals/{victim[:16]}/{victim}.gz"
+    listed = s3.list_objects_v2(Bucket=st.bucket, Prefix=f"{st.prefix}/{st.server_name}/wals/{victim[:16]}/{victim}")
+    key = next(o["Key"] for o in listed["Contents"] if o["Key"].rsplit("/", 1)[-1].split(".")[0] == victim)
     saved = s3.get_object(Bucket=st.bucket, Key=key)["Body"].read()
     s3.delete_object(Bucket=st.bucket, Key=key)
     try:

@@ -24,7 +24,7 @@ def test_backup_argv_is_a_list_without_secrets(cluster):
     assert argv[0].endswith("barman-cloud-backup")
     assert argv[-2:] == ["s3://pgops-lab/clusters", "main"]
     assert ["--endpoint-url", "http://127.0.0.1:9000"] == argv[argv.index("--endpoint-url"):argv.index("--endpoint-url") + 2]
-    assert "--gzip" in argv and "--immediate-checkpoint" in argv and argv[argv.index("--jobs") + 1] == "2"
+    assert "--lz4" in argv and "--immediate-checkpoint" in argv and argv[argv.index("--jobs") + 1] == "2"
     assert not any("password" in a.lower() or "secret" in a.lower() for a in argv)
 
 
@@ -73,3 +73,19 @@ def test_archiver_health():
     assert recovered.healthy
     assert "archive_mode is 'off'" in archiver_health(_row(archive_mode="off")).message
     assert not archiver_health(_row(archive_command="")).healthy
+
+
+def test_wal_restore_argv_puts_the_prefetcher_in_front_of_barman(cluster):
+    plain = barman_cloud.wal_restore_argv(cluster, endpoint_url=None)
+    assert plain[0].endswith("barman-cloud-wal-restore") and plain[-2:] == ["s3://pgops-lab/clusters", "main"]
+    ours = barman_cloud.wal_restore_argv(cluster, endpoint_url=None, parallel=4, spool_dir="/s/spool")
+    cut = ours.index("--")
+    assert ours[1].endswith("include/dbhost/pgops_wal_restore.py")
+    assert ours[2:cut] == ["--parallel", "4", "--spool-dir", "/s/spool"]
+    assert ours[cut + 1:] == plain  # barman answers, with its own arguments, whatever the prefetcher cannot
+    bare = barman_cloud.wal_restore_argv(cluster, endpoint_url=None, parallel=4, spool_dir="/s/spool", bare=True)
+    assert bare[0] == plain[0] and bare[bare.index("--parallel") + 1] == "4"
+    from pgops import restore as core
+
+    command = core.restore_command(ours)
+    assert command.startswith("[ -f /s/spool/%f ] && mv -f /s/spool/%f %p || ") and command.endswith(" main %f %p")
