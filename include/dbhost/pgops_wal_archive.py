@@ -15,6 +15,13 @@ Two ways to archive a batch:
   as its main() uses them) imported once, --parallel upload threads sharing one client. Same objects,
   names and compression as the CLI; needs the DB-host venv's python (barman importable).
 
+--background (with --in-process), pgBackRest's asynchronous archive-push: a pusher process started by the
+first call keeps uploading every ready segment, --parallel at a time, barman imported once for its whole
+life; a call waits for its segment's marker. The pusher stops when nothing has been ready for --idle-s
+seconds, when PostgreSQL stops (postmaster.pid gone) or its spool is removed. Whatever it cannot do (an
+upload failed, a history or backup file, no pusher) the call archives itself as above, and that exit status
+is what PostgreSQL gets.
+
 Correctness: a marker is written (and fsynced) only after the archive command exited 0 for that segment,
 so nothing is reported archived that is not in the bucket. A marker also holds the segment file's inode,
 size and mtime: a marker that does not match the file in pg_wal is ignored and the segment is archived
@@ -25,10 +32,13 @@ with any Python 3).
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 SEGMENT_RE = re.compile(r"^[0-9A-F]{24}$")
@@ -45,6 +55,11 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str], str]:
     parser.add_argument("--in-process", action="store_true",
                         help="archive with barman-cloud-wal-archive's code in this process (one import per batch)")
     parser.add_argument("--spool-dir", default=DEFAULT_SPOOL, help="where markers of segments archived ahead live")
+    parser.add_argument("--background", action="store_true",
+                        help="a long-lived pusher archives ready segments (with --in-process)")
+    parser.add_argument("--wait-s", type=float, default=120, help="longest wait for the pusher (--background)")
+    parser.add_argument("--idle-s", type=float, default=60, help="the pusher stops after this long with nothing ready")
+    parser.add_argument("--pusher", action="store_true", help=argparse.SUPPRESS)
     opts = parser.parse_args(argv[:cut])
     rest = argv[cut + 1:]
     if len(rest) < 2:
@@ -154,10 +169,17 @@ def main(argv: list[str]) -> int:
     wal_dir, name = wal.parent, wal.name
     spool = Path(opts.spool_dir)
     spool.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if opts.pusher:
+        return Pusher(opts, command, wal_dir.resolve(), spool.resolve()).run()
 
-    if _marker_matches(spool, name, wal):
-        (spool / f"{name}.archived").unlink()
-        return 0  # archived ahead by an earlier call, and the file is the one that was archived
+    background = opts.background and opts.in_process
+    if _marker_matches(spool, name, wal) or (background and SEGMENT_RE.match(name)
+                                             and _wait_for_pusher(opts, argv, spool, wal)):
+        # Archived ahead, and the file is the one that was archived. The pusher drops the marker once
+        # PostgreSQL has marked the segment done (dropping it here would have the pusher archive it again).
+        if not background:
+            (spool / f"{name}.archived").unlink()
+        return 0
     (spool / f"{name}.archived").unlink(missing_ok=True)
 
     batch = opts.batch or 2 * opts.parallel
@@ -183,6 +205,170 @@ def main(argv: list[str]) -> int:
               f"HINT: run the archive_command by hand as the postgres user: {' '.join(command)} {wal}",
               file=sys.stderr)
     return codes[name]
+
+
+def _prune_done(spool: Path, wal_dir: Path) -> None:
+    """Drop markers of segments PostgreSQL no longer has ready (done, recycled), and failure notes with them."""
+    for entry in os.listdir(spool):
+        if entry.endswith((".archived", ".failed")):
+            name = entry.split(".", 1)[0]
+            if not (wal_dir / "archive_status" / f"{name}.ready").exists():
+                (spool / entry).unlink(missing_ok=True)
+
+
+LOCK = ".pusher.lock"
+PID = ".pusher.pid"
+LOG = ".pusher.log"
+
+
+def _pusher_alive(spool: Path) -> bool:
+    """The pusher holds an exclusive lock on the spool's lock file for as long as it runs."""
+    try:
+        fd = os.open(spool / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # closing drops a lock this call may have taken
+    return False
+
+
+def _wait_for_pusher(opts: argparse.Namespace, argv: list[str], spool: Path, wal: Path) -> bool:
+    """True once the pusher has archived this file; False: the caller archives it itself."""
+    failed = spool / f"{wal.name}.failed"
+    try:
+        failed.unlink(missing_ok=True)  # this call asks again: the pusher may retry it
+        if not _pusher_alive(spool):
+            with open(spool / LOG, "ab") as log:
+                cut = argv.index("--")
+                subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv[:cut], "--pusher", "--",
+                                  *argv[cut + 1:-1], str(wal.resolve())],
+                                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+                                 close_fds=True, cwd=os.getcwd())
+    except OSError as exc:
+        print(f"pgops_wal_archive: no pusher ({exc}); archiving {wal.name} in this call", file=sys.stderr)
+        return False
+    deadline = time.monotonic() + opts.wait_s
+    started = time.monotonic()
+    checked = started
+    while time.monotonic() < deadline:
+        if _marker_matches(spool, wal.name, wal):
+            return True
+        if failed.exists():
+            return False
+        if time.monotonic() - checked > 1:
+            checked = time.monotonic()
+            if not _pusher_alive(spool) and time.monotonic() - started > 10:
+                return False
+        time.sleep(0.005)
+    return False
+
+
+class Pusher:
+    """Archives every ready WAL segment of one pg_wal, --parallel at a time, barman imported once."""
+
+    def __init__(self, opts: argparse.Namespace, command: list[str], wal_dir: Path, spool: Path):
+        self.opts, self.command, self.wal_dir, self.spool = opts, command, wal_dir, spool
+        self.postmaster_pid = wal_dir.parent / "postmaster.pid"
+        self.lock_inode: int | None = None
+
+    def log(self, msg: str) -> None:
+        print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} pgops_wal_archive[{os.getpid()}]: {msg}", flush=True)
+
+    def run(self) -> int:
+        fd = os.open(self.spool / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+        for _attempt in range(50):  # a caller's liveness probe holds the lock for an instant
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:
+                time.sleep(0.01)
+        else:
+            os.close(fd)
+            return 0  # another pusher runs for this spool
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        try:
+            self.lock_inode = os.fstat(fd).st_ino
+            tmp = self.spool / f"{PID}.tmp"
+            tmp.write_text(f"{os.getpid()}\n")
+            tmp.replace(self.spool / PID)
+            return self._serve()
+        except Exception as exc:  # callers archive for themselves once this lock is gone
+            self.log(f"stopped: {exc!r}")
+            return 1
+        finally:
+            (self.spool / PID).unlink(missing_ok=True)
+            os.close(fd)
+
+    def _alive(self) -> bool:
+        try:
+            if os.stat(self.spool / LOCK).st_ino != self.lock_inode:
+                return False  # spool removed or replaced
+        except OSError:
+            return False
+        return not self.watch_postmaster or self.postmaster_pid.exists()
+
+    def _serve(self) -> int:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from barman.clients import cloud_walarchive as cw
+
+        config = cw.parse_arguments([*self.command[1:], str(self.wal_dir / "000000010000000000000001")])
+        cw.configure_logging(config)
+        interface = cw.get_cloud_interface(config)
+        uploader = cw.CloudWalUploader(cloud_interface=interface, server_name=config.server_name,
+                                       compression=config.compression, compression_level=config.compression_level)
+        self.watch_postmaster = self.postmaster_pid.exists()
+        self.log(f"archiving ready segments of {self.wal_dir}: {self.opts.parallel} uploads at a time")
+        inflight: dict[str, object] = {}
+        last_ready = last_prune = time.monotonic()
+
+        def one(name: str, identity: str) -> None:
+            uploader.upload_wal(str(self.wal_dir / name))
+            if _identity(self.wal_dir / name) != identity:
+                raise RuntimeError(f"{name} changed while it was archived")
+            _write_marker(self.spool, name, identity)
+
+        try:
+            with ThreadPoolExecutor(max_workers=max(1, self.opts.parallel)) as pool:
+                while self._alive():
+                    for name, fut in list(inflight.items()):
+                        if fut.done():
+                            del inflight[name]
+                            if fut.exception() is not None:
+                                self.log(f"archiving {name} failed: {fut.exception()!r}")
+                                (self.spool / f"{name}.failed").write_text(f"{fut.exception()!r}\n")
+                    room = 2 * max(1, self.opts.parallel) - len(inflight)
+                    todo = [] if room <= 0 else _ready_segments(self.wal_dir, "", room + len(inflight), self.spool)
+                    if todo:
+                        last_ready = time.monotonic()
+                    for name in todo:
+                        if room <= 0:
+                            break
+                        if name in inflight or (self.spool / f"{name}.failed").exists():
+                            continue
+                        try:
+                            identity = _identity(self.wal_dir / name)
+                        except OSError:
+                            continue
+                        inflight[name] = pool.submit(one, name, identity)
+                        room -= 1
+                    if time.monotonic() - last_prune > 1:
+                        last_prune = time.monotonic()
+                        _prune_done(self.spool, self.wal_dir)
+                    if inflight:
+                        last_ready = time.monotonic()
+                    elif time.monotonic() - last_ready > self.opts.idle_s:
+                        self.log("nothing ready for a while: stopping")
+                        return 0
+                    time.sleep(0.02)
+        finally:
+            interface.close()
+        self.log("PostgreSQL stopped or the spool was removed: stopping")
+        return 0
 
 
 if __name__ == "__main__":

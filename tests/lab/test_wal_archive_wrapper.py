@@ -1,5 +1,6 @@
 """include/dbhost/pgops_wal_archive.py on the real lab: segments archived ahead are in the bucket before
-PostgreSQL is told so, a marker that does not match the file is not trusted, a failure records nothing."""
+PostgreSQL is told so, a marker that does not match the file is not trusted, a failure records nothing;
+the background pusher archives what is ready and stops when its spool goes or PostgreSQL stops."""
 
 from __future__ import annotations
 
@@ -50,16 +51,76 @@ def fake_pg_wal(lab, tmp_path):
     subprocess.run(["chown", "-R", "postgres:postgres", str(data)], check=False)
     os.chmod(data, 0o755)
 
-    def run(parallel: int, segment: str, *, endpoint=None, env=None) -> subprocess.CompletedProcess:
+    def run(parallel: int, segment: str, *, endpoint=None, env=None, background=False) -> subprocess.CompletedProcess:
         from pgops.engines import barman_cloud
 
         argv = barman_cloud.archive_command_argv(_cluster(lab, parallel, FAKE_SERVER),
                                                  endpoint_url=endpoint or st.s3_endpoint)
+        if not background:
+            argv.remove("--background")  # one batch per call: what the call archived is done when it returns
         return subprocess.run(as_db_user(["sh", "-c", f"cd {shlex.quote(str(data))} && {shlex.join(argv)} pg_wal/{segment}"],
                                          env=env or lab.db_env(st)), capture_output=True, text=True, timeout=300)
 
     yield data, run
+    pid = _pusher_pid(data / "pgops_wal_spool")
     shutil.rmtree(data, ignore_errors=True)
+    if pid:
+        from pgops.procs import stop_pid
+
+        stop_pid(pid, timeout_s=10)
+
+
+def _pusher_pid(spool: Path) -> int | None:
+    try:
+        return int((spool / ".pusher.pid").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _wait(predicate, timeout_s: float = 60) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_background_pusher_archives_what_is_ready(lab, fake_pg_wal):
+    from pgops.procs import pid_alive
+
+    data, run = fake_pg_wal
+    spool = data / "pgops_wal_spool"
+    status = data / "pg_wal" / "archive_status"
+    res = run(2, SEGMENTS[0], background=True)
+    assert res.returncode == 0, res.stderr
+    assert SEGMENTS[0] in _wal_keys(lab, FAKE_SERVER)  # in the bucket when PostgreSQL is told so
+    pid = _pusher_pid(spool)
+    assert pid and pid_alive(pid)
+    # every ready segment gets archived without another call, each marker only after its upload
+    assert _wait(lambda: all((spool / f"{n}.archived").exists() for n in SEGMENTS)), sorted(os.listdir(spool))
+    assert set(SEGMENTS) <= _wal_keys(lab, FAKE_SERVER)
+    # PostgreSQL's calls return at once, even with the bucket unreachable (the segment is already there)
+    dead = f"http://127.0.0.1:{_free_port()}"
+    for n in SEGMENTS:
+        assert run(2, n, background=True, endpoint=dead).returncode == 0
+        (status / f"{n}.ready").rename(status / f"{n}.done")  # what PostgreSQL does after a success
+    # markers of done segments are dropped by the pusher, nothing is archived twice
+    assert _wait(lambda: not list(spool.glob("*.archived"))), sorted(os.listdir(spool))
+    # a segment that becomes ready later is archived without a call
+    extra = "0000000100000000000000A6"
+    shutil.copyfile(data / "pg_wal" / SEGMENTS[0], data / "pg_wal" / extra)
+    (status / f"{extra}.ready").touch()
+    assert _wait(lambda: (spool / f"{extra}.archived").exists())
+    # removing the spool stops the pusher
+    shutil.rmtree(spool)
+    assert _wait(lambda: not pid_alive(pid), 15)
+
+
+def _free_port() -> int:
+    from pgops.lab import free_port
+
+    return free_port()
 
 
 def test_archives_ahead_and_trusts_only_matching_markers(lab, fake_pg_wal):

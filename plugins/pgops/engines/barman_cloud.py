@@ -60,13 +60,15 @@ def wal_archive_argv(cluster: Cluster, *, endpoint_url: str | None) -> list[str]
 
 def archive_command_argv(cluster: Cluster, *, endpoint_url: str | None) -> list[str]:
     """The archive_command argv (PostgreSQL appends %p). With engine.wal_archive_parallel > 1, the pgops
-    wrapper (include/dbhost/pgops_wal_archive.py, run by the DB-host venv's python) also archives the next
-    ready segments with barman-cloud-wal-archive's own uploader, N at a time, imported once per batch."""
+    wrapper (include/dbhost/pgops_wal_archive.py, run by the DB-host venv's python): a background pusher
+    archives every ready segment with barman-cloud-wal-archive's own uploader, N at a time, imported once;
+    the call for a segment returns when it is in the bucket."""
     argv = wal_archive_argv(cluster, endpoint_url=endpoint_url)
     n = cluster.engine.wal_archive_parallel
     if n <= 1:
         return argv
-    return [cluster.engine.bin("python3"), str(WAL_ARCHIVE_WRAPPER), "--parallel", str(n), "--in-process", "--", *argv]
+    return [cluster.engine.bin("python3"), str(WAL_ARCHIVE_WRAPPER), "--parallel", str(n), "--in-process",
+            "--background", "--", *argv]
 
 
 def backup_list_argv(cluster: Cluster, *, endpoint_url: str | None) -> list[str]:
