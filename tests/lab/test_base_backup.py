@@ -165,13 +165,15 @@ def test_failure_notification_reaches_sqs(lab, run_dag, tmp_path, monkeypatch):
     queue_url = sqs.create_queue(QueueName=f"pgops-alerts-{os.getpid()}-{int(time.time())}")["QueueUrl"]
     queue_arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
     lab.aws_client("sns").subscribe(TopicArn=st.sns_topic_arn, Protocol="sqs", Endpoint=queue_arn)
-    monkeypatch.setenv("PGOPS_INVENTORY", str(_write_inventory(tmp_path, **{"storage.bucket": "pgops-missing-for-alert"})))
+    # A cluster of its own: the "main" DAG's backup asset keeps pointing at the lab bucket for later tests.
+    monkeypatch.setenv("PGOPS_INVENTORY", str(_write_inventory(
+        tmp_path, **{"name": "alerting", "storage.bucket": "pgops-missing-for-alert"})))
     from pgops.dags.base_backup import build_base_backup_dag
     from pgops.inventory import load_inventory
 
-    dr = run_dag(build_base_backup_dag(load_inventory().get("main")))
+    dr = run_dag(build_base_backup_dag(load_inventory().get("alerting")))
     assert task_states(dr)["preflight"] == "failed"
     messages = sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=5).get("Messages", [])
     bodies = [json.loads(m["Body"]) for m in messages]
     assert any("pgops-missing-for-alert" in b["Message"] and "preflight" in b["Message"] for b in bodies), bodies
-    assert any(b.get("Subject") == "pgops failure: main" for b in bodies)
+    assert any(b.get("Subject") == "pgops failure: alerting" for b in bodies)

@@ -227,7 +227,7 @@ def test_base_backup_dag_through_ssh(lab, run_dag, sshd, ssh_conn, tmp_path, mon
                                "retention": "success"}, task_states(dr)
     summary = dr.get_task_instance("verify").xcom_pull(task_ids="verify")
     assert summary["status"] == "DONE" and summary["stored_bytes"] > 0
-    # catalog, backup, show, show, catalog, delete, catalog: every engine call went through sshd
+    # backup, show, catalog, delete, catalog (and preflight): every engine call went through sshd
     assert sshd.log.read_text().count("Accepted publickey for postgres") - logins_before >= 5
     st = lab.load()
     keys = [o["Key"] for o in lab.s3_client().list_objects_v2(

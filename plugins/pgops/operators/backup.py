@@ -116,11 +116,11 @@ class BarmanCloudBackupOperator(ClusterOperator):
     def execute(self, context) -> str:
         cluster = self.cluster
         base_name = backup_name_for_run(context["run_id"])
-        existing = [b for b in self.catalog(cluster) if (b.backup_name or "").startswith(base_name)]
-        for b in existing:
-            if b.done:
-                self.log.info("backup %s (%s) of this run is already DONE: reusing it", b.backup_id, b.backup_name)
-                return b.backup_id
+        existing = catalog_by_name(cluster, base_name)
+        for backup_id, info in existing:
+            if info.get("status") == "DONE":
+                self.log.info("backup %s (%s) of this run is already DONE: reusing it", backup_id, info.get("backup_name"))
+                return backup_id
         # A failed earlier attempt leaves its own (FAILED) entry; a new attempt gets its own name.
         name = base_name if not existing else f"{base_name}-a{len(existing) + 1}"
         t = pg_target(cluster.postgres_conn_id)
@@ -130,11 +130,39 @@ class BarmanCloudBackupOperator(ClusterOperator):
             self.run_engine(cluster, argv)
         except CommandFailed as exc:
             raise RuntimeError(f"cluster {cluster.name!r}: barman-cloud-backup failed: {exc}") from None
-        show = self.run_engine(cluster, barman_cloud.backup_show_argv(
-            cluster, endpoint_url=s3_endpoint_url(cluster.aws_conn_id), backup_id=name), capture=True, timeout_s=600)
-        info = barman_cloud.parse_backup_show(show.stdout)
-        self.log.info("barman-cloud-backup finished: backup %s (%s) status %s", info.backup_id, name, info.status)
-        return info.backup_id
+        made = [(i, info) for i, info in catalog_by_name(cluster, name) if info.get("backup_name") == name]
+        if not made:
+            raise RuntimeError(f"cluster {cluster.name!r}: barman-cloud-backup exited 0 but no backup named {name!r} is "
+                               f"in s3://{cluster.storage.bucket}/{cluster.storage.server_prefix}/base/. Fix: check the "
+                               "task log and the bucket's permissions (s3:GetObject)")
+        backup_id, info = made[-1]
+        self.log.info("barman-cloud-backup finished: backup %s (%s) status %s", backup_id, name, info.get("status"))
+        return backup_id
+
+
+def catalog_by_name(cluster: Cluster, name_prefix: str) -> list[tuple[str, dict[str, str]]]:
+    """(backup id, backup.info) of the backups whose name starts with name_prefix, oldest first.
+
+    Read from barman-cloud's own catalog files in the bucket (one listing, one small GET per backup) instead of
+    a barman-cloud-backup-list start (about a second). A backup still uploading has no backup.info yet.
+    """
+    from pgops.audit import fetch
+    from pgops.layouts import parse_barman_backup_info
+
+    s3 = s3_client(cluster.aws_conn_id)
+    base = f"{cluster.storage.server_prefix}/base/"
+    ids = []
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=cluster.storage.bucket, Prefix=base, Delimiter="/"):
+        ids += [cp["Prefix"][len(base):].rstrip("/") for cp in page.get("CommonPrefixes", [])]
+    found, _ = fetch(s3, cluster.storage.bucket, [f"{base}{i}/backup.info" for i in ids])
+    out = []
+    for backup_id in sorted(ids):
+        body = found.get(f"{base}{backup_id}/backup.info")
+        if body is not None:
+            info = parse_barman_backup_info(body)
+            if (info.get("backup_name") or "").startswith(name_prefix):
+                out.append((backup_id, info))
+    return out
 
 
 class BarmanCloudVerifyBackupOperator(ClusterOperator):
