@@ -126,6 +126,14 @@ def set_archive_command(lab: Lab, command: str) -> None:
     lab.psql("ALTER SYSTEM SET archive_command = '" + command.replace("'", "''") + "'")
     lab.psql("SELECT pg_reload_conf()")
     time.sleep(0.5)
+    # A pgops pusher left by an earlier archive_command would keep archiving ready segments for a while:
+    # stop it by pid so each variant is measured alone.
+    pid_file = Path(lab.load().pg_data) / "pgops_wal_spool" / ".pusher.pid"
+    try:
+        pid = int(pid_file.read_text())
+    except (OSError, ValueError):
+        return
+    stop_pid(pid, timeout_s=30)
 
 
 def ready_count(st: LabState) -> int | None:

@@ -173,6 +173,8 @@ def main(argv: list[str]) -> int:
         return Pusher(opts, command, wal_dir.resolve(), spool.resolve()).run()
 
     background = opts.background and opts.in_process
+    if background:
+        (spool / CALLED).touch()  # PostgreSQL still archives through this wrapper: the pusher stays
     if _marker_matches(spool, name, wal) or (background and SEGMENT_RE.match(name)
                                              and _wait_for_pusher(opts, argv, spool, wal)):
         # Archived ahead, and the file is the one that was archived. The pusher drops the marker once
@@ -216,6 +218,7 @@ def _prune_done(spool: Path, wal_dir: Path) -> None:
                 (spool / entry).unlink(missing_ok=True)
 
 
+CALLED = ".called"
 LOCK = ".pusher.lock"
 PID = ".pusher.pid"
 LOG = ".pusher.log"
@@ -311,6 +314,12 @@ class Pusher:
             return False
         return not self.watch_postmaster or self.postmaster_pid.exists()
 
+    def _unasked_s(self) -> float:
+        try:
+            return time.time() - (self.spool / CALLED).stat().st_mtime
+        except OSError:
+            return 0.0
+
     def _serve(self) -> int:
         from concurrent.futures import ThreadPoolExecutor
 
@@ -359,6 +368,10 @@ class Pusher:
                     if time.monotonic() - last_prune > 1:
                         last_prune = time.monotonic()
                         _prune_done(self.spool, self.wal_dir)
+                        if self._unasked_s() > self.opts.idle_s:
+                            # archive_command no longer calls this wrapper (changed, or the archiver stopped)
+                            self.log("no archive_command call for a while: stopping")
+                            return 0
                     if inflight:
                         last_ready = time.monotonic()
                     elif time.monotonic() - last_ready > self.opts.idle_s:
