@@ -52,7 +52,7 @@ MARK = "PGOPS_BENCH_RESULT "
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--scale", type=int, default=50, help="pgbench scale (50 = ~750 MiB)")
+    p.add_argument("--scale", type=int, default=200, help="pgbench scale (200 = ~3 GiB: a backup takes tens of seconds)")
     p.add_argument("--load-s", type=float, default=30, help="seconds of write load per WAL archiving variant")
     p.add_argument("--replay-load-s", type=float, default=0, help="seconds of write load replayed by restores "
                                                                   "(default: --load-s)")
