@@ -116,7 +116,8 @@ class BarmanCloudBackupOperator(ClusterOperator):
     def execute(self, context) -> str:
         cluster = self.cluster
         base_name = backup_name_for_run(context["run_id"])
-        existing = catalog_by_name(cluster, base_name)
+        s3 = s3_client(cluster.aws_conn_id)
+        existing = catalog_by_name(cluster, base_name, s3=s3)
         for backup_id, info in existing:
             if info.get("status") == "DONE":
                 self.log.info("backup %s (%s) of this run is already DONE: reusing it", backup_id, info.get("backup_name"))
@@ -130,7 +131,7 @@ class BarmanCloudBackupOperator(ClusterOperator):
             self.run_engine(cluster, argv)
         except CommandFailed as exc:
             raise RuntimeError(f"cluster {cluster.name!r}: barman-cloud-backup failed: {exc}") from None
-        made = [(i, info) for i, info in catalog_by_name(cluster, name) if info.get("backup_name") == name]
+        made = [(i, info) for i, info in catalog_by_name(cluster, name, s3=s3) if info.get("backup_name") == name]
         if not made:
             raise RuntimeError(f"cluster {cluster.name!r}: barman-cloud-backup exited 0 but no backup named {name!r} is "
                                f"in s3://{cluster.storage.bucket}/{cluster.storage.server_prefix}/base/. Fix: check the "
@@ -140,7 +141,7 @@ class BarmanCloudBackupOperator(ClusterOperator):
         return backup_id
 
 
-def catalog_by_name(cluster: Cluster, name_prefix: str) -> list[tuple[str, dict[str, str]]]:
+def catalog_by_name(cluster: Cluster, name_prefix: str, *, s3=None) -> list[tuple[str, dict[str, str]]]:
     """(backup id, backup.info) of the backups whose name starts with name_prefix, oldest first.
 
     Read from barman-cloud's own catalog files in the bucket (one listing, one small GET per backup) instead of
@@ -149,7 +150,7 @@ def catalog_by_name(cluster: Cluster, name_prefix: str) -> list[tuple[str, dict[
     from pgops.audit import fetch
     from pgops.layouts import parse_barman_backup_info
 
-    s3 = s3_client(cluster.aws_conn_id)
+    s3 = s3 or s3_client(cluster.aws_conn_id)
     base = f"{cluster.storage.server_prefix}/base/"
     ids = []
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=cluster.storage.bucket, Prefix=base, Delimiter="/"):
