@@ -64,7 +64,8 @@ class Engine:
     compression: str = "lz4"
     wal_compression: str = "lz4"
     jobs: int = 2
-    # >1: include/dbhost/pgops_wal_archive.py archives ready segments ahead (bench_peers: 1.9x the bare CLI)
+    # >1: a pusher (include/dbhost/pgops_wal_archive.py) archives ready segments in the background, N at a time
+    # (bench_peers: 3x the bare CLI under a write load)
     wal_archive_parallel: int = 4
     immediate_checkpoint: bool = True
     bin_dir: str = ""

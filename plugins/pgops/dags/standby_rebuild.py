@@ -58,7 +58,7 @@ def build_standby_rebuild_dag(cluster: Cluster) -> DAG:
                                 description="unix_socket_directories of the rebuilt standby"),
             "settings": Param({}, type="object", description="Extra postgresql.auto.conf settings for the standby"),
             "wal_parallel": Param(4, type="integer", minimum=0, maximum=32,
-                                  description="barman-cloud-wal-restore --parallel (prefetch) in restore_command"),
+                                  description="Download threads of the WAL prefetcher in restore_command (0: none)"),
             "max_lag_bytes": Param(0, type="integer", minimum=0,
                                    description="Ready when replay lag is at most this (0: the inventory's max_lag_bytes)"),
             "timeout_s": Param(max(3600, 3 * cluster.targets.rto_s), type="integer", minimum=60,
