@@ -18,13 +18,14 @@ if [ ! -s "$PGDATA/PG_VERSION" ]; then
   echo "host all postgres 0.0.0.0/0 scram-sha-256" >> "$PGDATA/pg_hba.conf"
 fi
 
-# archive_command from the inventory (bucket, prefix, server name, compression), quoted with shlex.
+# archive_command from the inventory (bucket, prefix, server name, compression, the background pusher), as
+# `pgops archive-command` prints it, quoted with shlex.
 archive_command=$(python -c '
 import os, shlex
 from pgops.engines import barman_cloud
 from pgops.inventory import load_inventory
 cluster = load_inventory().get(os.environ.get("PGOPS_DBHOST_CLUSTER", "main"))
-argv = barman_cloud.wal_archive_argv(cluster, endpoint_url=os.environ.get("PGOPS_ARCHIVE_ENDPOINT") or None)
+argv = barman_cloud.archive_command_argv(cluster, endpoint_url=os.environ.get("PGOPS_ARCHIVE_ENDPOINT") or None)
 print(shlex.join(argv) + " %p")')
 cat > "$PGDATA/pgops-dbhost.conf" <<CONF
 # written by docker/dbhost-entrypoint.sh at every start

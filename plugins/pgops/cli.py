@@ -56,6 +56,27 @@ def _audit(args: argparse.Namespace) -> int:
     return audit.exit_code(report)
 
 
+def _archive_command(args: argparse.Namespace) -> int:
+    """The postgresql.conf lines that archive a cluster's WAL the way pgops expects (print, change nothing)."""
+    from pgops.engines import barman_cloud
+    from pgops.inventory import InventoryError, load_inventory
+
+    try:
+        cluster = load_inventory(args.inventory).get(args.cluster)
+    except InventoryError as exc:
+        print(f"pgops archive-command: {exc}", file=sys.stderr)
+        return 2
+    command = shlex.join(barman_cloud.archive_command_argv(cluster, endpoint_url=args.endpoint_url)) + " %p"
+    settings = {"wal_level": "replica", "archive_mode": "on", "archive_timeout": f"{args.archive_timeout}s",
+                "archive_command": command}
+    print(f"# pgops: WAL of cluster {cluster.name} into s3://{cluster.storage.bucket}/{cluster.storage.server_prefix}/wals/")
+    print("# Include this file from postgresql.conf on the database host and restart PostgreSQL. barman-cloud reads")
+    print("# AWS credentials from the postmaster's environment or the instance profile (never from this file).")
+    for key, value in settings.items():
+        print(f"{key} = '{value.replace(chr(39), chr(39) * 2)}'")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pgops", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -73,6 +94,13 @@ def main(argv: list[str] | None = None) -> int:
     aud.add_argument("--inventory", default=None, help="inventory file (default $PGOPS_INVENTORY)")
     aud.add_argument("--json", action="store_true", help="print the JSON report instead of the summary")
     aud.set_defaults(func=_audit)
+    arc = sub.add_parser("archive-command", help="print the postgresql.conf lines that archive a cluster's WAL")
+    arc.add_argument("cluster", help="inventory cluster name")
+    arc.add_argument("--inventory", default=None, help="inventory file (default $PGOPS_INVENTORY)")
+    arc.add_argument("--endpoint-url", default=None, help="S3 endpoint, for S3-compatible stores (default: AWS)")
+    arc.add_argument("--archive-timeout", type=int, default=60,
+                     help="seconds before a partly filled segment is archived (bounds the RPO when idle)")
+    arc.set_defaults(func=_archive_command)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -89,3 +89,19 @@ def test_wal_restore_argv_puts_the_prefetcher_in_front_of_barman(cluster):
 
     command = core.restore_command(ours)
     assert command.startswith("[ -f /s/spool/%f ] && mv -f /s/spool/%f %p || ") and command.endswith(" main %f %p")
+
+
+def test_cli_prints_the_archive_settings(capsys):
+    import shlex
+
+    from pgops.cli import main
+
+    assert main(["archive-command", "main", "--endpoint-url", "http://127.0.0.1:9000"]) == 0
+    out = capsys.readouterr().out
+    lines = dict(line.split(" = ", 1) for line in out.splitlines() if " = " in line and not line.startswith("#"))
+    assert lines["archive_mode"] == "'on'" and lines["wal_level"] == "'replica'" and lines["archive_timeout"] == "'60s'"
+    argv = shlex.split(lines["archive_command"].strip("'").replace("''", "'"))
+    assert argv[1].endswith("include/dbhost/pgops_wal_archive.py") and "--background" in argv and argv[-1] == "%p"
+    assert argv[argv.index("--endpoint-url") + 1] == "http://127.0.0.1:9000" and "--lz4" in argv
+    assert main(["archive-command", "nope"]) == 2
+    assert "nope" in capsys.readouterr().err
