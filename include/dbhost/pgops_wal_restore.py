@@ -308,7 +308,8 @@ class Prefetcher:
     def _clean(self) -> None:
         if not self._spool_is_ours():
             return  # a new spool in its place belongs to someone else
-        for name in list(self.fetched):
+        # fetched, and in flight when it was told to stop (the pool finished those downloads before this runs)
+        for name in set(self.fetched) | set(self.inflight):
             (self.spool / name).unlink(missing_ok=True)
         try:
             for entry in os.listdir(self.spool):
