@@ -17,3 +17,23 @@ def load_dag(dag_id: str):
     bag = DagBag(dag_folder=str(REPO / "dags"))
     assert not bag.import_errors, bag.import_errors
     return bag.dags[dag_id]
+
+
+def wait_for(predicate, timeout_s: float = 60) -> bool:
+    """Poll predicate until it is true (True) or timeout_s passes (False)."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def pid_in(pid_file: Path) -> int | None:
+    """The pid a DB-host helper wrote (a spool's .pusher.pid / .prefetcher.pid), or None."""
+    try:
+        return int(pid_file.read_text())
+    except (OSError, ValueError):
+        return None

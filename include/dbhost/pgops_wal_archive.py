@@ -32,14 +32,14 @@ with any Python 3).
 from __future__ import annotations
 
 import argparse
-import fcntl
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from pgops_spool import SpoolOwner, held_by_someone
 
 SEGMENT_RE = re.compile(r"^[0-9A-F]{24}$")
 DEFAULT_SPOOL = "pgops_wal_spool"  # relative to the data directory, where PostgreSQL runs archive_command
@@ -225,18 +225,7 @@ LOG = ".pusher.log"
 
 
 def _pusher_alive(spool: Path) -> bool:
-    """The pusher holds an exclusive lock on the spool's lock file for as long as it runs."""
-    try:
-        fd = os.open(spool / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        return True
-    finally:
-        os.close(fd)  # closing drops a lock this call may have taken
-    return False
+    return held_by_someone(spool, LOCK)
 
 
 def _wait_for_pusher(opts: argparse.Namespace, argv: list[str], spool: Path, wal: Path) -> bool:
@@ -276,42 +265,25 @@ class Pusher:
     def __init__(self, opts: argparse.Namespace, command: list[str], wal_dir: Path, spool: Path):
         self.opts, self.command, self.wal_dir, self.spool = opts, command, wal_dir, spool
         self.postmaster_pid = wal_dir.parent / "postmaster.pid"
-        self.lock_inode: int | None = None
+        self.owner = SpoolOwner(spool, LOCK, PID)
 
     def log(self, msg: str) -> None:
         print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} pgops_wal_archive[{os.getpid()}]: {msg}", flush=True)
 
     def run(self) -> int:
-        fd = os.open(self.spool / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
-        for _attempt in range(50):  # a caller's liveness probe holds the lock for an instant
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError:
-                time.sleep(0.01)
-        else:
-            os.close(fd)
+        if not self.owner.acquire():
             return 0  # another pusher runs for this spool
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         try:
-            self.lock_inode = os.fstat(fd).st_ino
-            tmp = self.spool / f"{PID}.tmp"
-            tmp.write_text(f"{os.getpid()}\n")
-            tmp.replace(self.spool / PID)
             return self._serve()
         except Exception as exc:  # callers archive for themselves once this lock is gone
             self.log(f"stopped: {exc!r}")
             return 1
         finally:
-            (self.spool / PID).unlink(missing_ok=True)
-            os.close(fd)
+            self.owner.release()
 
     def _alive(self) -> bool:
-        try:
-            if os.stat(self.spool / LOCK).st_ino != self.lock_inode:
-                return False  # spool removed or replaced
-        except OSError:
-            return False
+        if not self.owner.still_ours():
+            return False  # spool removed or replaced
         return not self.watch_postmaster or self.postmaster_pid.exists()
 
     def _unasked_s(self) -> float:

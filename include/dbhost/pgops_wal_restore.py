@@ -27,15 +27,15 @@ importable), as barman-cloud-wal-restore does.
 from __future__ import annotations
 
 import argparse
-import fcntl
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from pgops_spool import SpoolOwner, held_by_someone
 
 SEGMENT_RE = re.compile(r"^[0-9A-F]{24}$")
 LOCK = ".prefetcher.lock"
@@ -70,18 +70,7 @@ def _fallback(command: list[str], wal_name: str, wal_dest: str) -> None:
 
 
 def _prefetcher_alive(spool: Path) -> bool:
-    """The prefetcher holds an exclusive lock on the spool's lock file for as long as it runs."""
-    try:
-        fd = os.open(spool / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        return True
-    finally:
-        os.close(fd)  # closing drops a lock this call may have taken
-    return False
+    return held_by_someone(spool, LOCK)
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -146,35 +135,23 @@ class Prefetcher:
         self.fetched: set[str] = set()  # delivered to the spool by this prefetcher, not yet taken
         self.inflight: dict[str, object] = {}
         self.failed: set[str] = set()  # not fetched again unless asked for
-        self.lock_inode: int | None = None  # the spool is ours while its lock file is the one we hold
+        self.owner = SpoolOwner(spool, LOCK, PID)
         self.position = ""  # newest segment recovery asked for or took
 
     def log(self, msg: str) -> None:
         print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} pgops_wal_restore[{os.getpid()}]: {msg}", flush=True)
 
     def run(self) -> int:
-        fd = os.open(self.spool / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
-        for _attempt in range(50):  # the caller's liveness probe holds the lock for an instant
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError:
-                time.sleep(0.01)
-        else:
-            os.close(fd)
+        if not self.owner.acquire():
             return 0  # another prefetcher runs for this spool
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop by pid: clean up as on idle
         try:
-            _write_atomic(self.spool / PID, f"{os.getpid()}\n")
-            self.lock_inode = os.fstat(fd).st_ino
             return self._serve()
         except Exception as exc:  # the caller falls back to barman-cloud-wal-restore once this lock is gone
             self.log(f"stopped: {exc!r}")
             return 1
         finally:
             self._clean()
-            (self.spool / PID).unlink(missing_ok=True)
-            os.close(fd)
+            self.owner.release()
 
     def _serve(self) -> int:
         from concurrent.futures import ThreadPoolExecutor
@@ -191,7 +168,7 @@ class Prefetcher:
         wanted_seen = None
         try:
             with ThreadPoolExecutor(max_workers=self.opts.parallel) as pool:
-                while self._spool_is_ours():
+                while self.owner.still_ours():
                     activity = False
                     try:
                         wanted = (self.spool / WANTED).read_text().strip()
@@ -242,12 +219,6 @@ class Prefetcher:
             self.interface.close()
         self.log("spool removed or replaced: stopping")
         return 0
-
-    def _spool_is_ours(self) -> bool:
-        try:
-            return self.lock_inode is not None and os.stat(self.spool / LOCK).st_ino == self.lock_inode
-        except OSError:
-            return False
 
     def _advance(self, name: str, asked: bool = False) -> None:
         if name[:8] != self.position[:8]:
@@ -306,7 +277,7 @@ class Prefetcher:
             raise
 
     def _clean(self) -> None:
-        if not self._spool_is_ours():
+        if not self.owner.still_ours():
             return  # a new spool in its place belongs to someone else
         # fetched, and in flight when it was told to stop (the pool finished those downloads before this runs)
         for name in set(self.fetched) | set(self.inflight):

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import pid_in, wait_for
 
 pytestmark = [pytest.mark.lab]
 
@@ -71,19 +72,7 @@ def fake_pg_wal(lab, tmp_path):
 
 
 def _pusher_pid(spool: Path) -> int | None:
-    try:
-        return int((spool / ".pusher.pid").read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _wait(predicate, timeout_s: float = 60) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
+    return pid_in(spool / ".pusher.pid")
 
 
 def test_background_pusher_archives_what_is_ready(lab, fake_pg_wal):
@@ -98,7 +87,7 @@ def test_background_pusher_archives_what_is_ready(lab, fake_pg_wal):
     pid = _pusher_pid(spool)
     assert pid and pid_alive(pid)
     # every ready segment gets archived without another call, each marker only after its upload
-    assert _wait(lambda: all((spool / f"{n}.archived").exists() for n in SEGMENTS)), sorted(os.listdir(spool))
+    assert wait_for(lambda: all((spool / f"{n}.archived").exists() for n in SEGMENTS)), sorted(os.listdir(spool))
     assert set(SEGMENTS) <= _wal_keys(lab, FAKE_SERVER)
     # PostgreSQL's calls return at once, even with the bucket unreachable (the segment is already there)
     dead = f"http://127.0.0.1:{_free_port()}"
@@ -106,15 +95,15 @@ def test_background_pusher_archives_what_is_ready(lab, fake_pg_wal):
         assert run(2, n, background=True, endpoint=dead).returncode == 0
         (status / f"{n}.ready").rename(status / f"{n}.done")  # what PostgreSQL does after a success
     # markers of done segments are dropped by the pusher, nothing is archived twice
-    assert _wait(lambda: not list(spool.glob("*.archived"))), sorted(os.listdir(spool))
+    assert wait_for(lambda: not list(spool.glob("*.archived"))), sorted(os.listdir(spool))
     # a segment that becomes ready later is archived without a call
     extra = "0000000100000000000000A6"
     shutil.copyfile(data / "pg_wal" / SEGMENTS[0], data / "pg_wal" / extra)
     (status / f"{extra}.ready").touch()
-    assert _wait(lambda: (spool / f"{extra}.archived").exists())
+    assert wait_for(lambda: (spool / f"{extra}.archived").exists())
     # removing the spool stops the pusher
     shutil.rmtree(spool)
-    assert _wait(lambda: not pid_alive(pid), 15)
+    assert wait_for(lambda: not pid_alive(pid), 15)
 
 
 def _free_port() -> int:

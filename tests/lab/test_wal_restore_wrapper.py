@@ -8,11 +8,11 @@ import dataclasses
 import os
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import lz4.frame
 import pytest
+from helpers import pid_in, wait_for
 
 from pgops import restore as core
 from pgops.engines import barman_cloud
@@ -80,19 +80,7 @@ def restore(lab, archive):
 
 
 def _pid(spool: Path) -> int | None:
-    try:
-        return int((spool / ".prefetcher.pid").read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _wait(predicate, timeout_s: float = 60) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
+    return pid_in(spool / ".prefetcher.pid")
 
 
 def test_segments_come_from_the_spool_whole_and_in_order(restore, archive):
@@ -103,13 +91,13 @@ def test_segments_come_from_the_spool_whole_and_in_order(restore, archive):
     pid = _pid(spool)
     assert pid and pid_alive(pid)
     # depth 2 x --parallel: the next four segments wait in the spool, complete (no temporary file left visible)
-    assert _wait(lambda: all((spool / n).exists() for n in TL1[1:5])), sorted(os.listdir(spool))
+    assert wait_for(lambda: all((spool / n).exists() for n in TL1[1:5])), sorted(os.listdir(spool))
     assert not (spool / TL1[5]).exists()
 
     # PostgreSQL's next calls: served by the spool even when the bucket is unreachable for barman
     dead = "http://127.0.0.1:9"
     for name in TL1[1:BROKEN_INDEX]:
-        assert _wait(lambda n=name: (spool / n).exists()), (name, sorted(os.listdir(spool)))
+        assert wait_for(lambda n=name: (spool / n).exists()), (name, sorted(os.listdir(spool)))
         res, body = run(name, endpoint=dead)
         assert res.returncode == 0, (name, res.stderr)
         assert body == archive[name], name
@@ -133,12 +121,12 @@ def test_segments_come_from_the_spool_whole_and_in_order(restore, archive):
     # a new timeline: the prefetcher follows it
     res, body = run(TL2[0])
     assert res.returncode == 0 and body == archive[TL2[0]]
-    assert _wait(lambda: all((spool / n).exists() for n in TL2[1:4])), sorted(os.listdir(spool))
+    assert wait_for(lambda: all((spool / n).exists() for n in TL2[1:4])), sorted(os.listdir(spool))
     assert not [n for n in os.listdir(spool) if n.startswith("00000001") and len(n) == 24]  # old timeline: gone
 
     # removing the spool (the restore's teardown) stops it
     shutil.rmtree(spool)
-    assert _wait(lambda: not pid_alive(pid), 15)
+    assert wait_for(lambda: not pid_alive(pid), 15)
 
 
 BROKEN_INDEX = TL1.index("000000010000000100000003") + 1
@@ -148,7 +136,7 @@ def test_prefetcher_stops_by_pid_and_cleans_up(restore):
     area, spool, run = restore
     assert run(TL1[2])[0].returncode == 0
     pid = _pid(spool)
-    assert pid and _wait(lambda: (spool / TL1[3]).exists())
+    assert pid and wait_for(lambda: (spool / TL1[3]).exists())
     stop_pid(pid, timeout_s=10)
     assert not pid_alive(pid)
     # what it fetched and nobody took is gone with it; the next call starts a new one

@@ -1,0 +1,72 @@
+"""What the DB-host helpers (pgops_wal_archive.py's pusher, pgops_wal_restore.py's prefetcher) share: one
+long-lived process per spool directory, found through an exclusive lock on a file in it.
+
+Standard library only; imported by those scripts from their own directory (Python puts a script's directory
+first on sys.path).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+
+def held_by_someone(spool: Path, lock_name: str) -> bool:
+    """True while a process holds the spool's lock (the helper runs); the probe holds it for an instant."""
+    try:
+        fd = os.open(spool / lock_name, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # closing drops a lock this probe may have taken
+    return False
+
+
+class SpoolOwner:
+    """The lock of a spool, held for a helper's whole life, and its pid file (stop it by that pid)."""
+
+    def __init__(self, spool: Path, lock_name: str, pid_name: str):
+        self.spool, self.lock_name, self.pid_name = spool, lock_name, pid_name
+        self.fd: int | None = None
+        self.inode: int | None = None
+
+    def acquire(self) -> bool:
+        """Take the lock (a probe may hold it for an instant); False when another helper has it."""
+        fd = os.open(self.spool / self.lock_name, os.O_RDWR | os.O_CREAT, 0o600)
+        for _attempt in range(50):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:
+                time.sleep(0.01)
+        else:
+            os.close(fd)
+            return False
+        self.fd, self.inode = fd, os.fstat(fd).st_ino
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stopped by pid: clean up as on idle
+        tmp = self.spool / f".tmp-{self.pid_name}"
+        tmp.write_text(f"{os.getpid()}\n")
+        tmp.replace(self.spool / self.pid_name)
+        return True
+
+    def still_ours(self) -> bool:
+        """False once the spool is removed or replaced by a new one (its lock file is another file)."""
+        try:
+            return self.inode is not None and os.stat(self.spool / self.lock_name).st_ino == self.inode
+        except OSError:
+            return False
+
+    def release(self) -> None:
+        if self.still_ours():
+            (self.spool / self.pid_name).unlink(missing_ok=True)
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
