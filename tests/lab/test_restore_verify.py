@@ -152,7 +152,9 @@ def test_timestamp_target_restores_exactly_the_earlier_rows(lab, backup, run_dag
     lab.psql("INSERT INTO rv_pitr VALUES (3)")
     _wait_archived(lab)
 
-    dr = run_dag(load_dag(DAG_ID), _conf(target=target, keep=True, checks=["system_identifier", "sql"]))
+    dag = load_dag(DAG_ID)
+    dag.get_task("wait_recovery").wait_before_defer_s = 0  # the deferred path: the trigger sees recovery end
+    dr = run_dag(dag, _conf(target=target, keep=True, checks=["system_identifier", "sql"]))
     plan = dr.get_task_instance("setup").xcom_pull(task_ids="setup")
     try:
         states = task_states(dr)

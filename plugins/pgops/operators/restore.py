@@ -7,6 +7,7 @@ Each step pushes its error under XCom key "error" so the report can say what bro
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections.abc import Sequence
@@ -285,19 +286,26 @@ class BarmanCloudRestoreOperator(RestoreStepOperator):
                                    f"server log: {_tail(plan['log_file'])}")
 
 
+async def _first_event(trigger) -> dict[str, Any]:
+    async for event in trigger.run():
+        return event.payload
+    return {"status": "error", "message": "the trigger ended without an event", "timed_out": False}
+
+
 class RecoveryEndedOperator(RestoreStepOperator):
     """Deferrable wait until the scratch instance leaves recovery (no worker slot held through a long replay)."""
 
     template_fields: Sequence[str] = ("cluster_name", "timeout_s")
 
     def __init__(self, *, restore_task_id: str = "restore", timeout_s: float | str = 6 * 3600,
-                 poll_interval_s: float = 2.0, **kwargs: Any):
+                 poll_interval_s: float = 2.0, wait_before_defer_s: float = 30.0, **kwargs: Any):
         super().__init__(**kwargs)
         self.restore_task_id = restore_task_id
         self.timeout_s = timeout_s
         self.poll_interval_s = poll_interval_s
+        self.wait_before_defer_s = wait_before_defer_s
 
-    def run_step(self, context) -> None:
+    def run_step(self, context) -> dict[str, Any] | None:
         from pgops.triggers.restore import RecoveryEndedTrigger
 
         plan = self.plan(context)
@@ -305,9 +313,17 @@ class RecoveryEndedOperator(RestoreStepOperator):
         if not started:
             raise AirflowFailException(f"no scratch instance from task {self.restore_task_id!r}")
         timeout_s = float(self.timeout_s)
-        self.defer(trigger=RecoveryEndedTrigger(socket_dir=plan["socket_dir"], port=plan["port"],
-                                                user=plan["db_user"], pid=started["pid"], log_file=plan["log_file"],
-                                                poll_interval_s=self.poll_interval_s, timeout_s=timeout_s),
+        watch = {"socket_dir": plan["socket_dir"], "port": plan["port"], "user": plan["db_user"], "pid": started["pid"],
+                 "log_file": plan["log_file"], "poll_interval_s": self.poll_interval_s}
+        # A short replay ends here, the same trigger run in place: no deferral for it. (A trigger that fires
+        # seconds after its task deferred can race the scheduler's handling of that deferral, and the task is
+        # failed although it succeeded: seen with the LocalExecutor.) A long replay defers and frees the slot.
+        grace = min(self.wait_before_defer_s, timeout_s)
+        if grace > 0:
+            event = asyncio.run(_first_event(RecoveryEndedTrigger(**watch, timeout_s=grace)))
+            if not event.get("timed_out"):
+                return self._complete(context, event)
+        self.defer(trigger=RecoveryEndedTrigger(**watch, timeout_s=timeout_s),
                    method_name="execute_complete", timeout=timedelta(seconds=timeout_s + 120))
 
     def execute_complete(self, context, event: dict[str, Any]) -> dict[str, Any]:

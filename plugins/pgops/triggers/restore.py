@@ -61,9 +61,9 @@ class RecoveryEndedTrigger(BaseTrigger):
         finally:
             conn.close()
 
-    def _error(self, message: str, log_text: str) -> TriggerEvent:
+    def _error(self, message: str, log_text: str, *, timed_out: bool = False) -> TriggerEvent:
         tail = [line for line in log_text.strip().splitlines() if line.strip()][-15:]
-        return TriggerEvent({"status": "error", "message": message, "log_tail": tail})
+        return TriggerEvent({"status": "error", "message": message, "log_tail": tail, "timed_out": timed_out})
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         from pgops.restore import parse_server_log
@@ -98,6 +98,6 @@ class RecoveryEndedTrigger(BaseTrigger):
                 yield self._error(
                     f"recovery did not end within {self.timeout_s:.0f} s ({len(parsed.restored_segments)} WAL segments "
                     f"restored so far, last {(parsed.restored_segments or ['none'])[-1]}). Fix: raise "
-                    "recovery_timeout_s if the replay is just slow, or read the server log", text)
+                    "recovery_timeout_s if the replay is just slow, or read the server log", text, timed_out=True)
                 return
             await asyncio.sleep(self.poll_interval_s)
