@@ -135,11 +135,13 @@ def test_archives_ahead_and_trusts_only_matching_markers(lab, fake_pg_wal):
     assert SEGMENTS[2] in _wal_keys(lab, FAKE_SERVER), "a stale marker was trusted: the segment is not in the bucket"
 
 
-def test_a_failure_records_nothing(lab, fake_pg_wal):
+@pytest.mark.parametrize("background", [False, True])
+def test_a_failure_records_nothing(lab, fake_pg_wal, background):
     data, run = fake_pg_wal
     from pgops.lab import free_port
 
-    res = run(3, SEGMENTS[0], endpoint=f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    # nothing listens there; with the pusher, its failed upload sends the call to archive for itself, and fail
+    res = run(3, SEGMENTS[0], endpoint=f"http://127.0.0.1:{free_port()}", background=background)
     assert res.returncode != 0
     assert "archive command failed for WAL segment" in res.stderr or "exception" in res.stderr.lower()
     assert not list((data / "pgops_wal_spool").glob("*.archived"))
