@@ -19,10 +19,12 @@ from pgops.ebs.spec import (
     CUTOVER_MODES,
     INITIALIZATIONS,
     INSTANCE_ID_PATTERN,
+    KMS_KEY_PATTERN,
     MAX_INIT_RATE_MIB_S,
     MIN_INIT_RATE_MIB_S,
     REGION_PATTERN,
     VOLUME_ID_PATTERN,
+    VOLUME_TYPES,
 )
 from pgops.inventory import Cluster
 from pgops.operators.ebs import (
@@ -34,6 +36,13 @@ from pgops.operators.ebs import (
     EbsMigrationValidateOperator,
     EbsShareSnapshotOperator,
     EbsSnapshotChainOperator,
+)
+from pgops.params import (
+    MAX_COPY_TIME_MINUTES,
+    MAX_CUTOVER_AHEAD_DAYS,
+    MAX_DOWNTIME_TARGET_MINUTES,
+    MAX_THROUGHPUT_MIB_S,
+    MAX_VOLUME_SIZE_GIB,
 )
 from pgops.sensors.ebs import EbsSnapshotCompletedSensor
 
@@ -52,23 +61,27 @@ def migration_params(cluster: Cluster) -> dict[str, Param]:
                            description="Availability zone of the new volume (in target_region)"),
         "target_account": Param(None, type=["null", "string"], pattern=ACCOUNT_PATTERN,
                                 description="Share the destination snapshot with this account"),
-        "kms_key_id": Param(None, type=["null", "string"],
+        "kms_key_id": Param(None, type=["null", "string"], pattern=KMS_KEY_PATTERN,
                             description="Destination KMS key (one key for every round keeps copies incremental)"),
-        "downtime_target_minutes": Param(10, type="number", exclusiveMinimum=0),
-        "copy_time_minutes": Param(5, type="number", minimum=0, description="Expected final copy time"),
+        "downtime_target_minutes": Param(10, type="number", exclusiveMinimum=0, maximum=MAX_DOWNTIME_TARGET_MINUTES),
+        "copy_time_minutes": Param(5, type="number", minimum=0, maximum=MAX_COPY_TIME_MINUTES,
+                                   description="Expected final copy time"),
         "max_rounds": Param(10, type="integer", minimum=2, maximum=100),
-        "cutover_at": Param(None, type=["null", "string"], format="date-time",
-                            description="Keep chaining until this time, then cut over"),
+        # "at most N days ahead" needs the clock: the validate task checks it (pgops.ebs.spec)
+        "cutover_at": Param(None, type=["null", "string"], format="date-time", maxLength=64,
+                            description="Keep chaining until this time (with zone, at most "
+                                        f"{MAX_CUTOVER_AHEAD_DAYS} days ahead), then cut over"),
         "cutover_mode": Param("backup", type="string", enum=list(CUTOVER_MODES)),
         "volume_initialization": Param("none", type="string", enum=list(INITIALIZATIONS)),
         "volume_initialization_rate_mib_s": Param(None, type=["null", "integer"], minimum=MIN_INIT_RATE_MIB_S,
                                                   maximum=MAX_INIT_RATE_MIB_S),
-        "volume_type": Param("gp3", type="string", enum=["gp3", "gp2", "io1", "io2", "st1", "sc1"]),
+        "volume_type": Param("gp3", type="string", enum=list(VOLUME_TYPES)),
         "delete_intermediate_snapshots": Param(False, type="boolean"),
         "dry_run": Param(False, type="boolean", description="Validate, preflight and plan only"),
-        "expected_volume_size_gib": Param(None, type=["null", "number"], minimum=1),
-        "expected_throughput_mib_s": Param(None, type=["null", "number"], exclusiveMinimum=0),
-        "expected_write_rate_mib_s": Param(None, type=["null", "number"], minimum=0,
+        "expected_volume_size_gib": Param(None, type=["null", "number"], minimum=1, maximum=MAX_VOLUME_SIZE_GIB),
+        "expected_throughput_mib_s": Param(None, type=["null", "number"], exclusiveMinimum=0,
+                                           maximum=MAX_THROUGHPUT_MIB_S),
+        "expected_write_rate_mib_s": Param(None, type=["null", "number"], minimum=0, maximum=MAX_THROUGHPUT_MIB_S,
                                            description="With size and throughput: plan (and refuse r >= 1) "
                                                        "before round 1"),
     }

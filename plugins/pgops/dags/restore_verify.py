@@ -25,6 +25,7 @@ from pgops.operators.restore import (
     RestoreSetupOperator,
     RestoreTeardownOperator,
 )
+from pgops.params import ABS_DIR_PATTERN, MAX_HORIZON_DAYS, MAX_RECOVERY_TIMEOUT_S, MAX_REQUIRED_BYTES
 from pgops.restore import CHECKS
 
 DAG_ID_PREFIX = "pgops_restore_verify__"
@@ -51,20 +52,27 @@ def build_restore_verify_dag(cluster: Cluster) -> DAG:
             "cluster": Param(cluster.name, type="string", const=cluster.name, description="Inventory cluster"),
             "backup_id": Param("latest", type="string", pattern=r"^[A-Za-z0-9_.:-]{1,100}$",
                                description="Backup id or name from the catalog, or 'latest'"),
-            "target": Param("canary", type="string", pattern=TARGET_PATTERN,
-                            description="latest | canary | ISO timestamp with zone | LSN like 0/3000060"),
+            # The schema checks the form; "not in the future" needs the clock: the setup task checks it
+            # (pgops.params.check_target_time) before it touches the restore host.
+            "target": Param("canary", type="string", pattern=TARGET_PATTERN, maxLength=64,
+                            description="latest | canary | ISO timestamp with zone (not in the future) | "
+                                        "LSN like 0/3000060"),
             "checks": Param(list(CHECKS), type="array", items={"type": "string", "enum": list(CHECKS)},
                             description="Checks to run on the restored instance"),
             "heapallindexed": Param(True, type="boolean", description="pg_amcheck --heapallindexed (slower, deeper)"),
             "keep": Param(False, type="boolean", description="Leave the scratch instance running (debugging, "
                                                              "recovering lost rows); teardown logs how to remove it"),
             "scratch_root": Param(os.environ.get(SCRATCH_ROOT_ENV, DEFAULT_SCRATCH_ROOT), type="string",
-                                  pattern=r"^/[^\0]*$", description="Directory on the restore host for scratch areas"),
-            "required_bytes": Param(0, type="integer", minimum=0,
+                                  pattern=ABS_DIR_PATTERN, maxLength=1024,
+                                  description="Directory on the restore host for scratch areas (absolute, no '..')"),
+            "required_bytes": Param(0, type="integer", minimum=0, maximum=MAX_REQUIRED_BYTES,
                                     description="Free bytes the restore needs (0: the backup's size plus a margin)"),
-            "recovery_timeout_s": Param(max(3600, 3 * cluster.targets.rto_s), type="integer", minimum=60,
-                                        description="Fail when recovery has not ended after this long"),
-            "horizon_days": Param(90, type="integer", minimum=1, description="RTO trend warning horizon"),
+            "recovery_timeout_s": Param(min(max(3600, 3 * cluster.targets.rto_s), MAX_RECOVERY_TIMEOUT_S),
+                                        type="integer", minimum=60, maximum=MAX_RECOVERY_TIMEOUT_S,
+                                        description="Fail when recovery has not ended after this long (at most "
+                                                    f"{MAX_RECOVERY_TIMEOUT_S // 86400} days)"),
+            "horizon_days": Param(90, type="integer", minimum=1, maximum=MAX_HORIZON_DAYS,
+                                  description="RTO trend warning horizon"),
         },
         doc_md=__doc__,
     ) as dag:

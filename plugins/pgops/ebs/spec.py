@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
+from pgops import params as bounds
 from pgops.ebs import planner
 
 MIB = 1024 * 1024
@@ -19,8 +20,13 @@ VOLUME_ID_PATTERN = r"^vol-[0-9a-f]{8,17}$"
 INSTANCE_ID_PATTERN = r"^i-[0-9a-f]{8,17}$"
 REGION_PATTERN = r"^[a-z]{2}(-[a-z]+)+-[0-9]$"
 ACCOUNT_PATTERN = r"^[0-9]{12}$"
+# A key id, a multi-Region key id, an alias, or the ARN of a key or alias.
+KMS_KEY_PATTERN = (r"^(arn:aws[a-z-]*:kms:[a-z0-9-]+:[0-9]{12}:(key/[A-Za-z0-9-]{1,64}|alias/[A-Za-z0-9/_-]{1,250})|"
+                   r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|mrk-[0-9a-f]{32}|"
+                   r"alias/[A-Za-z0-9/_-]{1,250})$")
 CUTOVER_MODES = ("backup", "stop-writes", "crash-consistent")
 INITIALIZATIONS = ("none", "rate", "fast-snapshot-restore")
+VOLUME_TYPES = ("gp3", "gp2", "io1", "io2", "st1", "sc1")
 # VolumeInitializationRate accepts 100..300 MiB/s.
 MIN_INIT_RATE_MIB_S, MAX_INIT_RATE_MIB_S = 100, 300
 # Tag keys every migration resource carries (a retry finds its own resources by them).
@@ -90,14 +96,17 @@ def _optional_str(params: dict[str, Any], key: str) -> str | None:
     return value.strip()
 
 
-def _number(params: dict[str, Any], key: str, default: float, minimum: float) -> float:
+def _number(params: dict[str, Any], key: str, default: float | None, minimum: float,
+            maximum: float = float("inf")) -> float:
     value = params.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < minimum:
-        raise _fail(key, value, f"must be a number >= {minimum}", f"set {key} to a number of at least {minimum}")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not minimum <= value <= maximum:
+        limits = f"from {minimum:g} to {maximum:g}" if maximum != float("inf") else f"of at least {minimum:g}"
+        raise _fail(key, value, f"must be a number {limits}", f"set {key} to a number {limits}")
     return float(value)
 
 
-def migration_spec(params: dict[str, Any], *, regions: frozenset[str] | None = None) -> MigrationSpec:
+def migration_spec(params: dict[str, Any], *, regions: frozenset[str] | None = None,
+                   now: datetime | None = None) -> MigrationSpec:
     """Validate the DAG params (no AWS call) and return the migration they describe."""
     regions = known_regions() if regions is None else regions
     raw_volumes = params.get("volume_ids") or []
@@ -133,6 +142,9 @@ def migration_spec(params: dict[str, Any], *, regions: frozenset[str] | None = N
         raise _fail("target_account", target_account, "is not a 12-digit AWS account id", "leave it empty to "
                     "keep the copy in this account")
     kms_key_id = _optional_str(params, "kms_key_id")
+    if kms_key_id is not None and not re.match(KMS_KEY_PATTERN, kms_key_id):
+        raise _fail("kms_key_id", kms_key_id, "is not a KMS key id, alias or ARN",
+                    "copy the key ARN from the KMS console, e.g. arn:aws:kms:us-west-2:123456789012:key/<uuid>")
     if kms_key_id is not None and kms_key_id.startswith("arn:") and f":kms:{target_region}:" not in kms_key_id:
         raise _fail("kms_key_id", kms_key_id, f"is a KMS key ARN outside target_region {target_region}",
                     "copies are re-encrypted in the target region: name a key that lives there")
@@ -156,26 +168,35 @@ def migration_spec(params: dict[str, Any], *, regions: frozenset[str] | None = N
     cutover_at = _optional_str(params, "cutover_at")
     if cutover_at is not None:
         try:
-            parsed = datetime.fromisoformat(cutover_at.replace("Z", "+00:00"))
-        except ValueError:
-            raise _fail("cutover_at", cutover_at, "is not an ISO 8601 time", "use e.g. 2025-01-05T02:00:00+00:00") from None
-        if parsed.utcoffset() is None:
-            raise _fail("cutover_at", cutover_at, "has no time zone", "add one, e.g. +00:00")
-        cutover_at = parsed.isoformat()
-    downtime_target_s = 60 * _number(params, "downtime_target_minutes", 10, 0.1)
-    copy_time_s = 60 * _number(params, "copy_time_minutes", 5, 0)
+            parsed = bounds.check_future_time("cutover_at", cutover_at,
+                                              max_ahead_s=bounds.MAX_CUTOVER_AHEAD_DAYS * bounds.DAY_S, now=now)
+        except bounds.ParamRefused as exc:
+            raise MigrationParamsError(str(exc)) from None
+        cutover_at = parsed.isoformat() if parsed else None
+    downtime_target_s = 60 * _number(params, "downtime_target_minutes", 10, 0.1, bounds.MAX_DOWNTIME_TARGET_MINUTES)
+    copy_time_s = 60 * _number(params, "copy_time_minutes", 5, 0, bounds.MAX_COPY_TIME_MINUTES)
     max_rounds = params.get("max_rounds", 10)
+    if isinstance(max_rounds, bool) or not isinstance(max_rounds, int) or not 2 <= max_rounds <= 100:
+        raise _fail("max_rounds", max_rounds, "must be an integer from 2 to 100", "set max_rounds from 2 to 100")
     try:
         chain = planner.ChainParams(downtime_target_s=downtime_target_s, max_rounds=max_rounds,
                                     copy_time_s=copy_time_s)
     except ValueError as exc:
         raise MigrationParamsError(f"params downtime_target_minutes/copy_time_minutes/max_rounds: {exc}") from None
+    volume_type = params.get("volume_type", "gp3")
+    if volume_type not in VOLUME_TYPES:
+        raise _fail("volume_type", volume_type, "is not an EBS volume type", f"use one of {', '.join(VOLUME_TYPES)}")
     plan = None
-    write_mib_s, throughput_mib_s = params.get("expected_write_rate_mib_s"), params.get("expected_throughput_mib_s")
-    size_gib = params.get("expected_volume_size_gib")
+    expected = {}
+    for key, low, high in (("expected_volume_size_gib", 1, bounds.MAX_VOLUME_SIZE_GIB),
+                           ("expected_throughput_mib_s", 1e-9, bounds.MAX_THROUGHPUT_MIB_S),
+                           ("expected_write_rate_mib_s", 0, bounds.MAX_THROUGHPUT_MIB_S)):
+        expected[key] = None if params.get(key) is None else _number(params, key, None, low, high)
+    write_mib_s, throughput_mib_s = expected["expected_write_rate_mib_s"], expected["expected_throughput_mib_s"]
+    size_gib = expected["expected_volume_size_gib"]
     if write_mib_s is not None and throughput_mib_s is not None and size_gib:
         result = planner.plan_before_start(int(size_gib * 1024**3), throughput_mib_s * MIB, write_mib_s * MIB,
-                                           float(params.get("expected_overhead_s", 60)), chain.downtime_target_s,
+                                           _number(params, "expected_overhead_s", 60, 0, 3600), chain.downtime_target_s,
                                            chain.copy_time_s, chain.max_rounds)
         if result.outcome == planner.DIVERGING:
             raise _fail("expected_write_rate_mib_s", write_mib_s, result.message,
@@ -185,6 +206,6 @@ def migration_spec(params: dict[str, Any], *, regions: frozenset[str] | None = N
                          target_account=target_account, kms_key_id=kms_key_id, target_az=target_az,
                          downtime_target_s=downtime_target_s, copy_time_s=copy_time_s, max_rounds=max_rounds,
                          cutover_at=cutover_at, cutover_mode=mode, volume_initialization=init,
-                         volume_initialization_rate_mib_s=rate, volume_type=params.get("volume_type", "gp3"),
+                         volume_initialization_rate_mib_s=rate, volume_type=volume_type,
                          delete_intermediate_snapshots=bool(params.get("delete_intermediate_snapshots", False)),
                          dry_run=bool(params.get("dry_run", False)), plan=plan)
