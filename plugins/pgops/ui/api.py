@@ -7,6 +7,8 @@ with a link to the login page. A user sees only the clusters whose pgops DAGs th
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import logging
 import os
 from datetime import UTC, datetime
@@ -62,6 +64,13 @@ def create_app(source: ReportSource | None = None) -> FastAPI:
     ttl_s = float(os.environ.get("PGOPS_UI_CACHE_TTL_S", "60"))
     app.state.source = source or ReportSource(ttl_s=ttl_s)
 
+    @app.middleware("http")
+    async def _security_headers(request: Request, call_next):
+        response = await call_next(request)
+        for name, value in SECURITY_HEADERS.items():
+            response.headers.setdefault(name, value)
+        return response
+
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, exc: HTTPException) -> Response:
         if request.url.path.startswith(f"{request.scope.get('root_path', '')}/api/") or exc.status_code not in (401, 403):
@@ -91,6 +100,13 @@ def create_app(source: ReportSource | None = None) -> FastAPI:
 
     # --- builders over the sources --------------------------------------------------------------------------
     def row(c: Cluster, now: datetime) -> dict[str, Any]:
+        try:
+            return _row(c, now)
+        except Exception as exc:  # one cluster's malformed report must not hide the fleet
+            log.warning("cluster %s: its reports cannot be summarised: %r", c.name, exc)
+            return _unreadable_row(c.name, exc) | {"runs": {}, "dag_ids": dag_ids(c)}
+
+    def _row(c: Cluster, now: datetime) -> dict[str, Any]:
         from pgops.audit import interval_s
 
         s = src()
@@ -178,7 +194,12 @@ def create_app(source: ReportSource | None = None) -> FastAPI:
         now = datetime.now(UTC)
         r = row(c, now)
         may_migrate = bool(_readable_dag_ids(user, {dag_ids(c)["migration"]}))
-        body = _cluster_html(r, timeline_of(c, now, days), rto_of(c), migrations_of(c) if may_migrate else [], base, days)
+        try:
+            body = _cluster_html(r, timeline_of(c, now, days), rto_of(c), migrations_of(c) if may_migrate else [],
+                                 base, days)
+        except Exception as exc:  # a malformed report: say so, escaped, instead of a 500
+            log.warning("cluster %s: its reports cannot be drawn: %r", name, exc)
+            body = _unreadable_html(name, exc, base)
         return _page(f"Recoverability of {name}", body, base=base)
 
     @app.get("/migration", response_class=HTMLResponse)
@@ -199,7 +220,12 @@ def create_app(source: ReportSource | None = None) -> FastAPI:
             return _page("EBS migration", f"<p class='muted'>No ebs-migration report for cluster {escape(cluster)}"
                                           f"{' and run ' + escape(run_id) if run_id else ''} yet (the report is written "
                                           "when the run ends).</p>", base=base)
-        return _page(f"EBS migration of {cluster}", _migration_html(summary.migration_view(rep), base), base=base)
+        try:
+            body = _migration_html(summary.migration_view(rep), base)
+        except Exception as exc:  # a malformed report: say so, escaped, instead of a 500
+            log.warning("cluster %s: its ebs-migration report cannot be drawn: %r", cluster, exc)
+            body = _unreadable_html(cluster, exc, base)
+        return _page(f"EBS migration of {cluster}", body, base=base)
 
     @app.get("/widget", response_class=HTMLResponse)
     def widget_page(request: Request, user=Depends(current_user)):  # noqa: B008
@@ -246,16 +272,47 @@ ul.widget li { padding: 3px 0; white-space: nowrap; overflow: hidden; text-overf
 """
 
 # follow the Airflow UI's colour mode when framed by it (same origin), else the OS preference
-_THEME_JS = """<script>(function(){try{var p=window.parent&&window.parent.document.documentElement;
+_THEME_SCRIPT = """(function(){try{var p=window.parent&&window.parent.document.documentElement;
 if(p&&p!==document.documentElement){var d=p.classList.contains('dark')||p.style.colorScheme==='dark';
-document.documentElement.classList.add(d?'dark':'light');}}catch(e){}})();</script>"""
+document.documentElement.classList.add(d?'dark':'light');}}catch(e){}})();"""
+_STYLE = charts.STYLE + _PAGE_CSS
+
+
+def _sha256(text: str) -> str:
+    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
+
+
+# The pages' only script and style are the two fixed blocks above, allowed by their hashes: a value from a report
+# that slipped past escaping could neither run script nor load anything. Framed only by Airflow's own UI.
+CONTENT_SECURITY_POLICY = (f"default-src 'none'; script-src {_sha256(_THEME_SCRIPT)}; style-src {_sha256(_STYLE)}; "
+                           "img-src 'self' data:; connect-src 'self'; base-uri 'none'; form-action 'none'; "
+                           "frame-ancestors 'self'")
+SECURITY_HEADERS = {"Content-Security-Policy": CONTENT_SECURITY_POLICY, "X-Content-Type-Options": "nosniff",
+                    "Referrer-Policy": "same-origin"}
 
 
 def _page(title: str, body: str, *, base: str, compact: bool = False) -> str:
     return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{escape(title)}</title>"
-            f"<meta name='viewport' content='width=device-width, initial-scale=1'>{_THEME_JS}"
-            f"<style>{charts.STYLE}{_PAGE_CSS}</style></head><body class='{'compact' if compact else ''}'>"
+            f"<meta name='viewport' content='width=device-width, initial-scale=1'><script>{_THEME_SCRIPT}</script>"
+            f"<style>{_STYLE}</style></head><body class='{'compact' if compact else ''}'>"
             f"{'' if compact else f'<h1>{escape(title)}</h1>'}{body}</body></html>")
+
+
+def _unreadable_reason(name: str, exc: Exception) -> str:
+    return (f"the reports of cluster {name} in the bucket are malformed ({type(exc).__name__}: {str(exc)[:200]}). "
+            "Fix: look at <prefix>/<server>/pgops/reports/*/latest.json; only pgops' tasks should write there")
+
+
+def _unreadable_row(name: str, exc: Exception) -> dict[str, Any]:
+    reason = _unreadable_reason(name, exc)
+    return {"cluster": name, "colour": "red", "reason": reason, "reasons": [{"colour": "red", "text": reason}],
+            "newest_backup": None, "window": None, "findings": {"critical": 0, "warning": 0}, "restore": None,
+            "rto_forecast": None, "days_until_loss": None, "migration": None, "unreadable": True}
+
+
+def _unreadable_html(name: str, exc: Exception, base: str) -> str:
+    return (f"<p><a href='{base}/'>← fleet</a></p><p id='unreadable' class='badge red'>"
+            f"{_e(_unreadable_reason(name, exc))}</p>")
 
 
 def _e(v: Any) -> str:
@@ -272,6 +329,7 @@ def _ago(age_s: float | None) -> str:
 
 
 def _colour(c: str, text: str | None = None) -> str:
+    c = _e(c)
     return f"<span class='dot {c}' title='{c}'></span><span class='badge {c}'>{_e(text or c)}</span>"
 
 
@@ -289,26 +347,27 @@ def _fleet_html(rows: list[dict[str, Any]], base: str) -> str:
         window = (f"{_when(win['earliest_time'])} → {_when(win['latest_time'])}"
                   f"<div class='small muted'>from {_e(win.get('earliest_backup_id'))} to {_e(win.get('latest_segment'))}</div>"
                   if win else "<span class='badge red'>none</span>")
-        findings = (f"<span class='badge red'>{r['findings']['critical']} critical</span>, "
-                    f"<span class='badge amber'>{r['findings']['warning']} warning</span>")
+        findings = (f"<span class='badge red'>{_e(r['findings']['critical'])} critical</span>, "
+                    f"<span class='badge amber'>{_e(r['findings']['warning'])} warning</span>")
         if rs:
             restore = (f"{_colour('green' if rs['passed'] else 'red', 'passed' if rs['passed'] else 'failed')} "
                        f"{_ago(rs['age_s'])}<div class='small muted'>RPO {summary.human_duration(rs['rpo_s'])}, "
                        f"RTO {summary.human_duration(rs['rto_s'])} (target {summary.human_duration(rs['rto_target_s'])})</div>")
         else:
             restore = "never"
-        forecast = (f"{summary.human_duration(fc['projected_rto_s'])} in {fc['horizon_days']} d "
+        forecast = (f"{summary.human_duration(fc['projected_rto_s'])} in {_e(fc['horizon_days'])} d "
                     f"<span class='badge {'amber' if fc['over_target'] else 'green'}'>"
                     f"{'over' if fc['over_target'] else 'under'} target</span>" if fc else "—")
-        loss = f"{r['days_until_loss']:.1f}" if r["days_until_loss"] is not None else "—"
+        loss = f"{r['days_until_loss']:.1f}" if summary.num(r["days_until_loss"]) is not None else "—"
         migration = (f"<a href='{base}/migration?cluster={quote(r['cluster'])}&run_id={quote(str(mig['run_id']))}'>"
                      f"{_colour(mig['colour'], mig['outcome'] or mig['status'])}</a>" if mig else "—")
-        reasons = "".join(f"<li class='{x['colour']}'>{_e(x['text'])}</li>" for x in r["reasons"][1:4])
+        reasons = "".join(f"<li class='{_e(x['colour'])}'>{_e(x['text'])}</li>" for x in r["reasons"][1:4])
+        reason_list = f"<ul class='reasons small'>{reasons}</ul>" if reasons else ""
         out.append(
-            f"<tr class='cluster-row' data-cluster='{_e(r['cluster'])}' data-colour='{r['colour']}'>"
+            f"<tr class='cluster-row' data-cluster='{_e(r['cluster'])}' data-colour='{_e(r['colour'])}'>"
             f"<td><a class='cluster-link' href='{base}/clusters/{quote(r['cluster'])}'>{_e(r['cluster'])}</a></td>"
             f"<td>{_colour(r['colour'])}<div class='small'>{_e(r['reason'])}</div>"
-            f"{f'<ul class=reasons small>{reasons}</ul>' if reasons else ''}</td>"
+            f"{reason_list}</td>"
             f"<td>{backup}</td><td>{window}</td><td>{findings}</td><td>{restore}</td><td>{forecast}</td>"
             f"<td>{loss}</td><td>{migration}</td></tr>")
     out.append("</tbody></table>")
@@ -323,7 +382,7 @@ def _cluster_html(r: dict[str, Any], tl: dict[str, Any], rto: dict[str, Any], mi
     trend = rto["trend"]
     trend_text = (f"{trend['seconds_per_gib']:.1f} s per GiB; forecast {summary.human_duration(trend['projected_rto_s'])} "
                   f"in {trend['horizon_days']} days (target {summary.human_duration(rto['target_s'])})"
-                  if trend.get("seconds_per_gib") is not None else
+                  if summary.num(trend.get("seconds_per_gib")) is not None else
                   f"{len(rto['points'])} measured restore(s): a trend needs at least 3")
     runs = "".join(f"<li>{_e(k)}: <a href='/dags/{quote(v['dag_id'])}/runs/{quote(v['run_id'])}' target='_top'>"
                    f"{_e(v['run_id'])}</a> {_e(v['state'])}</li>" for k, v in (r.get("runs") or {}).items() if v)
@@ -331,7 +390,7 @@ def _cluster_html(r: dict[str, Any], tl: dict[str, Any], rto: dict[str, Any], mi
                   f"{_e(m['run_id'])}</a> {_e(m['status'])} ({_e(m['outcome'])}, {_when(m['finished_at'])})</li>"
                   for m in migrations)
     return (f"<p><a href='{base}/'>← fleet</a></p>"
-            f"<div id='cluster-state' data-colour='{r['colour']}'>{_colour(r['colour'])}<ul class='reasons'>{reasons}</ul></div>"
+            f"<div id='cluster-state' data-colour='{_e(r['colour'])}'>{_colour(r['colour'])}<ul class='reasons'>{reasons}</ul></div>"
             f"<h2>Recovery window, last {days} days</h2><div id='timeline'>{charts.timeline_svg(tl)}</div>"
             f"<p class='small muted'>{len(tl['backups'])} backup(s), {len(tl['gaps'])} WAL gap(s) in range. "
             f"Times of gaps are interpolated between known segment times. "
@@ -344,21 +403,23 @@ def _cluster_html(r: dict[str, Any], tl: dict[str, Any], rto: dict[str, Any], mi
 
 def _migration_html(v: dict[str, Any], base: str) -> str:
     rows = "".join(
-        f"<tr class='round-row'><td>{r['index']}</td><td>{_when(r['started_at'])}</td>"
+        f"<tr class='round-row'><td>{_e(r['index'])}</td><td>{_when(r['started_at'])}</td>"
         f"<td>{summary.human_duration(r['duration_s'])}</td><td>{summary.human_duration(r['predicted_duration_s'])}</td>"
         f"<td>{summary.human_bytes(r['delta_bytes'])}</td><td>{_e(r['decision'])}</td>"
         f"<td class='small'>{_e(r['reason'])}</td></tr>" for r in v["rounds"])
     reasons = "".join(f"<li>{_e(x)}</li>" for x in v["reasons"])
     init = v.get("initialization")
-    init_text = ", ".join(f"{k}: {val}" for k, val in init.items()) if isinstance(init, dict) else _e(init or "—")
+    # keys and values come from the report in the bucket: escaped like every other report value
+    init_text = (", ".join(f"{_e(k)}: {_e(val)}" for k, val in init.items()) if isinstance(init, dict)
+                 else _e(init or "—"))
     cluster = v.get("cluster") or ""
     return (f"<p><a href='{base}/clusters/{quote(cluster)}'>← {_e(cluster)}</a></p>"
-            f"<div id='migration-state' data-colour='{v['colour']}'>{_colour(v['colour'], v['outcome'] or v['status'])}"
+            f"<div id='migration-state' data-colour='{_e(v['colour'])}'>{_colour(v['colour'], v['outcome'] or v['status'])}"
             f"<ul class='reasons'>{reasons}</ul></div>"
             f"<p>Run {_e(v['run_id'])} · migration {_e(v['migration_id'])}{' (dry run)' if v.get('dry_run') else ''} · "
             f"floor d* {summary.human_duration(v['floor_s'])} · downtime target {summary.human_duration(v['downtime_target_s'])} · "
             f"cutover downtime <b>{summary.human_duration(v['downtime_s'])}</b> · volume available "
-            f"{summary.human_duration(v['cutover_to_volume_available_s'])} after the cutover · initialization {_e(init_text)}</p>"
+            f"{summary.human_duration(v['cutover_to_volume_available_s'])} after the cutover · initialization {init_text}</p>"
             f"<div id='rounds'>{charts.rounds_svg(v)}</div>"
             "<table id='rounds-table'><thead><tr><th>Round</th><th>Started</th><th>Duration</th><th>Predicted</th>"
             f"<th>Delta</th><th>Then</th><th>Why</th></tr></thead><tbody>{rows}</tbody></table>")
@@ -367,7 +428,7 @@ def _migration_html(v: dict[str, Any], base: str) -> str:
 def _widget_html(rows: list[dict[str, Any]], base: str) -> str:
     if not rows:
         return "<p class='muted small'>No pgops cluster you may read.</p>"
-    items = "".join(f"<li class='widget-row' data-colour='{r['colour']}'><span class='dot {r['colour']}'></span>"
+    items = "".join(f"<li class='widget-row' data-colour='{_e(r['colour'])}'><span class='dot {_e(r['colour'])}'></span>"
                     f"<a href='{base}/clusters/{quote(r['cluster'])}' target='_top'><b>{_e(r['cluster'])}</b></a> "
                     f"<span class='small' title='{_e(r['reason'])}'>{_e(r['reason'])}</span></li>" for r in rows)
     return f"<ul class='widget'>{items}</ul>"

@@ -51,6 +51,8 @@ svg.pg-chart .round-bar.red { fill: var(--pg-red); }
 svg.pg-chart .predicted { stroke: var(--pg-backup); stroke-width: 3; }
 svg.pg-chart .hatch-line { stroke: var(--pg-red); stroke-opacity: .45; }
 svg.pg-chart .swatch-line { stroke-width: 2; }
+svg.pg-chart text.tl-label { fill: var(--pg-bg); }
+svg.pg-chart text.gap-label { fill: var(--pg-red); }
 """
 
 _DEFS = ('<defs><pattern id="pg-hatch" width="6" height="6" patternUnits="userSpaceOnUse" '
@@ -177,7 +179,7 @@ def timeline_svg(tl: dict[str, Any], *, width: int = 960) -> str:
                    f'</title></rect>')
         if x1 - x0 > 40:
             out.append(f'<text x="{x0 + 4:.1f}" y="{y(1) + row_h / 2 + 4:.1f}" font-size="10" fill="white" '
-                       f'style="fill:var(--pg-bg)">TL {_e(bar.get("timeline"))}</text>')
+                       f'class="tl-label">TL {_e(bar.get("timeline"))}</text>')
     for gap in tl.get("gaps", []):
         x0 = x(gap["start"])
         w = max(x(gap["end"]) - x0, 3)
@@ -185,7 +187,7 @@ def timeline_svg(tl: dict[str, Any], *, width: int = 960) -> str:
                    f'width="{w:.1f}" height="{row_h - 2}"><title>WAL gap: {_e(gap.get("count"))} segment(s) '
                    f'{_e(gap["first_segment"])}..{_e(gap["last_segment"])} missing</title></rect>')
         out.append(f'<text class="gap-label" x="{x0 + w / 2:.1f}" y="{y(0) + 2}" text-anchor="middle" '
-                   f'font-size="10" style="fill:var(--pg-red)">gap</text>')
+                   f'font-size="10">gap</text>')
     for sw in tl.get("switches", []):
         xs = x(sw["time"])
         out.append(f'<line class="switch" x1="{xs:.1f}" y1="{y(1)}" x2="{xs:.1f}" y2="{y(2)}"><title>timeline '
@@ -243,7 +245,7 @@ def rto_svg(series: dict[str, Any], *, width: int = 640, height: int = 340) -> s
 
     label = "RTO against database size"
     out = _open(width, height, label, "pg-rto")
-    out.append(f'<text x="{left}" y="16" font-weight="600">{label}</text>')
+    out.append(f'<text x="{left}" y="16" font-weight="600">{_e(label)}</text>')
     out.append('<g class="grid">' + "".join(f'<line x1="{left}" y1="{y(v):.1f}" x2="{width - right}" y2="{y(v):.1f}"/>'
                                             for v in yt) + "</g>")
     out.append(f'<g class="axis"><line x1="{left}" y1="{top + plot_h}" x2="{width - right}" y2="{top + plot_h}"/>'
@@ -298,7 +300,7 @@ def rounds_svg(view: dict[str, Any], *, width: int = 640, height: int = 340) -> 
 
     label = "Snapshot rounds: duration per round"
     out = _open(width, height, label, "pg-rounds")
-    out.append(f'<text x="{left}" y="16" font-weight="600">{label}</text>')
+    out.append(f'<text x="{left}" y="16" font-weight="600">{_e(label)}</text>')
     out.append('<g class="grid">' + "".join(f'<line x1="{left}" y1="{y(v):.1f}" x2="{width - right}" y2="{y(v):.1f}"/>'
                                             for v in yt) + "</g>")
     out.append(f'<g class="axis"><line x1="{left}" y1="{top + plot_h}" x2="{width - right}" y2="{top + plot_h}"/>'
@@ -313,15 +315,15 @@ def rounds_svg(view: dict[str, Any], *, width: int = 640, height: int = 340) -> 
         cx = left + slot * (i + 0.5)
         w = min(slot * 0.6, 60)
         d = r.get("duration_s") or 0
-        out.append(f'<rect class="round-bar{" red" if bad else ""}" data-round="{r["index"]}" x="{cx - w / 2:.1f}" '
+        out.append(f'<rect class="round-bar{" red" if bad else ""}" data-round="{_e(r["index"])}" x="{cx - w / 2:.1f}" '
                    f'y="{y(d):.1f}" width="{w:.1f}" height="{max(top + plot_h - y(d), 0):.1f}"><title>round '
-                   f'{r["index"]}: {human_duration(d)}, delta {human_bytes(r.get("delta_bytes"))}; then '
+                   f'{_e(r["index"])}: {human_duration(d)}, delta {human_bytes(r.get("delta_bytes"))}; then '
                    f'{_e(r.get("decision") or "?")}</title></rect>')
         if r.get("predicted_duration_s") is not None:
             p = r["predicted_duration_s"]
             out.append(f'<line class="predicted" x1="{cx - w / 2 - 4:.1f}" y1="{y(p):.1f}" x2="{cx + w / 2 + 4:.1f}" '
                        f'y2="{y(p):.1f}"><title>predicted {human_duration(p)}</title></line>')
-        out.append(f'<text x="{cx:.1f}" y="{top + plot_h + 16}" text-anchor="middle">{r["index"]} '
+        out.append(f'<text x="{cx:.1f}" y="{top + plot_h + 16}" text-anchor="middle">{_e(r["index"])} '
                    f'({human_bytes(r.get("delta_bytes"))})</text>')
     if view.get("floor_s") is not None and math.isfinite(view["floor_s"]):
         out.append(f'<line class="floor" x1="{left}" y1="{y(view["floor_s"]):.1f}" x2="{width - right}" '

@@ -13,6 +13,7 @@ by a run that failed half-way, must still render.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
@@ -32,7 +33,15 @@ def _iso(ts: datetime | None) -> str | None:
     return ts.isoformat() if ts else None
 
 
+def num(value: Any) -> float | None:
+    """A report's number, or None when it is not a finite int or float (a report is data from the bucket)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
 def human_duration(seconds: float | None) -> str:
+    seconds = num(seconds)
     if seconds is None:
         return "unknown"
     s = abs(float(seconds))
@@ -47,6 +56,7 @@ def human_duration(seconds: float | None) -> str:
 
 
 def human_bytes(n: float | None) -> str:
+    n = num(n)
     if n is None:
         return "unknown"
     value = float(n)
@@ -517,22 +527,28 @@ _OUTCOME_COLOUR = {"cut_over": GREEN, "cutover_at_reached": GREEN, "stalled_at_f
                    "diverging": RED}
 
 
+def _list(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, list | tuple) else []
+
+
 def migration_view(report: Mapping[str, Any]) -> dict[str, Any]:
     """Rounds (predicted and actual duration, delta bytes) with the decision after each, the floor, the cutover."""
     b = _body(report)
-    decisions = list(b.get("decisions") or [])
+    decisions = [d if isinstance(d, Mapping) else {} for d in _list(b.get("decisions"))]
     rounds = []
-    for r in sorted(b.get("rounds") or [], key=lambda r: r.get("index") or 0):
-        i = int(r.get("index") or 0)
-        d = decisions[i] if i < len(decisions) else {}
-        rounds.append({"index": i, "started_at": r.get("started_at"), "duration_s": r.get("duration_s"),
-                       "predicted_duration_s": r.get("predicted_duration_s"), "delta_bytes": r.get("delta_bytes"),
-                       "decision": d.get("action"), "reason": d.get("reason")})
+    for r in [r for r in _list(b.get("rounds")) if isinstance(r, Mapping)]:
+        i = int(num(r.get("index")) or 0)
+        d = decisions[i] if 0 <= i < len(decisions) else {}
+        rounds.append({"index": i, "started_at": r.get("started_at"), "duration_s": num(r.get("duration_s")),
+                       "predicted_duration_s": num(r.get("predicted_duration_s")),
+                       "delta_bytes": num(r.get("delta_bytes")), "decision": d.get("action"), "reason": d.get("reason")})
+    rounds.sort(key=lambda r: r["index"])
     last = decisions[-1] if decisions else {}
-    numbers = last.get("numbers") or {}
-    plan = b.get("plan") or {}
-    floor_s = numbers.get("floor_s") if numbers.get("floor_s") is not None else plan.get("floor_s")
-    target_s = numbers.get("downtime_target_s")
+    numbers = last.get("numbers") if isinstance(last.get("numbers"), Mapping) else {}
+    numbers = {k: num(numbers.get(k)) for k in ("floor_s", "downtime_target_s", "r")}
+    plan = b.get("plan") if isinstance(b.get("plan"), Mapping) else {}
+    floor_s = numbers["floor_s"] if numbers["floor_s"] is not None else num(plan.get("floor_s"))
+    target_s = numbers["downtime_target_s"]
     outcome = b.get("outcome") or last.get("action")
     durations = [r["duration_s"] for r in rounds if r["duration_s"] is not None]
     ratios = [y / x for x, y in zip(durations, durations[1:], strict=False) if x]
@@ -551,7 +567,7 @@ def migration_view(report: Mapping[str, Any]) -> dict[str, Any]:
         colour = worst([colour, _OUTCOME_COLOUR[outcome]])
         if _OUTCOME_COLOUR[outcome] != GREEN:
             reasons.append(last.get("reason") or outcome)
-    downtime_s = b.get("downtime_s")
+    downtime_s = num(b.get("downtime_s"))
     if downtime_s is not None and target_s is not None and downtime_s > target_s:
         colour = worst([colour, AMBER])
         reasons.append(f"cutover downtime {human_duration(downtime_s)} over the target {human_duration(target_s)}")
@@ -564,7 +580,7 @@ def migration_view(report: Mapping[str, Any]) -> dict[str, Any]:
         "status": report.get("status"), "colour": colour, "reasons": reasons, "outcome": outcome,
         "dry_run": b.get("dry_run"), "rounds": rounds, "floor_s": floor_s, "downtime_target_s": target_s,
         "r": numbers.get("r"), "downtime_s": downtime_s,
-        "cutover_to_volume_available_s": b.get("cutover_to_volume_available_s"),
+        "cutover_to_volume_available_s": num(b.get("cutover_to_volume_available_s")),
         "initialization": init, "destination_volumes": b.get("destination_volumes"),
         "started_at": report.get("started_at"), "finished_at": report.get("finished_at"),
     }
