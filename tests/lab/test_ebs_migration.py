@@ -431,3 +431,47 @@ def test_stop_writes_watchdog_restarts_when_the_task_dies(stoppable_primary):
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
     assert _canary(lab) == "before the stop"
+
+
+def test_backup_cutover_stores_the_full_label_and_a_retry_without_it_takes_a_new_final_round(moto):
+    """The full backup_label goes to the bucket before the backup session ends; a retry reuses final snapshots only
+    with it, and supersedes final snapshots whose label was never stored (a try that died in between)."""
+    from pgops.operators.ebs import EbsCutoverOperator, backup_label_key, read_backup_label
+
+    lab = moto
+    s3 = lab.s3_client()
+    volume_id = lab.aws_client("ec2", region=SOURCE_REGION).create_volume(
+        Size=8, AvailabilityZone=f"{SOURCE_REGION}a")["VolumeId"]
+    op = EbsCutoverOperator(task_id="cutover", postgres_conn_id=lab.cluster.postgres_conn_id,
+                            cluster_name=lab.cluster.name, aws_conn_id=lab.cluster.aws_conn_id)
+    context = {"params": _conf(volume_id), "run_id": "label-retry",
+               "ti": _TI({"volume_ids": [volume_id], "instance_id": None})}
+    migration = "pgops_test/label-retry"
+
+    first = op.execute(context)
+    label = first["backup"]["backup_label"]
+    assert label.startswith("START WAL LOCATION") and f"LABEL: {migration}" in label and "START TIMELINE" in label
+    stored = read_backup_label(s3, lab.cluster, migration)
+    assert stored["backup"]["backup_label"] == label and stored["snapshots"] == first["snapshots"]
+    assert backup_label_key(lab.cluster, migration).startswith(f"{lab.cluster.storage.server_prefix}/pgops/reports/")
+
+    second = op.execute(context)  # a retry: the stored label makes the final snapshots usable, nothing new
+    assert second["snapshots"] == first["snapshots"] and second["backup"]["backup_label"] == label
+    assert "superseded_snapshots" not in second
+    assert len(_snapshots(lab, SOURCE_REGION, **{"pgops:migration-id": migration})) == 1
+
+    # a try that died after the final snapshot, before its label was stored
+    s3.delete_object(Bucket=lab.cluster.storage.bucket, Key=backup_label_key(lab.cluster, migration))
+    third = op.execute(context)
+    old_ids = sorted(first["snapshots"].values())
+    assert third["superseded_snapshots"] == old_ids
+    assert set(third["snapshots"].values()).isdisjoint(old_ids)
+    assert third["backup"]["start_lsn"] != first["backup"]["start_lsn"]  # backup mode was entered again
+    finals = _snapshots(lab, SOURCE_REGION, **{"pgops:migration-id": migration, "pgops:round": "final"})
+    assert sorted(s["SnapshotId"] for s in finals) == sorted(third["snapshots"].values())
+    old = _snapshots(lab, SOURCE_REGION, **{"pgops:migration-id": migration, "pgops:round": "final-superseded"})
+    assert sorted(s["SnapshotId"] for s in old) == old_ids  # kept, not deleted, and no longer "final"
+    stored = read_backup_label(s3, lab.cluster, migration)
+    assert stored["snapshots"] == third["snapshots"] and stored["backup"]["backup_label"] == third["backup"]["backup_label"]
+    # balanced: no backup left in progress
+    lab.psql("SELECT pg_backup_start('after-label-test', true); SELECT lsn FROM pg_backup_stop(false);")

@@ -33,6 +33,13 @@ def tag_spec(resource_type: str, tags: dict[str, str]) -> list[dict[str, Any]]:
     return [{"ResourceType": resource_type, "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}]
 
 
+def client_token(*parts: str) -> str:
+    """An EC2 idempotency token (at most 64 ASCII characters) that is the same on every try of the same run."""
+    import hashlib
+
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:64]
+
+
 def tags_of(resource: dict[str, Any]) -> dict[str, str]:
     return {t["Key"]: t["Value"] for t in resource.get("Tags", [])}
 

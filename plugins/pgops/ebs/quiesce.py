@@ -44,8 +44,13 @@ class BackupQuiesce:
 
 @contextmanager
 def backup_mode(connect: Callable[[], Any], *, label: str, timeout_s: float = 600.0,
-                log: Callable[..., None] = print) -> Iterator[BackupQuiesce]:
-    """pg_backup_start in one held session; pg_backup_stop on exit (or the session ends, which aborts it)."""
+                log: Callable[..., None] = print,
+                on_stop: Callable[[BackupQuiesce], None] | None = None) -> Iterator[BackupQuiesce]:
+    """pg_backup_start in one held session; pg_backup_stop on exit (or the session ends, which aborts it).
+
+    `on_stop` gets the state with the backup_label right after pg_backup_stop, while the session is still held
+    (to store the label durably); when it raises, the error propagates after the session is closed.
+    """
     conn = connect()
     conn.autocommit = True
     state = BackupQuiesce(label=label)
@@ -69,6 +74,8 @@ def backup_mode(connect: Callable[[], Any], *, label: str, timeout_s: float = 60
             state.stop_lsn, state.backup_label, state.tablespace_map = cur.fetchone()
         state.held_s = time.monotonic() - state.started_monotonic
         log(f"pg_backup_stop at {state.stop_lsn} after {state.held_s:.1f} s")
+        if on_stop is not None:
+            on_stop(state)
     finally:
         if timer is not None:
             timer.cancel()

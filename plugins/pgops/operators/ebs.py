@@ -52,6 +52,16 @@ def _trigger(**kwargs: Any):
 
 
 
+def _pages(call, **kwargs: Any):
+    """Every page of a KMS list call (Marker/NextMarker paging)."""
+    while True:
+        page = call(**kwargs)
+        yield page
+        if not page.get("Truncated") or not page.get("NextMarker"):
+            return
+        kwargs["Marker"] = page["NextMarker"]
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
@@ -156,6 +166,42 @@ def copy_snapshots(ec2_target: EbsEc2Hook, *, migration: str, round_name: str, s
     return copies
 
 
+LABEL_KIND = "ebs-migration-labels"  # beside the ebs-migration reports, not inside their listing
+
+
+def backup_label_key(cluster, migration: str) -> str:
+    """<prefix>/<server>/pgops/reports/ebs-migration-labels/<run, readable>-<hash>.json"""
+    import hashlib
+
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "_", migration.rsplit("/", 1)[-1])[:80]
+    return cluster.storage.report_key(LABEL_KIND, f"{readable}-{hashlib.sha256(migration.encode()).hexdigest()[:16]}.json")
+
+
+def write_backup_label(s3, cluster, migration: str, *, snapshots: dict[str, str], backup: dict[str, Any]) -> str:
+    import json
+
+    key = backup_label_key(cluster, migration)
+    body = {"migration_id": migration, "snapshots": snapshots, "backup": backup, "stored_at": _iso(_now())}
+    s3.put_object(Bucket=cluster.storage.bucket, Key=key, Body=json.dumps(body, indent=2, sort_keys=True).encode(),
+                  ContentType="application/json")
+    return key
+
+
+def read_backup_label(s3, cluster, migration: str) -> dict[str, Any] | None:
+    """The stored label of a migration's final round, or None when there is none (or it is not ours)."""
+    import json
+
+    try:
+        obj = s3.get_object(Bucket=cluster.storage.bucket, Key=backup_label_key(cluster, migration))
+    except s3.exceptions.NoSuchKey:
+        return None
+    data = json.loads(obj["Body"].read())
+    label = (data.get("backup") or {}).get("backup_label") if isinstance(data, dict) else None
+    if data.get("migration_id") != migration or not isinstance(label, str) or "START WAL LOCATION" not in label:
+        return None
+    return data
+
+
 class EbsMigrationBaseOperator(BaseOperator):
     """Reads the run's params (validated) and builds hooks for the source and target regions."""
 
@@ -233,18 +279,30 @@ class EbsMigrationPreflightOperator(EbsMigrationBaseOperator):
                                        f"{exc}. Fix: create the key there or grant this role kms:DescribeKey") from None
         if meta.get("KeyState") != "Enabled":
             raise AirflowFailException(f"KMS key {meta['Arn']} is {meta.get('KeyState')}. Fix: enable it")
-        result = {"key_arn": meta["Arn"], "target_account_allowed": None}
+        result: dict[str, Any] = {"key_arn": meta["Arn"], "target_account_allowed": None}
         if spec.target_account:
+            from pgops.ebs.kms import REQUIRED_ACTIONS, key_access
+
             policy = kms.get_key_policy(KeyId=meta["KeyId"], PolicyName="default")["Policy"]
-            grants = kms.list_grants(KeyId=meta["KeyId"]).get("Grants", [])
-            allowed = spec.target_account in policy or any(spec.target_account in g.get("GranteePrincipal", "")
-                                                           for g in grants)
-            if not allowed:
+            grants = [g for page in _pages(kms.list_grants, KeyId=meta["KeyId"]) for g in page.get("Grants", [])]
+            access = key_access(policy, grants, account=spec.target_account, key_arn=meta["Arn"])
+            result["target_account_access"] = access.to_dict()
+            if not access.ok:
+                why = []
+                if access.denied_by:
+                    why.append("the key policy denies it " + ", ".join(f"{a} (statement {s})"
+                                                                      for a, s in access.denied_by.items()))
+                if access.missing:
+                    why.append("neither an Allow statement of the key policy nor a grant gives it "
+                               + ", ".join(access.missing))
+                if access.unreadable:
+                    why.append("Allow statement(s) with conditions pgops cannot judge were not counted: "
+                               + ", ".join(access.unreadable))
                 raise AirflowFailException(
-                    f"KMS key {meta['Arn']} does not let account {spec.target_account} use it (neither its "
-                    "policy nor a grant names it), so a shared snapshot would be unusable there. Fix: add "
-                    f"arn:aws:iam::{spec.target_account}:root to the key policy for kms:Decrypt, kms:DescribeKey, "
-                    "kms:CreateGrant and kms:ReEncrypt*")
+                    f"KMS key {meta['Arn']} does not let account {spec.target_account} use it ({'; '.join(why)}), "
+                    "so a shared snapshot would be unusable there. Fix: add an Allow statement with principal "
+                    f"arn:aws:iam::{spec.target_account}:root for {', '.join(REQUIRED_ACTIONS)} (Resource \"*\") "
+                    "to the key policy, and remove any Deny that covers that account")
             result["target_account_allowed"] = True
         self.log.info("KMS preflight: %s", result)
         return result
@@ -405,27 +463,9 @@ class EbsCutoverOperator(EbsMigrationBaseOperator):
         if spec.cutover_mode == "crash-consistent":
             result["snapshots"] = take()
         elif spec.cutover_mode == "backup":
-            from pgops.ebs.quiesce import backup_mode
-            from pgops.hooks import pg_connect
-
-            existing = ec2.find_snapshots({TAG_MIGRATION: mig, TAG_ROUND: FINAL_ROUND})
-            if existing:
-                label = _hooks().tags_of(existing[0]).get(TAG_BACKUP_LABEL)
-                self.log.warning("final snapshot(s) exist from an earlier try: reusing them; their backup_label "
-                                 "survives only as the (truncated) tag: %s", label)
-                result["snapshots"] = take()
-                result["backup"] = {"backup_label": label, "truncated": True}
-            else:
-                with backup_mode(lambda: pg_connect(self.postgres_conn_id), label=mig[:100],
-                                 timeout_s=self.quiesce_timeout_s, log=self.log.info) as held:
-                    result["snapshots"] = take()
-                label = held.backup_label or ""
-                for snapshot_id in result["snapshots"].values():
-                    ec2.conn.create_tags(Resources=[snapshot_id], Tags=[{"Key": TAG_BACKUP_LABEL,
-                                                                         "Value": tag_value(label)}])
-                result["backup"] = held.to_dict()
-                self.log.info("backup_label (write it as PGDATA/backup_label on the new volume before starting):\n%s",
-                              label)
+            result["snapshots"], result["backup"], superseded = self._backup_cutover(ec2, mig, take)
+            if superseded:
+                result["superseded_snapshots"] = superseded
         else:  # stop-writes
             if ec2.find_snapshots({TAG_MIGRATION: mig, TAG_ROUND: FINAL_ROUND}):
                 self.log.warning("final snapshot(s) exist from an earlier try: reusing them, no second stop")
@@ -437,6 +477,66 @@ class EbsCutoverOperator(EbsMigrationBaseOperator):
                       result["released_at"])
         return result
 
+
+    def _backup_cutover(self, ec2: EbsEc2Hook, mig: str, take) -> tuple[dict[str, str], dict[str, Any], list[str]]:
+        """Final snapshot(s) in backup mode; the full backup_label stored in the bucket before the session ends.
+
+        A retry that finds final snapshots reuses them only with their stored label (a snapshot taken in backup
+        mode is not restorable without it). Final snapshots without one (an earlier try died between the snapshot
+        and the label write) are retagged as superseded, kept, and a new final round is taken.
+        """
+        from pgops.ebs.quiesce import backup_mode
+        from pgops.hooks import pg_connect
+
+        cluster = self._cluster()
+        s3 = self._s3(cluster)
+        existing = ec2.find_snapshots({TAG_MIGRATION: mig, TAG_ROUND: FINAL_ROUND})
+        superseded: list[str] = []
+        if existing:
+            stored = read_backup_label(s3, cluster, mig)
+            ids = {s["SnapshotId"] for s in existing}
+            if stored and set(stored.get("snapshots", {}).values()) == ids:
+                self.log.warning("final snapshot(s) %s exist from an earlier try with their stored backup_label "
+                                 "(s3://%s/%s): reusing them", sorted(ids), cluster.storage.bucket,
+                                 backup_label_key(cluster, mig))
+                return take(), stored["backup"], []
+            superseded = sorted(ids)
+            tag = f"{FINAL_ROUND}-superseded"
+            ec2.conn.create_tags(Resources=superseded, Tags=[{"Key": TAG_ROUND, "Value": tag}])
+            self.log.warning("final snapshot(s) %s exist from an earlier try but no backup_label was stored for them "
+                             "(s3://%s/%s), so they cannot be restored consistently: tagged %s=%s and kept; taking "
+                             "a new final round", superseded, cluster.storage.bucket, backup_label_key(cluster, mig),
+                             TAG_ROUND, tag)
+        taken: dict[str, str] = {}
+
+        def store(held) -> None:  # after pg_backup_stop, before the backup session is released
+            key = write_backup_label(s3, cluster, mig, snapshots=taken, backup=held.to_dict())
+            self.log.info("backup_label of %s stored at s3://%s/%s", sorted(taken.values()), cluster.storage.bucket,
+                          key)
+
+        with backup_mode(lambda: pg_connect(self.postgres_conn_id), label=mig[:100], timeout_s=self.quiesce_timeout_s,
+                         log=self.log.info, on_stop=store) as held:
+            taken.update(take())
+        label = held.backup_label or ""
+        for snapshot_id in taken.values():  # for a human in the console; the stored copy is the one to use
+            ec2.conn.create_tags(Resources=[snapshot_id], Tags=[{"Key": TAG_BACKUP_LABEL, "Value": tag_value(label)}])
+        self.log.info("backup_label (write it as PGDATA/backup_label on the new volume before starting):\n%s", label)
+        return dict(taken), held.to_dict(), superseded
+
+    def _cluster(self):
+        from pgops.inventory import load_inventory
+
+        if not self.cluster_name:
+            raise AirflowFailException("cutover_mode backup stores the backup_label in the cluster's bucket and "
+                                       "stop-writes restarts PostgreSQL through the cluster's runner: set the "
+                                       "operator's cluster_name")
+        return load_inventory().get(self.cluster_name)
+
+    @staticmethod
+    def _s3(cluster):
+        from pgops.hooks import s3_client
+
+        return s3_client(cluster.aws_conn_id)
 
     def _stop_writes(self, take) -> tuple[dict[str, str], dict[str, Any]]:
         """Clean stop through the cluster's runner, final snapshot(s) while down, restart (always, bounded)."""
@@ -571,6 +671,9 @@ class EbsCreateVolumeOperator(EbsMigrationBaseOperator):
                 ec2.conn.enable_fast_snapshot_restores(AvailabilityZones=[self.availability_zone],
                                                        SourceSnapshotIds=[snapshot_id])
             kwargs: dict[str, Any] = {
+                # a retry whose first CreateVolume succeeded unseen (lost response, tags not yet listed) gets the
+                # same volume back instead of a second one
+                "ClientToken": _hooks().client_token(mig, source_volume, snapshot_id, self.availability_zone),
                 "SnapshotId": snapshot_id, "AvailabilityZone": self.availability_zone, "VolumeType": self.volume_type,
                 "TagSpecifications": _hooks().tag_spec("volume", {TAG_MIGRATION: mig, TAG_SOURCE_VOLUME: source_volume,
                                                          TAG_SOURCE_SNAPSHOT: snapshot_id,
@@ -629,7 +732,8 @@ class EbsMigrationReportOperator(EbsMigrationBaseOperator):
                            - datetime.fromisoformat(cutover["quiesced_at"])).total_seconds()
         deleted: list[str] = []
         if status == "ok" and spec.get("delete_intermediate_snapshots"):
-            deleted = self._delete_intermediates(context, spec, rounds, copy)
+            deleted = self._delete_intermediates(context, spec, rounds, copy,
+                                                 superseded=(cutover or {}).get("superseded_snapshots") or [])
         body = {
             "migration_id": self.migration(context), "dry_run": dry_run, "params": spec,
             "source": pull("preflight"), "plan": (spec or {}).get("plan"),
@@ -654,10 +758,13 @@ class EbsMigrationReportOperator(EbsMigrationBaseOperator):
         return report | {"report_key": key}
 
     def _delete_intermediates(self, context, spec: dict[str, Any], rounds: list[dict[str, Any]],
-                              copy: dict[str, Any] | None) -> list[str]:
+                              copy: dict[str, Any] | None, superseded: list[str] = ()) -> list[str]:
         # Only after the final copy completed: the newest copy is kept, so later copies stay incremental.
         keep = set((copy or {}).get("copies", {}).values())
         deleted = []
+        for snapshot_id in superseded:  # final snapshots of an earlier try without their backup_label
+            self.ec2().conn.delete_snapshot(SnapshotId=snapshot_id)
+            deleted.append(snapshot_id)
         for region, key in ((self.src_region(), "snapshots"), (spec["target_region"], "copies")):
             ec2 = self.ec2(region)
             for r in rounds:
