@@ -1,10 +1,14 @@
-"""include/iam/pgops-policy.json against the AWS operations the code really made during this test session.
+"""include/iam/: one IAM policy per role, checked against the AWS operations the code really made in this session.
 
-tests/aws_calls.py records every botocore operation in the test process (and runs this file last). Each
-operation made by pgops code (not by test set-up or the lab harness) must be allowed by the policy; after a
-full, green run, every action the policy grants must have been used, except the statements that cover
-calls made outside this process (barman-cloud subprocesses on the DB host, EC2 calling KMS for us) and
-the few operations the lab's moto cannot serve (NOT_EXERCISED, each with its reason).
+- pgops-airflow-policy.json: the Airflow workers (the AWS connection the tasks use, also handed to the barman-cloud
+  subprocesses the backup and restore tasks start). tests/aws_calls.py records every botocore operation in the test
+  process (and runs this file last). Each operation made by pgops code (not by test set-up or the lab harness) must
+  be allowed by it; after a full, green run, every action it grants must have been used, except the statements that
+  cover calls made outside this process (barman-cloud subprocesses, EC2 calling KMS for us) and the few operations
+  the lab's moto cannot serve (NOT_EXERCISED, each with its reason).
+- pgops-dbhost-policy.json: the DB hosts' own credentials (archive_command, the WAL prefetcher): WAL and base backups
+  only. A small evaluator (Allow, explicit Deny wins, wildcards as IAM matches them) proves the split: the DB host
+  writes WAL and backups of any cluster prefix, and never a pgops report, which the dashboard renders.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-POLICY = REPO / "include" / "iam" / "pgops-policy.json"
+POLICY = REPO / "include" / "iam" / "pgops-airflow-policy.json"
+DBHOST_POLICY = REPO / "include" / "iam" / "pgops-dbhost-policy.json"
 # Statements for calls this process cannot observe: barman-cloud runs as a subprocess on the DB host (its
 # actions from its S3 client: head_bucket/list -> ListBucket, get/head_object -> GetObject, put_object and
 # multipart -> PutObject, abort -> AbortMultipartUpload, delete_objects -> DeleteObject), and EC2 calls KMS
@@ -97,7 +102,7 @@ def test_every_aws_call_of_the_code_is_allowed(aws_calls):
     denied = {call: sorted(callers) for call, callers in calls.items() if not _allowed(iam_action(call), statements)}
     assert not denied, ("the code made AWS calls the IAM policy does not allow: "
                         + "; ".join(f"{iam_action(c)} ({c} from {', '.join(w)})" for c, w in sorted(denied.items()))
-                        + ". Fix: add the action to the DAG kind's statement in include/iam/pgops-policy.json")
+                        + ". Fix: add the action to the DAG kind's statement in include/iam/pgops-airflow-policy.json")
 
 
 def test_no_policy_action_is_unused(aws_calls):
@@ -140,3 +145,77 @@ def test_iam_action_mapping():
     assert _allowed("sns:Publish", _policy()["Statement"]) == ["AlertsPublish"]
     assert _allowed("kms:ReEncryptFrom", _policy()["Statement"]) == ["EbsEncryptedCopyKmsViaEc2Service"]
     assert not _allowed("s3:DeleteBucket", _policy()["Statement"])
+
+
+# --- the DB host's policy: WAL and backups, never reports ----------------------------------------------------
+BUCKET = "arn:aws:s3:::pgops-lab"
+
+
+def _decide(policy: dict, action: str, resource: str) -> str:
+    """IAM's decision for one action on one resource under one identity policy: Deny wins, then Allow, else
+    an implicit deny. Wildcards in Action and Resource match as IAM matches them ('*' spans '/')."""
+    def covers(st: dict) -> bool:
+        return (any(fnmatch.fnmatchcase(action.lower(), a.lower()) for a in _as_list(st["Action"]))
+                and any(fnmatch.fnmatchcase(resource, r) for r in _as_list(st["Resource"])))
+
+    matching = [st for st in policy["Statement"] if covers(st)]
+    if any(st["Effect"] == "Deny" for st in matching):
+        return "deny"
+    return "allow" if any(st["Effect"] == "Allow" for st in matching) else "implicit-deny"
+
+
+def _dbhost() -> dict:
+    return json.loads(DBHOST_POLICY.read_text())
+
+
+REPORT_KEYS = ["clusters/main/pgops/reports/ebs-migration/latest.json",
+               "clusters/main/pgops/reports/wal-audit/20250101T000000.000000Z.json",
+               "clusters/other/pgops/reports/restore-verify/latest.json",
+               "clusters/main/pgops/reports/ebs-migration-labels/run-0123.json",
+               "clusters/main/pgops/reports/wals/latest.json",  # a report kind that looks like WAL
+               "clusters/main/pgops/reports/base/x/latest.json",
+               "clusters/main/pgops/preflight/write-probe"]
+ENGINE_KEYS = ["clusters/main/wals/0000000100000000/000000010000000000000003.lz4",
+               "clusters/main/wals/0000000100000000/00000002.history",
+               "clusters/main/base/20250101T020000/backup.info",
+               "clusters/main/base/20250101T020000/data.tar.lz4",
+               "clusters/repl-1234/wals/0000000200000001/000000020000000100000007"]
+
+
+def test_dbhost_policy_writes_wal_and_backups_and_never_reports():
+    policy = _dbhost()
+    for key in ENGINE_KEYS:
+        for action in ("s3:PutObject", "s3:GetObject", "s3:DeleteObject", "s3:AbortMultipartUpload"):
+            assert _decide(policy, action, f"{BUCKET}/{key}") == "allow", (action, key)
+    for key in REPORT_KEYS:
+        for action in ("s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload", "s3:PutObjectTagging"):
+            assert _decide(policy, action, f"{BUCKET}/{key}") != "allow", (action, key)
+        assert _decide(policy, "s3:PutObject", f"{BUCKET}/{key}") == "deny", key  # explicitly, not by omission
+    assert _decide(policy, "s3:ListBucket", BUCKET) == "allow"
+    for action, resource in (("s3:PutObject", f"{BUCKET}/elsewhere/x"), ("s3:PutBucketPolicy", BUCKET),
+                             ("s3:PutLifecycleConfiguration", BUCKET), ("ec2:CreateSnapshot", "*"),
+                             ("kms:Decrypt", "*"), ("sns:Publish", "*"), ("s3:DeleteBucket", BUCKET)):
+        assert _decide(policy, action, resource) != "allow", (action, resource)
+
+
+def test_the_airflow_role_still_writes_reports():
+    policy = _policy()
+    for key in REPORT_KEYS[:4]:
+        assert _decide(policy, "s3:PutObject", f"{BUCKET}/{key}") == "allow", key
+        assert _decide(policy, "s3:GetObject", f"{BUCKET}/{key}") == "allow", key
+
+
+def test_dbhost_policy_is_least_privilege_by_construction():
+    policy = _dbhost()
+    sids = [s.get("Sid") for s in policy["Statement"]]
+    assert all(sids) and len(set(sids)) == len(sids)
+    for st in policy["Statement"]:
+        assert "NotAction" not in st and "NotResource" not in st and "Condition" not in st, st["Sid"]
+        for action in _as_list(st["Action"]):
+            assert action.startswith("s3:") and "*" not in action, (st["Sid"], action)
+        for r in _as_list(st["Resource"]):
+            assert r == BUCKET or r.startswith(f"{BUCKET}/clusters/*/"), (st["Sid"], r)
+    # the engine's objects only: every Allow on objects is under <prefix>/<server>/wals/ or .../base/
+    for st in policy["Statement"]:
+        if st["Effect"] == "Allow":
+            assert all(r == BUCKET or r.endswith(("/wals/*", "/base/*")) for r in _as_list(st["Resource"])), st["Sid"]
