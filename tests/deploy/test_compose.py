@@ -272,3 +272,30 @@ def test_init_writes_pools_and_names_missing_connections(tmp_path, monkeypatch):
     res = subprocess.run([sys.executable, "-m", "pgops.deploy", "init", "--pools-file", str(pools)], env=env,
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_the_managed_postgres_is_reachable_only_on_dbnet_with_its_own_s3_identity(compose, raw):
+    services = compose["services"]
+    on_dbnet = {name for name, svc in services.items() if "dbnet" in (svc.get("networks") or {})}
+    # the DB host and the components whose tasks and triggers connect to it; not the UI, scheduler, DB, broker, S3
+    assert on_dbnet == {"dbhost", "airflow-worker", "airflow-triggerer"}, on_dbnet
+    dbhost = services["dbhost"]
+    net = dbhost["networks"]["dbnet"]
+    assert net["aliases"] == ["dbhost-pg"] and net["ipv4_address"] == compose["services"]["dbhost"]["environment"][
+        "PGOPS_PG_LISTEN"].split(",")[1]
+    subnet = compose["networks"]["dbnet"]["ipam"]["config"][0]["subnet"]
+    env = dbhost["environment"]
+    assert env["PGOPS_PG_CLIENT_CIDR"] == subnet and subnet != "0.0.0.0/0"
+    assert env["PGOPS_PG_LISTEN"].split(",")[0] == "localhost" and "*" not in env["PGOPS_PG_LISTEN"]
+    conn = json.loads(compose["x-airflow-common"]["environment"]["AIRFLOW_CONN_PGOPS_MAIN_PG"])
+    assert conn["host"] == "dbhost-pg"  # the dbnet alias, the address PostgreSQL listens on
+    # the DB host's S3 keys are its own, not the Airflow connection's
+    aws = json.loads(compose["x-airflow-common"]["environment"]["AIRFLOW_CONN_PGOPS_MAIN_AWS"])
+    assert env["AWS_ACCESS_KEY_ID"] != aws["login"] and env["AWS_SECRET_ACCESS_KEY"] != aws["password"]
+    assert "${DBHOST_S3_ACCESS_KEY" in COMPOSE.read_text()
+    s3_cmd = " ".join(services["s3"]["command"])
+    assert '"name":"pgops-dbhost"' in s3_cmd and s3_cmd.count('"Admin"') == 1  # the DB host's identity: no Admin
+    entry = (REPO / "docker" / "dbhost-entrypoint.sh").read_text()
+    assert "listen_addresses = '*'" not in entry and "0.0.0.0/0 scram" not in entry.replace("0\\.0\\.0\\.0\\/0", "")
+    assert 'runuser -u postgres -- "${pg_env[@]}" "$PG_BIN/pg_ctl"' in entry  # started with env -i (see
+    # tests/deploy/test_dbhost_entrypoint.py, which runs it and reads the postmaster's environment)
