@@ -34,6 +34,12 @@ CRON_FIELD_RE = re.compile(r"^[\d*/,\-A-Za-z?LW#]+$")
 PRESETS = ("@hourly", "@daily", "@weekly", "@monthly", "@yearly", "@once")
 
 
+# An absolute path of plain parts: no '.', '..', '//', spaces or control characters (it reaches argv and config files).
+PLAIN_PATH_RE = re.compile(r"^(?!.*/\.{1,2}(/|$))(/[A-Za-z0-9._+@=,-]+)+/?$")
+PREFIX_RE = re.compile(r"^(?!(.*/)?\.{1,2}(/|$))(?!(.*/)?-)[A-Za-z0-9_.=+-]+(/[A-Za-z0-9_.=+-]+)*$")
+MAX_SECONDS = 7 * 86400  # durations a DAG turns into timedeltas and timeouts
+
+
 class InventoryError(ValueError):
     """A bad inventory: the message names the cluster, the field, the value and the fix."""
 
@@ -121,6 +127,8 @@ class ReplicaNode:
     slot: str | None = None  # physical replication slot this node streams through
     data_directory: str | None = None
     repmgr_conf: str | None = None
+    # where commands on this node's host run; None: the cluster's runner (the same host as the primary's)
+    runner: Runner | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -273,8 +281,11 @@ def _parse_cluster(raw: Any, index: int, path: Path) -> Cluster:
     prefix = (storage_f.string("prefix", "") or "").strip("/")
     if prefix.startswith("s3://"):
         raise storage_f.fail("prefix", prefix, "is a URL", "give only the key prefix; the bucket goes in 'bucket'")
-    server_name = storage_f.string("server_name", name, pattern=re.compile(r"^[A-Za-z0-9_.-]+$"),
-                                   fix="use letters, digits, '.', '_' and '-' only")
+    if prefix and not PREFIX_RE.match(prefix):
+        raise storage_f.fail("prefix", prefix, "is not a plain key prefix",
+                             "use letters, digits, '.', '_', '=', '+' and '-' in '/'-separated parts, no '.' or '..'")
+    server_name = storage_f.string("server_name", name, pattern=re.compile(r"^(?!\.{1,2}$)(?!-)[A-Za-z0-9_.-]{1,200}$"),
+                                   fix="use letters, digits, '.', '_' and '-' only (not '.' or '..')")
     layout = storage_f.choice("layout", "auto", STORAGE_LAYOUTS)
     storage_f.reject_unknown()
 
@@ -287,25 +298,15 @@ def _parse_cluster(raw: Any, index: int, path: Path) -> Cluster:
         jobs=engine_f.integer("jobs", 2, minimum=1, maximum=64),
         wal_archive_parallel=engine_f.integer("wal_archive_parallel", 4, minimum=1, maximum=32),
         immediate_checkpoint=engine_f.boolean("immediate_checkpoint", True),
-        bin_dir=expand_env(engine_f.string("bin_dir", "") or ""),
-        timeout_s=engine_f.integer("timeout_s", 6 * 3600, minimum=60),
+        bin_dir=_plain_path(engine_f, "bin_dir", expand_env(engine_f.string("bin_dir", "") or "")),
+        timeout_s=engine_f.integer("timeout_s", 6 * 3600, minimum=60, maximum=MAX_SECONDS),
         extra_args=tuple(_string_list(engine_f, "extra_args")),
     )
     engine_f.reject_unknown()
 
     runner_f = top.sub("runner")
     runner_f.where = f"cluster {name!r}: runner"
-    runner_kind = runner_f.choice("kind", "local", RUNNER_KINDS)
-    runner = Runner(
-        kind=runner_kind,
-        queue=runner_f.string("queue", "default", pattern=QUEUE_RE, fix="use letters, digits, '.', '_' and '-'") or "default",
-        run_as=runner_f.string("run_as", None, pattern=re.compile(r"^[a-z_][a-z0-9_-]*$"),
-                               fix="give an OS user name such as postgres"),
-        ssh_conn_id=runner_f.string("ssh_conn_id", None, pattern=CONN_ID_RE),
-    )
-    if runner_kind == "ssh" and not runner.ssh_conn_id:
-        raise runner_f.fail("ssh_conn_id", None, "is required when kind is ssh", "name the Airflow SSH connection id")
-    runner_f.reject_unknown()
+    runner = _parse_runner(runner_f)
 
     sched_f = top.sub("schedule")
     sched_f.where = f"cluster {name!r}: schedule"
@@ -330,7 +331,8 @@ def _parse_cluster(raw: Any, index: int, path: Path) -> Cluster:
 
     tgt_f = top.sub("targets")
     tgt_f.where = f"cluster {name!r}: targets"
-    targets = Targets(rpo_s=tgt_f.integer("rpo_s", 300, minimum=1), rto_s=tgt_f.integer("rto_s", 3600, minimum=1))
+    targets = Targets(rpo_s=tgt_f.integer("rpo_s", 300, minimum=1, maximum=MAX_SECONDS),
+                      rto_s=tgt_f.integer("rto_s", 3600, minimum=1, maximum=MAX_SECONDS))
     tgt_f.reject_unknown()
 
     al_f = top.sub("alerts")
@@ -346,7 +348,7 @@ def _parse_cluster(raw: Any, index: int, path: Path) -> Cluster:
                                   fix="name an Airflow connection id (letters, digits, '_', '.', '-')")
     replication = None
     if top.data.get("replication") is not None:
-        replication = _parse_replication(top, name, primary_conn_id=postgres_conn_id or "")
+        replication = _parse_replication(top, name, primary_conn_id=postgres_conn_id or "", runner=runner)
 
     cluster = Cluster(
         name=name,
@@ -367,12 +369,32 @@ def _parse_cluster(raw: Any, index: int, path: Path) -> Cluster:
     return cluster
 
 
+def _parse_runner(runner_f: _Fields, default: Runner | None = None) -> Runner:
+    """A runner section: where a host's commands run (a worker queue on that host, or an ssh connection)."""
+    base = default or Runner()
+    runner_kind = runner_f.choice("kind", base.kind, RUNNER_KINDS)
+    runner = Runner(
+        kind=runner_kind,
+        queue=runner_f.string("queue", base.queue, pattern=QUEUE_RE,
+                              fix="use letters, digits, '.', '_' and '-'") or base.queue,
+        run_as=runner_f.string("run_as", base.run_as, pattern=re.compile(r"^[a-z_][a-z0-9_-]*$"),
+                               fix="give an OS user name such as postgres"),
+        ssh_conn_id=runner_f.string("ssh_conn_id", base.ssh_conn_id if runner_kind == "ssh" else None,
+                                    pattern=CONN_ID_RE),
+    )
+    if runner_kind == "ssh" and not runner.ssh_conn_id:
+        raise runner_f.fail("ssh_conn_id", None, "is required when kind is ssh", "name the Airflow SSH connection id")
+    runner_f.reject_unknown()
+    return runner
+
+
 SLOT_RE = re.compile(r"^[a-z0-9_]{1,63}$")
-HOST_RE = re.compile(r"^[A-Za-z0-9_.:/\[\]-]{1,255}$")  # a name, an address or a unix socket directory
-PATH_RE = re.compile(r"^/[^\0]*$")
+# a name, an address or a unix socket directory (no '..' part, no '//')
+HOST_RE = re.compile(r"^(?!(.*/)?\.\.(/|$))(?!.*//)(?!-)[A-Za-z0-9_.:/\[\]-]{1,255}$")
+PATH_RE = PLAIN_PATH_RE
 
 
-def _parse_node(f: _Fields, *, conn_id: str | None = None) -> ReplicaNode:
+def _parse_node(f: _Fields, *, conn_id: str | None = None, runner: Runner | None = None) -> ReplicaNode:
     node = ReplicaNode(
         name=f.string("name", required=True, pattern=NAME_RE,
                       fix="use lower-case letters, digits and underscores, starting with a letter") or "",
@@ -384,12 +406,21 @@ def _parse_node(f: _Fields, *, conn_id: str | None = None) -> ReplicaNode:
                       fix="use lower-case letters, digits and underscores (PostgreSQL slot names), at most 63"),
         data_directory=f.string("data_directory", None, pattern=PATH_RE, fix="give an absolute path"),
         repmgr_conf=f.string("repmgr_conf", None, pattern=PATH_RE, fix="give the absolute path of repmgr.conf"),
+        runner=_node_runner(f, runner),
     )
     f.reject_unknown()
     return node
 
 
-def _parse_replication(top: _Fields, name: str, *, primary_conn_id: str) -> Replication:
+def _node_runner(f: _Fields, default: Runner | None) -> Runner | None:
+    if f.get("runner") is None:
+        return None
+    rf = f.sub("runner")
+    rf.where = f"{f.where}.runner"
+    return _parse_runner(rf, default)
+
+
+def _parse_replication(top: _Fields, name: str, *, primary_conn_id: str, runner: Runner) -> Replication:
     rf = top.sub("replication")
     rf.where = f"cluster {name!r}: replication"
     pf = rf.sub("primary")
@@ -397,14 +428,14 @@ def _parse_replication(top: _Fields, name: str, *, primary_conn_id: str) -> Repl
     if "postgres_conn_id" in pf.data:
         raise pf.fail("postgres_conn_id", pf.data["postgres_conn_id"], "is not allowed here",
                       "the primary is the cluster's own postgres_conn_id; remove it")
-    primary = _parse_node(pf, conn_id=primary_conn_id)
+    primary = _parse_node(pf, conn_id=primary_conn_id, runner=runner)
     raw = rf.get("standbys", [])
     if not isinstance(raw, list):
         raise rf.fail("standbys", raw, "is not a list", "write each standby as '- name: ...'")
     standbys = []
     for i, item in enumerate(raw):
         sf = _Fields(item, f"cluster {name!r}: replication.standbys[{i}]", rf.path)
-        standbys.append(_parse_node(sf))
+        standbys.append(_parse_node(sf, runner=runner))
     seen: set[str] = set()
     for node in (primary, *standbys):
         if node.name in seen:
@@ -438,10 +469,25 @@ def expand_env(value: str) -> str:
     return _ENV_REF_RE.sub(lambda m: os.environ.get(m.group(1)) or (m.group(2) or ""), value)
 
 
+_LIST_ITEM_RE = re.compile(r"^[A-Za-z0-9_.:=+@/,-]{1,100}$")
+
+
 def _string_list(fields: _Fields, key: str) -> list[str]:
     value = fields.get(key, [])
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise fields.fail(key, value, "is not a list of strings", f"write {key}: [\"a\", \"b\"]")
+    for item in value:  # DAG tags and command-line arguments: one plain word each
+        if not _LIST_ITEM_RE.match(item) or ".." in item.split("/") or "//" in item or (
+                key == "tags" and item.startswith("-")):
+            raise fields.fail(key, item, "is not a plain word", "use letters, digits and . _ : = + @ / , - "
+                              "(at most 100; no spaces, control characters or '..')")
+    return value
+
+
+def _plain_path(fields: _Fields, key: str, value: str) -> str:
+    if value and not PLAIN_PATH_RE.match(value):
+        raise fields.fail(key, value, "is not a plain absolute path",
+                          "give an absolute path without '..', '//', spaces or control characters")
     return value
 
 

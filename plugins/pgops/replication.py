@@ -111,8 +111,9 @@ def current_primary(repl: Replication, nodes: Mapping[str, Mapping[str, Any]]) -
 
 
 def rebuild_conf(node: ReplicaNode, *, backup: str = "latest") -> dict[str, Any]:
+    # never "force": a person decides whether a node's own data may be replaced, in the form
     return {"target": node.name, "data_directory": node.data_directory or "", "slot": node.slot or node.name,
-            "force": True, "backup": backup}
+            "backup": backup}
 
 
 def rebuild_link(cluster_name: str, node: ReplicaNode, *, base_url: str = "") -> dict[str, str]:

@@ -208,10 +208,19 @@ def recovery_settings(*, restore_command: str, target: RecoveryTarget, port: int
     return settings
 
 
+_GUC_NAME_RE = re.compile(r"^[a-z_][a-z0-9_.]{0,62}$")
+
+
 def render_conf(settings: dict[str, str], header: str = "pgops restore verification") -> str:
+    """postgresql.conf lines; names must be plain GUC names and values one line (quotes and backslashes escaped)."""
     lines = [f"\n# {header}: these lines override the primary's settings\n"]
     for key, value in settings.items():
-        lines.append(f"{key} = '{str(value).replace(chr(39), chr(39) * 2)}'\n")
+        text = str(value)
+        if not _GUC_NAME_RE.match(key) or any(c in text for c in "\n\r\0"):
+            raise ValueError(f"setting {key!r} = {text!r} cannot be written to a config file: a name must be a plain "
+                             "setting name and a value one line")
+        text = text.replace("\\", "\\\\").replace("'", "''")
+        lines.append(f"{key} = '{text}'\n")
     return "".join(lines)
 
 

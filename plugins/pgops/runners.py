@@ -22,8 +22,34 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from pgops.inventory import Cluster
+from pgops.inventory import Runner as RunnerSpec
 
 log = logging.getLogger(__name__)
+
+# What a DB-host child process gets from us: a fixed PATH, the locale, and exactly the variables the caller
+# names (AWS credentials for barman-cloud, PGPASSWORD ...). Never the worker's own environment: in a
+# deployment that holds Airflow's Fernet key, JWT secret and database URLs, and a PostgreSQL started with it
+# would hand them to any superuser through pg_read_file('/proc/self/environ').
+CHILD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+_PASSED_THROUGH = ("LANG", "LANGUAGE", "TZ")
+
+
+def child_env(extra: dict[str, str] | None = None, *, user: str | None = None) -> dict[str, str]:
+    """The whole environment of a DB-host child process: PATH, LANG/LC_*, HOME of ``user``, plus ``extra``."""
+    env = {"PATH": CHILD_PATH}
+    for key, value in os.environ.items():
+        if key in _PASSED_THROUGH or key.startswith("LC_"):
+            env[key] = value
+    if user:
+        import pwd
+
+        try:
+            pw = pwd.getpwnam(user)
+            env.update(HOME=pw.pw_dir, USER=user, LOGNAME=user)
+        except KeyError:
+            pass
+    env.update({k: str(v) for k, v in (extra or {}).items()})
+    return env
 
 
 class CommandFailed(RuntimeError):
@@ -59,6 +85,7 @@ class Runner:
 
     def run(self, argv: Sequence[str], *, env: dict[str, str] | None = None, timeout_s: float = 3600,
             capture: bool = False, check: bool = True, on_line: Callable[[str], None] | None = None) -> CommandResult:
+        """Run argv with exactly ``env`` (plus PATH and the locale: child_env) on the DB host."""
         raise NotImplementedError
 
     def kill(self) -> None:
@@ -79,10 +106,9 @@ class LocalRunner(Runner):
         return argv
 
     def run(self, argv, *, env=None, timeout_s=3600, capture=False, check=True, on_line=None) -> CommandResult:
-        full_env = {**os.environ, **(env or {})}
         cmd = self._argv(argv)
-        shown = " ".join(str(a) for a in argv)
-        log.info("running: %s", shown)
+        full_env = child_env(env, user=self.run_as if cmd[:1] == ["runuser"] else _current_user())
+        log.info("running: %s", _shown(argv))
         started = time.monotonic()
         tail: deque[str] = deque(maxlen=40)
         captured: list[str] = []
@@ -174,13 +200,26 @@ def _current_user() -> str:
     return pwd.getpwuid(os.geteuid()).pw_name
 
 
+def _shown(argv: Sequence[str]) -> str:
+    """The command as logged: a long inline script (sh -c ...) is shortened to its first line."""
+    words = [str(a) for a in argv]
+    if len(words) > 2 and words[0] == "sh" and words[1] == "-c" and len(words[2]) > 80:
+        first = next((line for line in words[2].splitlines() if line.strip()), "")
+        words[2] = first.strip()[:60] + " ..."
+    return " ".join(words)
+
+
 def get_runner(cluster: Cluster) -> Runner:
-    if cluster.runner.kind == "local":
-        return LocalRunner(run_as=cluster.runner.run_as)
-    if cluster.runner.kind == "ssh":
-        return SshRunner(ssh_conn_id=cluster.runner.ssh_conn_id, run_as=cluster.runner.run_as,
-                         cluster_name=cluster.name)
-    raise NotImplementedError(f"cluster {cluster.name!r}: runner kind {cluster.runner.kind!r} is not available. "
+    """The cluster's runner (the primary's host and the restore host)."""
+    return runner_from_spec(cluster.runner, cluster.name)
+
+
+def runner_from_spec(spec: RunnerSpec, cluster_name: str) -> Runner:
+    if spec.kind == "local":
+        return LocalRunner(run_as=spec.run_as)
+    if spec.kind == "ssh":
+        return SshRunner(ssh_conn_id=spec.ssh_conn_id, run_as=spec.run_as, cluster_name=cluster_name)
+    raise NotImplementedError(f"cluster {cluster_name!r}: runner kind {spec.kind!r} is not available. "
                               "Fix: use runner.kind local (a worker queue on the DB host) or ssh")
 
 
@@ -273,7 +312,7 @@ class SshRunner(Runner):
         env_block = _env_block(env or {})
         emit = on_line or log.info
         client = self._connect()
-        log.info("running on %s: %s%s", self._where, shlex.join(argv),
+        log.info("running on %s: %s%s", self._where, _shown(argv),
                  f" (environment: {', '.join(sorted(env))})" if env else "")
         started = time.monotonic()
         tail: deque[str] = deque(maxlen=40)

@@ -128,6 +128,19 @@ def test_failover_is_found_and_the_old_primary_is_rebuilt_from_the_backup(replic
     assert error.startswith("REFUSED: pg2 is the current primary"), error
     assert rl.psql(pg2, "SELECT pg_is_in_recovery()") == "f"
 
+    # The old primary came back writable: a rebuild never stops it, force or not (a person fences it first).
+    dr = run_dag(load_dag(DAG_ID), {"target": "pg1", "force": True, "socket_dir": pg1.socket_dir})
+    assert task_states(dr)["preflight"] == "failed"
+    error = dr.get_task_instance("preflight").xcom_pull(task_ids="preflight", key="error")
+    assert error.startswith("REFUSED: pg1 answers as a primary too") and "fence it" in error, error
+    assert rl.psql(pg1, "SELECT pg_is_in_recovery()") == "f"
+    rl.stop(pg1)  # fenced
+
+    # Without force the old primary's contents are not replaced, and the error says why.
+    dr = run_dag(load_dag(DAG_ID), {"target": "pg1", "socket_dir": pg1.socket_dir})
+    error = dr.get_task_instance("preflight").xcom_pull(task_ids="preflight", key="error")
+    assert "is not empty (it was a primary" in error and "force=true" in error, error
+
     # Rebuild the old primary in its own data directory as a standby of pg2 from the backup (timeline 1 → 2).
     dr = run_dag(load_dag(DAG_ID), {"target": "pg1", "force": True, "socket_dir": pg1.socket_dir})
     states = task_states(dr)

@@ -179,16 +179,16 @@ def test_timestamp_target_restores_exactly_the_earlier_rows(lab, backup, run_dag
 
 def test_setup_failing_part_way_is_torn_down(lab, backup, run_dag, monkeypatch):
     """Setup fails after it made the scratch area: Airflow would skip a teardown whose setup failed; ours runs."""
-    import pgops.procs
+    from pgops.dbhost import DbHost
     from pgops.operators.restore import scratch_paths
 
     seen: list[str] = []
 
-    def no_port() -> int:
+    def no_port(self) -> int:
         seen.extend(str(p) for p in Path(SCRATCH_ROOT).iterdir())
         raise OSError("no free TCP port on the restore host")
 
-    monkeypatch.setattr(pgops.procs, "free_port", no_port)
+    monkeypatch.setattr(DbHost, "free_port", no_port)
     dr = run_dag(load_dag(DAG_ID), _conf())
     states = task_states(dr)
     assert states["setup"] == "failed" and states["restore"] == "upstream_failed", states

@@ -9,79 +9,25 @@ import json
 import os
 import shutil
 import subprocess
-import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
 from helpers import REPO, task_states
+from sshd_lab import SSHD, _keygen, start_sshd
 
-from pgops.lab import free_port, pid_alive, stop_pid
+from pgops.lab import pid_alive
 
-SSHD = Path("/usr/sbin/sshd")
 CONN_ID = "pgops_main_ssh"
 pytestmark = [pytest.mark.skipif(not SSHD.exists(), reason="openssh-server is not installed (make setup installs it)"),
               pytest.mark.skipif(os.geteuid() != 0, reason="sshd must start as root to log in as the postgres user")]
 
 
-@dataclass
-class Sshd:
-    dir: Path
-    port: int
-    pid: int
-    host_pub: str
-    client_key: str
-    log: Path
-
-    def conn(self, **extra_changes) -> str:
-        extra = {"private_key": self.client_key, "host_key": self.host_pub, "no_host_key_check": False,
-                 "conn_timeout": 10, **extra_changes}
-        extra = {k: v for k, v in extra.items() if v is not None}
-        return json.dumps({"conn_type": "ssh", "host": "127.0.0.1", "port": self.port, "login": "postgres",
-                           "extra": extra})
-
-
-def _keygen(path: Path) -> None:
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "pgops-test", "-f", str(path)],
-                   check=True, capture_output=True)
-
-
 @pytest.fixture(scope="module")
 def sshd():
-    d = Path(tempfile.mkdtemp(prefix="pgops-sshd-"))
-    os.chmod(d, 0o755)  # sshd reads authorized_keys as the postgres user
-    _keygen(d / "host_key")
-    _keygen(d / "client_key")
-    (d / "authorized_keys").write_text((d / "client_key.pub").read_text())
-    os.chmod(d / "authorized_keys", 0o644)
-    port = free_port()
-    (d / "sshd_config").write_text("\n".join([
-        f"Port {port}", "ListenAddress 127.0.0.1", f"HostKey {d / 'host_key'}", f"PidFile {d / 'sshd.pid'}",
-        f"AuthorizedKeysFile {d / 'authorized_keys'}", "StrictModes no", "PubkeyAuthentication yes",
-        "PasswordAuthentication no", "KbdInteractiveAuthentication no",
-        "UsePAM yes",  # without PAM sshd refuses the postgres account: its password is locked ("!")
-        "PermitRootLogin no",
-        "AllowUsers postgres", "X11Forwarding no", "AllowTcpForwarding no", "LogLevel VERBOSE", "",
-    ]))
-    Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege-separation directory
-    log = d / "sshd.log"
-    with open(log, "ab") as out:
-        proc = subprocess.Popen([str(SSHD), "-D", "-e", "-f", str(d / "sshd_config")], stdout=out,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 20
-        while "Server listening" not in log.read_text():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"sshd did not start: {log.read_text()[-2000:]}")
-            time.sleep(0.1)
-        yield Sshd(dir=d, port=port, pid=proc.pid, host_pub=(d / "host_key.pub").read_text().strip(),
-                   client_key=(d / "client_key").read_text(), log=log)
-    finally:
-        stop_pid(proc.pid, timeout_s=10)
-        proc.wait(timeout=10)
-        shutil.rmtree(d, ignore_errors=True)
+    with start_sshd() as server:
+        yield server
 
 
 @pytest.fixture
@@ -282,3 +228,51 @@ def test_remote_command_quotes_every_word_and_refuses_unsafe_environment():
         _env_block({"PGPASSWORD": "a\nb"})
     with pytest.raises(ValueError, match="not valid"):
         _env_block({"A;rm": "x"})
+
+
+def _unshare_works() -> bool:
+    res = subprocess.run(["unshare", "--mount", "--propagation", "private", "true"], capture_output=True)
+    return res.returncode == 0
+
+
+@pytest.mark.lab
+@pytest.mark.airflow
+@pytest.mark.skipif(not shutil.which("unshare"), reason="util-linux unshare is missing")
+def test_restore_verification_with_a_restore_root_the_worker_cannot_see(lab, run_dag, tmp_path, monkeypatch):
+    """The restore root is a private tmpfs of the ssh host (its own mount namespace, 0700, owned by postgres): the
+    worker sees an empty directory there. Setup, restore, the wait (postmaster proof, recovery state, server log),
+    the checks (SQL over the host's own socket) and teardown all pass, so none of them reads the worker's files."""
+    from pgops.dags.restore_verify import build_restore_verify_dag
+    from pgops.inventory import load_inventory
+    from pgops.operators.backup import BarmanCloudBackupOperator
+    from pgops.operators.restore import scratch_paths
+
+    if not _unshare_works():
+        pytest.fail("unshare --mount failed: the private restore root needs CAP_SYS_ADMIN (run the suite as root)")
+    root = Path(f"/var/tmp/pgops-private-{os.getpid()}")
+    with start_sshd(private_root=root) as server:
+        monkeypatch.setenv(f"AIRFLOW_CONN_{CONN_ID.upper()}", server.conn())
+        monkeypatch.setenv("PGOPS_INVENTORY", str(_ssh_inventory(tmp_path)))
+        cluster = load_inventory().get("main")
+        from pgops.dbhost import DbHost
+
+        host = DbHost.for_node(cluster)
+        host.run(["touch", f"{root}/only-on-the-host"])
+        assert host.exists(f"{root}/only-on-the-host") and not (root / "only-on-the-host").exists()
+        assert host.run(["stat", "-c", "%a %U", str(root)], capture=True).stdout.split() == ["700", "postgres"]
+        lab.psql("CREATE TABLE IF NOT EXISTS ssh_private (id int PRIMARY KEY); "
+                 "INSERT INTO ssh_private SELECT g FROM generate_series(1, 500) g ON CONFLICT DO NOTHING;")
+        backup_id = BarmanCloudBackupOperator(task_id="backup", cluster_name="main").execute(
+            {"run_id": f"ssh-private-{os.getpid()}"})
+        dag = build_restore_verify_dag(cluster)
+        dr = run_dag(dag, {"scratch_root": str(root), "backup_id": backup_id, "heapallindexed": False})
+        states = task_states(dr)
+        assert set(states.values()) == {"success"}, states
+        checks = dr.get_task_instance("checks").xcom_pull(task_ids="checks")
+        assert checks["checks"]["canary"]["ok"] and checks["checks"]["system_identifier"]["ok"], checks
+        assert checks["database_size_bytes"] > 0
+        wait = dr.get_task_instance("wait_recovery").xcom_pull(task_ids="wait_recovery")
+        assert wait["rto_s"] > 0 and wait["segments_replayed"] >= 1, wait
+        scratch = scratch_paths(str(root), dag.dag_id, dr.run_id)["scratch_dir"]
+        assert not host.exists(scratch)  # torn down on the host
+        assert host.exists(f"{root}/only-on-the-host")  # and nothing else removed

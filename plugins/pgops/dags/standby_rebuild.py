@@ -22,6 +22,13 @@ from pgops.operators.standby import (
     StandbyRestoreOperator,
     StandbyStreamingOperator,
 )
+from pgops.params import (
+    ABS_DIR_PATTERN,
+    MAX_LAG_BYTES,
+    MAX_REQUIRED_BYTES,
+    MAX_STANDBY_TIMEOUT_S,
+    SETTINGS_SCHEMA,
+)
 
 DAG_ID_PREFIX = "pgops_standby_rebuild__"
 
@@ -31,6 +38,9 @@ def build_standby_rebuild_dag(cluster: Cluster) -> DAG:
     repl = cluster.replication
     names = [n.name for n in repl.nodes] if repl else []
     first = repl.standbys[0] if repl and repl.standbys else None
+    # Only the inventory's own values: a free-form directory or slot is how a typo reaches the primary.
+    dirs = sorted({n.data_directory.rstrip("/") for n in repl.nodes if n.data_directory}) if repl else []
+    slots = sorted({n.slot or n.name for n in repl.nodes}) if repl else []
     with pgops_dag(
         dag_id=f"{DAG_ID_PREFIX}{cluster.name}",
         description=f"Rebuild a standby of {cluster.name} from the newest backup and make it stream",
@@ -46,24 +56,30 @@ def build_standby_rebuild_dag(cluster: Cluster) -> DAG:
             "target": Param(first.name if first else "", type="string",
                             **({"enum": names} if names else {}),
                             description="Replication node to rebuild (never the current primary)"),
-            "data_directory": Param("", type="string", pattern=r"^(/[^\0]*)?$",
-                                    description="Its data directory ('' = the inventory's data_directory)"),
-            "slot": Param("", type="string", pattern=r"^[a-z0-9_]{0,63}$",
-                          description="Physical slot on the primary ('' = the node's slot); created when missing"),
+            "data_directory": Param("", type="string", enum=["", *dirs],
+                                    description="'' = the target's data_directory in the inventory (the only "
+                                                "directory a rebuild replaces; any other value is refused)"),
+            "slot": Param("", type="string", enum=["", *slots],
+                          description="'' = the target's slot in the inventory; created on the primary when missing "
+                                      "and dropped again when the rebuild fails"),
             "force": Param(False, type="boolean",
-                           description="Stop the target and replace a non-empty data directory"),
+                           description="Replace the contents of a stopped node or a running standby. Never stops a "
+                                       "primary or touches another node's or another cluster's directory"),
             "backup": Param("latest", type="string", pattern=r"^[A-Za-z0-9_.:-]{1,100}$",
                             description="Backup id or name, or 'latest' (the newest DONE backup)"),
-            "socket_dir": Param("/var/run/postgresql", type="string", pattern=r"^/[^\0]*$",
+            "socket_dir": Param("/var/run/postgresql", type="string", pattern=ABS_DIR_PATTERN, maxLength=90,
                                 description="unix_socket_directories of the rebuilt standby"),
-            "settings": Param({}, type="object", description="Extra postgresql.auto.conf settings for the standby"),
+            "settings": Param({}, **SETTINGS_SCHEMA,
+                              description="Extra recovery/resource settings for the standby (allowlisted names, "
+                                          "one-line values)"),
             "wal_parallel": Param(4, type="integer", minimum=0, maximum=32,
                                   description="Download threads of the WAL prefetcher in restore_command (0: none)"),
-            "max_lag_bytes": Param(0, type="integer", minimum=0,
+            "max_lag_bytes": Param(0, type="integer", minimum=0, maximum=MAX_LAG_BYTES,
                                    description="Ready when replay lag is at most this (0: the inventory's max_lag_bytes)"),
-            "timeout_s": Param(max(3600, 3 * cluster.targets.rto_s), type="integer", minimum=60,
+            "timeout_s": Param(min(MAX_STANDBY_TIMEOUT_S, max(3600, 3 * cluster.targets.rto_s)), type="integer",
+                               minimum=60, maximum=MAX_STANDBY_TIMEOUT_S,
                                description="Fail when the standby does not stream after this long"),
-            "required_bytes": Param(0, type="integer", minimum=0,
+            "required_bytes": Param(0, type="integer", minimum=0, maximum=MAX_REQUIRED_BYTES,
                                     description="Free bytes needed (0: the backup's size plus a margin)"),
         },
         doc_md=__doc__,
@@ -72,7 +88,8 @@ def build_standby_rebuild_dag(cluster: Cluster) -> DAG:
             task_id="preflight", cluster_name=cluster.name, queue=q, target="{{ params.target }}",
             data_directory="{{ params.data_directory }}", slot="{{ params.slot }}", force="{{ params.force }}",
             backup="{{ params.backup }}", socket_dir="{{ params.socket_dir }}",
-            required_bytes="{{ params.required_bytes }}", execution_timeout=timedelta(minutes=15))
+            required_bytes="{{ params.required_bytes }}", settings="{{ params.settings }}",
+            execution_timeout=timedelta(minutes=15))
         restore = StandbyRestoreOperator(
             task_id="restore", cluster_name=cluster.name, queue=q, pool=cluster.pool,
             wal_parallel="{{ params.wal_parallel }}", extra_settings="{{ params.settings }}",

@@ -8,7 +8,7 @@ Each step pushes its error under XCom key "error" so the report can say what bro
 from __future__ import annotations
 
 import asyncio
-import os
+import posixpath
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
@@ -19,12 +19,14 @@ from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from pgops import restore as core
 from pgops.archiver import ARCHIVER_SQL, archiver_health
+from pgops.dbhost import DbHost, DbHostError
+from pgops.dbhost.host import node_runner
 from pgops.engines import barman_cloud
-from pgops.hooks import aws_child_env, pg_connect, pg_connect_local, pg_query, s3_client, s3_endpoint_url
-from pgops.inventory import REPO_ROOT, Cluster
+from pgops.hooks import aws_child_env, pg_connect, pg_query, s3_client, s3_endpoint_url
+from pgops.inventory import REPO_ROOT, Cluster, ReplicaNode
 from pgops.operators.backup import ClusterOperator
 from pgops.reports import envelope, list_reports, utcnow, write_report
-from pgops.runners import CommandFailed, get_runner
+from pgops.runners import CommandFailed
 
 DEFAULT_SCRATCH_ROOT = "/var/tmp/pgops-restore"
 SQL_CHECKS_DIR = REPO_ROOT / "include" / "sql" / "checks"
@@ -45,8 +47,9 @@ def pg_bin(name: str) -> str:
 
 
 def scratch_paths(root: str, dag_id: str, run_id: str) -> dict[str, str]:
-    scratch = str(Path(root) / core.scratch_name(dag_id, run_id))
-    return {"scratch_dir": scratch, "data_dir": f"{scratch}/data", "socket_dir": f"{scratch}/run",
+    root = posixpath.normpath(root)
+    scratch = posixpath.join(root, core.scratch_name(dag_id, run_id))
+    return {"scratch_root": root, "scratch_dir": scratch, "data_dir": f"{scratch}/data", "socket_dir": f"{scratch}/run",
             "spool_dir": f"{scratch}/spool", "log_file": f"{scratch}/postgres.log"}
 
 
@@ -77,15 +80,24 @@ class RestoreStepOperator(ClusterOperator):
                 self.log.warning("could not record the error in XCom")
             raise
 
+    def dbhost(self, cluster: Cluster, node: ReplicaNode | None = None) -> DbHost:
+        """The host this step acts on: ``node``'s, or the restore host (the cluster's runner)."""
+        spec = node_runner(cluster, node)
+        if spec.kind == "local" and spec.queue != self.queue:
+            # a local runner acts on the machine this task runs on: that must be the node's own
+            raise AirflowFailException(
+                f"cluster {cluster.name!r}: task {self.task_id} runs on worker queue {self.queue!r}, but "
+                f"{'node ' + node.name if node else 'the restore host'}'s commands run on the worker of queue "
+                f"{spec.queue!r}; running them here would act on the wrong machine. Fix: give the node an ssh "
+                "runner in the inventory, or the same queue as the cluster's runner")
+        host = DbHost.for_node(cluster, node, on_line=self.log.info)
+        self._runner = host.runner  # on_kill reaches whatever it runs
+        return host
+
     def host(self, cluster: Cluster, argv: list[str], *, env: dict[str, str] | None = None, timeout_s: float = 300,
              capture: bool = False, check: bool = True):
         """Run argv on the restore host (the cluster's runner) with only the environment it needs."""
-        self._runner = get_runner(cluster)
-        try:
-            return self._runner.run(argv, env=env, timeout_s=timeout_s, capture=capture, check=check,
-                                    on_line=self.log.info)
-        finally:
-            self._runner = None
+        return self.dbhost(cluster).run(argv, env=env, timeout_s=timeout_s, capture=capture, check=check)
 
     def plan(self, context) -> dict[str, Any]:
         plan = context["ti"].xcom_pull(task_ids=self.setup_task_id)
@@ -185,22 +197,21 @@ class RestoreSetupOperator(RestoreStepOperator):
         except core.RestorePlanError as exc:
             raise AirflowFailException(f"cluster {cluster.name!r}: {exc}") from None
         paths = scratch_paths(str(self.scratch_root), self.dag_id, context["run_id"])
-        root = str(self.scratch_root)
+        root = paths["scratch_root"]
         problem = core.socket_path_problem(paths["socket_dir"])
         if problem:
             raise AirflowFailException(f"cluster {cluster.name!r}: {problem}")
-        self.host(cluster, ["mkdir", "-p", root])
+        host = self.dbhost(cluster)
+        host.run(["mkdir", "-p", root])
         # A retry or a cleared run starts from nothing: stop and remove what an earlier try left.
-        stop_and_remove(self, cluster, paths)
-        avail = core.parse_df_avail(self.host(cluster, ["df", "-B1", "--output=avail", root], capture=True).stdout)
+        stop_and_remove(host, paths)
+        _, avail = host.free_bytes(root)
         needed = int(self.required_bytes or 0) or core.required_bytes(backup.cluster_size_bytes)
         short = core.disk_shortfall(avail_bytes=avail, needed_bytes=needed, path=root, backup_id=backup.backup_id)
         if short:
             raise AirflowFailException(f"cluster {cluster.name!r}: {short}")
-        self.host(cluster, ["mkdir", "-m", "0700", "-p", paths["scratch_dir"], paths["socket_dir"], paths["spool_dir"]])
-        from pgops.procs import free_port
-
-        plan = {**paths, "port": free_port(), "db_user": self.db_user, "backup_id": backup.backup_id,
+        host.run(["mkdir", "-m", "0700", "-p", paths["scratch_dir"], paths["socket_dir"], paths["spool_dir"]])
+        plan = {**paths, "port": host.free_port(), "db_user": self.db_user, "backup_id": backup.backup_id,
                 "backup_name": backup.backup_name, "backup_end_time": backup.end_time, "backup_end_wal": backup.end_wal,
                 "backup_size_bytes": backup.cluster_size_bytes, "systemid": backup.systemid,
                 "target": {"kind": target.kind, "value": target.value}, "target_param": str(self.target),
@@ -260,30 +271,30 @@ class BarmanCloudRestoreOperator(RestoreStepOperator):
         # The postmaster inherits the AWS credentials its restore_command needs (environment, not the config file).
         self.host(cluster, [pg_bin("pg_ctl"), "-D", data, "-l", plan["log_file"], "-W", "start"], env=aws_env,
                   timeout_s=60)
-        pid = self._wait_pid(plan)
+        pid = wait_started(self.dbhost(cluster), plan, "scratch PostgreSQL")
         self.log.info("scratch PostgreSQL started (postmaster pid %s) on 127.0.0.1:%s, socket %s", pid, plan["port"],
                       plan["socket_dir"])
         return {"pid": pid, "download_s": round(download_s, 3), "restore_started_at": started_at.isoformat(),
                 "pg_started_at": pg_started_at.isoformat()}
 
-    def _wait_pid(self, plan: dict[str, Any], timeout_s: float = 60) -> int:
-        from pgops.procs import pid_alive
 
-        pid_file = Path(plan["data_dir"]) / "postmaster.pid"
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            try:
-                pid = int(pid_file.read_text().split()[0])
-                if pid_alive(pid):
-                    return pid
-            except (OSError, ValueError, IndexError):
-                pass
-            parsed = core.parse_server_log(_read(plan["log_file"]))
-            if parsed.failed:
-                raise AirflowFailException(f"scratch PostgreSQL did not start: {parsed.failure_message()}")
-            time.sleep(0.2)
-        raise AirflowFailException(f"scratch PostgreSQL wrote no postmaster.pid within {timeout_s:.0f} s; "
-                                   f"server log: {_tail(plan['log_file'])}")
+def wait_started(host: DbHost, plan: dict[str, Any], what: str, timeout_s: float = 60) -> int:
+    """The pid of the postmaster that pg_ctl started in plan's data directory, proven on its host."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        probe = host.probe(plan["data_dir"], socket_dir=plan["socket_dir"], port=plan["port"], user=plan["db_user"],
+                           sql="SELECT 1", log_file=plan["log_file"])
+        pm = probe.postmaster
+        if pm.running and pm.pid:
+            return pm.pid
+        parsed = core.parse_server_log(probe.log_tail)
+        if parsed.failed:
+            raise AirflowFailException(f"{what} did not start: {parsed.failure_message()}")
+        if time.monotonic() >= deadline:
+            raise AirflowFailException(f"{what} in {plan['data_dir']} on {host.where} has no running postmaster "
+                                       f"after {timeout_s:.0f} s (postmaster.pid: {pm.state}); server log: "
+                                       f"{host.tail_lines(plan['log_file'])}")
+        time.sleep(0.2)
 
 
 async def _first_event(trigger) -> dict[str, Any]:
@@ -313,8 +324,9 @@ class RecoveryEndedOperator(RestoreStepOperator):
         if not started:
             raise AirflowFailException(f"no scratch instance from task {self.restore_task_id!r}")
         timeout_s = float(self.timeout_s)
-        watch = {"socket_dir": plan["socket_dir"], "port": plan["port"], "user": plan["db_user"], "pid": started["pid"],
-                 "log_file": plan["log_file"], "poll_interval_s": self.poll_interval_s}
+        watch = {"cluster_name": self.cluster.name, "data_dir": plan["data_dir"], "socket_dir": plan["socket_dir"],
+                 "port": plan["port"], "user": plan["db_user"], "pid": started["pid"], "log_file": plan["log_file"],
+                 "poll_interval_s": self.poll_interval_s}
         # A short replay ends here, the same trigger run in place: no deferral for it. (A trigger that fires
         # seconds after its task deferred can race the scheduler's handling of that deferral, and the task is
         # failed although it succeeded: seen with the LocalExecutor.) A long replay defers and frees the slot.
@@ -363,21 +375,15 @@ class RestoreChecksOperator(RestoreStepOperator):
         self.heapallindexed = heapallindexed
         self.sql_dir = sql_dir
 
-    def _conn(self, plan: dict[str, Any], dbname: str = "postgres"):
-        return pg_connect_local(host=plan["socket_dir"], port=plan["port"], user=plan["db_user"], dbname=dbname)
-
-    def _rows(self, plan: dict[str, Any], sql: str, params: Any = None, dbname: str = "postgres") -> list[tuple]:
-        conn = self._conn(plan, dbname)
-        try:
-            with conn.cursor() as cur:
-                cur.execute(sql, params)
-                return cur.fetchall() if cur.description else []
-        finally:
-            conn.close()
+    def _rows(self, plan: dict[str, Any], sql: str, dbname: str = "postgres") -> list[list[str]]:
+        """Rows as text, asked on the restore host (the scratch instance listens on its socket only)."""
+        return self._host.query(sql, socket_dir=plan["socket_dir"], port=plan["port"], user=plan["db_user"],
+                                dbname=dbname, timeout_s=self.cluster.engine.timeout_s)
 
     def run_step(self, context) -> dict[str, Any]:
         cluster = self.cluster
         plan = self.plan(context)
+        self._host = self.dbhost(cluster)
         wanted = _as_list(self.checks)
         unknown = sorted(set(wanted) - set(core.CHECKS))
         if unknown:
@@ -408,14 +414,14 @@ class RestoreChecksOperator(RestoreStepOperator):
         canary = plan.get("canary")
         if not canary:
             return {"ok": True, "skipped": True, "detail": "no canary for this target"}
-        if not self._rows(plan, "SELECT to_regclass('pgops.restore_canary') IS NOT NULL")[0][0]:
+        if self._rows(plan, "SELECT to_regclass('pgops.restore_canary') IS NOT NULL")[0][0] != "t":
             return {"ok": False, "detail": f"table pgops.restore_canary is missing, so canary row {canary['id']} "
                                            f"(committed {canary['committed_at']}) did not come back"}
-        if self._rows(plan, "SELECT 1 FROM pgops.restore_canary WHERE id = %s", (canary["id"],)):
+        if self._rows(plan, f"SELECT 1 FROM pgops.restore_canary WHERE id = {int(canary['id'])}"):
             return {"ok": True, "detail": f"canary row {canary['id']} (committed {canary['committed_at']}) is there",
                     "rpo_proven_at": canary["committed_at"]}
         rows = self._rows(plan, "SELECT max(id) FROM pgops.restore_canary")
-        newest = rows[-1][0] if rows else None
+        newest = (rows[-1][0] or None) if rows else None
         return {"ok": False, "detail": f"canary row {canary['id']} (committed {canary['committed_at']}, segment "
                                        f"{canary['segment']}) is missing (newest canary restored: {newest}): backup plus "
                                        "WAL do not reach the canary"}
@@ -451,12 +457,12 @@ class RestoreChecksOperator(RestoreStepOperator):
             for db in dbs:
                 try:
                     rows = self._rows(plan, sql, dbname=db)
-                except Exception as exc:  # a broken check is a failed check, named with its database
+                except DbHostError as exc:  # a broken check is a failed check, named with its database
                     bad.append(f"{db}: error {str(exc).strip()}")
                     continue
                 for row in rows[:20]:
-                    self.log.error("check %s in %s returned %s", path.name, db, row)
-                    bad.append(f"{db}: {row}")
+                    self.log.error("check %s in %s returned %s", path.name, db, tuple(row))
+                    bad.append(f"{db}: {tuple(row)}")
             out[f"sql:{path.stem}"] = {"ok": not bad, "detail": "no rows" if not bad else "; ".join(bad[:10])}
         return out
 
@@ -547,7 +553,7 @@ class RestoreTeardownOperator(RestoreStepOperator):
             # Setup did not finish (failed, killed or never ran): there is no instance worth keeping, only
             # whatever a partial setup made. Same path as setup derives from the run.
             paths = scratch_paths(str(self.scratch_root), self.dag_id, context["run_id"])
-            stopped = stop_and_remove(self, cluster, paths)
+            stopped = stop_and_remove(self.dbhost(cluster), paths)
             return {"kept": False, "scratch_dir": paths["scratch_dir"], "stopped_pid": stopped}
         if _truthy(self.keep):
             port = plan.get("port", "<port>")
@@ -557,46 +563,24 @@ class RestoreTeardownOperator(RestoreStepOperator):
                 plan["socket_dir"], port, plan.get("db_user", "postgres"), pg_bin("pg_ctl"), plan["data_dir"],
                 plan["scratch_dir"])
             return {"kept": True, "scratch_dir": plan["scratch_dir"]}
-        stopped = stop_and_remove(self, cluster, plan)
+        stopped = stop_and_remove(self.dbhost(cluster), {**plan, "scratch_root": plan.get("scratch_root") or
+                                                         str(self.scratch_root)})
         return {"kept": False, "scratch_dir": plan["scratch_dir"], "stopped_pid": stopped}
 
 
-def stop_and_remove(op: RestoreStepOperator, cluster: Cluster, paths: dict[str, Any]) -> int | None:
-    """Stop a scratch PostgreSQL by its pid (pg_ctl -m immediate first) and remove its scratch directory."""
-    from pgops.procs import pid_alive
+def stop_and_remove(host: DbHost, paths: dict[str, Any]) -> int | None:
+    """Stop a scratch PostgreSQL (its proven postmaster, immediate mode) and remove its scratch directory.
 
-    data, scratch = paths["data_dir"], paths["scratch_dir"]
-    pid = None
-    try:
-        pid = int((Path(data) / "postmaster.pid").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        pass
-    if pid and pid_alive(pid):
-        op.log.info("stopping scratch PostgreSQL (pid %s) in %s", pid, data)
-        op.host(cluster, [pg_bin("pg_ctl"), "-D", data, "-m", "immediate", "-w", "-t", "60", "stop"], check=False,
-                timeout_s=120)
-        deadline = time.monotonic() + 30
-        while pid_alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        if pid_alive(pid):
-            op.log.warning("postmaster %s survived pg_ctl stop: killing it", pid)
-            op.host(cluster, ["kill", "-KILL", str(pid)], check=False)
-    if os.path.lexists(scratch):
-        op.host(cluster, ["rm", "-rf", "--one-file-system", scratch], timeout_s=1800)
-        op.log.info("removed %s", scratch)
-    return pid
-
-
-def _read(path: str) -> str:
-    try:
-        return Path(path).read_text(errors="replace")
-    except OSError:
-        return ""
-
-
-def _tail(path: str, n: int = 8) -> str:
-    lines = [line for line in _read(path).splitlines() if line.strip()][-n:]
-    return " | ".join(lines) or "(empty)"
+    The directory is removed only when it lies inside the scratch root and is no symlink, proven on the host.
+    """
+    pm = host.stop_postmaster(paths["data_dir"], mode="immediate", timeout_s=60)
+    if pm.state == "other":
+        raise AirflowFailException(
+            f"postmaster.pid of {paths['data_dir']} on {host.where} names pid {pm.pid}, which is not a postmaster "
+            "of that directory; nothing was signalled or removed. Fix: check what runs there, then remove "
+            f"{paths['scratch_dir']} by hand")
+    host.remove_tree(paths["scratch_dir"], within=paths["scratch_root"], timeout_s=1800)
+    return pm.pid if pm.state in ("stopped", "killed") else None
 
 
 def _truthy(value: Any) -> bool:

@@ -1,8 +1,13 @@
 """Standby rebuild operators: preflight, restore from the backup as a standby, wait until it streams, repmgr, report.
 
-The target is an inventory replication node that is not the current primary. Commands on its host go through the
-cluster's runner; the primary is only read, plus its replication slot created when missing. Any failure after the
-preflight stops the target and names its data directory in the error.
+The target is an inventory replication node that is not the current primary. Every command and check on its host
+goes through that node's DbHost (its own runner in the inventory, else the cluster's). Before anything is stopped
+or removed, the preflight proves on the target's host that the data directory is the inventory's, that it is no
+other node's data directory or pg_wal (equal, inside or containing, after realpath), that no PostgreSQL running
+there is a primary, and that what it holds belongs to this cluster; `force` only allows replacing a stopped
+node's or a standby's old contents. The primary is only read, plus its replication slot created when missing
+(dropped again when the rebuild fails) and one WAL switch. Any failure after the preflight stops the target and
+names its data directory in the error.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import posixpath
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -17,10 +23,12 @@ from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from pgops import replication as repl_core
 from pgops import restore as core
+from pgops.dbhost import DbHost
 from pgops.engines import barman_cloud
-from pgops.hooks import aws_child_env, s3_client, s3_endpoint_url
+from pgops.hooks import aws_child_env, pg_query, s3_client, s3_endpoint_url
 from pgops.inventory import Cluster, ReplicaNode, Replication
-from pgops.operators.restore import RestoreStepOperator, _tail, _truthy, pg_bin
+from pgops.operators.restore import RestoreStepOperator, _truthy, pg_bin, wait_started
+from pgops.params import MAX_STANDBY_TIMEOUT_S, check_abs_dir, check_duration
 from pgops.reports import envelope, utcnow, write_report
 from pgops.runners import CommandFailed
 
@@ -73,48 +81,84 @@ class StandbyStepOperator(RestoreStepOperator):
                                        "inventory. Fix: add replication.primary and replication.standbys")
         return cluster.replication
 
-    def stop_target(self, cluster: Cluster, data_dir: str) -> int | None:
-        """Stop the target's postmaster (pg_ctl -m fast, then its pid); leave the data directory in place."""
-        from pgops.procs import pid_alive
+    def target_host(self, cluster: Cluster, plan: dict[str, Any]) -> DbHost:
+        return self.dbhost(cluster, self.replication(cluster).node(plan["node"]))
 
-        pid = None
-        try:
-            pid = int(open(f"{data_dir}/postmaster.pid").read().split()[0])
-        except (OSError, ValueError, IndexError):
-            pass
-        if pid and pid_alive(pid):
-            self.log.warning("stopping PostgreSQL (pid %s) in %s", pid, data_dir)
-            self.host(cluster, [pg_bin("pg_ctl"), "-D", data_dir, "-m", "fast", "-w", "-t", "60", "stop"], check=False,
-                      timeout_s=120)
-            deadline = time.monotonic() + 30
-            while pid_alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.2)
-            if pid_alive(pid):
-                self.host(cluster, ["kill", "-KILL", str(pid)], check=False)
-        return pid
+    def stop_target(self, cluster: Cluster, plan: dict[str, Any]) -> int | None:
+        """Stop the target's proven postmaster (fast, then SIGKILL); leave the data directory in place.
+
+        Refused when the postmaster there is not in recovery: a primary is never stopped by a rebuild.
+        """
+        host = self.target_host(cluster, plan)
+        pm = host.postmaster(plan["data_dir"])
+        if not pm.running:
+            return None
+        state = host.controldata(plan["data_dir"]).get("Database cluster state", "")
+        if state != "in archive recovery":
+            raise AirflowFailException(f"REFUSED: PostgreSQL (pid {pm.pid}) in {plan['data_dir']} on {host.where} "
+                                       f"runs with cluster state {state!r}, not as a standby; it is not stopped")
+        self.log.warning("stopping PostgreSQL (pid %s) in %s on %s", pm.pid, plan["data_dir"], host.where)
+        return host.stop_postmaster(plan["data_dir"], mode="fast", timeout_s=60).pid
 
     def fail_stopped(self, cluster: Cluster, plan: dict[str, Any], message: str) -> None:
         try:
-            self.stop_target(cluster, plan["data_dir"])
+            self.stop_target(cluster, plan)
         except Exception as exc:  # the error below still names the directory; say the stop failed too
             message += f" (stopping it failed too: {exc})"
+        message += drop_created_slot(cluster, plan, self.log)
         raise AirflowFailException(f"standby rebuild of {plan['node']} failed: {message}. The target is stopped; its "
                                    f"data directory {plan['data_dir']} is left as it is (server log "
                                    f"{plan['log_file']}). Fix the cause and run the rebuild again with force")
+
+
+def drop_created_slot(cluster: Cluster, plan: dict[str, Any], log) -> str:
+    """Drop the slot this rebuild created on the primary (an unused slot holds WAL there until the disk fills)."""
+    if not plan.get("slot_created"):
+        return ""
+    repl = cluster.replication
+    try:
+        primary = repl.node(plan["primary"])
+        pg_query(primary.postgres_conn_id, "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                                           "WHERE slot_name = %s AND NOT active", (plan["slot"],))
+        log.warning("dropped replication slot %s on %s (this rebuild created it and failed)", plan["slot"],
+                    plan["primary"])
+        return f"; slot {plan['slot']} that it created on {plan['primary']} was dropped"
+    except Exception as exc:
+        return (f"; slot {plan['slot']} that it created on {plan['primary']} could not be dropped ({exc}): drop it "
+                f"with SELECT pg_drop_replication_slot('{plan['slot']}') or it keeps WAL on the primary")
+
+
+@dataclass(frozen=True)
+class NodeDir:
+    node: str
+    what: str  # "data directory" | "pg_wal"
+    path: str  # realpath on the target's host
+
+
+def overlap(a: str, b: str) -> str | None:
+    """How two realpaths collide: equal, one inside the other, or None."""
+    if a == b:
+        return "is"
+    if a.startswith(b.rstrip("/") + "/"):
+        return "lies inside"
+    if b.startswith(a.rstrip("/") + "/"):
+        return "contains"
+    return None
 
 
 class StandbyPreflightOperator(StandbyStepOperator):
     """Refuse a target that is the current primary; pick the backup; check disk; make sure the slot exists."""
 
     template_fields: Sequence[str] = ("cluster_name", "target", "data_directory", "slot", "force", "backup",
-                                      "socket_dir", "required_bytes")
+                                      "socket_dir", "required_bytes", "settings")
 
     def __init__(self, *, target: str, data_directory: str = "", slot: str = "", force: bool | str = False,
                  backup: str = "latest", socket_dir: str = "/var/run/postgresql", required_bytes: int | str = 0,
-                 db_user: str = "postgres", **kwargs: Any):
+                 db_user: str = "postgres", settings: dict[str, str] | str | None = None, **kwargs: Any):
         super().__init__(**kwargs)
         self.target, self.data_directory, self.slot, self.force = target, data_directory, slot, force
         self.backup, self.socket_dir, self.required_bytes, self.db_user = backup, socket_dir, required_bytes, db_user
+        self.settings = settings
 
     def run_step(self, context) -> dict[str, Any]:
         cluster = self.cluster
@@ -124,6 +168,13 @@ class StandbyPreflightOperator(StandbyStepOperator):
         except Exception as exc:
             raise AirflowFailException(f"cluster {cluster.name!r}: {exc}. Fix: set the 'target' param") from None
         force = _truthy(self.force)
+        data_dir = self._data_dir(cluster, node)
+        slot = self._slot(node)
+        settings = checked_settings(self.settings)
+        socket_dir = param_checked(check_abs_dir, "socket_dir", self.socket_dir)
+        problem = core.socket_path_problem(socket_dir)
+        if problem:
+            raise AirflowFailException(problem)
         obs = repl_core.collect(repl)
         primary_name = repl_core.current_primary(repl, obs.nodes)
         if primary_name is None:
@@ -136,82 +187,147 @@ class StandbyPreflightOperator(StandbyStepOperator):
                 f"REFUSED: {node.name} is the current primary of {cluster.name} (timeline "
                 f"{repl_core.node_timeline(prow)}, accepting writes); rebuilding it would destroy the cluster's data. "
                 "Pick a standby or the old primary as the target")
-        data_dir = str(self.data_directory or node.data_directory or "").rstrip("/")
-        if not data_dir.startswith("/") or data_dir in ("/", ""):
-            raise AirflowFailException(f"data directory {data_dir!r} for {node.name} is not an absolute path. Fix: set "
-                                       "the 'data_directory' param or replication data_directory in the inventory")
-        if prow.get("data_directory") == data_dir and (primary.host or "") == (node.host or ""):
-            raise AirflowFailException(f"REFUSED: {data_dir} on {node.host} is the data directory of the current "
-                                       f"primary {primary_name}. Fix: give the target's own data directory")
         trow = obs.nodes.get(node.name) or {}
-        if not trow.get("error") and trow.get("in_recovery") is False and not force:
+        if not trow.get("error") and trow.get("in_recovery") is False:
             raise AirflowFailException(
-                f"REFUSED: {node.name} is running as a primary too (timeline {repl_core.node_timeline(trow)}, "
-                f"{primary_name} is on {repl_core.node_timeline(prow)}); its writes since the failover would be lost. "
-                "Fix: fence it, save what you need, then run again with force=true")
+                f"REFUSED: {node.name} answers as a primary too (timeline {repl_core.node_timeline(trow)}, "
+                f"{primary_name} is on {repl_core.node_timeline(prow)}): it is not stopped or replaced by a rebuild, "
+                "force or not. Fix: fence it (stop PostgreSQL there, e.g. pg_ctl -D <data_directory> -m fast stop, "
+                "or stop its instance), save what you need, then run again with force=true")
+        sysid = str(prow.get("system_identifier") or "")
+        host = self.dbhost(cluster, node)
+        real = host.realpath(data_dir)
+        self._refuse_other_nodes_dirs(cluster, repl, node, host, real, obs.nodes)
+        running, non_empty = self._refuse_unsafe_contents(node, host, data_dir, real, sysid, force)
         paths = standby_paths(data_dir, node.name)
-        socket_dir = str(self.socket_dir)
-        problem = core.socket_path_problem(socket_dir)
-        if problem:
-            raise AirflowFailException(problem)
-        status = self.host(cluster, [pg_bin("pg_ctl"), "-D", data_dir, "status"], check=False, capture=True)
-        running = status.returncode == 0
-        listing = self.host(cluster, ["sh", "-c", 'ls -A "$1" 2>/dev/null | head -1', "sh", data_dir], capture=True)
-        non_empty = bool(listing.stdout.strip())
-        if (running or non_empty) and not force:
-            raise AirflowFailException(
-                f"data directory {data_dir} of {node.name} is {'in use by a running PostgreSQL' if running else 'not empty'}"
-                ". Fix: run again with force=true to stop it and replace its contents")
         try:
             backup = core.choose_backup(self.catalog(cluster), str(self.backup or "latest"))
         except core.RestorePlanError as exc:
             raise AirflowFailException(f"cluster {cluster.name!r}: {exc}") from None
-        if backup.systemid and prow.get("system_identifier") and str(backup.systemid) != str(prow["system_identifier"]):
+        if backup.systemid and sysid and str(backup.systemid) != sysid:
             raise AirflowFailException(f"backup {backup.backup_id} has system identifier {backup.systemid} but the "
-                                       f"primary {primary_name} has {prow['system_identifier']}: it is another "
-                                       "cluster's backup. Fix: check storage in the inventory")
-        parent = posixpath.dirname(data_dir)
-        existing = self.host(cluster, ["sh", "-c", 'd="$1"; while [ ! -d "$d" ]; do d=$(dirname "$d"); done; '
-                                       'echo "$d"', "sh", parent], capture=True).stdout.strip() or "/"
-        avail = core.parse_df_avail(self.host(cluster, ["df", "-B1", "--output=avail", existing], capture=True).stdout)
-        reclaim = 0
-        if non_empty:
-            du = self.host(cluster, ["du", "-sb", data_dir], capture=True, check=False).stdout.split()
-            reclaim = int(du[0]) if du and du[0].isdigit() else 0
+                                       f"primary {primary_name} has {sysid}: it is another cluster's backup. Fix: "
+                                       "check storage in the inventory")
+        existing, avail = host.free_bytes(posixpath.dirname(real))
+        reclaim = host.used_bytes(real) if non_empty else 0
         needed = int(self.required_bytes or 0) or core.required_bytes(backup.cluster_size_bytes)
         short = core.disk_shortfall(avail_bytes=avail + reclaim, needed_bytes=needed, path=existing,
                                     backup_id=backup.backup_id)
         if short:
             raise AirflowFailException(f"cluster {cluster.name!r}: {short}")
-        slot = str(self.slot or node.slot or node.name)
         slot_row = [s for s in obs.slots if s.get("slot_name") == slot]
         if slot_row and slot_row[0].get("active"):
             raise AirflowFailException(f"slot {slot} on {primary_name} is active: another standby streams through it. "
-                                       "Fix: give this node its own slot (the 'slot' param)")
-        created = False
-        if not slot_row:
-            from pgops.hooks import pg_query
-
-            # reserve now: WAL from here on stays on the primary until the standby streams it
-            pg_query(primary.postgres_conn_id, "SELECT pg_create_physical_replication_slot(%s, true)", (slot,))
-            created = True
-            self.log.info("created physical replication slot %s on %s", slot, primary_name)
-        self._archive_current_segment(primary.postgres_conn_id, primary_name)
-        ptarget = _conn_host_port(primary.postgres_conn_id)
-        conninfo = primary_conninfo(repl, primary, application_name=node.name, fallback_host=ptarget[0],
-                                    fallback_port=ptarget[1])
-        plan = {"node": node.name, "data_dir": data_dir, "socket_dir": socket_dir, "port": node.port or 5432,
+                                       "Fix: stop that standby, or give this node its own slot in the inventory")
+        plan = {"node": node.name, "host": host.where, "data_dir": data_dir, "data_realpath": real,
+                "system_identifier": sysid, "socket_dir": socket_dir, "port": node.port or 5432,
                 "db_user": self.db_user, **paths, "primary": primary_name, "primary_timeline":
-                repl_core.node_timeline(prow), "primary_conninfo": conninfo, "slot": slot, "slot_created": created,
-                "force": force, "was_running": running, "was_non_empty": non_empty, "backup_id": backup.backup_id,
+                repl_core.node_timeline(prow), "slot": slot, "slot_created": False, "force": force,
+                "was_running": running, "was_non_empty": non_empty, "backup_id": backup.backup_id,
                 "backup_end_time": backup.end_time, "backup_size_bytes": backup.cluster_size_bytes,
                 "needed_bytes": needed, "avail_bytes": avail, "repmgr": repl.repmgr, "repmgr_conf": node.repmgr_conf,
-                "started_at": utcnow().isoformat()}
-        self.log.info("rebuild plan: %s as a standby of %s (timeline %s) from backup %s into %s (port %s, slot %s); "
-                      "%s free, %s needed", node.name, primary_name, plan["primary_timeline"], backup.backup_id,
-                      data_dir, plan["port"], slot, core.human_bytes(avail + reclaim), core.human_bytes(needed))
+                "settings": settings, "started_at": utcnow().isoformat()}
+        if not slot_row:
+            # reserve now: WAL from here on stays on the primary until the standby streams it
+            pg_query(primary.postgres_conn_id, "SELECT pg_create_physical_replication_slot(%s, true)", (slot,))
+            plan["slot_created"] = True
+            self.log.info("created physical replication slot %s on %s", slot, primary_name)
+        try:
+            self._archive_current_segment(primary.postgres_conn_id, primary_name)
+        except Exception as exc:
+            raise AirflowFailException(f"{exc}{drop_created_slot(cluster, plan, self.log)}") from None
+        ptarget = _conn_host_port(primary.postgres_conn_id)
+        plan["primary_conninfo"] = primary_conninfo(repl, primary, application_name=node.name,
+                                                    fallback_host=ptarget[0], fallback_port=ptarget[1])
+        self.log.info("rebuild plan: %s on %s as a standby of %s (timeline %s) from backup %s into %s (realpath %s, "
+                      "port %s, slot %s); %s free, %s needed", node.name, host.where, primary_name,
+                      plan["primary_timeline"], backup.backup_id, data_dir, real, plan["port"], slot,
+                      core.human_bytes(avail + reclaim), core.human_bytes(needed))
         return plan
 
+    def _data_dir(self, cluster: Cluster, node: ReplicaNode) -> str:
+        """The inventory's data directory of the node; the param may only repeat it."""
+        inventory_dir = (node.data_directory or "").rstrip("/")
+        if not inventory_dir.startswith("/"):
+            raise AirflowFailException(
+                f"cluster {cluster.name!r}: node {node.name} has no data_directory in the inventory, and a rebuild "
+                "never guesses which directory to replace. Fix: set replication data_directory of that node")
+        given = str(self.data_directory or "")
+        if given and given != inventory_dir:
+            raise AirflowFailException(
+                f"REFUSED: param data_directory {given!r} is not the inventory's data directory of {node.name} "
+                f"({inventory_dir!r}). Fix: leave data_directory empty (or give exactly {inventory_dir!r}); to move "
+                "the node, change the inventory")
+        return inventory_dir
+
+    def _slot(self, node: ReplicaNode) -> str:
+        own = node.slot or node.name
+        given = str(self.slot or "")
+        if given and given != own:
+            raise AirflowFailException(
+                f"REFUSED: param slot {given!r} is not {node.name}'s slot in the inventory ({own!r}); a slot named "
+                "by a typo would hold WAL on the primary. Fix: leave slot empty, or change the node's slot in the "
+                "inventory")
+        return own
+
+    def _refuse_other_nodes_dirs(self, cluster: Cluster, repl: Replication, node: ReplicaNode, host: DbHost,
+                                 real: str, rows: dict[str, dict[str, Any]]) -> None:
+        """Refuse a target directory that is, contains or lies inside another node's data directory or pg_wal on
+        the same host (the same runner: one queue or one ssh connection, whatever the inventory's host says), or
+        any running postmaster's directory there."""
+        others: list[NodeDir] = []
+        for other in repl.nodes:
+            if other.name == node.name:
+                continue
+            same = DbHost.for_node(cluster, other).same_host(host) or (
+                bool(other.host) and other.host == node.host)
+            if not same:
+                continue
+            dirs = {d for d in (other.data_directory, (rows.get(other.name) or {}).get("data_directory")) if d}
+            for d in dirs:
+                d_real = host.realpath(d)
+                others.append(NodeDir(other.name, "data directory", d_real))
+                others.append(NodeDir(other.name, "pg_wal", host.realpath(posixpath.join(d_real, "pg_wal"))))
+        for pm_dir in host.postmaster_dirs():
+            if pm_dir != real:
+                others.append(NodeDir(f"a running PostgreSQL on {host.where}", "data directory", pm_dir))
+        for other in others:
+            how = overlap(real, other.path)
+            if how:
+                raise AirflowFailException(
+                    f"REFUSED: data directory {real} of {node.name} on {host.where} {how} the {other.what} of "
+                    f"{other.node} ({other.path}); the rebuild would stop or delete it. Fix: give {node.name} its "
+                    "own data directory in the inventory (or its own runner if it is another host)")
+
+    def _refuse_unsafe_contents(self, node: ReplicaNode, host: DbHost, data_dir: str, real: str, sysid: str,
+                                force: bool) -> tuple[bool, bool]:
+        """(running, non_empty) of the target directory, after refusing a primary, another cluster's files and,
+        without force, contents that a rebuild would replace."""
+        pm = host.postmaster(real)
+        control = host.controldata(real)
+        state = control.get("Database cluster state", "")
+        their = control.get("Database system identifier", "")
+        if their and sysid and their != sysid:
+            raise AirflowFailException(
+                f"REFUSED: {real} on {host.where} holds a PostgreSQL cluster with system identifier {their}, not "
+                f"{sysid} (this cluster's): it is another cluster's data, force or not. Fix: check the inventory's "
+                f"data_directory of {node.name}")
+        if pm.running and state != "in archive recovery":
+            raise AirflowFailException(
+                f"REFUSED: PostgreSQL (pid {pm.pid}) runs in {real} on {host.where} with cluster state {state!r}: "
+                "it is a primary (or not a standby), and a rebuild never stops one, force or not. Fix: fence it "
+                f"(pg_ctl -D {data_dir} -m fast stop), save what you need, then run again with force=true")
+        non_empty = not host.is_empty_dir(real)
+        if pm.running and not force:
+            raise AirflowFailException(f"data directory {data_dir} of {node.name} is in use by a running standby "
+                                       f"(pid {pm.pid}). Fix: run again with force=true to stop it and replace its "
+                                       "contents")
+        if non_empty and not force:
+            was = f" (it was a primary: cluster state {state!r}; its writes not on the new timeline are lost)" \
+                if state in ("in production", "shut down") else ""
+            raise AirflowFailException(f"data directory {data_dir} of {node.name} is not empty{was}. Fix: run again "
+                                       "with force=true to replace its contents")
+        return pm.running, non_empty
 
     def _archive_current_segment(self, conn_id: str, primary_name: str, timeout_s: float = 300) -> None:
         """Switch WAL on the primary and wait until that segment is in the bucket.
@@ -262,22 +378,35 @@ class StandbyRestoreOperator(StandbyStepOperator):
         raise AssertionError("unreachable")
 
     def _restore(self, cluster: Cluster, plan: dict[str, Any]) -> dict[str, Any]:
+        host = self.target_host(cluster, plan)
         data = plan["data_dir"]
-        if plan["was_running"] or plan["was_non_empty"]:
-            self.stop_target(cluster, data)
-            self.host(cluster, ["rm", "-rf", "--one-file-system", data], timeout_s=3600)
-            self.log.warning("removed the old contents of %s (force)", data)
-        self.host(cluster, ["rm", "-rf", "--one-file-system", plan["spool_dir"]])
-        self.host(cluster, ["mkdir", "-p", "-m", "0700", data, plan["spool_dir"]])
-        self.host(cluster, ["mkdir", "-p", plan["socket_dir"]])
+        settings_extra = checked_settings(self.extra_settings)
+        # Time passed since the preflight: prove again, on the host, what is about to be replaced.
+        if host.realpath(data) != plan["data_realpath"]:
+            raise AirflowFailException(f"REFUSED: {data} on {host.where} now resolves to {host.realpath(data)}, not "
+                                       f"{plan['data_realpath']} as in the preflight; nothing was changed")
+        their = host.controldata(data).get("Database system identifier", "")
+        if their and plan.get("system_identifier") and their != plan["system_identifier"]:
+            raise AirflowFailException(f"REFUSED: {data} on {host.where} now holds system identifier {their}, not "
+                                       f"{plan['system_identifier']}; nothing was changed")
+        if plan["was_running"] or plan["was_non_empty"] or not host.is_empty_dir(data):
+            if not plan.get("force"):
+                raise AirflowFailException(f"data directory {data} of {plan['node']} is not empty any more. Fix: run "
+                                           "again with force=true to replace its contents")
+            self.stop_target(cluster, plan)
+            host.remove_tree(data, expect_realpath=plan["data_realpath"])
+            self.log.warning("removed the old contents of %s on %s (force)", data, host.where)
+        host.remove_tree(plan["spool_dir"], within=posixpath.dirname(plan["data_realpath"]))
+        host.run(["mkdir", "-p", "-m", "0700", data, plan["spool_dir"]])
+        host.run(["mkdir", "-p", plan["socket_dir"]])
         endpoint = s3_endpoint_url(cluster.aws_conn_id)
         aws_env = aws_child_env(cluster.aws_conn_id)
         started_at = utcnow()
         t0 = time.monotonic()
         try:
-            self.host(cluster, barman_cloud.restore_argv(cluster, endpoint_url=endpoint, backup_id=plan["backup_id"],
-                                                         destination_dir=data),
-                      env=aws_env, timeout_s=cluster.engine.timeout_s)
+            host.run(barman_cloud.restore_argv(cluster, endpoint_url=endpoint, backup_id=plan["backup_id"],
+                                               destination_dir=data),
+                     env=aws_env, timeout_s=cluster.engine.timeout_s)
         except CommandFailed as exc:
             raise AirflowFailException(f"barman-cloud-restore of backup {plan['backup_id']} into {data} failed: "
                                        f"{exc}") from None
@@ -286,35 +415,19 @@ class StandbyRestoreOperator(StandbyStepOperator):
                                                  spool_dir=plan["spool_dir"])
         settings = standby_settings(restore_command=core.restore_command(wal_argv), conninfo=plan["primary_conninfo"],
                                     slot=plan["slot"], port=plan["port"], socket_dir=plan["socket_dir"],
-                                    extra=_as_dict(self.extra_settings))
-        self.host(cluster, ["sh", "-c", '[ -e "$1" ] || : > "$1"', "sh", f"{data}/postgresql.conf"])
-        self.host(cluster, ["sh", "-c", 'printf "%s" "$1" >> "$2"', "sh",
-                            core.render_conf(settings, header="pgops standby rebuild"), f"{data}/postgresql.auto.conf"])
-        self.host(cluster, ["rm", "-f", f"{data}/recovery.signal", f"{data}/postmaster.pid"])
-        self.host(cluster, ["touch", f"{data}/standby.signal"])
+                                    extra=settings_extra)
+        host.run(["sh", "-c", '[ -e "$1" ] || : > "$1"', "sh", f"{data}/postgresql.conf"])
+        host.run(["sh", "-c", 'printf "%s" "$1" >> "$2"', "sh",
+                  core.render_conf(settings, header="pgops standby rebuild"), f"{data}/postgresql.auto.conf"])
+        host.run(["rm", "-f", f"{data}/recovery.signal", f"{data}/postmaster.pid"])
+        host.run(["touch", f"{data}/standby.signal"])
         self.log.info("standby settings: primary_conninfo %s, slot %s, restore_command %s", plan["primary_conninfo"],
                       plan["slot"], settings["restore_command"])
         # The postmaster inherits the AWS credentials its restore_command needs (environment, not a config file).
-        self.host(cluster, [pg_bin("pg_ctl"), "-D", data, "-l", plan["log_file"], "-W", "start"], env=aws_env,
-                  timeout_s=60)
-        pid = self._wait_pid(plan)
+        host.run([pg_bin("pg_ctl"), "-D", data, "-l", plan["log_file"], "-W", "start"], env=aws_env, timeout_s=60)
+        pid = wait_started(host, plan, f"standby {plan['node']}")
         self.log.info("standby %s started (postmaster pid %s) after %.1f s of download", plan["node"], pid, download_s)
         return {"pid": pid, "download_s": round(download_s, 3), "restore_started_at": started_at.isoformat()}
-
-    def _wait_pid(self, plan: dict[str, Any], timeout_s: float = 60) -> int:
-        from pgops.procs import pid_alive
-
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            try:
-                pid = int(open(f"{plan['data_dir']}/postmaster.pid").read().split()[0])
-                if pid_alive(pid):
-                    return pid
-            except (OSError, ValueError, IndexError):
-                pass
-            time.sleep(0.2)
-        raise AirflowFailException(f"PostgreSQL wrote no postmaster.pid within {timeout_s:.0f} s; server log: "
-                                   f"{_tail(plan['log_file'])}")
 
 
 class StandbyStreamingOperator(StandbyStepOperator):
@@ -337,8 +450,10 @@ class StandbyStreamingOperator(StandbyStepOperator):
         if not started:
             raise AirflowFailException(f"no started standby from task {self.restore_task_id!r}")
         max_lag = int(self.max_lag_bytes or 0) or self.replication(cluster).max_lag_bytes
-        timeout_s = float(self.timeout_s)
-        self.defer(trigger=StandbyStreamingTrigger(socket_dir=plan["socket_dir"], port=plan["port"],
+        timeout_s = param_checked(check_duration, "timeout_s", self.timeout_s, MAX_STANDBY_TIMEOUT_S, min_s=60)
+        self.defer(trigger=StandbyStreamingTrigger(cluster_name=cluster.name, node=plan["node"],
+                                                   data_dir=plan["data_dir"], socket_dir=plan["socket_dir"],
+                                                   port=plan["port"],
                                                    user=plan["db_user"], pid=started["pid"], log_file=plan["log_file"],
                                                    max_lag_bytes=max_lag, poll_interval_s=self.poll_interval_s,
                                                    timeout_s=timeout_s),
@@ -374,8 +489,8 @@ class StandbyRegisterOperator(StandbyStepOperator):
             raise AirflowSkipException(f"cluster {cluster.name!r} does not use repmgr")
         conf = plan.get("repmgr_conf") or "/etc/repmgr.conf"
         try:
-            res = self.host(cluster, ["repmgr", "-f", conf, "standby", "register", "--force"], capture=True,
-                            timeout_s=300)
+            res = self.target_host(cluster, plan).run(["repmgr", "-f", conf, "standby", "register", "--force"],
+                                                      capture=True, timeout_s=300)
         except CommandFailed as exc:
             self.fail_stopped(cluster, plan, f"repmgr -f {conf} standby register --force failed: {exc}")
         self.log.info("%s", res.stdout.strip())
@@ -421,12 +536,31 @@ def _conn_host_port(conn_id: str) -> tuple[str, int]:
     return t.host, t.port
 
 
-def _as_dict(value: Any) -> dict[str, str]:
-    if not value:
-        return {}
-    if isinstance(value, str):
+def param_checked(check, name: str, value: Any, *args: Any, **kwargs: Any) -> Any:
+    """A pgops.params check at run time; its refusal fails the task (no retry helps)."""
+    from pgops.params import ParamRefused
+
+    try:
+        return check(name, value, *args, **kwargs)
+    except ParamRefused as exc:
+        raise AirflowFailException(str(exc)) from None
+
+
+def checked_settings(value: Any) -> dict[str, str]:
+    """The `settings` param, checked at run time as the trigger form checks it (a run made through the API with
+    bad conf fails here, before any side effect)."""
+    from pgops.params import ParamRefused, check_settings
+
+    if isinstance(value, str) and value.strip():
         import json
 
-        value = json.loads(value)
-    return {str(k): str(v) for k, v in dict(value).items()}
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise AirflowFailException(f"param settings={value[:200]!r} is not a JSON object. Fix: give "
+                                       '{"name": "value", ...} or {}') from None
+    try:
+        return check_settings(value or {})
+    except ParamRefused as exc:
+        raise AirflowFailException(str(exc)) from None
 

@@ -1,4 +1,9 @@
-"""Deferrable wait for the end of recovery of a scratch restore (runs in the triggerer on the restore host)."""
+"""Deferrable wait for the end of recovery of a scratch restore.
+
+Every observation is made on the restore host through its DbHost (the cluster's runner): the postmaster proof,
+``pg_is_in_recovery()`` over the host's own socket and the server log's tail come back in one round trip, so the
+triggerer needs no access to the restore host's files or processes.
+"""
 
 from __future__ import annotations
 
@@ -10,15 +15,17 @@ from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
-from pgops.procs import pid_alive
+FULL_LOG_BYTES = 32 * 1024 * 1024
 
 
-def _read_log(path: str) -> str:
-    try:
-        with open(path, errors="replace") as fh:
-            return fh.read()
-    except OSError:
-        return ""
+def node_host(cluster_name: str, node: str | None):
+    """The DbHost of an inventory node (None: the cluster's restore host), built in the triggerer."""
+    from pgops.dbhost import DbHost
+    from pgops.inventory import load_inventory
+
+    cluster = load_inventory().get(cluster_name)
+    target = cluster.replication.node(node) if node and cluster.replication else None
+    return DbHost.for_node(cluster, target)
 
 
 class RecoveryEndedTrigger(BaseTrigger):
@@ -28,9 +35,12 @@ class RecoveryEndedTrigger(BaseTrigger):
     reached"), the postmaster gone, or the timeout. The event carries the server's own words.
     """
 
-    def __init__(self, *, socket_dir: str, port: int, user: str, pid: int, log_file: str,
-                 poll_interval_s: float = 2.0, timeout_s: float = 6 * 3600.0):
+    def __init__(self, *, cluster_name: str, data_dir: str, socket_dir: str, port: int, user: str, pid: int,
+                 log_file: str, node: str | None = None, poll_interval_s: float = 2.0, timeout_s: float = 6 * 3600.0):
         super().__init__()
+        self.cluster_name = cluster_name
+        self.node = node
+        self.data_dir = data_dir
         self.socket_dir = socket_dir
         self.port = int(port)
         self.user = user
@@ -41,25 +51,9 @@ class RecoveryEndedTrigger(BaseTrigger):
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (f"{type(self).__module__}.{type(self).__qualname__}",
-                {"socket_dir": self.socket_dir, "port": self.port, "user": self.user, "pid": self.pid,
+                {"cluster_name": self.cluster_name, "node": self.node, "data_dir": self.data_dir,
+                 "socket_dir": self.socket_dir, "port": self.port, "user": self.user, "pid": self.pid,
                  "log_file": self.log_file, "poll_interval_s": self.poll_interval_s, "timeout_s": self.timeout_s})
-
-    def _in_recovery(self) -> bool | None:
-        """True/False from the server, None when it does not accept connections yet."""
-        import psycopg2
-
-        from pgops.hooks import pg_connect_local
-
-        try:
-            conn = pg_connect_local(host=self.socket_dir, port=self.port, user=self.user, connect_timeout_s=5)
-        except psycopg2.OperationalError:
-            return None
-        try:
-            with conn.cursor() as cur:
-                cur.execute("SELECT pg_is_in_recovery()")
-                return bool(cur.fetchone()[0])
-        finally:
-            conn.close()
 
     def _error(self, message: str, log_text: str, *, timed_out: bool = False) -> TriggerEvent:
         tail = [line for line in log_text.strip().splitlines() if line.strip()][-15:]
@@ -68,36 +62,41 @@ class RecoveryEndedTrigger(BaseTrigger):
     async def run(self) -> AsyncIterator[TriggerEvent]:
         from pgops.restore import parse_server_log
 
+        host = await asyncio.to_thread(node_host, self.cluster_name, self.node)
         deadline = time.monotonic() + self.timeout_s
+        restored = 0
         while True:
-            text = await asyncio.to_thread(_read_log, self.log_file)
-            parsed = parse_server_log(text)
-            if parsed.failed:
-                yield self._error(parsed.failure_message(), text)
-                return
             try:
-                in_recovery = await asyncio.to_thread(self._in_recovery)
-            except Exception as exc:  # a query failing mid-shutdown: the log or the pid check says why
-                self.log.warning("pg_is_in_recovery() on %s:%s failed: %s", self.socket_dir, self.port, exc)
-                in_recovery = None
-            if in_recovery is False:
-                parsed = parse_server_log(await asyncio.to_thread(_read_log, self.log_file))
-                yield TriggerEvent({"status": "success", "ended_at": datetime.now(UTC).isoformat(),
-                                    "started_at": parsed.started_at, "ready_at": parsed.ready_at,
-                                    "restored_segments": len(parsed.restored_segments),
-                                    "last_restored_segment": (parsed.restored_segments or [None])[-1],
-                                    "recovery_stop": parsed.recovery_stop})
-                return
-            if not pid_alive(self.pid):
-                text = await asyncio.to_thread(_read_log, self.log_file)
-                parsed = parse_server_log(text)
-                reason = parsed.failure_message() or "no FATAL line in its log"
-                yield self._error(f"PostgreSQL (postmaster pid {self.pid}) exited during recovery: {reason}", text)
-                return
+                probe = await asyncio.to_thread(
+                    host.probe, self.data_dir, socket_dir=self.socket_dir, port=self.port, user=self.user,
+                    sql="SELECT pg_is_in_recovery()", log_file=self.log_file)
+            except Exception as exc:  # the host is briefly unreachable: keep polling until the deadline
+                self.log.warning("probing the scratch instance on %s failed: %s", host.where, exc)
+                probe = None
+            if probe is not None:
+                parsed = parse_server_log(probe.log_tail)
+                restored = max(restored, len(parsed.restored_segments))
+                if parsed.failed:
+                    yield self._error(parsed.failure_message(), probe.log_tail)
+                    return
+                if probe.rows and probe.rows[0][0] == "f":
+                    full = await asyncio.to_thread(host.read_tail, self.log_file, FULL_LOG_BYTES)
+                    parsed = parse_server_log(full)
+                    yield TriggerEvent({"status": "success", "ended_at": datetime.now(UTC).isoformat(),
+                                        "started_at": parsed.started_at, "ready_at": parsed.ready_at,
+                                        "restored_segments": len(parsed.restored_segments),
+                                        "last_restored_segment": (parsed.restored_segments or [None])[-1],
+                                        "recovery_stop": parsed.recovery_stop})
+                    return
+                if not probe.postmaster.running or probe.postmaster.pid != self.pid:
+                    reason = parsed.failure_message() or "no FATAL line in its log"
+                    yield self._error(f"PostgreSQL (postmaster pid {self.pid}) exited during recovery "
+                                      f"(postmaster.pid: {probe.postmaster.state}): {reason}", probe.log_tail)
+                    return
             if time.monotonic() >= deadline:
                 yield self._error(
-                    f"recovery did not end within {self.timeout_s:.0f} s ({len(parsed.restored_segments)} WAL segments "
-                    f"restored so far, last {(parsed.restored_segments or ['none'])[-1]}). Fix: raise "
-                    "recovery_timeout_s if the replay is just slow, or read the server log", text, timed_out=True)
+                    f"recovery did not end within {self.timeout_s:.0f} s (at least {restored} WAL segments restored "
+                    "so far). Fix: raise recovery_timeout_s if the replay is just slow, or read the server log",
+                    probe.log_tail if probe else "", timed_out=True)
                 return
             await asyncio.sleep(self.poll_interval_s)
