@@ -1,0 +1,133 @@
+"""Hostile trigger params through the real DAGs on the lab (dag.test): refused in the form (the Param schema, before a
+run exists) or by the first task before any side effect, with the param, the value and the fix named; and nothing
+changed (no run, no scratch directory, no snapshot or volume)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import urllib.request
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from helpers import load_dag, task_states
+
+pytestmark = [pytest.mark.lab, pytest.mark.airflow]
+
+RESTORE_DAG, EBS_DAG = "pgops_restore_verify__main", "pgops_ebs_migration__main"
+SCRATCH_ROOT = f"/var/tmp/pgops-hostile-{os.getpid()}"
+SOURCE_REGION, TARGET_REGION = "us-east-1", "us-west-2"
+
+
+def _runs(dag_id: str) -> int:
+    from airflow.models import DagRun
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        return session.query(DagRun).filter(DagRun.dag_id == dag_id).count()
+
+
+def _refused(run_dag, dag_id: str, conf: dict, param: str) -> str:
+    before = _runs(dag_id)
+    with pytest.raises(Exception) as err:  # noqa: PT011 - Airflow's ParamValidationError, whatever its module
+        run_dag(load_dag(dag_id), conf=conf)
+    text = str(err.value)
+    assert type(err.value).__name__ == "ParamValidationError" and param in text, text
+    assert _runs(dag_id) == before  # refused before a run exists
+    return text
+
+
+@pytest.fixture
+def scratch():
+    root = Path(SCRATCH_ROOT)
+    shutil.rmtree(root, ignore_errors=True)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.parametrize(("param", "value"), [
+    ("recovery_timeout_s", 10**12),  # would overflow timedelta after the instance started
+    ("recovery_timeout_s", 30),
+    ("horizon_days", 10**9),
+    ("required_bytes", 2**63),
+    ("scratch_root", "/var/lib/postgresql/15/main/.."),
+    ("scratch_root", "/var/tmp//x"),
+    ("scratch_root", "/var/tmp/a\nb"),
+    ("target", "2024-01-01T00:00:00"),  # no zone
+    ("target", "latest; DROP TABLE x"),
+    ("target", "recovery_target_action = 'shutdown'"),
+    ("backup_id", "../other-server/base/x"),
+    ("checks", ["amcheck", "sh -c id"]),
+])
+def test_restore_verify_refuses_in_the_form(lab, run_dag, scratch, param, value):
+    _refused(run_dag, RESTORE_DAG, {"scratch_root": SCRATCH_ROOT, param: value}, param)
+    assert not scratch.exists()
+
+
+@pytest.mark.xfail(strict=True, reason="waits for operators/restore.py to call pgops.params.check_target_time in the "
+                                       "setup step (lead); remove this mark then")
+def test_restore_verify_refuses_a_target_in_the_future_before_touching_the_restore_host(lab, run_dag, scratch):
+    future = (datetime.now(UTC) + timedelta(days=365)).isoformat()
+    dr = run_dag(load_dag(RESTORE_DAG), conf={"scratch_root": SCRATCH_ROOT, "target": future})
+    from pgops.reports import read_latest
+
+    states = task_states(dr)
+    assert states["setup"] == "failed" and states["restore"] == "upstream_failed", states
+    report = read_latest(lab.s3_client(), lab.cluster, "restore-verify")
+    assert report["run_id"] == dr.run_id
+    assert f"param target={future!r} is in the future" in report["body"]["errors"]["setup"], report["body"]["errors"]
+    assert not scratch.exists()  # no scratch area, no download, no instance
+
+
+@pytest.fixture
+def moto(lab):
+    st = lab.load()
+    urllib.request.urlopen(urllib.request.Request(f"{st.moto_endpoint}/moto-api/reset", method="POST"), timeout=10)
+    lab.aws_client("sns", st).create_topic(Name=lab.cluster.alerts.sns_topic_arn.rsplit(":", 1)[-1])
+    return lab
+
+
+def _aws_state(lab) -> tuple:
+    out = []
+    for region in (SOURCE_REGION, TARGET_REGION):
+        ec2 = lab.aws_client("ec2", region=region)
+        out.append(sorted(s["SnapshotId"] for s in ec2.describe_snapshots(OwnerIds=["self"])["Snapshots"]))
+        out.append(sorted(v["VolumeId"] for v in ec2.describe_volumes()["Volumes"]))
+    return tuple(map(tuple, out))
+
+
+def _ebs_conf(volume_id: str, **changes) -> dict:
+    return {"volume_ids": [volume_id], "target_region": TARGET_REGION, "target_az": f"{TARGET_REGION}b",
+            "max_rounds": 2, "cutover_mode": "crash-consistent", **changes}
+
+
+@pytest.mark.parametrize(("param", "value"), [
+    ("downtime_target_minutes", 10**9),
+    ("copy_time_minutes", 1e300),
+    ("expected_volume_size_gib", 10**12),
+    ("expected_throughput_mib_s", 10**9),
+    ("max_rounds", 10**6),
+    ("kms_key_id", "alias/x\nkms:*"),
+    ("kms_key_id", "arn:aws:kms:us-west-2:123456789012:key/../../x"),
+    ("cutover_at", "tomorrow"),
+    ("target_account", "12345678901' OR '1"),
+    ("volume_type", "gp3 --dry-run"),
+])
+def test_ebs_migration_refuses_in_the_form(moto, run_dag, param, value):
+    volume_id = moto.aws_client("ec2", region=SOURCE_REGION).create_volume(
+        Size=8, AvailabilityZone=f"{SOURCE_REGION}a")["VolumeId"]
+    before = _aws_state(moto)
+    _refused(run_dag, EBS_DAG, _ebs_conf(volume_id, **{param: value}), param)
+    assert _aws_state(moto) == before
+
+
+def test_ebs_cutover_far_in_the_future_fails_in_validate_before_any_aws_call(moto, run_dag):
+    volume_id = moto.aws_client("ec2", region=SOURCE_REGION).create_volume(
+        Size=8, AvailabilityZone=f"{SOURCE_REGION}a")["VolumeId"]
+    before = _aws_state(moto)
+    far = (datetime.now(UTC) + timedelta(days=3650)).isoformat()
+    dr = run_dag(load_dag(EBS_DAG), conf=_ebs_conf(volume_id, cutover_at=far))
+    states = task_states(dr)
+    assert states["validate"] == "failed" and states["preflight"] == "upstream_failed", states
+    assert _aws_state(moto) == before  # no snapshot, no copy, no volume
