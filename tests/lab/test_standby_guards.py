@@ -212,3 +212,24 @@ def _validate(dag, conf: dict) -> None:
     params = copy.deepcopy(dag.params)
     params.update(conf)
     params.validate()
+
+
+def test_a_slot_the_failed_rebuild_created_is_dropped_again(replicated_pair, run_dag):
+    """The last test of this module: it replaces pg2's contents (force) and then fails on purpose."""
+    pair = replicated_pair
+    rl, pg1, pg2 = pair.rl, pair.primary, pair.standby
+    from pgops.operators.backup import BarmanCloudBackupOperator
+
+    BarmanCloudBackupOperator(task_id="backup", cluster_name="repl").execute({"run_id": f"guards-{os.getpid()}"})
+    rl.stop(pg2)
+    rl.psql(pg1, "SELECT pg_drop_replication_slot('pg2')")
+    before = _slots(pair)
+    assert "pg2" not in (before or "")
+    # a socket directory the postgres OS user cannot create: the restore step fails after the preflight made the slot
+    dr = run_dag(load_dag(DAG_ID), {"target": "pg2", "force": True, "socket_dir": f"/root/pgops-nope-{os.getpid()}"})
+    states = task_states(dr)
+    assert states["preflight"] == "success" and states["restore"] == "failed", states
+    assert dr.get_task_instance("preflight").xcom_pull(task_ids="preflight")["slot_created"] is True
+    error = dr.get_task_instance("restore").xcom_pull(task_ids="restore", key="error")
+    assert "slot pg2 that it created on pg1 was dropped" in error, error
+    assert _slots(pair) == before

@@ -118,8 +118,11 @@ def drop_created_slot(cluster: Cluster, plan: dict[str, Any], log) -> str:
     repl = cluster.replication
     try:
         primary = repl.node(plan["primary"])
-        pg_query(primary.postgres_conn_id, "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
-                                           "WHERE slot_name = %s AND NOT active", (plan["slot"],))
+        dropped = pg_query(primary.postgres_conn_id, "SELECT pg_drop_replication_slot(slot_name) FROM "
+                                                     "pg_replication_slots WHERE slot_name = %s AND NOT active",
+                           (plan["slot"],))
+        if not dropped:
+            return ""  # gone already, or a standby streams through it now
         log.warning("dropped replication slot %s on %s (this rebuild created it and failed)", plan["slot"],
                     plan["primary"])
         return f"; slot {plan['slot']} that it created on {plan['primary']} was dropped"
@@ -515,6 +518,9 @@ class StandbyReportOperator(StandbyStepOperator):
                 "download_s": restore.get("download_s"), "time_to_ready_s": wait.get("time_to_ready_s"),
                 "lag_bytes": wait.get("lag_bytes"), "timeline": wait.get("timeline"),
                 "repmgr_registered": values.get("register") is not None, "errors": errors, "steps_not_finished": missing}
+        if failed and plan.get("slot_created"):
+            # a step killed before its own failure handling ran: the slot this run created must not stay behind
+            body["slot_dropped"] = drop_created_slot(cluster, plan, self.log).lstrip("; ") or None
         started = plan.get("started_at")
         report = envelope(kind="replication", cluster=cluster.name, run_id=context["run_id"],
                           started_at=datetime.fromisoformat(started) if started else utcnow(),
