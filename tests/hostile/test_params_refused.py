@@ -65,8 +65,6 @@ def test_restore_verify_refuses_in_the_form(lab, run_dag, scratch, param, value)
     assert not scratch.exists()
 
 
-@pytest.mark.xfail(strict=True, reason="waits for operators/restore.py to call pgops.params.check_target_time in the "
-                                       "setup step (lead); remove this mark then")
 def test_restore_verify_refuses_a_target_in_the_future_before_touching_the_restore_host(lab, run_dag, scratch):
     future = (datetime.now(UTC) + timedelta(days=365)).isoformat()
     dr = run_dag(load_dag(RESTORE_DAG), conf={"scratch_root": SCRATCH_ROOT, "target": future})

@@ -25,6 +25,15 @@ from pgops.engines import barman_cloud
 from pgops.hooks import aws_child_env, pg_connect, pg_query, s3_client, s3_endpoint_url
 from pgops.inventory import REPO_ROOT, Cluster, ReplicaNode
 from pgops.operators.backup import ClusterOperator
+from pgops.params import (
+    MAX_RECOVERY_TIMEOUT_S,
+    MAX_REQUIRED_BYTES,
+    ParamRefused,
+    check_abs_dir,
+    check_duration,
+    check_number,
+    check_target_time,
+)
 from pgops.reports import envelope, list_reports, utcnow, write_report
 from pgops.runners import CommandFailed
 
@@ -188,6 +197,11 @@ class RestoreSetupOperator(RestoreStepOperator):
 
     def run_step(self, context) -> dict[str, Any]:
         cluster = self.cluster
+        # The trigger form checked these; a run made another way is checked again before anything is done.
+        param_checked(check_target_time, str(self.target))
+        param_checked(check_abs_dir, "scratch_root", str(self.scratch_root))
+        param_checked(check_number, "required_bytes", self.required_bytes or 0, minimum=0,
+                      maximum=MAX_REQUIRED_BYTES, integer=True)
         try:
             kind, value = core.parse_target(str(self.target))
             canary = context["ti"].xcom_pull(task_ids=self.canary_task_id) if kind in ("canary", "latest") else None
@@ -278,6 +292,14 @@ class BarmanCloudRestoreOperator(RestoreStepOperator):
                 "pg_started_at": pg_started_at.isoformat()}
 
 
+def param_checked(check, *args: Any, **kwargs: Any) -> Any:
+    """A pgops.params check at run time; its refusal (it names the param, the value and the fix) fails the task."""
+    try:
+        return check(*args, **kwargs)
+    except ParamRefused as exc:
+        raise AirflowFailException(str(exc)) from None
+
+
 def wait_started(host: DbHost, plan: dict[str, Any], what: str, timeout_s: float = 60) -> int:
     """The pid of the postmaster that pg_ctl started in plan's data directory, proven on its host."""
     deadline = time.monotonic() + timeout_s
@@ -323,7 +345,8 @@ class RecoveryEndedOperator(RestoreStepOperator):
         started = context["ti"].xcom_pull(task_ids=self.restore_task_id)
         if not started:
             raise AirflowFailException(f"no scratch instance from task {self.restore_task_id!r}")
-        timeout_s = float(self.timeout_s)
+        timeout_s = param_checked(check_duration, "recovery_timeout_s", self.timeout_s, MAX_RECOVERY_TIMEOUT_S,
+                                  min_s=1)
         watch = {"cluster_name": self.cluster.name, "data_dir": plan["data_dir"], "socket_dir": plan["socket_dir"],
                  "port": plan["port"], "user": plan["db_user"], "pid": started["pid"], "log_file": plan["log_file"],
                  "poll_interval_s": self.poll_interval_s}

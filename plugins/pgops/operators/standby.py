@@ -27,7 +27,7 @@ from pgops.dbhost import DbHost
 from pgops.engines import barman_cloud
 from pgops.hooks import aws_child_env, pg_query, s3_client, s3_endpoint_url
 from pgops.inventory import Cluster, ReplicaNode, Replication
-from pgops.operators.restore import RestoreStepOperator, _truthy, pg_bin, wait_started
+from pgops.operators.restore import RestoreStepOperator, _truthy, param_checked, pg_bin, wait_started
 from pgops.params import MAX_STANDBY_TIMEOUT_S, check_abs_dir, check_duration
 from pgops.reports import envelope, utcnow, write_report
 from pgops.runners import CommandFailed
@@ -540,16 +540,6 @@ def _conn_host_port(conn_id: str) -> tuple[str, int]:
 
     t = pg_target(conn_id)
     return t.host, t.port
-
-
-def param_checked(check, name: str, value: Any, *args: Any, **kwargs: Any) -> Any:
-    """A pgops.params check at run time; its refusal fails the task (no retry helps)."""
-    from pgops.params import ParamRefused
-
-    try:
-        return check(name, value, *args, **kwargs)
-    except ParamRefused as exc:
-        raise AirflowFailException(str(exc)) from None
 
 
 def checked_settings(value: Any) -> dict[str, str]:
