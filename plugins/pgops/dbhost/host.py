@@ -47,19 +47,28 @@ prove() {
 }
 """
 PROVE_SCRIPT = _PROVE_FN + 'prove "$1"; printf "%s %s %s\\n" "$state" "$pid" "$d"'
-# stop DIR SIGNAL TICKS: signal the proven postmaster, wait TICKS x 0.2 s, then SIGKILL it if it is still the
-# same proven postmaster. Prints "<outcome> <pid> <dir>" (outcome: stopped | killed | <state of prove>).
+# stop DIR SIGNAL TICKS [kill]: signal the proven postmaster, wait TICKS x 0.2 s, then (with "kill") SIGKILL it if
+# it is still the same proven postmaster. Prints "<outcome> <pid> <dir>" (outcome: stopped | killed | running
+# (still up, no kill asked) | <state of prove>).
 STOP_SCRIPT = _PROVE_FN + r"""
 prove "$1"; outcome=$state; p0=$pid
 if [ "$state" = running ]; then
   kill -s "$2" "$p0" 2>/dev/null
   i=0; while prove "$1"; [ "$state" = running ] && [ "$pid" = "$p0" ] && [ "$i" -lt "$3" ]; do sleep 0.2; i=$((i+1)); done
-  if [ "$state" = running ] && [ "$pid" = "$p0" ]; then
+  if [ "$state" = running ] && [ "$pid" = "$p0" ] && [ "$4" != kill ]; then
+    outcome=running
+  elif [ "$state" = running ] && [ "$pid" = "$p0" ]; then
     kill -s KILL "$p0" 2>/dev/null; outcome=killed
     i=0; while prove "$1"; [ "$state" = running ] && [ "$i" -lt 50 ]; do sleep 0.2; i=$((i+1)); done
   else outcome=stopped; fi
 fi
 printf "%s %s %s\n" "$outcome" "$p0" "$d"
+"""
+# environ DIR: the proven postmaster's environment, base64 of /proc/<pid>/environ (NUL-separated)
+ENVIRON_SCRIPT = _PROVE_FN + r"""
+prove "$1"; printf "%s %s %s\n" "$state" "$pid" "$d"
+[ "$state" = running ] && base64 -w 0 < "/proc/$pid/environ" && echo
+exit 0
 """
 # probe DIR PSQL SOCKET PORT USER SQL LOG BYTES: the proof, the query's CSV (when running) and the log's tail.
 PROBE_SCRIPT = _PROVE_FN + r"""
@@ -258,9 +267,7 @@ class DbHost:
         pg_ctl itself signals whatever pid postmaster.pid holds; this proves the pid first, so a stale file
         whose number now belongs to another process (or another cluster's postmaster) is never signalled.
         """
-        ticks = max(1, int(timeout_s / 0.2))
-        res = self.sh(STOP_SCRIPT, data_dir, SIGNALS[mode], str(ticks), timeout_s=timeout_s + 30, check=True)
-        pm = Postmaster.parse(res.stdout.strip().splitlines()[-1])
+        pm = stop_postmaster(self.runner, data_dir, mode=mode, timeout_s=timeout_s, kill=True)
         if pm.state in ("stopped", "killed"):
             self.on_line(f"postmaster {pm.pid} of {pm.data_dir} {pm.state} ({mode})")
         elif pm.state == "other":
@@ -310,6 +317,34 @@ class DbHost:
         elif len(lines) > 1 and lines[1] == "err":
             error = " ".join(lines[2:]).strip()
         return Probe(postmaster=pm, rows=rows, error=error, log_tail=log_tail)
+
+
+def stop_postmaster(runner: Runner, data_dir: str, *, mode: str = "fast", timeout_s: float = 60,
+                    kill: bool = True) -> Postmaster:
+    """Signal data_dir's postmaster through ``runner`` only once proven on its host (see STOP_SCRIPT); without
+    ``kill`` a server still up after timeout_s is left running (state "running")."""
+    ticks = max(1, int(timeout_s / 0.2))
+    res = runner.run(["sh", "-c", STOP_SCRIPT, "sh", data_dir, SIGNALS[mode], str(ticks), "kill" if kill else "-"],
+                     timeout_s=timeout_s + 30, capture=True, check=True, on_line=lambda _line: None)
+    return Postmaster.parse(res.stdout.strip().splitlines()[-1])
+
+
+def postmaster_environ(runner: Runner, data_dir: str) -> dict[str, str] | None:
+    """The environment data_dir's proven postmaster runs with (None when none runs), without Airflow's variables:
+    what a restart of that server by pgops must give it again, since pgops' own children get a minimal one."""
+    import base64
+
+    res = runner.run(["sh", "-c", ENVIRON_SCRIPT, "sh", data_dir], timeout_s=60, capture=True, check=True,
+                     on_line=lambda _line: None)
+    lines = res.stdout.strip().splitlines()
+    if not lines or not Postmaster.parse(lines[0]).running or len(lines) < 2:
+        return None
+    env: dict[str, str] = {}
+    for item in base64.b64decode(lines[1]).decode(errors="replace").split("\0"):
+        key, sep, value = item.partition("=")
+        if sep and key and not key.startswith("AIRFLOW") and key not in ("PG_GRANDPARENT_PID",):
+            env[key] = value
+    return env
 
 
 def node_runner(cluster: Cluster, node: ReplicaNode | None) -> RunnerSpec:

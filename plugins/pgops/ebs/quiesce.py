@@ -141,19 +141,34 @@ def server_stopped(runner: Any, *, pg_ctl: str, data_dir: str, log_file: str, co
     Before stopping, a watchdog on the DB host is armed to start the server after `restart_within_s` even if this
     process dies. On exit (success or error) the server is started here unless it runs already; the watchdog is
     cancelled only once the server is up, so a failed start here still leaves the watchdog to try.
-    Commands run with the runner's environment: the server gets the environment the runner gives them.
+    The server is started again with the environment it ran with (read from /proc on the DB host before the stop),
+    never with the worker's.
     """
     start_argv = pg_ctl_start_argv(pg_ctl, data_dir, log_file=log_file, config_file=config_file)
     state = StoppedServer(data_dir=data_dir, restart_within_s=restart_within_s)
-    spawned = runner.run(["sh", "-c", WATCHDOG_SPAWN, "sh", str(int(restart_within_s)), *start_argv],
+    from pgops.dbhost.host import postmaster_environ, stop_postmaster
+
+    # pgops' children get a minimal environment; the server is started again with the one it runs with now
+    server_env = postmaster_environ(runner, data_dir)
+    if server_env is None:
+        raise QuiesceError(f"no running PostgreSQL in {data_dir} on the DB host (postmaster.pid missing, stale or "
+                           "not that directory's): nothing to stop. Fix: check the data directory in the inventory")
+    spawned = runner.run(["sh", "-c", WATCHDOG_SPAWN, "sh", str(int(restart_within_s)), *start_argv], env=server_env,
                          capture=True, timeout_s=60)
     state.watchdog_pid = int(spawned.stdout.strip().splitlines()[-1])
     state.deadline_monotonic = time.monotonic() + restart_within_s
     log(f"restart watchdog armed on the DB host (pid {state.watchdog_pid}): it starts PostgreSQL after "
         f"{restart_within_s:.0f} s unless cancelled")
     try:
-        runner.run([pg_ctl, "-D", data_dir, "-m", "fast", "-w", "-t", str(int(stop_timeout_s)), "stop"],
-                   timeout_s=stop_timeout_s + 30)
+        # pg_ctl stop would signal whatever pid postmaster.pid holds; this proves it is data_dir's postmaster first
+        pm = stop_postmaster(runner, data_dir, mode="fast", timeout_s=stop_timeout_s, kill=False)
+        if pm.state != "stopped":
+            raise QuiesceError(
+                f"PostgreSQL in {data_dir} was not stopped: " + (
+                    f"it is still running after {stop_timeout_s} s (pid {pm.pid})" if pm.state == "running" else
+                    f"postmaster.pid names pid {pm.pid}, which is not a postmaster of that directory"
+                    if pm.state == "other" else f"no running postmaster there (postmaster.pid: {pm.state})")
+                + ". Fix: check the data directory in the inventory and the server's state")
         state.stopped_at = time.time()
         log(f"PostgreSQL stopped cleanly ({data_dir})")
         yield state
@@ -161,7 +176,7 @@ def server_stopped(runner: Any, *, pg_ctl: str, data_dir: str, log_file: str, co
         try:
             status = runner.run([pg_ctl, "-D", data_dir, "status"], check=False, capture=True, timeout_s=60)
             if status.returncode == PG_CTL_NOT_RUNNING:
-                runner.run(start_argv, timeout_s=360)
+                runner.run(start_argv, env=server_env, timeout_s=360)
                 state.restarted_by = "task"
             else:
                 state.restarted_by = "already running"
