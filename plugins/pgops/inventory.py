@@ -169,10 +169,18 @@ class Cluster:
     alerts: Alerts = field(default_factory=Alerts)
     tags: tuple[str, ...] = ()
     replication: Replication | None = None
+    # AWS identity whose keys DB-host processes get (barman-cloud, restore_command); None: aws_conn_id's. Give the DB
+    # hosts one that may write WAL and backups but not pgops/reports/ (include/iam/pgops-dbhost-policy.json).
+    dbhost_aws_conn_id: str | None = None
 
     @property
     def pool(self) -> str:
         return f"pgops_{self.name}"
+
+    @property
+    def engine_aws_conn_id(self) -> str:
+        """The AWS connection of DB-host processes (dbhost_aws_conn_id, else aws_conn_id)."""
+        return self.dbhost_aws_conn_id or self.aws_conn_id
 
     @property
     def alerts_conn_id(self) -> str:
@@ -363,6 +371,8 @@ def _parse_cluster(raw: Any, index: int, path: Path) -> Cluster:
         targets=targets,
         alerts=alerts,
         tags=tuple(_string_list(top, "tags")),
+        dbhost_aws_conn_id=top.string("dbhost_aws_conn_id", None, pattern=CONN_ID_RE,
+                                      fix="name the Airflow AWS connection of the DB hosts' identity, or remove it"),
         replication=replication,
     )
     top.reject_unknown()

@@ -38,7 +38,7 @@ class ClusterOperator(BaseOperator):
         return load_inventory().get(self.cluster_name)
 
     def engine_env(self, cluster: Cluster) -> dict[str, str]:
-        return {**aws_child_env(cluster.aws_conn_id), **pg_target(cluster.postgres_conn_id).child_env()}
+        return {**aws_child_env(cluster.engine_aws_conn_id), **pg_target(cluster.postgres_conn_id).child_env()}
 
     def run_engine(self, cluster: Cluster, argv: list[str], *, capture: bool = False, check: bool = True,
                    timeout_s: float | None = None):
@@ -54,7 +54,7 @@ class ClusterOperator(BaseOperator):
             self._runner.kill()
 
     def catalog(self, cluster: Cluster) -> list[barman_cloud.BackupInfo]:
-        res = self.run_engine(cluster, barman_cloud.backup_list_argv(cluster, endpoint_url=s3_endpoint_url(cluster.aws_conn_id)),
+        res = self.run_engine(cluster, barman_cloud.backup_list_argv(cluster, endpoint_url=s3_endpoint_url(cluster.engine_aws_conn_id)),
                               capture=True, timeout_s=600)
         return barman_cloud.parse_backup_list(res.stdout)
 
@@ -125,7 +125,7 @@ class BarmanCloudBackupOperator(ClusterOperator):
         # A failed earlier attempt leaves its own (FAILED) entry; a new attempt gets its own name.
         name = base_name if not existing else f"{base_name}-a{len(existing) + 1}"
         t = pg_target(cluster.postgres_conn_id)
-        argv = barman_cloud.backup_argv(cluster, endpoint_url=s3_endpoint_url(cluster.aws_conn_id), backup_name=name,
+        argv = barman_cloud.backup_argv(cluster, endpoint_url=s3_endpoint_url(cluster.engine_aws_conn_id), backup_name=name,
                                         pg_host=t.host, pg_port=t.port, pg_user=t.user, pg_dbname=t.dbname)
         try:
             self.run_engine(cluster, argv)
@@ -185,7 +185,7 @@ class BarmanCloudVerifyBackupOperator(ClusterOperator):
             raise AirflowFailException(f"cluster {cluster.name!r}: backup_id {self.backup_id!r} is not a backup id. "
                                        "Fix: pass the id returned by the backup task")
         show = self.run_engine(cluster, barman_cloud.backup_show_argv(
-            cluster, endpoint_url=s3_endpoint_url(cluster.aws_conn_id), backup_id=self.backup_id),
+            cluster, endpoint_url=s3_endpoint_url(cluster.engine_aws_conn_id), backup_id=self.backup_id),
             capture=True, timeout_s=600)
         info = barman_cloud.parse_backup_show(show.stdout)
         if not info.done:
@@ -241,7 +241,7 @@ class BarmanCloudRetentionOperator(ClusterOperator):
         cluster = self.cluster
         dry_run = str(self.dry_run).lower() in ("true", "1", "yes")
         before = {b.backup_id for b in self.catalog(cluster)}
-        argv = barman_cloud.backup_delete_argv(cluster, endpoint_url=s3_endpoint_url(cluster.aws_conn_id), dry_run=dry_run)
+        argv = barman_cloud.backup_delete_argv(cluster, endpoint_url=s3_endpoint_url(cluster.engine_aws_conn_id), dry_run=dry_run)
         self.run_engine(cluster, argv, timeout_s=3600)
         after = {b.backup_id for b in self.catalog(cluster)}
         deleted = sorted(before - after)

@@ -250,8 +250,8 @@ class BarmanCloudRestoreOperator(RestoreStepOperator):
     def run_step(self, context) -> dict[str, Any]:
         cluster = self.cluster
         plan = self.plan(context)
-        endpoint = s3_endpoint_url(cluster.aws_conn_id)
-        aws_env = aws_child_env(cluster.aws_conn_id)
+        endpoint = s3_endpoint_url(cluster.engine_aws_conn_id)
+        aws_env = aws_child_env(cluster.engine_aws_conn_id)
         started_at = utcnow()
         t0 = time.monotonic()
         argv = barman_cloud.restore_argv(cluster, endpoint_url=endpoint, backup_id=plan["backup_id"],

@@ -402,8 +402,8 @@ class StandbyRestoreOperator(StandbyStepOperator):
         host.remove_tree(plan["spool_dir"], within=posixpath.dirname(plan["data_realpath"]))
         host.run(["mkdir", "-p", "-m", "0700", data, plan["spool_dir"]])
         host.run(["mkdir", "-p", plan["socket_dir"]])
-        endpoint = s3_endpoint_url(cluster.aws_conn_id)
-        aws_env = aws_child_env(cluster.aws_conn_id)
+        endpoint = s3_endpoint_url(cluster.engine_aws_conn_id)
+        aws_env = aws_child_env(cluster.engine_aws_conn_id)
         started_at = utcnow()
         t0 = time.monotonic()
         try:
