@@ -129,6 +129,7 @@ class ReplicaNode:
     repmgr_conf: str | None = None
     # where commands on this node's host run; None: the cluster's runner (the same host as the primary's)
     runner: Runner | None = None
+    instance_id: str | None = None  # its EC2 instance: where the cluster's endpoint must point when it is the primary
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -155,6 +156,27 @@ class Replication:
                              f"(nodes: {', '.join(n.name for n in self.nodes)})")
 
 
+ENDPOINT_KINDS = ("elastic_ip", "dns")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Endpoint:
+    """The address clients write to: an Elastic IP or a Route 53 record that must follow the primary."""
+
+    kind: str  # one of ENDPOINT_KINDS
+    allocation_id: str | None = None  # elastic_ip: eipalloc-..., or
+    public_ip: str | None = None  # elastic_ip: the address itself
+    hosted_zone_id: str | None = None  # dns
+    record_name: str | None = None  # dns: fully qualified, without the trailing dot
+    region: str | None = None  # the instances' and the Elastic IP's region (None: the AWS connection's)
+
+    @property
+    def label(self) -> str:
+        if self.kind == "dns":
+            return f"DNS record {self.record_name} (zone {self.hosted_zone_id})"
+        return f"Elastic IP {self.public_ip or self.allocation_id}"
+
+
 @dataclass(frozen=True, kw_only=True)
 class Cluster:
     name: str
@@ -172,6 +194,7 @@ class Cluster:
     # AWS identity whose keys DB-host processes get (barman-cloud, restore_command); None: aws_conn_id's. Give the DB
     # hosts one that may write WAL and backups but not pgops/reports/ (include/iam/pgops-dbhost-policy.json).
     dbhost_aws_conn_id: str | None = None
+    endpoint: Endpoint | None = None  # checked by the hourly audit with the replication (needs replication)
 
     @property
     def pool(self) -> str:
@@ -374,6 +397,7 @@ def _parse_cluster(raw: Any, index: int, path: Path) -> Cluster:
         dbhost_aws_conn_id=top.string("dbhost_aws_conn_id", None, pattern=CONN_ID_RE,
                                       fix="name the Airflow AWS connection of the DB hosts' identity, or remove it"),
         replication=replication,
+        endpoint=_parse_endpoint(top, name, replication) if top.get("endpoint") is not None else None,
     )
     top.reject_unknown()
     return cluster
@@ -417,9 +441,82 @@ def _parse_node(f: _Fields, *, conn_id: str | None = None, runner: Runner | None
         data_directory=f.string("data_directory", None, pattern=PATH_RE, fix="give an absolute path"),
         repmgr_conf=f.string("repmgr_conf", None, pattern=PATH_RE, fix="give the absolute path of repmgr.conf"),
         runner=_node_runner(f, runner),
+        instance_id=f.string("instance_id", None, pattern=INSTANCE_ID_RE,
+                             fix="give the node's EC2 instance id, like i-0123456789abcdef0"),
     )
     f.reject_unknown()
     return node
+
+
+# \Z, not $: "$" also matches before a trailing newline
+INSTANCE_ID_RE = re.compile(r"^i-[0-9a-f]{8,17}\Z")
+ALLOCATION_ID_RE = re.compile(r"^eipalloc-[0-9a-f]{8,17}\Z")
+IPV4_RE = re.compile(r"^(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\Z")
+HOSTED_ZONE_RE = re.compile(r"^[A-Z0-9]{1,32}\Z")  # AWS's start with Z
+# a DNS name of letters, digits and hyphens (a leading '*.' for a wildcard record), at most 253 characters
+RECORD_NAME_RE = re.compile(r"^(?=.{1,253}\.?\Z)(\*\.)?([A-Za-z0-9_](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*"
+                            r"[A-Za-z](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?\Z")
+REGION_RE = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d{1,2}\Z")
+
+
+def _parse_endpoint(top: _Fields, name: str, replication: Replication | None) -> Endpoint:
+    """endpoint: exactly one of elastic_ip {allocation_id | public_ip} or dns {hosted_zone_id, record_name}."""
+    if not isinstance(top.get("endpoint"), dict):
+        raise top.fail("endpoint", top.get("endpoint"), "is not a mapping",
+                       "write 'endpoint:' with either 'elastic_ip:' or 'dns:' under it")
+    ef = top.sub("endpoint")
+    ef.where = f"cluster {name!r}: endpoint"
+    region = ef.string("region", None, pattern=REGION_RE, fix="give an AWS region such as us-east-1, or remove it")
+    given = [k for k in ENDPOINT_KINDS if ef.data.get(k) is not None]
+    if len(given) != 1:
+        ef.used.update(ENDPOINT_KINDS)
+        raise ef.fail(" or ".join(ENDPOINT_KINDS), given or None, "must name exactly one kind of endpoint",
+                      "give either 'elastic_ip: {allocation_id: eipalloc-...}' (or public_ip) or "
+                      "'dns: {hosted_zone_id: Z..., record_name: db.example.com}'")
+    kind = given[0]
+    if not isinstance(ef.get(kind), dict):
+        raise ef.fail(kind, ef.get(kind), "is not a mapping",
+                      "write 'elastic_ip: {allocation_id: eipalloc-...}' or 'dns: {hosted_zone_id: Z..., "
+                      "record_name: db.example.com}'")
+    sub = ef.sub(kind)
+    sub.where = f"cluster {name!r}: endpoint.{kind}"
+    if kind == "elastic_ip":
+        allocation_id = sub.string("allocation_id", None, pattern=ALLOCATION_ID_RE,
+                                   fix="give the Elastic IP's allocation id, like eipalloc-0123456789abcdef0")
+        public_ip = sub.string("public_ip", None, pattern=IPV4_RE,
+                               fix="give the Elastic IP as a dotted IPv4 address, like 203.0.113.10")
+        if (allocation_id is None) == (public_ip is None):
+            both = allocation_id is not None
+            raise sub.fail("allocation_id or public_ip", [allocation_id, public_ip] if both else None,
+                           "are both given" if both else "is missing",
+                           "name the Elastic IP by exactly one of allocation_id (preferred) or public_ip")
+        sub.reject_unknown()
+        endpoint = Endpoint(kind=kind, allocation_id=allocation_id, public_ip=public_ip, region=region)
+    else:
+        zone = sub.string("hosted_zone_id", required=True, pattern=HOSTED_ZONE_RE,
+                          fix="give the Route 53 hosted zone id, like Z0123456789ABCDEFGHIJ (without /hostedzone/)")
+        record = sub.string("record_name", required=True, pattern=RECORD_NAME_RE,
+                            fix="give the record's fully qualified name, like db.example.com")
+        sub.reject_unknown()
+        endpoint = Endpoint(kind=kind, hosted_zone_id=zone, record_name=(record or "").rstrip(".").lower(),
+                            region=region)
+    ef.reject_unknown()
+    if replication is None or not replication.standbys:
+        raise ef.fail(kind, endpoint.label, "needs a replication section with standbys",
+                      "the endpoint is checked against the current primary: add 'replication:' with the primary "
+                      "and its standbys (each with its instance_id), or remove 'endpoint:'")
+    missing = [n.name for n in replication.nodes if not n.instance_id]
+    if missing:
+        raise InventoryError(
+            f"{top.path}: cluster {name!r}: replication: field 'instance_id' is missing on node(s) "
+            f"{', '.join(missing)}, and the cluster has an endpoint. Fix: add 'instance_id: i-...' (the node's EC2 "
+            "instance) to every node under replication, so the audit can tell which node the endpoint reaches")
+    ids = [n.instance_id for n in replication.nodes]
+    if len(ids) != len(set(ids)):
+        raise InventoryError(
+            f"{top.path}: cluster {name!r}: replication: field 'instance_id' = {ids!r} names an instance twice. "
+            "Fix: give every node its own EC2 instance id")
+    return endpoint
 
 
 def _node_runner(f: _Fields, default: Runner | None) -> Runner | None:

@@ -125,8 +125,13 @@ def rebuild_link(cluster_name: str, node: ReplicaNode, *, base_url: str = "") ->
             "cli": f"airflow dags trigger {dag_id} --conf '{conf}'"}
 
 
-def evaluate(cluster_name: str, repl: Replication, obs: Observed, *, base_url: str = "") -> tuple[dict[str, Any], list[F.Finding]]:
-    """The replication findings of one cluster from what its nodes answered (pure)."""
+def evaluate(cluster_name: str, repl: Replication, obs: Observed, *, base_url: str = "",
+             endpoint_reach: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], list[F.Finding]]:
+    """The replication findings of one cluster from what its nodes answered (pure).
+
+    ``endpoint_reach`` (pgops.endpoint.reach: the endpoint's label and the nodes it reaches) lets a split-brain
+    finding say which of the writable nodes clients write to.
+    """
     out: list[F.Finding] = []
     nodes = obs.nodes
     by_name = {n.name: n for n in repl.nodes}
@@ -186,15 +191,27 @@ def evaluate(cluster_name: str, repl: Replication, obs: Observed, *, base_url: s
 
     split = [n for n in others if _is_primary(nodes.get(n.name))]
     if split:
+        writable = [primary_name, *(n.name for n in split)]
+        reached = [n for n in (endpoint_reach or {}).get("nodes") or [] if n in writable]
+        through = ""
+        reach_evidence: dict[str, Any] = {}
+        if endpoint_reach is not None:
+            label = endpoint_reach.get("endpoint")
+            through = (f" Clients reach {' and '.join(reached)} through {label}" if reached else
+                       f" Clients reach none of them through {label}")
+            through += ("." if reached == [primary_name] else
+                        f" (move it to {primary_name}: see ENDPOINT_NOT_ON_PRIMARY).")
+            reach_evidence = {"endpoint": label, "endpoint_reaches": reached}
         out.append(F.Finding(
             id=REPLICATION_MULTIPLE_PRIMARIES, severity=F.CRITICAL,
             message=f"{len(split) + 1} nodes of {cluster_name} accept writes: {primary_name} (timeline {primary_tl}) and "
                     + ", ".join(f"{n.name} (timeline {node_timeline(nodes[n.name])})" for n in split)
-                    + f". Writes to {', '.join(n.name for n in split)} are lost to the cluster; rebuild "
+                    + "." + through
+                    + f" Writes to {', '.join(n.name for n in split)} are lost to the cluster; rebuild "
                     + ", ".join(f"{n.name}: {link(n)['url']}" for n in split),
             evidence={"current_primary": primary_name, "others": [n.name for n in split],
                       "timelines": {n.name: node_timeline(nodes[n.name]) for n in [by_name[primary_name], *split]},
-                      "rebuild": {n.name: link(n) for n in split}},
+                      "rebuild": {n.name: link(n) for n in split}, **reach_evidence},
             fix=f"fence {', '.join(n.name for n in split)} now (stop it, keep clients away), then rebuild it as a "
                 f"standby of {primary_name} from the backup"))
 
@@ -463,10 +480,24 @@ def airflow_base_url() -> str:
         return ""
 
 
-def check_cluster(cluster: Cluster, *, sql: SqlFor = pg_sql, base_url: str | None = None) -> tuple[dict[str, Any], list[F.Finding]]:
-    """The replication section of the audit report, or ({}, []) when the cluster has no standbys."""
+def check_cluster(cluster: Cluster, *, sql: SqlFor = pg_sql, base_url: str | None = None,
+                  aws_client_for: Callable[[str], Any] | None = None) -> tuple[dict[str, Any], list[F.Finding]]:
+    """The replication section of the audit report, or ({}, []) when the cluster has no standbys.
+
+    With an inventory endpoint, its section is body["endpoint"] (pgops.endpoint: where the Elastic IP or DNS record
+    points against the current primary, and whether an old primary is fenced), its findings follow the replication's.
+    """
     repl = cluster.replication
     if repl is None or not repl.standbys:
         return {}, []
     obs = collect(repl, sql=sql)
-    return evaluate(cluster.name, repl, obs, base_url=airflow_base_url() if base_url is None else base_url)
+    base_url = airflow_base_url() if base_url is None else base_url
+    if cluster.endpoint is None:
+        return evaluate(cluster.name, repl, obs, base_url=base_url)
+    from pgops import endpoint as E  # noqa: N812 (endpoint imports nothing from here: no cycle)
+
+    seen = E.observe(cluster, client_for=aws_client_for)
+    body, found = evaluate(cluster.name, repl, obs, base_url=base_url,
+                           endpoint_reach=E.reach(cluster.endpoint, repl, seen))
+    body["endpoint"], endpoint_found = E.evaluate(cluster.name, cluster.endpoint, repl, body, seen)
+    return body, [*found, *endpoint_found]
