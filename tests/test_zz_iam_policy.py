@@ -136,12 +136,44 @@ def test_not_exercised_actions_have_call_sites():
         assert _allowed(action, _policy()["Statement"]), f"{action} is listed but not in the policy"
 
 
+# The audit's endpoint check (plugins/pgops/endpoint.py, also the standby-rebuild report): reads only, one statement
+# per service. tests/lab/test_endpoint.py exercises every one of them against moto.
+ENDPOINT_SIDS = ("AuditEndpointRead", "AuditEndpointDnsRecordRead")
+ENDPOINT_ACTIONS = {"ec2:DescribeAddresses", "ec2:DescribeInstances", "route53:ListResourceRecordSets"}
+ENDPOINT_CALLER = "plugins/pgops/endpoint.py"
+ENDPOINT_TESTS = "tests/lab/test_endpoint.py"
+
+
+def test_endpoint_statements_grant_exactly_the_reads_of_the_check():
+    statements = {s["Sid"]: s for s in _policy()["Statement"]}
+    granted = {a for sid in ENDPOINT_SIDS for a in _as_list(statements[sid]["Action"])}
+    assert granted == ENDPOINT_ACTIONS
+    assert _as_list(statements["AuditEndpointDnsRecordRead"]["Resource"]) == ["arn:aws:route53:::hostedzone/*"]
+    for write in ("ec2:AssociateAddress", "ec2:DisassociateAddress", "ec2:StopInstances",
+                  "route53:ChangeResourceRecordSets"):  # the fix is a human's (or repmgrd's), never the audit's
+        assert not _allowed(write, _policy()["Statement"]), write
+
+
+def test_endpoint_check_calls_are_allowed_by_its_statements_and_use_them_all(aws_calls):
+    statements = [s for s in _policy()["Statement"] if s["Sid"] in ENDPOINT_SIDS]
+    called = {iam_action(c) for c, callers in aws_calls.product_calls().items() if ENDPOINT_CALLER in callers}
+    if not called:
+        pytest.skip(f"the endpoint check made no AWS call in this session (run {ENDPOINT_TESTS} with this file)")
+    assert called <= ENDPOINT_ACTIONS, f"{ENDPOINT_CALLER} made calls outside its statements: {called - ENDPOINT_ACTIONS}"
+    assert all(_allowed(a, statements) for a in called), called
+    ran = [n for n in aws_calls.collected if n.startswith(ENDPOINT_TESTS)]
+    if not ran or any(aws_calls.outcomes.get(n) != "passed" for n in ran):
+        pytest.skip(f"{ENDPOINT_TESTS} did not run and pass in this session: unused endpoint actions cannot be judged")
+    assert called == ENDPOINT_ACTIONS, f"granted but never used by the endpoint check: {ENDPOINT_ACTIONS - called}"
+
+
 def test_iam_action_mapping():
     assert iam_action("s3:ListObjectsV2") == "s3:ListBucket"
     assert iam_action("s3:HeadBucket") == "s3:ListBucket"
     assert iam_action("s3:GetBucketLifecycleConfiguration") == "s3:GetLifecycleConfiguration"
     assert iam_action("ec2:CreateSnapshots") == "ec2:CreateSnapshots"
     assert iam_action("ebs:ListChangedBlocks") == "ebs:ListChangedBlocks"
+    assert iam_action("route53:ListResourceRecordSets") == "route53:ListResourceRecordSets"
     assert _allowed("sns:Publish", _policy()["Statement"]) == ["AlertsPublish"]
     assert _allowed("kms:ReEncryptFrom", _policy()["Statement"]) == ["EbsEncryptedCopyKmsViaEc2Service"]
     assert not _allowed("s3:DeleteBucket", _policy()["Statement"])

@@ -337,8 +337,10 @@ def _fencing(cluster_name: str, repl: Replication, roles: Mapping[str, Any], pri
         else:
             out.append(F.Finding(
                 id=OLD_PRIMARY_NOT_FENCED, severity=F.WARNING,
-                message=f"the old primary {n.name} of {cluster_name} does not answer, but its instance {n.instance_id} "
-                        f"is {state}: a restart of its PostgreSQL (a reboot, systemd) makes it writable again"
+                message=f"the old primary {n.name} of {cluster_name} "
+                        + ("does not answer" if role == "unreachable" else f"is {_role_text(role)}")
+                        + f", but its instance {n.instance_id} is {state}: a restart of its PostgreSQL (a reboot, "
+                          "systemd) can make it writable again"
                         + (" behind the endpoint" if reached else ""),
                 evidence={**ev, "command": stop},
                 fix=f"{stop} until it is rebuilt as a standby of {primary_name} ({rebuild})"))
@@ -346,7 +348,8 @@ def _fencing(cluster_name: str, repl: Replication, roles: Mapping[str, Any], pri
 
 
 def _role_text(role: Any) -> str:
-    return {"primary": "writable", "standby": "a standby", "unreachable": "not answering"}.get(role, str(role))
+    return {"primary": "writable", "standby": "a standby", "unreachable": "not answering"}.get(
+        role, "of unknown state (not asked)")
 
 
 def state_summary(body: Mapping[str, Any] | None, findings: Sequence[F.Finding | Mapping[str, Any]] = ()) -> dict[str, Any] | None:
@@ -483,13 +486,18 @@ def check(cluster: Cluster, replication_body: Mapping[str, Any], *,
     return evaluate(cluster.name, cluster.endpoint, cluster.replication, replication_body, obs)
 
 
-def report_state(cluster: Cluster, *, primary: str | None, client_for: ClientFor | None = None) -> dict[str, Any] | None:
-    """The endpoint's state for the standby-rebuild report: where it points against the primary the rebuild used."""
+def report_state(cluster: Cluster, *, primary: str | None, standby: str | None = None,
+                 client_for: ClientFor | None = None) -> dict[str, Any] | None:
+    """The endpoint's state for the standby-rebuild report: where it points against the primary the rebuild used.
+
+    The report asks no node: the rebuild's primary is writable, the rebuilt node (``standby``) a standby, and
+    the others of unknown role (their instances' states still say whether they are fenced).
+    """
     if cluster.endpoint is None or cluster.replication is None:
         return None
     try:
-        repl = cluster.replication
-        roles = {n.name: {"role": "primary" if n.name == primary else "standby"} for n in repl.nodes}
+        roles = {n.name: {"role": "primary" if n.name == primary else "standby" if n.name == standby else "unknown"}
+                 for n in cluster.replication.nodes}
         body, found = check(cluster, {"current_primary": primary, "nodes": roles}, client_for=client_for)
         return state_summary(body, found)
     except Exception as exc:  # the report is written whatever AWS answers
