@@ -337,8 +337,8 @@ def _fleet_html(rows: list[dict[str, Any]], base: str) -> str:
     if not rows:
         return "<p class='muted' id='no-clusters'>No cluster to show: the inventory is empty or you may not read any pgops DAG.</p>"
     head = ("<table id='fleet'><thead><tr><th>Cluster</th><th>State</th><th>Newest backup</th><th>Recoverable window</th>"
-            "<th>Open findings</th><th>Last restore test</th><th>RTO forecast</th><th>Days until loss</th>"
-            "<th>Migration</th></tr></thead><tbody>")
+            "<th>Open findings</th><th>Primary and endpoint</th><th>Last restore test</th><th>RTO forecast</th>"
+            "<th>Days until loss</th><th>Migration</th></tr></thead><tbody>")
     out = [head]
     for r in rows:
         nb, win, rs, fc, mig = r["newest_backup"], r["window"], r["restore"], r["rto_forecast"], r["migration"]
@@ -368,12 +368,55 @@ def _fleet_html(rows: list[dict[str, Any]], base: str) -> str:
             f"<td><a class='cluster-link' href='{base}/clusters/{quote(r['cluster'])}'>{_e(r['cluster'])}</a></td>"
             f"<td>{_colour(r['colour'])}<div class='small'>{_e(r['reason'])}</div>"
             f"{reason_list}</td>"
-            f"<td>{backup}</td><td>{window}</td><td>{findings}</td><td>{restore}</td><td>{forecast}</td>"
+            f"<td>{backup}</td><td>{window}</td><td>{findings}</td><td>{_replication_cell(r.get('replication'))}</td>"
+            f"<td>{restore}</td><td>{forecast}</td>"
             f"<td>{loss}</td><td>{migration}</td></tr>")
     out.append("</tbody></table>")
     out.append(f"<p class='small muted'>Read from the reports in the bucket (cached for a minute) at "
                f"{datetime.now(UTC).strftime('%H:%M:%S UTC')}. JSON: <a href='{base}/api/fleet'>{base}/api/fleet</a></p>")
     return "".join(out)
+
+
+def _replication_cell(rv: dict[str, Any] | None) -> str:
+    """The fleet table's replication state with the client endpoint next to it (every value escaped)."""
+    if not rv:
+        return "—"
+    roles = ", ".join(f"{_e(k)} {_e(v)}" for k, v in (rv.get("roles") or {}).items())
+    primary = f"primary {rv.get('current_primary') or 'none'}"
+    out = (f"<div class='replication'>{_colour(rv.get('colour') or 'green', primary)}"
+           f"<div class='small muted'>{roles}</div></div>")
+    ep = rv.get("endpoint")
+    if ep:
+        olds = "".join(f"<div class='small old-primary' data-fenced='{_e(o.get('fenced'))}'>{_e(o.get('text'))}</div>"
+                       for o in ep.get("old_primaries") or [])
+        out += (f"<div class='endpoint' data-state='{_e(ep.get('state'))}'>"
+                f"{_colour(ep.get('colour') or 'green', 'endpoint')} <span class='small'>{_e(ep.get('endpoint'))} "
+                f"{_e(ep.get('text'))}</span>{olds}</div>")
+    return out
+
+
+def _replication_html(rv: dict[str, Any] | None) -> str:
+    """The cluster page's replication section: nodes, roles and instances, the endpoint, the fence, the fix."""
+    if not rv:
+        return ""
+    ep = rv.get("endpoint") or {}
+    instances = ep.get("instances") or {}
+    rows = "".join(f"<tr><td>{_e(name)}</td><td>{_e(role)}</td><td>{_e((instances.get(name) or {}).get('instance_id'))}"
+                   f"</td><td>{_e((instances.get(name) or {}).get('instance_state'))}</td></tr>"
+                   for name, role in (rv.get("roles") or {}).items())
+    primary = f"primary {rv.get('current_primary') or 'none'}"
+    out = (f"<h2>Replication and endpoint</h2><div id='replication' data-colour='{_e(rv.get('colour'))}'>"
+           f"{_colour(rv.get('colour') or 'green', primary)}"
+           f"<span class='small muted'> (inventory: {_e(rv.get('inventory_primary'))})</span>"
+           "<table><thead><tr><th>Node</th><th>Role</th><th>Instance</th><th>Instance state</th></tr></thead>"
+           f"<tbody>{rows}</tbody></table></div>")
+    if ep:
+        olds = "".join(f"<li>{_e(o.get('text'))}</li>" for o in ep.get("old_primaries") or [])
+        fix = f"<p class='small'>Fix: <code id='endpoint-fix'>{_e(ep['fix'])}</code></p>" if ep.get("fix") else ""
+        out += (f"<div id='endpoint' data-state='{_e(ep.get('state'))}' data-colour='{_e(ep.get('colour'))}'>"
+                f"<p>{_colour(ep.get('colour') or 'green', 'endpoint')} {_e(ep.get('endpoint'))} {_e(ep.get('text'))}</p>"
+                f"{'<ul class=small>' + olds + '</ul>' if olds else ''}{fix}</div>")
+    return out
 
 
 def _cluster_html(r: dict[str, Any], tl: dict[str, Any], rto: dict[str, Any], migrations: list[dict[str, Any]],
@@ -391,6 +434,7 @@ def _cluster_html(r: dict[str, Any], tl: dict[str, Any], rto: dict[str, Any], mi
                   for m in migrations)
     return (f"<p><a href='{base}/'>← fleet</a></p>"
             f"<div id='cluster-state' data-colour='{_e(r['colour'])}'>{_colour(r['colour'])}<ul class='reasons'>{reasons}</ul></div>"
+            f"{_replication_html(r.get('replication'))}"
             f"<h2>Recovery window, last {days} days</h2><div id='timeline'>{charts.timeline_svg(tl)}</div>"
             f"<p class='small muted'>{len(tl['backups'])} backup(s), {len(tl['gaps'])} WAL gap(s) in range. "
             f"Times of gaps are interpolated between known segment times. "

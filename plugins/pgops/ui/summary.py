@@ -250,7 +250,67 @@ def fleet_row(
         "audit": ({"finished_at": audit.get("finished_at"), "age_s": audit_age, "status": audit.get("status"),
                    "run_id": audit.get("run_id")} if audit else None),
         "restore": restore_row, "rto_forecast": forecast, "days_until_loss": days_until_loss, "migration": mig,
+        "replication": replication_view(a),
     }
+
+
+# --- replication and the client endpoint --------------------------------------------------------------------
+
+_SEVERITY_COLOUR = {"critical": RED, "warning": AMBER, "ok": GREEN}
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _names(value: Any) -> list[str]:
+    return [str(v) for v in value] if isinstance(value, list | tuple) else []
+
+
+def replication_view(audit_body: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The audit's replication section at a glance: the primary, each node's role, and the client endpoint next to
+    it (where it points, whether an old primary is fenced), each coloured by its own findings. None: no replication."""
+    repl = audit_body.get("replication")
+    if not isinstance(repl, Mapping) or not repl:
+        return None
+    findings = [f for f in audit_body.get("findings") or [] if isinstance(f, Mapping)]
+
+    def colour_of(prefixes: tuple[str, ...]) -> str:
+        return worst(_SEVERITY_COLOUR.get(str(f.get("severity")), GREEN) for f in findings
+                     if str(f.get("id") or "").startswith(prefixes))
+
+    nodes = repl.get("nodes") if isinstance(repl.get("nodes"), Mapping) else {}
+    roles = {str(k): _text(v.get("role")) if isinstance(v, Mapping) else None for k, v in nodes.items()}
+    ep = repl.get("endpoint") if isinstance(repl.get("endpoint"), Mapping) else None
+    endpoint = None
+    if ep:
+        state = _text(ep.get("state")) or "unknown"
+        at = _names(ep.get("points_at_nodes")) or _names(ep.get("points_at_instances")) or _names(ep.get("values"))
+        primary = _text(ep.get("current_primary"))
+        text = {"on_primary": f"reaches the primary {primary}",
+                "not_on_primary": f"points at {', '.join(at) or 'nothing'}, not the primary {primary}",
+                "not_found": "does not exist"}.get(state, "state unknown")
+        olds = ep.get("old_primaries") if isinstance(ep.get("old_primaries"), Mapping) else {}
+        fences = []
+        for name, o in olds.items():
+            o = o if isinstance(o, Mapping) else {}
+            fenced = o.get("fenced")
+            fences.append({"node": str(name), "instance_id": _text(o.get("instance_id")),
+                           "instance_state": _text(o.get("instance_state")), "fenced": fenced,
+                           "text": f"old primary {name} " + ("fenced" if fenced is True else "NOT fenced"
+                                                              if fenced is False else "fencing unknown")
+                                   + f" (instance {o.get('instance_state') or 'unknown'}"
+                                   + (", writable)" if o.get("writable") is True else ")")})
+        endpoint = {"endpoint": _text(ep.get("endpoint")), "kind": _text(ep.get("kind")), "state": state,
+                    "points_at": at, "current_primary": primary, "text": text, "fix": _text(ep.get("fix")),
+                    "old_primaries": fences, "colour": colour_of(("ENDPOINT_", "OLD_PRIMARY_")),
+                    "instances": {str(k): {"instance_id": _text(v.get("instance_id")),
+                                           "instance_state": _text(v.get("instance_state"))}
+                                  for k, v in (ep.get("nodes") or {}).items() if isinstance(v, Mapping)}
+                    if isinstance(ep.get("nodes"), Mapping) else {}}
+    return {"current_primary": _text(repl.get("current_primary")),
+            "inventory_primary": _text(repl.get("inventory_primary")), "roles": roles,
+            "colour": colour_of(("REPLICATION_", "REPMGR_")), "endpoint": endpoint}
 
 
 # --- recovery-window timeline -------------------------------------------------------------------------
