@@ -518,6 +518,8 @@ class StandbyReportOperator(StandbyStepOperator):
                 "download_s": restore.get("download_s"), "time_to_ready_s": wait.get("time_to_ready_s"),
                 "lag_bytes": wait.get("lag_bytes"), "timeline": wait.get("timeline"),
                 "repmgr_registered": values.get("register") is not None, "errors": errors, "steps_not_finished": missing}
+        from pgops.endpoint import report_state  # the client endpoint next to the replication state
+        body["endpoint"] = report_state(cluster, primary=plan.get("primary"), standby=None if failed else plan.get("node"))
         if failed and plan.get("slot_created"):
             # a step killed before its own failure handling ran: the slot this run created must not stay behind
             body["slot_dropped"] = drop_created_slot(cluster, plan, self.log).lstrip("; ") or None
