@@ -474,15 +474,18 @@ def audit_cluster(
         previous = None
     previous_primary = ((previous or {}).get("body") or {}).get("primary")
 
-    # asked first: the primary's wal_segment_size drives the segment arithmetic of the listing
+    # asked first: the primary's wal_segment_size drives the segment arithmetic of the listing; without it the
+    # listing is read at the smallest size (every name fits) and re-keyed to what the backups' metadata records
     rows = query_primary(sql) if sql is not None else None
-    size = wal_segment_size_bytes or int(((rows and rows.row) or {}).get("wal_segment_size_bytes")
-                                         or wal.DEFAULT_WAL_SEGMENT_SIZE_BYTES)
+    primary_size = ((rows and rows.row) or {}).get("wal_segment_size_bytes")
+    size: int | None = wal_segment_size_bytes or (int(primary_size) if primary_size else None)
+    size_source = ("argument" if wal_segment_size_bytes else "primary (SHOW wal_segment_size)") if size else None
 
     try:
         listing = layouts.parse_listing(
             iter_listing(s3, storage.bucket, root + "/", skip_prefixes=(f"{root}/pgops/",)),
-            prefix=root, layout=None if storage.layout == "auto" else storage.layout, wal_segment_size_bytes=size)
+            prefix=root, layout=None if storage.layout == "auto" else storage.layout,
+            wal_segment_size_bytes=size or wal.MIN_WAL_SEGMENT_SIZE_BYTES)
     except ClientError as exc:
         code = _error_code(exc)
         if code in ("NoSuchBucket", "404"):
@@ -499,8 +502,6 @@ def audit_cluster(
             evidence={"bucket": storage.bucket, "prefix": root},
             fix="check storage.bucket/prefix/server_name in the inventory and that archiving and the backup DAG run",
         ))
-    else:
-        findings.extend(listing.findings())
     if len(listing.names) > 1 and listing.layout == layouts.PGBACKREST:
         findings.append(F.Finding(
             id=F.MULTIPLE_STANZAS, severity=F.WARNING,
@@ -510,19 +511,27 @@ def audit_cluster(
             fix="give each stanza its own inventory cluster with its own storage prefix",
         ))
 
-    body: dict[str, Any] = {
-        "bucket": storage.bucket, "prefix": root, "layout": listing.layout,
-        "layout_configured": storage.layout, "wal_segment_size_bytes": size,
-        "listing": {"key_count": listing.key_count, "unrecognised_count": listing.unrecognised_count},
-    }
     backups: list[layouts.BackupRef] = []
     modified: dict[str, datetime] = {}
-    index = listing.wal
-    continuity_dict: dict[str, Any] | None = None
+    fetched: dict[str, bytes] = {}
     if listing.layout is not None:
         fetched, modified = fetch(s3, storage.bucket, listing.keys_to_fetch)
         backups, problems = layouts.resolve_backups(listing, fetched)
         findings.extend(problems)
+    if size is None:
+        size, size_source, size_findings = _segment_size_from_backups(cluster, backups, listing, rows)
+        findings.extend(size_findings)
+        listing.resize_segments(size)
+    if listing.key_count:
+        findings.extend(listing.findings())
+    body: dict[str, Any] = {
+        "bucket": storage.bucket, "prefix": root, "layout": listing.layout,
+        "layout_configured": storage.layout, "wal_segment_size_bytes": size, "wal_segment_size_source": size_source,
+        "listing": {"key_count": listing.key_count, "unrecognised_count": listing.unrecognised_count},
+    }
+    index = listing.wal
+    continuity_dict: dict[str, Any] | None = None
+    if listing.layout is not None:
         stream = listing.current_stream
         backups = [b for b in backups if not b.stream or not stream or b.stream == stream]
         histories = layouts.resolve_histories(listing, fetched)
@@ -592,6 +601,26 @@ def audit_cluster(
     body["counts"] = {sev: sum(1 for f in ordered if f.severity == sev) for sev in F.SEVERITIES}
     return reports.envelope(kind=KIND, cluster=cluster.name, run_id=run_id, started_at=started_at,
                             status=F.overall_status(ordered), body=body)
+
+
+def _segment_size_from_backups(cluster: Cluster, backups: list[layouts.BackupRef], listing: layouts.ListingResult,
+                               rows: PrimaryRows | None) -> tuple[int, str, list[F.Finding]]:
+    """The WAL segment size when the primary did not say it: the backups' own metadata, else the default."""
+    evidence = layouts.wal_segment_size_from_backups(backups)
+    if evidence is not None:
+        return evidence.wal_segment_size_bytes, f"backup metadata ({evidence.detail})", []
+    size = wal.DEFAULT_WAL_SEGMENT_SIZE_BYTES
+    if not any(index.segment_count for index in listing.wal_streams.values()):
+        return size, "default (no WAL to read)", []
+    why = "the primary is not asked" if rows is None else f"the primary is unreachable ({rows.error})"
+    return size, "default (assumed)", [F.Finding(
+        id=F.WAL_SEGMENT_SIZE_ASSUMED, severity=F.WARNING,
+        message=f"the WAL segment size of {cluster.name} is unknown: {why} and no finished backup records it; the "
+                f"audit assumes {size} bytes, so gaps and the recoverable window are only right if that is the size",
+        evidence={"assumed_bytes": size, "backups": len(backups), "postgres_conn_id": cluster.postgres_conn_id},
+        fix=f"make the primary reachable through the Airflow connection {cluster.postgres_conn_id!r} "
+            "(postgres_conn_id in the inventory), or take a base backup so its metadata records the size",
+    )]
 
 
 def _lifecycle(s3, cluster: Cluster, *, backups: list[layouts.BackupRef], modified: Mapping[str, datetime],

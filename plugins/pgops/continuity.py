@@ -214,11 +214,14 @@ def check_continuity(
         if backup.wal_segment_size_bytes and backup.wal_segment_size_bytes != size:
             report.findings.append(F.Finding(
                 id=F.WAL_SEGMENT_SIZE_MISMATCH, severity=F.CRITICAL,
-                message=f"backup {backup.backup_id} records wal_segment_size {backup.wal_segment_size_bytes}, "
-                        f"the audit assumes {size}: segment arithmetic would be wrong",
+                message=f"backup {backup.backup_id} was taken with {backup.wal_segment_size_bytes}-byte WAL segments "
+                        f"(xlog_segment_size in its metadata), the archive's WAL is read with {size}-byte segments: "
+                        f"this backup cannot be rolled forward with that WAL",
                 evidence={"backup_id": backup.backup_id, "backup_bytes": backup.wal_segment_size_bytes,
                           "audit_bytes": size},
-                fix="set the cluster's wal_segment_size in the inventory to the backup's value",
+                fix="if the prefix holds another server's backups, correct storage.prefix and storage.server_name in "
+                    "the inventory; if the server's wal_segment_size changed (pg_resetwal --wal-segsize), take a new "
+                    "base backup now and delete this one (barman-cloud-backup-delete) once retention allows",
             ))
             continue
         begin_lsn = _begin_lsn(backup, size)

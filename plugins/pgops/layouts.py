@@ -167,6 +167,18 @@ class SegmentRuns:
         self._last_modified = [r[2] for r in out]
         self._pending = {}
 
+    def append_run(self, first: int, last: int, last_modified: datetime | None, count: int) -> None:
+        """Add a run above every run so far (a re-keyed index): merged with the last one when adjacent."""
+        self._settle()
+        if self._lasts and first <= self._lasts[-1] + 1:
+            if last > self._lasts[-1]:
+                self._lasts[-1], self._last_modified[-1] = last, last_modified
+        else:
+            self._firsts.append(first)
+            self._lasts.append(last)
+            self._last_modified.append(last_modified)
+        self.count += count
+
     def runs(self) -> list[tuple[int, int, datetime | None]]:
         self._settle()
         return list(zip(self._firsts, self._lasts, self._last_modified, strict=True))
@@ -252,6 +264,49 @@ class WalIndex:
     def segment_name(self, timeline: int, segno: int) -> str:
         return wal.segno_to_segment(timeline, segno, self.wal_segment_size_bytes)
 
+    def resized(self, wal_segment_size_bytes: int) -> tuple[WalIndex, int, list[str]]:
+        """This index re-read with a larger (or the same) segment size: (index, misfit count, misfit sample).
+
+        A listing parsed at the smallest size (1 MiB: every valid name fits) is re-keyed once the real size is
+        known (from the backups' metadata): segment (log, seg) keeps its name, only its number changes. Names
+        whose seg part cannot exist with the new size are counted as misfits, as the parser would have.
+        """
+        wal.validate_segment_size(wal_segment_size_bytes)
+        if wal_segment_size_bytes < self.wal_segment_size_bytes:
+            raise ValueError(f"cannot re-key WAL parsed with {self.wal_segment_size_bytes}-byte segments to a smaller "
+                             f"size {wal_segment_size_bytes}: parse the listing again")
+        out = WalIndex(wal_segment_size_bytes=wal_segment_size_bytes, history=dict(self.history),
+                       partial=list(self.partial), backup_label_count=self.backup_label_count,
+                       total_size_bytes=self.total_size_bytes, newest_last_modified=self.newest_last_modified)
+        old_per, new_per = self._per_xlogid, out._per_xlogid
+        misfits, sample = 0, []
+        for tli, runs in sorted(self.timelines.items()):
+            target = SegmentRuns()
+            kept = 0
+            for first, last, last_modified in runs.runs():
+                segno = first
+                while segno <= last:
+                    log, seg = divmod(segno, old_per)
+                    piece_last = min(last, (log + 1) * old_per - 1)
+                    seg_last = piece_last - log * old_per
+                    top = min(seg_last, new_per - 1)
+                    if seg <= top:
+                        target.append_run(log * new_per + seg, log * new_per + top,
+                                          last_modified if top == seg_last and piece_last == last else None,
+                                          top - seg + 1)
+                        kept += top - seg + 1
+                    bad = seg_last - max(seg, top + 1) + 1
+                    if bad > 0:
+                        misfits += bad
+                        if len(sample) < UNRECOGNISED_SAMPLE_KEYS:
+                            sample.append(f"{tli:08X}{log:08X}{max(seg, top + 1):08X}")
+                    segno = piece_last + 1
+            target.count = max(runs.count - (sum(b - a + 1 for a, b, _ in runs.runs()) - kept), 0)
+            if target.count:
+                out.timelines[tli] = target
+            out.segment_count += target.count
+        return out, misfits, sample
+
     @classmethod
     def from_segments(cls, segments: Iterable[str], *, history_timelines: Iterable[int] = (),
                       wal_segment_size_bytes: int = wal.DEFAULT_WAL_SEGMENT_SIZE_BYTES) -> WalIndex:
@@ -311,6 +366,14 @@ class ListingResult:
     def keys_to_fetch(self) -> list[str]:
         return self.backup_metadata_keys + sorted(self.history_keys.values())
 
+    def resize_segments(self, wal_segment_size_bytes: int) -> None:
+        """Re-key every WAL stream to the real segment size (see WalIndex.resized); misfits become findings."""
+        for stream, index in list(self.wal_streams.items()):
+            self.wal_streams[stream], misfits, sample = index.resized(wal_segment_size_bytes)
+            self.misfit_segment_count += misfits
+            self.misfit_segment_sample.extend(sample[:UNRECOGNISED_SAMPLE_KEYS - len(self.misfit_segment_sample)])
+        self.wal_segment_size_bytes = wal_segment_size_bytes
+
     def findings(self) -> list[F.Finding]:
         out: list[F.Finding] = []
         if self.layout is None:
@@ -339,7 +402,9 @@ class ListingResult:
                          f"exist with wal_segment_size {self.wal_segment_size_bytes}: the audit assumes the wrong size"),
                 evidence={"count": self.misfit_segment_count, "sample": self.misfit_segment_sample,
                           "wal_segment_size_bytes": self.wal_segment_size_bytes},
-                fix="set the cluster's wal_segment_size in the inventory to the value of SHOW wal_segment_size",
+                fix="these segments were written by a server with another wal_segment_size (initdb --wal-segsize): "
+                    "check that storage.prefix and storage.server_name in the inventory point at this cluster's "
+                    "own archive; after pg_resetwal --wal-segsize, take a new base backup",
             ))
         return out
 
@@ -741,6 +806,64 @@ def resolve_backups(result: ListingResult, fetched: Mapping[str, bytes]) -> tupl
         except (ValueError, TypeError, AttributeError) as exc:
             unreadable(key, skeleton.backup_id, str(exc))
     return backups, problems
+
+
+_SEGMENT_SIZES = tuple(1 << n for n in range(20, 31))  # what PostgreSQL accepts: 1 MiB .. 1 GiB
+
+
+def segment_sizes_fitting(segment: str, lsn: int) -> set[int]:
+    """The segment sizes with which the WAL file segment contains LSN lsn (its name and the LSN agree)."""
+    _, log, seg = wal.parse_segment_name(segment)
+    if lsn >> 32 != log:
+        return set()
+    return {size for size in _SEGMENT_SIZES if (lsn & 0xFFFFFFFF) // size == seg}
+
+
+@dataclass(frozen=True, kw_only=True)
+class SegmentSizeEvidence:
+    """A WAL segment size read from the backups' own metadata, and where it was read."""
+
+    wal_segment_size_bytes: int
+    backup_id: str
+    detail: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"wal_segment_size_bytes": self.wal_segment_size_bytes, "backup_id": self.backup_id,
+                "detail": self.detail}
+
+
+def wal_segment_size_from_backups(backups: Iterable[BackupRef]) -> SegmentSizeEvidence | None:
+    """The segment size the finished backups record: barman's backup.info says it (xlog_segment_size); for
+    pgBackRest (backup.info) and WAL-G/WAL-E (sentinels) it follows from the begin WAL file name and the begin
+    LSN each backup records, when only one size makes them agree. Newest backup first; None when unknown."""
+    done = [b for b in backups if b.done]
+    done.sort(key=lambda b: (b.end_time or b.begin_time or datetime.min.replace(tzinfo=UTC), b.backup_id),
+              reverse=True)
+    for b in done:
+        if b.wal_segment_size_bytes:
+            try:
+                size = wal.validate_segment_size(b.wal_segment_size_bytes)
+            except ValueError:
+                continue
+            return SegmentSizeEvidence(wal_segment_size_bytes=size, backup_id=b.backup_id,
+                                       detail=f"backup {b.backup_id} records xlog_segment_size={size}")
+    fitting: set[int] | None = None
+    for b in done:
+        if not b.begin_segment or b.begin_lsn is None:
+            continue
+        try:
+            sizes = segment_sizes_fitting(b.begin_segment, b.begin_lsn)
+        except ValueError:
+            continue
+        if not sizes:
+            continue  # a name and LSN that agree with no size: no evidence either way
+        fitting = sizes if fitting is None else fitting & sizes
+        if fitting is not None and len(fitting) == 1:
+            size = next(iter(fitting))
+            return SegmentSizeEvidence(wal_segment_size_bytes=size, backup_id=b.backup_id,
+                                       detail=f"begin WAL {b.begin_segment} holds begin LSN "
+                                              f"{wal.format_lsn(b.begin_lsn)} only with {size}-byte segments")
+    return None
 
 
 def resolve_histories(result: ListingResult, fetched: Mapping[str, bytes]) -> dict[int, list[wal.HistoryEntry]]:
