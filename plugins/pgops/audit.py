@@ -531,6 +531,7 @@ def audit_cluster(
     }
     index = listing.wal
     continuity_dict: dict[str, Any] | None = None
+    continuity = None
     if listing.layout is not None:
         stream = listing.current_stream
         backups = [b for b in backups if not b.stream or not stream or b.stream == stream]
@@ -589,9 +590,11 @@ def audit_cluster(
     # which keys a rule reaches depends on the layout; an empty prefix will be written by our engine
     layout = listing.layout or (storage.layout if storage.layout != "auto" else
                                 layouts.BARMAN_CLOUD if listing.key_count == 0 else None)
+    newest_id, needs = (newest_backup_needs(backups, continuity, index, modified, root=root, layout=layout, now=now)
+                        if continuity_dict is not None else (None, None))
     body["lifecycle"], lifecycle_findings = _lifecycle(s3, cluster, backups=backups, modified=modified,
                                                        interval_s=interval, now=now, apply=apply_lifecycle,
-                                                       layout=layout)
+                                                       layout=layout, newest_backup_id=newest_id, needs=needs)
     findings.extend(lifecycle_findings)
     body["hardening"], hardening_findings = check_hardening(s3, storage.bucket)
     findings.extend(hardening_findings)
@@ -623,9 +626,50 @@ def _segment_size_from_backups(cluster: Cluster, backups: list[layouts.BackupRef
     )]
 
 
+def newest_backup_needs(backups: list[layouts.BackupRef], continuity, index: layouts.WalIndex,
+                        modified: Mapping[str, datetime], *, root: str, layout: str | None,
+                        now: datetime) -> tuple[str | None, list[lifecycle.Need]]:
+    """The newest recoverable backup and what restoring it needs from the bucket: its base files, its metadata,
+    its begin..end WAL and the .history files of the later timelines its recovery follows, each with the age of
+    its oldest object (a lifecycle rule expires by age). ([], None) when no backup is recoverable.
+
+    The WAL after its end only extends how far it rolls forward; restoring it needs none of it.
+    """
+    window = continuity.window
+    backup = next((b for b in backups if window is not None and b.backup_id == window.newest_backup_id), None)
+    if backup is None:
+        return None, []
+
+    def age(when: datetime) -> float:
+        return max((now - when).total_seconds(), 0.0) / 86400
+
+    keys = layouts.backup_keys(backup, layout=layout, root=root)
+    begin = backup.begin_time or _backup_time(backup, modified) or now
+    end = backup.end_time or begin
+    meta_times = [modified[k] for k in backup.metadata_keys if k in modified]
+    needs = [
+        # data files are written from the backup's begin on; the begin WAL is archived after the begin at the
+        # earliest: the begin time is the oldest either can be (a rule expires the oldest first)
+        lifecycle.Need(cls=lifecycle.BASE, what=f"base files ({keys.base or backup.backup_id})", age_days=age(begin),
+                       key=keys.base),
+        lifecycle.Need(cls=lifecycle.WAL, what=f"begin..end WAL ({backup.begin_segment}..{backup.end_segment})",
+                       age_days=age(begin), key=keys.begin_wal),
+        lifecycle.Need(cls=lifecycle.BACKUP_METADATA, what=f"metadata ({keys.metadata or 'backup metadata'})",
+                       age_days=age(min(meta_times) if meta_times else end), key=keys.metadata),
+    ]
+    for tli in continuity.history_needed.get(backup.backup_id, ()):
+        obj = index.history.get(tli)
+        if obj is not None:
+            rel = obj.key[len(root) + 1:] if obj.key.startswith(root + "/") else None
+            needs.append(lifecycle.Need(cls=lifecycle.HISTORY, what=wal.history_file_name(tli),
+                                        age_days=age(obj.last_modified or end), key=rel))
+    return backup.backup_id, needs
+
+
 def _lifecycle(s3, cluster: Cluster, *, backups: list[layouts.BackupRef], modified: Mapping[str, datetime],
                interval_s: float | None, now: datetime, apply: bool,
-               layout: str | None = layouts.BARMAN_CLOUD) -> tuple[dict[str, Any], list[F.Finding]]:
+               layout: str | None = layouts.BARMAN_CLOUD, newest_backup_id: str | None = None,
+               needs: list[lifecycle.Need] | None = None) -> tuple[dict[str, Any], list[F.Finding]]:
     bucket = cluster.storage.bucket
     rules, problem = read_lifecycle(s3, bucket)
     if rules is None:
@@ -641,7 +685,8 @@ def _lifecycle(s3, cluster: Cluster, *, backups: list[layouts.BackupRef], modifi
     kwargs = dict(cluster_prefix=cluster.storage.server_prefix, retention_policy=cluster.retention.policy,
                   backup_interval_days=(interval_s or 86400) / 86400,
                   oldest_needed_backup_age_days=ages[0] if ages else None,
-                  newest_backup_age_days=ages[-1] if ages else None, now=now, layout=layout)
+                  newest_backup_age_days=ages[-1] if ages else None, now=now, layout=layout,
+                  newest_backup_id=newest_backup_id, newest_backup_needs=needs)
     assessment = lifecycle.evaluate_lifecycle(rules, **kwargs)
     out = assessment.to_dict()
     out.pop("findings", None)
@@ -693,6 +738,13 @@ def summary(report: Mapping[str, Any]) -> str:
                      f"to {window['latest_lsn']} ({window['latest_segment']}, {window.get('latest_time')})")
     else:
         lines.append("  recoverable: no recoverable window")
+    loss = (body.get("lifecycle") or {}).get("days_until_loss") or {}
+    if loss.get("days") is not None:
+        first = (loss.get("rules") or [{}])[0]
+        lines.append(f"  days until loss: {loss['days']:.1f} (newest recoverable backup {loss.get('backup_id')}: "
+                     f"rule {first.get('rule_id')} expires {', '.join(first.get('expires') or [])})")
+    elif loss.get("backup_id"):
+        lines.append(f"  days until loss: no lifecycle rule expires what backup {loss['backup_id']} needs")
     counts = body.get("counts", {})
     lines.append(f"  findings: {counts.get(F.CRITICAL, 0)} critical, {counts.get(F.WARNING, 0)} warning, "
                  f"{counts.get(F.OK, 0)} ok")

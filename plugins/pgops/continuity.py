@@ -43,9 +43,11 @@ class RecoveryWindow:
     latest_segment: str
     latest_lsn: int  # end of the last contiguous archived segment
     latest_time: datetime | None  # its last_modified: an upper bound of the last replayable commit
+    newest_backup_id: str | None = None  # the newest backup that can be restored (to its end at least)
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "newest_backup_id": self.newest_backup_id,
             "earliest_backup_id": self.earliest_backup_id,
             "earliest_time": self.earliest_time.isoformat() if self.earliest_time else None,
             "earliest_lsn": wal.format_lsn(self.earliest_lsn) if self.earliest_lsn is not None else None,
@@ -63,6 +65,8 @@ class ContinuityReport:
     inferred_switch_timelines: list[int] = field(default_factory=list)
     complete_backup_ids: list[str] = field(default_factory=list)
     broken_backup_ids: list[str] = field(default_factory=list)
+    # backup id -> the later timelines whose .history file its recovery to the newest WAL follows
+    history_needed: dict[str, tuple[int, ...]] = field(default_factory=dict)
     window: RecoveryWindow | None = None
     findings: list[F.Finding] = field(default_factory=list)
 
@@ -246,6 +250,7 @@ def check_continuity(
         end_segno = _end_segno(backup, size, begin_segno)
         needs_by_backup[backup.backup_id] = _needs(spans, begin_lsn, max(final_last, end_segno), size)
         consistency[backup.backup_id] = (begin_segno, end_segno)
+        report.history_needed[backup.backup_id] = tuple(span.timeline for span in spans[1:])
         for span in spans[1:]:
             if span.timeline not in index.history:
                 ids = report.missing_history.get(span.timeline, ())
@@ -303,6 +308,7 @@ def _window(done: list[BackupRef], needs_by_backup: dict[str, list[_Need]],
         latest_segment=index.segment_name(*latest),
         latest_lsn=(latest[1] + 1) * index.wal_segment_size_bytes,
         latest_time=runs.last_modified_of(latest[1]),
+        newest_backup_id=newest.backup_id,
     )
 
 

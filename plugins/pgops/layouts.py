@@ -808,6 +808,38 @@ def resolve_backups(result: ListingResult, fetched: Mapping[str, bytes]) -> tupl
     return backups, problems
 
 
+@dataclass(frozen=True, kw_only=True)
+class BackupKeys:
+    """Where one backup's objects are, relative to the cluster root (None: not known for this layout)."""
+
+    base: str | None  # prefix of its data files
+    metadata: str | None  # its (first) metadata key
+    begin_wal: str | None  # key (prefix, without compression suffix) of its begin WAL segment
+
+
+def backup_keys(backup: BackupRef, *, layout: str | None, root: str) -> BackupKeys:
+    """The keys of a backup's base files, metadata and begin WAL under the cluster root, per layout."""
+    root = _normalise_prefix(root)
+    first = backup.metadata_keys[0] if backup.metadata_keys else None
+    meta = first[len(root):] if first and first.startswith(root) else None
+    seg = backup.begin_segment
+    base = wal_key = None
+    if layout == BARMAN_CLOUD and meta and meta.endswith("/backup.info"):
+        parts = meta.split("/")  # [<server>/]base/<id>/backup.info
+        server = "/".join(parts[:-3]) + "/" if len(parts) > 3 else ""
+        base = "/".join(parts[:-1]) + "/"
+        wal_key = f"{server}wals/{seg[:16]}/{seg}" if seg else None
+    elif layout == PGBACKREST and meta and meta.startswith("backup/"):
+        stanza = meta.split("/")[1]
+        base = f"backup/{stanza}/{backup.backup_id}/"
+        wal_key = (f"archive/{stanza}/{backup.stream}/{seg[:16]}/{seg}" if seg and backup.stream
+                   else f"archive/{stanza}/")
+    elif layout in (WAL_G, WAL_E):
+        base = f"basebackups_005/{backup.backup_id}/"
+        wal_key = f"wal_005/{seg}" if seg else None
+    return BackupKeys(base=base, metadata=meta, begin_wal=wal_key)
+
+
 _SEGMENT_SIZES = tuple(1 << n for n in range(20, 31))  # what PostgreSQL accepts: 1 MiB .. 1 GiB
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any
@@ -81,14 +81,66 @@ class RuleScope:
     tags: dict[str, str]
 
 
+@dataclass(frozen=True, kw_only=True)
+class Need:
+    """Objects the newest recoverable backup needs to be restored, and the age of the oldest of them.
+
+    key: a key or key prefix relative to the cluster root (a rule whose prefix lies inside the class's
+    directory reaches it only when the prefixes overlap); None: anywhere in its class.
+    """
+
+    cls: str  # WAL, HISTORY, BASE, BACKUP_METADATA
+    what: str  # for messages: "base files (base/<id>/)", "begin..end WAL 0000...", "00000002.history"
+    age_days: float
+    key: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"class": self.cls, "what": self.what, "age_days": self.age_days, "key": self.key}
+
+
+def default_needs(age_days: float) -> list[Need]:
+    """What any backup of this age needs when nothing more is known: its base files, metadata and begin..end WAL."""
+    return [Need(cls=BASE, what="base files", age_days=age_days),
+            Need(cls=BACKUP_METADATA, what="backup metadata", age_days=age_days),
+            Need(cls=WAL, what="begin..end WAL", age_days=age_days)]
+
+
+@dataclass(frozen=True, kw_only=True)
+class LossCountdown:
+    """When one lifecycle rule deletes something the newest recoverable backup needs."""
+
+    rule_id: str
+    days_until_loss: float  # 0: already due (S3 expires asynchronously, within about a day)
+    expires: tuple[str, ...]  # what it deletes first (Need.what)
+    expiration_days: float | None = None  # the rule's Expiration Days
+    expiration_date: str | None = None  # or its Expiration Date
+    oldest_age_days: float | None = None  # age of what it deletes first
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rule_id": self.rule_id, "days_until_loss": self.days_until_loss, "expires": list(self.expires),
+                "expiration_days": self.expiration_days, "expiration_date": self.expiration_date,
+                "oldest_age_days": self.oldest_age_days}
+
+    def describe(self) -> str:
+        if self.expiration_date is not None:
+            return (f"lifecycle rule {self.rule_id} expires {' and '.join(self.expires)} on {self.expiration_date}, "
+                    f"in {self.days_until_loss:.1f} days")
+        return (f"lifecycle rule {self.rule_id} expires {' and '.join(self.expires)} "
+                f"({self.oldest_age_days:.1f} days old, the rule expires after {self.expiration_days:g} days) "
+                + ("now" if self.days_until_loss <= 0 else f"in {self.days_until_loss:.1f} days"))
+
+
 @dataclass(kw_only=True)
 class LifecycleAssessment:
     required_days: int
     findings: list[F.Finding] = field(default_factory=list)
     recommended: dict[str, Any] = field(default_factory=dict)  # boto3 LifecycleConfiguration
-    days_until_last_backup_expires: float | None = None
+    days_until_last_backup_expires: float | None = None  # the newest recoverable backup: days until a rule breaks it
     layout: str | None = layouts.BARMAN_CLOUD
     recommended_notes: list[str] = field(default_factory=list)  # why the recommendation looks as it does
+    newest_backup_id: str | None = None
+    needs: list[Need] = field(default_factory=list)
+    countdown: list[LossCountdown] = field(default_factory=list)  # soonest first
 
     @property
     def status(self) -> str:
@@ -97,6 +149,9 @@ class LifecycleAssessment:
     def to_dict(self) -> dict[str, Any]:
         return {"status": self.status, "required_days": self.required_days,
                 "days_until_last_backup_expires": self.days_until_last_backup_expires,
+                "days_until_loss": {"backup_id": self.newest_backup_id, "days": self.days_until_last_backup_expires,
+                                    "rules": [c.to_dict() for c in self.countdown],
+                                    "needs": [n.to_dict() for n in self.needs]},
                 "layout": self.layout, "findings": [f.to_dict() for f in self.findings],
                 "recommended": self.recommended, "recommended_notes": self.recommended_notes}
 
@@ -303,6 +358,55 @@ def _expiry_days(rule: Mapping[str, Any], today: date) -> float | None:
     return None
 
 
+def _reaches_key(rule: Mapping[str, Any], key: str | None, cluster_prefix: str) -> bool:
+    """Does the rule's prefix overlap the key (or key prefix) relative to the cluster root? (class reach aside)"""
+    base_prefix = cluster_prefix.strip("/") + "/"
+    prefix, _ = _rule_prefix_and_tags(rule)
+    if key is None or base_prefix.startswith(prefix):
+        return True
+    if not prefix.startswith(base_prefix):
+        return False
+    rest = prefix[len(base_prefix):]
+    return key.startswith(rest) or rest.startswith(key)
+
+
+def loss_countdown(
+    rules: list[Mapping[str, Any]] | None,
+    needs: Sequence[Need],
+    *,
+    cluster_prefix: str,
+    object_tags: Mapping[str, Mapping[str, str]] | None = None,
+    layout: str | None = layouts.BARMAN_CLOUD,
+    today: date,
+) -> list[LossCountdown]:
+    """For each enabled expiring rule that reaches something in needs: the days until it deletes the first of it.
+
+    Every rule kind counts: a prefix or tag filter on WAL, base files, metadata or .history files, a bucket-wide
+    rule, Days or Date. Soonest first.
+    """
+    out: list[LossCountdown] = []
+    for rule in rules or []:
+        if rule.get("Status") != "Enabled":
+            continue
+        days = _expiry_days(rule, today)
+        if days is None:
+            continue
+        scope = rule_scope(rule, cluster_prefix=cluster_prefix, object_tags=object_tags, layout=layout)
+        dated = "Date" in (rule.get("Expiration") or {})
+        hits = [(days if dated else days - need.age_days, need) for need in needs
+                if need.cls in scope.classes and _reaches_key(rule, need.key, cluster_prefix)]
+        if not hits:
+            continue
+        left = min(h[0] for h in hits)
+        first = [need for h, need in hits if h == left]
+        out.append(LossCountdown(
+            rule_id=scope.rule_id, days_until_loss=max(left, 0.0), expires=tuple(n.what for n in first),
+            expiration_days=None if dated else days,
+            expiration_date=str(rule["Expiration"]["Date"])[:10] if dated else None,
+            oldest_age_days=None if dated else first[0].age_days))
+    return sorted(out, key=lambda c: (c.days_until_loss, c.rule_id))
+
+
 def evaluate_lifecycle(
     rules: list[Mapping[str, Any]] | None,
     *,
@@ -316,12 +420,18 @@ def evaluate_lifecycle(
     now: datetime | None = None,
     wal_tag: tuple[str, str] = DEFAULT_WAL_TAG,
     layout: str | None = layouts.BARMAN_CLOUD,
+    newest_backup_id: str | None = None,
+    newest_backup_needs: Sequence[Need] | None = None,
 ) -> LifecycleAssessment:
     """Findings for the bucket's lifecycle rules and a corrected configuration.
 
     rules: the "Rules" list, or None/[] when the bucket has no lifecycle configuration.
     layout: the bucket layout under cluster_prefix (None: not recognised, every key counts).
     newest_backup_age_days: age of the newest finished backup, to tell when backups have stopped.
+    newest_backup_id, newest_backup_needs: the newest recoverable backup and what it needs (its base files,
+    metadata, begin..end WAL, .history files of later timelines, each with its age and key): the countdown
+    to its loss counts every rule that reaches one of them. [] with no id: no backup is recoverable. None:
+    its needs follow from newest_backup_age_days (default_needs).
     """
     policy = retention_policy if isinstance(retention_policy, RetentionPolicy) else parse_retention_policy(
         retention_policy)
@@ -339,7 +449,14 @@ def evaluate_lifecycle(
         wal_fix = ""
         history_fix = f"remove the rule's expiration and let {paths.retention} expire WAL: {paths.no_wal_rule}"
     rules = list(rules or [])
-    base_expiry: list[float] = []
+    if newest_backup_needs is None and newest_backup_age_days is not None:
+        newest_backup_needs = default_needs(newest_backup_age_days)
+    assessment.newest_backup_id = newest_backup_id
+    assessment.needs = list(newest_backup_needs or [])
+    assessment.countdown = loss_countdown(rules, assessment.needs, cluster_prefix=cluster_prefix,
+                                          object_tags=object_tags, layout=layout, today=today)
+    soonest = assessment.countdown[0] if assessment.countdown else None
+    assessment.days_until_last_backup_expires = soonest.days_until_loss if soonest else None
     if not rules:
         out.append(F.Finding(
             id=F.LIFECYCLE_ABSENT, severity=F.OK,
@@ -420,19 +537,38 @@ def evaluate_lifecycle(
                 evidence=evidence,
                 fix=f"remove that expiration; {paths.retention} deletes backups with their metadata",
             ))
-        if BASE in scope.classes:
-            base_expiry.append(days)
+    left = assessment.days_until_last_backup_expires
+    backup = f"the newest recoverable backup{f' {newest_backup_id}' if newest_backup_id else ''}"
+    if soonest is not None:
+        others = [c for c in assessment.countdown[1:]]
+        countdown = (f"{backup} becomes unrecoverable in {left:.1f} days: {soonest.describe()}"
+                     + (f"; also {'; '.join(c.describe() for c in others[:3])}" if others else ""))
+    elif newest_backup_needs is not None and not newest_backup_needs and newest_backup_id is None:
+        countdown = "no backup is recoverable now"
+    else:
+        countdown = (f"no lifecycle rule expires what {backup} needs (its base files, metadata, begin..end WAL "
+                     f"and .history files)")
+    overdue = newest_backup_age_days is not None and newest_backup_age_days > 1.25 * backup_interval_days
+    loss_evidence = {"backup_id": newest_backup_id, "days_until_last_backup_expires": left,
+                     "rules": [c.to_dict() for c in assessment.countdown],
+                     "needs": [n.to_dict() for n in assessment.needs], "newest_backup_age_days": newest_backup_age_days,
+                     "backup_interval_days": backup_interval_days}
+    if soonest is not None:
+        severity = (F.CRITICAL if overdue and left <= margin_days
+                    else F.WARNING if overdue or left <= backup_interval_days else F.OK)
+        out.append(F.Finding(
+            id=F.LIFECYCLE_DAYS_UNTIL_LOSS, severity=severity,
+            message=f"without a newer backup, {countdown}",
+            evidence=loss_evidence,
+            fix=(f"run the backup DAG now (a new backup restarts the countdown); until it has run, disable rule "
+                 f"{soonest.rule_id} or raise its Expiration Days to at least {needed}") if severity != F.OK else "",
+        ))
     if newest_backup_age_days is not None and newest_backup_age_days > 2 * backup_interval_days:
-        left = min(base_expiry) - newest_backup_age_days if base_expiry else None
-        assessment.days_until_last_backup_expires = left
-        countdown = (f"the last recoverable backup expires in {left:.1f} days by lifecycle"
-                     if left is not None else "no lifecycle rule expires it")
         out.append(F.Finding(
             id=F.BACKUPS_STOPPED, severity=F.CRITICAL if left is not None and left <= margin_days else F.WARNING,
             message=f"newest backup of {cluster_prefix} is {newest_backup_age_days:.1f} days old (interval "
                     f"{backup_interval_days:g} days): backups have stopped; {countdown}",
-            evidence={"newest_backup_age_days": newest_backup_age_days, "backup_interval_days": backup_interval_days,
-                      "days_until_last_backup_expires": left},
+            evidence=loss_evidence,
             fix="run the backup DAG now and check its recent failures; disable expiring rules until a new "
                 "backup exists",
         ))

@@ -191,7 +191,12 @@ def test_bucket_wide_rule_on_pgbackrest_is_raised():
 def test_stopped_backups_count_down_on_the_layouts_base_prefix():
     result = evaluate([rule("basebackups_005/", 30)], layouts.WAL_G, newest_backup_age_days=26)
     assert result.days_until_last_backup_expires == pytest.approx(4)
-    assert evaluate([rule("wal_005/", 30)], layouts.WAL_G,
+    # a WAL-only rule breaks the backup too: its begin..end WAL goes first (every rule kind counts)
+    wal_only = evaluate([rule("wal_005/", 30)], layouts.WAL_G, newest_backup_age_days=26)
+    assert wal_only.days_until_last_backup_expires == pytest.approx(4)
+    assert wal_only.countdown[0].expires == ("begin..end WAL",)
+    # a rule on another layout's paths reaches nothing of it
+    assert evaluate([rule("wals/", 30)], layouts.WAL_G,
                     newest_backup_age_days=26).days_until_last_backup_expires is None
 
 
