@@ -322,16 +322,34 @@ def log_timestamp(text: str | None) -> datetime | None:
 
 
 # -- RTO trend -----------------------------------------------------------------------------------
+MIN_RESTORES = 3  # restores of different sizes behind a forecast
+MIN_SIZE_STEP = 0.10  # sizes count as different when at least 10% apart
+NOT_ENOUGH_DATA = "not_enough_data"
+
+
 @dataclass(frozen=True, kw_only=True)
 class RtoTrend:
+    """RTO = fixed_s + seconds_per_gib * size, fitted on verified restores, and its forecast at the horizon.
+
+    status "ok" only with at least MIN_RESTORES restores of MIN_RESTORES different sizes and a positive per-GiB
+    cost; otherwise NOT_ENOUGH_DATA with the reason, and no number at all (no extrapolation from one point).
+    """
+
     points: int
     seconds_per_gib: float | None = None
-    intercept_s: float | None = None
+    intercept_s: float | None = None  # the fixed cost (download set-up, start, replay of the last WAL)
     growth_bytes_per_day: float | None = None
     projected_rto_s: float | None = None
     horizon_days: int = 0
     days_until_target: float | None = None
     warning: str | None = None
+    status: str = NOT_ENOUGH_DATA
+    reason: str | None = None
+    distinct_sizes: int = 0
+    size_min_bytes: int | None = None  # the fitted range: the smallest and largest restored size
+    size_max_bytes: int | None = None
+    size_now_bytes: int | None = None  # the newest restore's size
+    projected_size_bytes: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -350,29 +368,48 @@ def _least_squares(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, flo
     return slope, my - slope * mx
 
 
+def distinct_sizes(sizes: Sequence[float], step: float = MIN_SIZE_STEP) -> int:
+    """How many different sizes: sorted, a size starts a new one when over the last one's start by more than step."""
+    count, start = 0, None
+    for size in sorted(sizes):
+        if start is None or size > start * (1 + step):
+            count, start = count + 1, size
+    return count
+
+
 def rto_trend(history: Sequence[dict[str, Any]], *, target_s: float, horizon_days: int,
-              min_points: int = 3) -> RtoTrend:
-    """Fit RTO against size and size against time; warn when the projected RTO crosses the target within the horizon.
+              min_points: int = MIN_RESTORES) -> RtoTrend:
+    """Fit RTO = fixed + per-GiB cost on the restores and size against time; warn when the forecast crosses the target.
 
     ``history`` items: {"at": datetime, "size_bytes": int, "rto_s": float} (this run included).
     """
     pts = [p for p in history if p.get("size_bytes") and p.get("rto_s") is not None and p.get("at") is not None]
     pts.sort(key=lambda p: p["at"])
-    if len(pts) < min_points:
-        return RtoTrend(points=len(pts), horizon_days=horizon_days)
-    fit = _least_squares([p["size_bytes"] for p in pts], [p["rto_s"] for p in pts])
+    sizes = [float(p["size_bytes"]) for p in pts]
+    rtos = [float(p["rto_s"]) for p in pts]
+    distinct = distinct_sizes(sizes)
+    known = {"points": len(pts), "horizon_days": horizon_days, "distinct_sizes": distinct,
+             "size_min_bytes": int(min(sizes)) if sizes else None, "size_max_bytes": int(max(sizes)) if sizes else None,
+             "size_now_bytes": int(sizes[-1]) if sizes else None}
+    if len(pts) < min_points or distinct < min_points:
+        return RtoTrend(**known, reason=(
+            f"{len(pts)} verified restore(s) of {distinct} different size(s); a forecast needs {min_points} restores of "
+            f"{min_points} sizes at least {MIN_SIZE_STEP:.0%} apart"))
+    slope, intercept = _least_squares(sizes, rtos)  # the sizes vary: distinct >= 3
+    if slope <= 0:
+        return RtoTrend(**known, reason=(
+            f"the {len(pts)} restores do not take longer when larger (fitted {slope * 2**30:.1f} s per GiB): "
+            "their times are noise for a forecast"))
+    if intercept < 0:  # a fixed cost below zero is meaningless: the per-GiB cost alone, through the origin
+        slope, intercept = sum(x * y for x, y in zip(sizes, rtos, strict=True)) / sum(x * x for x in sizes), 0.0
     t0 = pts[0]["at"]
-    days = [(p["at"] - t0).total_seconds() / 86400 for p in pts]
-    growth = _least_squares(days, [p["size_bytes"] for p in pts])
-    if fit is None or growth is None:
-        return RtoTrend(points=len(pts), horizon_days=horizon_days)
-    slope, intercept = fit
-    growth_per_day = growth[0]
-    now_size = growth[0] * days[-1] + growth[1]
-    size_h = now_size + growth_per_day * horizon_days
+    growth = _least_squares([(p["at"] - t0).total_seconds() / 86400 for p in pts], sizes)
+    growth_per_day = growth[0] if growth is not None else 0.0
+    now_size = sizes[-1]
+    size_h = now_size + max(growth_per_day, 0.0) * horizon_days
     projected = intercept + slope * size_h
     days_until = None
-    if slope > 0 and growth_per_day > 0:
+    if growth_per_day > 0:
         size_at_target = (target_s - intercept) / slope
         days_until = max(0.0, (size_at_target - now_size) / growth_per_day)
     warning = None
@@ -380,11 +417,11 @@ def rto_trend(history: Sequence[dict[str, Any]], *, target_s: float, horizon_day
         when = f"in about {days_until:.0f} days" if days_until is not None and math.isfinite(days_until) else "soon"
         warning = (f"RTO is projected to reach {projected:.0f} s within {horizon_days} days (target {target_s:.0f} s; "
                    f"crossing {when}) at the current growth of {human_bytes(growth_per_day)}/day and "
-                   f"{slope * 2**30:.1f} s per GiB. Fix: plan for it (faster restore host, parallel download, "
-                   "smaller database, or a revised target)")
-    return RtoTrend(points=len(pts), seconds_per_gib=slope * 2**30, intercept_s=intercept,
-                    growth_bytes_per_day=growth_per_day, projected_rto_s=projected, horizon_days=horizon_days,
-                    days_until_target=days_until, warning=warning)
+                   f"{intercept:.0f} s + {slope * 2**30:.1f} s per GiB. Fix: plan for it (faster restore host, parallel "
+                   "download, smaller database, or a revised target)")
+    return RtoTrend(**known, seconds_per_gib=slope * 2**30, intercept_s=intercept, growth_bytes_per_day=growth_per_day,
+                    projected_rto_s=projected, days_until_target=days_until, warning=warning, status="ok",
+                    projected_size_bytes=size_h)
 
 
 def report_status(*, failed: bool, rto_s: float | None, rto_target_s: float, trend_warning: str | None) -> str:

@@ -130,18 +130,46 @@ def test_choose_backup():
 def test_rto_trend_warns_before_the_target_is_crossed():
     t0 = datetime(2024, 1, 1, tzinfo=UTC)
     gib = 2**30
-    # 100 GiB growing 1 GiB/day; RTO = 60 s + 30 s/GiB: 3060 s now, target 3600 s reached at 118 GiB (day ~18).
-    history = [{"at": t0 + timedelta(days=d), "size_bytes": (100 + d) * gib, "rto_s": 60 + 30 * (100 + d)}
+    # 100 GiB growing 10 GiB/day; RTO = 60 s + 30 s/GiB: 6060 s at 200 GiB, target 9060 s reached at 300 GiB (day 10).
+    history = [{"at": t0 + timedelta(days=d), "size_bytes": (100 + 10 * d) * gib, "rto_s": 60 + 30 * (100 + 10 * d)}
                for d in range(0, 11)]
-    trend = core.rto_trend(history, target_s=3600, horizon_days=30)
-    assert trend.points == 11 and trend.seconds_per_gib == pytest.approx(30)
-    assert trend.growth_bytes_per_day == pytest.approx(gib)
-    assert trend.days_until_target == pytest.approx(8, abs=0.01)
-    assert trend.warning and "within 30 days" in trend.warning and "in about 8 days" in trend.warning
-    assert core.rto_trend(history, target_s=3600, horizon_days=5).warning is None
-    assert core.rto_trend(history[:2], target_s=3600, horizon_days=30).points == 2  # too little history: no fit
-    flat = [{**p, "size_bytes": 100 * gib} for p in history]
-    assert core.rto_trend(flat, target_s=3600, horizon_days=30).warning is None
+    trend = core.rto_trend(history, target_s=9060, horizon_days=30)
+    assert trend.status == "ok" and trend.points == 11 and trend.seconds_per_gib == pytest.approx(30)
+    assert trend.intercept_s == pytest.approx(60) and trend.growth_bytes_per_day == pytest.approx(10 * gib)
+    assert trend.days_until_target == pytest.approx(10, abs=0.01)
+    assert trend.projected_rto_s == pytest.approx(60 + 30 * 500)
+    assert (trend.size_min_bytes, trend.size_max_bytes) == (100 * gib, 200 * gib)
+    assert trend.warning and "within 30 days" in trend.warning and "in about 10 days" in trend.warning
+    assert core.rto_trend(history, target_s=9060, horizon_days=5).warning is None
+    assert core.rto_trend(history[:2], target_s=9060, horizon_days=30).points == 2  # too little history: no fit
+
+
+def test_rto_trend_needs_three_restores_of_different_sizes():
+    t0 = datetime(2024, 1, 1, tzinfo=UTC)
+    mb = 2**20
+    # the field report: restores of about 41 MB, 4 s each; a fit on them read 7,542 s per GiB
+    same = [{"at": t0 + timedelta(days=d), "size_bytes": int((41 + 0.1 * d) * mb), "rto_s": 4.0 + 0.8 * d}
+            for d in range(5)]
+    trend = core.rto_trend(same, target_s=3600, horizon_days=90)
+    assert trend.status == core.NOT_ENOUGH_DATA and trend.distinct_sizes == 1
+    assert trend.seconds_per_gib is None and trend.projected_rto_s is None and trend.warning is None
+    assert "5 verified restore(s) of 1 different size(s)" in trend.reason
+    one = core.rto_trend(same[:1], target_s=3600, horizon_days=90)
+    assert one.status == core.NOT_ENOUGH_DATA and one.projected_rto_s is None
+    # two sizes are still not three
+    two = same[:3] + [{"at": t0 + timedelta(days=9), "size_bytes": 400 * mb, "rto_s": 30.0}]
+    assert core.rto_trend(two, target_s=3600, horizon_days=90).distinct_sizes == 2
+    # three sizes, but bigger is not slower: no per-GiB cost to forecast with
+    noise = [{"at": t0 + timedelta(days=d), "size_bytes": s * mb, "rto_s": r}
+             for d, (s, r) in enumerate(((100, 50.0), (200, 40.0), (400, 30.0)))]
+    flat = core.rto_trend(noise, target_s=3600, horizon_days=90)
+    assert flat.status == core.NOT_ENOUGH_DATA and "do not take longer" in flat.reason
+    # a negative fixed cost is fitted again through the origin
+    steep = [{"at": t0 + timedelta(days=d), "size_bytes": s * 2**30, "rto_s": r}
+             for d, (s, r) in enumerate(((1, 5.0), (2, 30.0), (4, 80.0)))]
+    through = core.rto_trend(steep, target_s=3600, horizon_days=90)
+    assert through.status == "ok" and through.intercept_s == 0.0 and through.seconds_per_gib == pytest.approx(
+        (1 * 5 + 2 * 30 + 4 * 80) / (1 + 4 + 16))
 
 
 def test_report_status_and_history():

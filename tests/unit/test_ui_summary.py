@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime, timedelta
 
+import pytest
+
 from pgops.reports import envelope
 from pgops.ui import charts, summary
 from pgops.ui.summary import AMBER, GREEN, RED
@@ -123,7 +125,7 @@ def test_stopped_backups_are_red_with_days_until_loss():
                                            days_until_last_backup_expires=3.0)])
     row = summary.fleet_row("main", now=NOW, audit=audit, restore=restore_report(), audit_interval_s=86400)
     assert row["colour"] == RED
-    assert row["reason"].startswith("backups have stopped") and "expires by lifecycle in 2.5 days" in row["reason"]
+    assert row["reason"].startswith("backups have stopped") and "unrecoverable in 2.5 days" in row["reason"]
     assert abs(row["days_until_loss"] - 2.5) < 1e-6
     assert any(r["colour"] == AMBER and r["text"].startswith("BACKUPS_STOPPED") for r in row["reasons"])
 
@@ -159,10 +161,33 @@ def test_no_audit_at_all_is_amber_unknown_and_no_backup_is_red():
 def test_rto_over_target_is_red_and_forecast_over_target_is_amber():
     row = summary.fleet_row("main", now=NOW, audit=audit_report(HEALTHY_BACKUPS), restore=restore_report(rto_s=4000))
     assert row["colour"] == RED and "over the target" in row["reason"]
-    trend = {"points": 5, "projected_rto_s": 5000, "horizon_days": 90, "days_until_target": 40.0}
-    row = summary.fleet_row("main", now=NOW, audit=audit_report(HEALTHY_BACKUPS), restore=restore_report(trend=trend))
-    assert row["colour"] == AMBER and "RTO forecast" in row["reason"] and "in about 40 days" in row["reason"]
-    assert row["rto_forecast"]["over_target"]
+    # 3 restores of growing sizes: 10 GiB more every 10 days at 100 s per GiB crosses 3600 s within 90 days
+    reps = [restore_report(days_ago=d, size=int(s * 2**30), rto_s=100.0 * s) for d, s in ((20.2, 10), (10.2, 20), (0.2, 30))]
+    row = summary.fleet_row("main", now=NOW, audit=audit_report(HEALTHY_BACKUPS), restore=reps[-1], restores=reps)
+    assert row["colour"] == AMBER and "RTO forecast" in row["reason"] and "in about 6 days" in row["reason"]
+    assert row["rto_forecast"]["over_target"] and row["rto_forecast"]["status"] == "ok"
+    series = summary.rto_series(reps, target_s=3600)
+    assert series["forecast"]["text"] == row["rto_forecast"]["text"]  # the same figure in both views
+    assert row["rto_forecast"]["projected_rto_s"] == pytest.approx(100.0 * (30 + 90))
+
+
+def test_one_restore_is_not_enough_data_in_both_views_whatever_its_stored_trend():
+    # the field report: one 41 MB restore in 4 s stored a trend of 7,542 s per GiB and 5.6 h in 90 days
+    stored = {"points": 3, "seconds_per_gib": 7542.0, "projected_rto_s": 20160.0, "horizon_days": 90}
+    rep = restore_report(size=41 * 2**20, rto_s=4.0, trend=stored)
+    row = summary.fleet_row("main", now=NOW, audit=audit_report(HEALTHY_BACKUPS), restore=rep, restores=[rep])
+    series = summary.rto_series([rep], target_s=3600)
+    for forecast in (row["rto_forecast"], series["forecast"]):
+        assert forecast["status"] == "not_enough_data" and forecast["projected_rto_s"] is None
+        assert forecast["text"].startswith("not enough data: 1 verified restore(s) of 1 different size(s)")
+    assert row["rto_forecast"]["text"] == series["forecast"]["text"]
+    assert series["fit"] is None and series["projection"] is None and not series["over_target"]
+    assert row["colour"] == GREEN
+    # without the history the fleet row has only the latest report: no forecast from it either
+    assert summary.fleet_row("main", now=NOW, audit=audit_report(HEALTHY_BACKUPS),
+                             restore=rep)["rto_forecast"]["status"] == "not_enough_data"
+    svg = charts.rto_svg(series)
+    assert 'class="trend"' not in svg and "not enough data" in svg and svg.count("data-at=") == 1
 
 
 def test_backup_event_newer_than_the_audit_counts():
@@ -184,8 +209,12 @@ def test_rto_series_fits_and_forecasts():
     assert len(series["points"]) == 4 and len(series["failed"]) == 1
     assert abs(series["trend"]["seconds_per_gib"] - 100) < 1e-6
     assert series["over_target"]  # growing 1 GiB per ~10 days: 600 s is crossed within 90 days
+    # the fit covers the measured sizes only; the forecast is its own point
+    assert (series["fit"]["from"]["size_bytes"], series["fit"]["to"]["size_bytes"]) == (2**30, 4 * 2**30)
+    assert series["projection"]["size_bytes"] > 4 * 2**30
     svg = charts.rto_svg(series)
     assert svg.count("data-at=") == 4 and 'class="trend"' in svg and 'class="target"' in svg
+    assert 'class="forecast-point"' in svg and 'class="forecast"' in svg
 
 
 def _migration(durations, *, outcome, r, status="ok", downtime_s=40.0):

@@ -114,7 +114,7 @@ def create_app(source: ReportSource | None = None) -> FastAPI:
         r = summary.fleet_row(
             c.name, now=now, audit=s.latest(c, "wal-audit"), restore=s.latest(c, "restore-verify"),
             migration=s.latest(c, "ebs-migration"), backup_event=events[0] if events else None,
-            rto_target_s=c.targets.rto_s, rpo_target_s=c.targets.rpo_s,
+            restores=s.history(c, "restore-verify", RESTORE_HISTORY), rto_target_s=c.targets.rto_s, rpo_target_s=c.targets.rpo_s,
             backup_interval_s=interval_s(c.schedule.backup, now=now),
             audit_interval_s=interval_s(c.schedule.audit, now=now),
             restore_interval_s=interval_s(c.schedule.restore_verify, now=now))
@@ -357,7 +357,9 @@ def _fleet_html(rows: list[dict[str, Any]], base: str) -> str:
             restore = "never"
         forecast = (f"{summary.human_duration(fc['projected_rto_s'])} in {_e(fc['horizon_days'])} d "
                     f"<span class='badge {'amber' if fc['over_target'] else 'green'}'>"
-                    f"{'over' if fc['over_target'] else 'under'} target</span>" if fc else "—")
+                    f"{'over' if fc['over_target'] else 'under'} target</span>"
+                    if fc and summary.num(fc.get("projected_rto_s")) is not None else
+                    f"<span class='small muted rto-not-enough-data'>{_e(fc['text'])}</span>" if fc else "—")
         loss = f"{r['days_until_loss']:.1f}" if summary.num(r["days_until_loss"]) is not None else "—"
         migration = (f"<a href='{base}/migration?cluster={quote(r['cluster'])}&run_id={quote(str(mig['run_id']))}'>"
                      f"{_colour(mig['colour'], mig['outcome'] or mig['status'])}</a>" if mig else "—")
@@ -422,11 +424,7 @@ def _replication_html(rv: dict[str, Any] | None) -> str:
 def _cluster_html(r: dict[str, Any], tl: dict[str, Any], rto: dict[str, Any], migrations: list[dict[str, Any]],
                   base: str, days: int) -> str:
     reasons = "".join(f"<li>{_colour(x['colour'], '')} {_e(x['text'])}</li>" for x in r["reasons"])
-    trend = rto["trend"]
-    trend_text = (f"{trend['seconds_per_gib']:.1f} s per GiB; forecast {summary.human_duration(trend['projected_rto_s'])} "
-                  f"in {trend['horizon_days']} days (target {summary.human_duration(rto['target_s'])})"
-                  if summary.num(trend.get("seconds_per_gib")) is not None else
-                  f"{len(rto['points'])} measured restore(s): a trend needs at least 3")
+    trend_text = f"RTO forecast: {rto['forecast']['text']}"  # the fleet table's figure, from the same function
     runs = "".join(f"<li>{_e(k)}: <a href='/dags/{quote(v['dag_id'])}/runs/{quote(v['run_id'])}' target='_top'>"
                    f"{_e(v['run_id'])}</a> {_e(v['state'])}</li>" for k, v in (r.get("runs") or {}).items() if v)
     mig = "".join(f"<li><a href='{base}/migration?cluster={quote(r['cluster'])}&run_id={quote(str(m['run_id']))}'>"

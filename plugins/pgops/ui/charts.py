@@ -45,6 +45,8 @@ svg.pg-chart .restore-point.ok, svg.pg-chart .rto-point.ok { fill: var(--pg-gree
 svg.pg-chart .restore-point.failed, svg.pg-chart .rto-point.failed { fill: var(--pg-red); }
 svg.pg-chart .trend { stroke: var(--pg-wal); stroke-width: 2; stroke-dasharray: 6 4; fill: none; }
 svg.pg-chart .target { stroke: var(--pg-red); stroke-width: 1.5; stroke-dasharray: 2 3; }
+svg.pg-chart .forecast { stroke: var(--pg-wal); stroke-width: 1.5; stroke-dasharray: 1 4; fill: none; }
+svg.pg-chart .forecast-point { fill: none; stroke: var(--pg-wal); stroke-width: 2; }
 svg.pg-chart .floor { stroke: var(--pg-amber); stroke-width: 1.5; stroke-dasharray: 6 3; }
 svg.pg-chart .round-bar { fill: var(--pg-wal); }
 svg.pg-chart .round-bar.red { fill: var(--pg-red); }
@@ -229,8 +231,11 @@ def rto_svg(series: dict[str, Any], *, width: int = 640, height: int = 340) -> s
     pts = series.get("points", [])
     target = float(series.get("target_s") or 0)
     fit = series.get("fit")
-    sizes = [p["size_bytes"] for p in pts] + ([fit["to"]["size_bytes"]] if fit else [])
-    rtos = [p["rto_s"] for p in pts] + ([fit["to"]["rto_s"], fit["from"]["rto_s"]] if fit else []) + [target]
+    proj = series.get("projection")
+    sizes = [p["size_bytes"] for p in pts] + ([fit["to"]["size_bytes"]] if fit else []) + (
+        [proj["size_bytes"]] if proj else [])
+    rtos = [p["rto_s"] for p in pts] + ([fit["to"]["rto_s"], fit["from"]["rto_s"]] if fit else []) + [target] + (
+        [proj["rto_s"]] if proj else [])
     gib = 2**30
     x_hi = max(sizes, default=gib) / gib * 1.05 or 1.0
     xt = nice_ticks(0, x_hi)
@@ -260,12 +265,18 @@ def rto_svg(series: dict[str, Any], *, width: int = 640, height: int = 340) -> s
     if target:
         out.append(f'<line class="target" x1="{left}" y1="{y(target):.1f}" x2="{width - right}" y2="{y(target):.1f}">'
                    f'<title>RTO target {human_duration(target)}</title></line>')
-    if fit:
+    forecast = series.get("forecast") or {}
+    if fit:  # over the restored sizes only: the fitted range
         out.append(f'<line class="trend" x1="{x(fit["from"]["size_bytes"]):.1f}" y1="{y(fit["from"]["rto_s"]):.1f}" '
-                   f'x2="{x(fit["to"]["size_bytes"]):.1f}" y2="{y(fit["to"]["rto_s"]):.1f}"><title>least-squares trend, '
-                   f'{series["trend"].get("seconds_per_gib", 0):.1f} s per GiB; forecast '
-                   f'{human_duration(series["trend"].get("projected_rto_s"))} in {series["trend"].get("horizon_days")} days'
-                   f'</title></line>')
+                   f'x2="{x(fit["to"]["size_bytes"]):.1f}" y2="{y(fit["to"]["rto_s"]):.1f}"><title>fit over the restored '
+                   f'sizes: {_e(forecast.get("text", ""))}</title></line>')
+    if fit and proj:
+        if proj["size_bytes"] > fit["to"]["size_bytes"]:
+            out.append(f'<line class="forecast" x1="{x(fit["to"]["size_bytes"]):.1f}" y1="{y(fit["to"]["rto_s"]):.1f}" '
+                       f'x2="{x(proj["size_bytes"]):.1f}" y2="{y(proj["rto_s"]):.1f}"/>')
+        out.append(f'<path class="forecast-point" d="{_diamond(x(proj["size_bytes"]), y(proj["rto_s"]), 6)}"><title>'
+                   f'forecast in {_e(proj.get("horizon_days"))} days: {human_bytes(proj["size_bytes"])} restored in '
+                   f'{human_duration(proj["rto_s"])}</title></path>')
     for p in pts:
         cls = "ok" if p.get("passed") else "failed"
         out.append(f'<circle class="rto-point {cls}" data-at="{_e(p.get("at"))}" cx="{x(p["size_bytes"]):.1f}" cy="{y(p["rto_s"]):.1f}" r="5">'
@@ -274,8 +285,14 @@ def rto_svg(series: dict[str, Any], *, width: int = 640, height: int = 340) -> s
     if not pts:
         out.append(f'<text class="muted" x="{left + plot_w / 2:.1f}" y="{top + plot_h / 2:.1f}" text-anchor="middle">'
                    "no measured restore yet</text>")
-    out.append(_legend([("dot", "rto-point ok", "measured RTO"), ("line", "trend", "least-squares trend"),
-                        ("line", "target", "RTO target")], left, height - 8))
+    elif not fit:
+        out.append(f'<text class="muted not-enough-data" x="{left + plot_w / 2:.1f}" y="{top + 14}" '
+                   f'text-anchor="middle">not enough data for a trend: {_e(forecast.get("points", len(pts)))} '
+                   f'restore(s) of {_e(forecast.get("distinct_sizes", "?"))} size(s), 3 of different sizes needed'
+                   '</text>')
+    out.append(_legend([("dot", "rto-point ok", "measured RTO"), ("line", "trend", "fit (restored sizes)"),
+                        ("diamond", "forecast-point", "forecast"), ("line", "target", "RTO target")],
+                       left, height - 8))
     out.append("</svg>")
     return "".join(out)
 

@@ -94,6 +94,7 @@ def fleet_row(
     restore: Mapping[str, Any] | None = None,
     migration: Mapping[str, Any] | None = None,
     backup_event: Mapping[str, Any] | None = None,
+    restores: Sequence[Mapping[str, Any]] | None = None,
     rto_target_s: float = 3600,
     rpo_target_s: float = 300,
     backup_interval_s: float | None = DAY_S,
@@ -103,6 +104,8 @@ def fleet_row(
     """One cluster at a glance: what can be restored, when it was last proven, and the colour with why.
 
     ``backup_event`` is the extra of the newest backup asset event (it may be newer than the last audit).
+    ``restores``: the restore-verify reports behind the RTO forecast, the same ones the cluster page's chart
+    uses (`rto_series`), so both show the same figure; None: only the latest (which is not enough for one).
     """
     reasons: list[dict[str, str]] = []
 
@@ -155,13 +158,20 @@ def fleet_row(
             say(RED, "the last WAL audit failed to run: recoverability is unknown")
         if not window and audit.get("status") != "failed":
             say(RED, "no recoverable window: no backup can be restored and rolled forward")
-        left = (a.get("lifecycle") or {}).get("days_until_last_backup_expires")
+        lifecycle = a.get("lifecycle") or {}
+        left = num(lifecycle.get("days_until_last_backup_expires"))
         if left is None:
             for f in findings:
-                if f.get("id") == "BACKUPS_STOPPED":
-                    left = (f.get("evidence") or {}).get("days_until_last_backup_expires")
+                if f.get("id") in ("BACKUPS_STOPPED", "LIFECYCLE_DAYS_UNTIL_LOSS"):
+                    left = num((f.get("evidence") or {}).get("days_until_last_backup_expires"))
+                    if left is not None:
+                        break
         if left is not None and audit_age is not None:
-            days_until_loss = float(left) - audit_age / DAY_S
+            days_until_loss = max(left - audit_age / DAY_S, 0.0)  # the countdown went on since the audit
+            loss = lifecycle.get("days_until_loss") if isinstance(lifecycle.get("days_until_loss"), Mapping) else {}
+            rules = [x for x in loss.get("rules") or [] if isinstance(x, Mapping)]
+            loss_by = (f"lifecycle rule {rules[0].get('rule_id')} expires "
+                       f"{' and '.join(str(e) for e in rules[0].get('expires') or [])}" if rules else "by lifecycle")
 
     # backups stopped or overdue, judged now (the audit may be hours old)
     if backup_age is None:
@@ -169,8 +179,8 @@ def fleet_row(
             say(RED, "no finished base backup: nothing can be restored")
     elif backup_interval_s:
         if backup_age > 2 * backup_interval_s:
-            loss = (f"; the last recoverable backup expires by lifecycle in {days_until_loss:.1f} days"
-                    if days_until_loss is not None else "")
+            loss = (f"; the newest recoverable backup becomes unrecoverable in {days_until_loss:.1f} days "
+                    f"({loss_by})" if days_until_loss is not None else "")
             say(RED, f"backups have stopped: the newest base backup is {human_duration(backup_age)} old "
                      f"(one every {human_duration(backup_interval_s)}){loss}")
         elif backup_age > backup_interval_s + max(3600.0, 0.25 * backup_interval_s):
@@ -180,7 +190,6 @@ def fleet_row(
     # the last restore verification: when was recoverability last proven, and how fast
     r = _body(restore)
     restore_row = None
-    forecast = None
     if restore is None:
         say(AMBER, "never proven restorable: no restore verification report yet (run pgops_restore_verify)")
     else:
@@ -210,16 +219,13 @@ def fleet_row(
         if restore_row["rpo_s"] is not None and restore_row["rpo_s"] > rpo_target_s:
             say(AMBER, f"measured RPO {human_duration(restore_row['rpo_s'])} (canary commit to archived) is over "
                        f"the target {human_duration(rpo_target_s)}")
-        trend = r.get("rto_trend") or {}
-        if trend.get("projected_rto_s") is not None:
-            forecast = {"projected_rto_s": trend["projected_rto_s"], "horizon_days": trend.get("horizon_days"),
-                        "days_until_target": trend.get("days_until_target"), "target_s": target,
-                        "over_target": trend["projected_rto_s"] > target}
-            if forecast["over_target"] and passed:
-                when = (f" in about {trend['days_until_target']:.0f} days"
-                        if trend.get("days_until_target") is not None else "")
-                say(AMBER, f"RTO forecast {human_duration(trend['projected_rto_s'])} within "
-                           f"{trend.get('horizon_days')} days crosses the target {human_duration(target)}{when}")
+    forecast = rto_forecast(restores if restores is not None else [restore] if restore is not None else [],
+                            target_s=rto_target_s)
+    if forecast["over_target"] and restore_row and restore_row["passed"]:
+        when = (f" in about {forecast['days_until_target']:.0f} days"
+                if forecast.get("days_until_target") is not None else "")
+        say(AMBER, f"RTO forecast {human_duration(forecast['projected_rto_s'])} within "
+                   f"{forecast['horizon_days']} days crosses the target {human_duration(rto_target_s)}{when}")
 
     mig = None
     if migration is not None:
@@ -555,10 +561,40 @@ def _jsonable(value: Any) -> Any:
 # --- RTO against size ---------------------------------------------------------------------------------
 
 
-def rto_series(restores: Sequence[Mapping[str, Any]], *, target_s: float, horizon_days: int = 90) -> dict[str, Any]:
-    """Measured RTO against database size (verified runs), the least-squares fit, its forecast and the target."""
+RTO_HORIZON_DAYS = 90
+
+
+def rto_forecast(restores: Sequence[Mapping[str, Any]], *, target_s: float,
+                 horizon_days: int = RTO_HORIZON_DAYS) -> dict[str, Any]:
+    """The RTO forecast from the restore-verify reports: one function for the fleet table and the cluster page.
+
+    A number only when fitted on enough data (pgops.restore.rto_trend: 3 restores of different sizes, a positive
+    per-GiB cost); otherwise status "not_enough_data" and a text that says what is missing.
+    """
     from pgops.restore import history_points, rto_trend
 
+    trend = rto_trend(history_points([r for r in restores if isinstance(r, Mapping)]), target_s=target_s,
+                      horizon_days=horizon_days).to_dict()
+    ok = trend["status"] == "ok"
+    if ok:
+        text = (f"{human_duration(trend['projected_rto_s'])} in {horizon_days} days (fixed "
+                f"{human_duration(trend['intercept_s'])} + {trend['seconds_per_gib']:.1f} s per GiB, fitted on "
+                f"{trend['points']} restores of {human_bytes(trend['size_min_bytes'])} to "
+                f"{human_bytes(trend['size_max_bytes'])}; target {human_duration(target_s)})")
+    else:
+        text = f"not enough data: {trend['reason']}"
+    projected = trend["projected_rto_s"] if ok else None
+    return {"status": trend["status"], "text": text, "projected_rto_s": projected, "horizon_days": horizon_days,
+            "days_until_target": trend["days_until_target"] if ok else None, "target_s": target_s,
+            "over_target": bool(projected is not None and projected > target_s),
+            "seconds_per_gib": trend["seconds_per_gib"], "fixed_s": trend["intercept_s"], "points": trend["points"],
+            "distinct_sizes": trend["distinct_sizes"], "trend": trend}
+
+
+def rto_series(restores: Sequence[Mapping[str, Any]], *, target_s: float,
+               horizon_days: int = RTO_HORIZON_DAYS) -> dict[str, Any]:
+    """Measured RTO against database size (verified runs), the fit over the measured sizes, the forecast (only
+    when fitted on enough data) and the target."""
     points = []
     for rep in restores:
         m = _body(rep).get("measurements") or {}
@@ -567,18 +603,18 @@ def rto_series(restores: Sequence[Mapping[str, Any]], *, target_s: float, horizo
                            "passed": rep.get("status") != "failed", "run_id": rep.get("run_id")})
     failed = [{"at": rep.get("finished_at"), "run_id": rep.get("run_id")} for rep in restores
               if rep.get("status") == "failed"]
-    trend = rto_trend(history_points(list(restores)), target_s=target_s, horizon_days=horizon_days).to_dict()
-    fit = None
-    if trend.get("seconds_per_gib") is not None and points:
+    forecast = rto_forecast(restores, target_s=target_s, horizon_days=horizon_days)
+    trend = forecast["trend"]
+    fit = projection = None
+    if forecast["status"] == "ok":
         slope = trend["seconds_per_gib"] / 2**30
-        lo = min(p["size_bytes"] for p in points)
-        hi = max(p["size_bytes"] for p in points)
-        if trend.get("growth_bytes_per_day") and trend["growth_bytes_per_day"] > 0:
-            hi = max(hi, hi + trend["growth_bytes_per_day"] * horizon_days)
+        lo, hi = trend["size_min_bytes"], trend["size_max_bytes"]  # the fitted range: the restores' own sizes
         fit = {"from": {"size_bytes": lo, "rto_s": trend["intercept_s"] + slope * lo},
                "to": {"size_bytes": hi, "rto_s": trend["intercept_s"] + slope * hi}}
-    return {"points": points, "failed": failed, "target_s": target_s, "trend": trend, "fit": fit,
-            "over_target": bool(trend.get("projected_rto_s") and trend["projected_rto_s"] > target_s)}
+        projection = {"size_bytes": trend["projected_size_bytes"], "rto_s": trend["projected_rto_s"],
+                      "horizon_days": horizon_days}
+    return {"points": points, "failed": failed, "target_s": target_s, "trend": trend, "forecast": forecast,
+            "fit": fit, "projection": projection, "over_target": forecast["over_target"]}
 
 
 # --- EBS migration ------------------------------------------------------------------------------------
