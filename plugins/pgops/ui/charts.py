@@ -37,6 +37,9 @@ svg.pg-chart .wal-bar.tli-even { fill-opacity: .6; }
 svg.pg-chart .reachable { fill: var(--pg-green); fill-opacity: .55; }
 svg.pg-chart .unreachable { fill: url(#pg-hatch); stroke: var(--pg-red); stroke-opacity: .6; }
 svg.pg-chart .gap { fill: var(--pg-red); }
+svg.pg-chart .pending { fill: var(--pg-muted); fill-opacity: .25; }
+svg.pg-chart .now { stroke: currentColor; stroke-width: 2; stroke-dasharray: 1 3; }
+svg.pg-chart text.now-label { font-weight: 600; }
 svg.pg-chart .switch { stroke: currentColor; stroke-dasharray: 3 3; }
 svg.pg-chart .backup-point { fill: var(--pg-backup); stroke: var(--pg-bg); stroke-width: 1.5; }
 svg.pg-chart .backup-point.broken { fill: var(--pg-amber); }
@@ -97,7 +100,9 @@ def _diamond(x: float, y: float, r: float) -> str:
 
 # --- axes ---------------------------------------------------------------------------------------------
 
-_TIME_STEPS = [timedelta(hours=h) for h in (1, 2, 3, 6, 12)] + [timedelta(days=d) for d in (1, 2, 7, 14, 30)]
+_TIME_STEPS = ([timedelta(minutes=m) for m in (1, 2, 5, 10, 15, 30)] + [timedelta(hours=h) for h in (1, 2, 3, 6, 12)]
+               + [timedelta(days=d) for d in (1, 2, 7, 14, 30)])
+MIN_SPAN_PX = 4  # a recoverable span or gap of seconds on a long axis is still this wide
 
 
 def time_ticks(start: datetime, end: datetime, max_ticks: int = 10) -> list[datetime]:
@@ -140,7 +145,7 @@ def timeline_svg(tl: dict[str, Any], *, width: int = 960) -> str:
     start, end = parse_ts(tl["start"]), parse_ts(tl["end"])
     left, right, top = 110, 20, 30
     row_h, rows = 26, ("Recoverable", "WAL archive", "Base backups", "Restore tests")
-    height = top + row_h * len(rows) + 60
+    height = top + row_h * len(rows) + 76
     plot_w = width - left - right
     total_s = max((end - start).total_seconds(), 1.0)
 
@@ -151,7 +156,17 @@ def timeline_svg(tl: dict[str, Any], *, width: int = 960) -> str:
     def y(row: int) -> float:
         return top + row * row_h
 
-    label = f"Recovery window over the last {tl.get('days')} days (UTC)"
+    def span_rect(cls: str, s0: Any, s1: Any, y0: float, h: float, title: str) -> str:
+        """A span at least MIN_SPAN_PX wide (kept inside the plot), so minutes still show on a days-long axis."""
+        x0, x1 = x(s0), x(s1)
+        if x1 - x0 < MIN_SPAN_PX:
+            x0 = min(x0, left + plot_w - MIN_SPAN_PX)
+            x1 = x0 + MIN_SPAN_PX
+        return (f'<rect class="{cls}" x="{x0:.1f}" y="{y0:.1f}" width="{x1 - x0:.1f}" height="{h:.1f}">'
+                f'<title>{title}</title></rect>')
+
+    label = (f"Recovery window, the last {human_duration((end - start).total_seconds())} (UTC)" if tl.get("zoomed")
+             else f"Recovery window over the last {tl.get('days')} days (UTC)")
     out = _open(width, height, label, "pg-timeline")
     out.append(f'<text x="{left}" y="16" font-weight="600">{_e(label)}</text>')
     ticks = time_ticks(start, end)
@@ -162,15 +177,18 @@ def timeline_svg(tl: dict[str, Any], *, width: int = 960) -> str:
     out.append("</g>")
     for i, name in enumerate(rows):
         out.append(f'<text x="{left - 8}" y="{y(i) + row_h / 2 + 4:.1f}" text-anchor="end">{_e(name)}</text>')
-    # row 0: what can be restored to
+    # row 0: what can be restored to (green), what no backup reaches (red), what is not archived yet (muted)
     for span in tl.get("reachable", []):
-        out.append(f'<rect class="reachable" x="{x(span["start"]):.1f}" y="{y(0) + 5}" '
-                   f'width="{max(x(span["end"]) - x(span["start"]), 1):.1f}" height="{row_h - 10}">'
-                   f'<title>recoverable {_e(span["start"])} .. {_e(span["end"])}</title></rect>')
+        out.append(span_rect("reachable", span["start"], span["end"], y(0) + 5, row_h - 10,
+                             f'recoverable {_e(span["start"])} .. {_e(span["end"])}'))
     for span in tl.get("unreachable", []):
-        out.append(f'<rect class="unreachable" x="{x(span["start"]):.1f}" y="{y(0) + 5}" '
-                   f'width="{max(x(span["end"]) - x(span["start"]), 1):.1f}" height="{row_h - 10}">'
-                   f'<title>no backup can be restored to {_e(span["start"])} .. {_e(span["end"])}</title></rect>')
+        out.append(span_rect("unreachable", span["start"], span["end"], y(0) + 5, row_h - 10,
+                             f'no backup can be restored to {_e(span["start"])} .. {_e(span["end"])}'))
+    for span in tl.get("pending", []):
+        x0 = x(span["start"])
+        out.append(f'<rect class="pending" x="{x0:.1f}" y="{y(0) + 5}" width="{max(x(span["end"]) - x0, 0):.1f}" '
+                   f'height="{row_h - 10}"><title>not archived yet: WAL after {_e(span["start"])} is on the primary '
+                   f'only</title></rect>')
     # row 1: archived WAL, gaps on top
     for bar in tl.get("coverage", []):
         parity = "tli-even" if int(bar.get("timeline") or 1) % 2 == 0 else "tli-odd"
@@ -183,8 +201,8 @@ def timeline_svg(tl: dict[str, Any], *, width: int = 960) -> str:
             out.append(f'<text x="{x0 + 4:.1f}" y="{y(1) + row_h / 2 + 4:.1f}" font-size="10" fill="white" '
                        f'class="tl-label">TL {_e(bar.get("timeline"))}</text>')
     for gap in tl.get("gaps", []):
-        x0 = x(gap["start"])
-        w = max(x(gap["end"]) - x0, 3)
+        x0 = min(x(gap["start"]), left + plot_w - MIN_SPAN_PX)
+        w = max(x(gap["end"]) - x0, MIN_SPAN_PX)
         out.append(f'<rect class="gap" data-first-segment="{_e(gap["first_segment"])}" x="{x0:.1f}" y="{y(1) + 1}" '
                    f'width="{w:.1f}" height="{row_h - 2}"><title>WAL gap: {_e(gap.get("count"))} segment(s) '
                    f'{_e(gap["first_segment"])}..{_e(gap["last_segment"])} missing</title></rect>')
@@ -207,6 +225,11 @@ def timeline_svg(tl: dict[str, Any], *, width: int = 960) -> str:
         out.append(f'<path class="restore-point {cls}" d="{_diamond(x(r["time"]), y(3) + row_h / 2, 7)}"><title>'
                    f'restore verification {_e(r.get("run_id"))}: {_e(r.get("status"))}'
                    f"{', RTO ' + human_duration(r['rto_s']) if r.get('rto_s') is not None else ''}</title></path>")
+    # now: the right edge, marked in its own style across every row
+    xn = x(tl.get("now") or tl["end"])
+    out.append(f'<line class="now" x1="{xn:.1f}" y1="{top - 6}" x2="{xn:.1f}" y2="{y(len(rows)) + 2}">'
+               f'<title>now ({_e(tl.get("now") or tl["end"])})</title></line>'
+               f'<text class="now-label" x="{xn:.1f}" y="{top - 9}" text-anchor="end" font-size="10">now</text>')
     # time axis
     ay = y(len(rows)) + 2
     out.append(f'<g class="axis"><line x1="{left}" y1="{ay}" x2="{width - right}" y2="{ay}"/>')
@@ -215,8 +238,9 @@ def timeline_svg(tl: dict[str, Any], *, width: int = 960) -> str:
                    f'<text x="{x(t):.1f}" y="{ay + 16}" text-anchor="middle">{_time_label(t, step_s)}</text>')
     out.append("</g>")
     out.append(_legend([("rect", "reachable", "recoverable"), ("rect", "unreachable", "not recoverable"),
-                        ("rect", "wal-bar", "archived WAL"), ("rect", "gap", "WAL gap"),
-                        ("dot", "backup-point", "base backup"), ("dot", "backup-point broken", "backup cut off by a gap"),
+                        ("rect", "pending", "not archived yet"), ("line", "now", "now"),
+                        ("rect", "wal-bar", "archived WAL"), ("rect", "gap", "WAL gap")], left, height - 24))
+    out.append(_legend([("dot", "backup-point", "base backup"), ("dot", "backup-point broken", "backup cut off by a gap"),
                         ("diamond", "restore-point ok", "restore passed"),
                         ("diamond", "restore-point failed", "restore failed")], left, height - 8))
     out.append("</svg>")

@@ -22,6 +22,8 @@ from pgops import wal
 from pgops.reports import parse_ts
 
 GREEN, AMBER, RED = "green", "amber", "red"
+MIN_SPAN = timedelta(minutes=30)  # the recovery-window chart never spans less
+MIN_PAD = timedelta(minutes=2)  # room left of the first mark
 _RANK = {GREEN: 0, AMBER: 1, RED: 2}
 DAY_S = 86400.0
 
@@ -476,10 +478,13 @@ def timeline(
                 coverage.append({"start": s2, "end": e2, "timeline": tli})
     switch_marks = [{"time": t, "timeline": tli} for tli, (_, t) in sorted(first_seen.items())
                     if tli != min(first_seen)]
-    horizon_start = first_begin or start
-    unreachable = _subtract([(max(horizon_start, start), wal_end or now)], *reachable) if wal_end else []
-    if wal_end and wal_end < now:
-        unreachable.append((wal_end, now))  # after the newest archived WAL: not archived (yet)
+    # not recoverable: between the first backup's end (the earliest point any backup could reach) and the newest
+    # archived WAL, what no backup reaches (gaps, unusable backups); before it is no gap, only older than the archive
+    first_end = min((parse_ts(b["end_time"]) for b in by_id.values() if parse_ts(b["end_time"])), default=None)
+    unreachable = (_subtract([(max(first_end, start), wal_end)], *reachable)
+                   if wal_end and first_end and wal_end > first_end else [])
+    # after the newest archived WAL: written on the primary, not archived yet (the RPO lag), its own mark
+    pending = [(wal_end, now)] if wal_end and wal_end < now else []
 
     restore_points = []
     for rep in restores:
@@ -499,6 +504,14 @@ def timeline(
             out.append({**it, a_key: max(s, start), b_key: min(e, now)})
         return out
 
+    # zoom to the data: a window of minutes fills the chart instead of a pixel of a 14-day axis
+    firsts = [t for t in ([first_begin, first_end] + [s for s, _ in reachable] + [g["start"] for g in gaps]
+                          + [p["time"] for p in restore_points]) if t is not None and t < now]
+    if firsts:
+        data_start = max(min(firsts), start)
+        span = now - data_start
+        start = max(start, min(data_start - max(span * 0.05, MIN_PAD), now - MIN_SPAN))
+
     backups_out = []
     for b in sorted(by_id.values(), key=lambda b: parse_ts(b["end_time"]) or now):
         t = parse_ts(b["end_time"]) or parse_ts(b["begin_time"])
@@ -508,7 +521,7 @@ def timeline(
                  else "broken" if b["backup_id"] in broken else "ok")
         backups_out.append({**b, "time": t, "state": state})
     return _jsonable({
-        "start": start, "end": now, "days": days,
+        "start": start, "end": now, "now": now, "days": days, "zoomed": start > now - timedelta(days=days),
         "window": ({"earliest_time": parse_ts(window.get("earliest_time")), "latest_time": parse_ts(window.get("latest_time")),
                     "earliest_backup_id": window.get("earliest_backup_id"), "latest_segment": window.get("latest_segment")}
                    if window else None),
@@ -518,6 +531,7 @@ def timeline(
                  if g["start"] and g["end"] and g["end"] > start],
         "reachable": clip([{"start": s, "end": e} for s, e in reachable]),
         "unreachable": clip([{"start": s, "end": e} for s, e in unreachable if e > s]),
+        "pending": clip([{"start": s, "end": e} for s, e in pending if e > s]),
         "switches": [s for s in switch_marks if start <= s["time"] <= now],
         "restores": restore_points,
     })
