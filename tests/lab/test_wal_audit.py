@@ -288,6 +288,37 @@ def test_barman_timeline_switch_history_and_big_segments(lab, synth):
     assert "WAL_CONTINUOUS" in _ids(report) and report["status"] != "critical", _ids(report)
 
 
+def test_64mib_segments_with_the_primary_unreachable_take_the_size_from_backup_info(lab, synth):
+    from pgops import wal
+    from pgops.audit import audit_cluster
+
+    s3, bucket = synth
+    root = "seg64/main"
+    size = 64 * wal.MIB
+    # 64 MiB segments: seg goes 00..3F, so ...00003F is followed by ...0100000000 (at 16 MiB: a 192-segment "gap")
+    segs = list(wal.segment_range("00000001000000000000003C", "000000010000000100000002", size))
+    _put(s3, bucket, f"{root}/base/20260101T000000/backup.info",
+         _barman_info("20260101T000000", segs[0], segs[1], NOW - timedelta(hours=1), size=size))
+    _put(s3, bucket, f"{root}/base/20260101T000000/data.tar.gz")
+    for seg in segs:
+        _put(s3, bucket, f"{root}/wals/{seg[:16]}/{seg}.gz", gzip.compress(b"wal"))
+    # the primary's connection leads nowhere: the audit cannot ask SHOW wal_segment_size
+    cluster = _cluster(lab, bucket=bucket, prefix="seg64", postgres_conn_id="pgops_primary_unreachable",
+                       replication=None)
+    report = audit_cluster(cluster, s3=s3)
+    body = report["body"]
+    assert "PRIMARY_UNREACHABLE" in _ids(report, "warning")
+    assert body["wal_segment_size_bytes"] == size and "xlog_segment_size=67108864" in body["wal_segment_size_source"]
+    assert "WAL_SEGMENT_SIZE_MISMATCH" not in _ids(report) and "WAL_GAP" not in _ids(report), _ids(report)
+    assert "WAL_CONTINUOUS" in _ids(report) and report["status"] != "critical"
+    assert body["recoverable_window"]["latest_segment"] == "000000010000000100000002"
+    # a segment really missing is still a gap, named with 64 MiB arithmetic
+    s3.delete_object(Bucket=bucket, Key=f"{root}/wals/0000000100000001/000000010000000100000000.gz")
+    report = audit_cluster(cluster, s3=s3)
+    gap = _finding(report, "WAL_GAP")["evidence"]
+    assert (gap["first_segment"], gap["count"]) == ("000000010000000100000000", 1)
+
+
 def test_unknown_layout_and_empty_prefix_are_findings(lab, synth):
     from pgops.audit import audit_cluster
 
@@ -381,6 +412,36 @@ def test_backups_stopped_counts_days_until_loss(lab, moto_bucket):
     assert stopped["severity"] == "critical"
     assert 4.5 < stopped["evidence"]["days_until_last_backup_expires"] < 5.5
     assert "BACKUP_OVERDUE" in _ids(report)
+
+
+def test_wal_only_rule_with_stopped_backups_counts_down_to_the_wal_it_deletes(lab, moto_bucket):
+    from pgops.audit import audit_cluster, summary
+    from pgops.ui.summary import fleet_row
+
+    s3, bucket = moto_bucket
+    # the case: WAL expires after 3 days, the last backup ended 2 days (and an hour) ago
+    _barman_bucket(s3, bucket, "pg/main", segments=SEGS, backup_age=timedelta(days=2, hours=1))
+    s3.put_bucket_lifecycle_configuration(Bucket=bucket, LifecycleConfiguration={"Rules": [
+        {"ID": "wal-3d", "Status": "Enabled", "Filter": {"Prefix": "pg/main/wals/"}, "Expiration": {"Days": 3}}]})
+    cluster = _cluster(lab, bucket=bucket, prefix="pg")
+    report = audit_cluster(cluster, s3=s3, check_live_primary=False)
+    loss = report["body"]["lifecycle"]["days_until_loss"]
+    assert loss["backup_id"] == "20260101T000000" and 0.9 < loss["days"] < 1.0
+    assert loss["rules"][0]["rule_id"] == "wal-3d" and loss["rules"][0]["expires"][0].startswith("begin..end WAL")
+    countdown = _finding(report, "LIFECYCLE_DAYS_UNTIL_LOSS")
+    assert countdown["severity"] == "critical" and "wal-3d" in countdown["message"]
+    assert not [f for f in report["body"]["findings"] if "no lifecycle rule expires" in f["message"]]
+    assert "days until loss: 0.9" in summary(report) or "days until loss: 1.0" in summary(report)
+    # the fleet table shows the same countdown
+    row = fleet_row(cluster.name, now=datetime.now(UTC), audit=report)
+    assert 0.9 < row["days_until_loss"] < 1.0
+
+    # a rule on another cluster's WAL reaches nothing this backup needs
+    s3.put_bucket_lifecycle_configuration(Bucket=bucket, LifecycleConfiguration={"Rules": [
+        {"ID": "other", "Status": "Enabled", "Filter": {"Prefix": "pg/other/wals/"}, "Expiration": {"Days": 3}}]})
+    report = audit_cluster(cluster, s3=s3, check_live_primary=False)
+    assert report["body"]["lifecycle"]["days_until_loss"]["days"] is None
+    assert "LIFECYCLE_DAYS_UNTIL_LOSS" not in _ids(report)
 
 
 def test_hardening_on_moto(lab, moto_bucket):
