@@ -8,6 +8,7 @@ reports under the example cluster do not matter.
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import shutil
@@ -109,7 +110,11 @@ def _write_fixtures(inventory_path: Path, now: datetime) -> None:
         reports.write_report(s3, cluster, reports.envelope(
             kind="wal-audit", cluster=cluster.name, run_id="audit_fixture", started_at=now - timedelta(minutes=3),
             finished_at=now - timedelta(minutes=2), status="critical" if gap else "ok", body=body))
-        for i, (days_ago, gib, rto) in enumerate(((4, 1.0, 100.0), (3, 1.5, 150.0), (2, 2.0, 210.0), (1, 2.5, 240.0))):
+        # beta grows slowly (1.5 GiB in two months): its RTO forecast stays under the target; alpha's restores are
+        # all in the last week (the timeline shows them)
+        history = (((4, 1.0, 100.0), (3, 1.5, 150.0), (2, 2.0, 210.0), (1, 2.5, 240.0)) if gap else
+                   ((60, 1.0, 100.0), (40, 1.5, 150.0), (20, 2.0, 210.0), (1, 2.5, 240.0)))
+        for i, (days_ago, gib, rto) in enumerate(history):
             failed = gap and i == 3
             t = now - timedelta(days=days_ago)
             rbody = {"backup_id": "b2", "measurements": {"database_size_bytes": int(gib * 2**30),
@@ -206,6 +211,13 @@ def test_cluster_timeline_rto_and_migration_json(dash):
     rto = json.loads(body)
     assert status == 200 and len(rto["points"]) == 4 and rto["fit"] and rto["target_s"] == 3600
     assert abs(rto["trend"]["seconds_per_gib"] - 96.0) < 1e-6
+    # the fleet table and the cluster page show the same forecast, fitted on the 4 restores of 4 sizes
+    status, body = get(stack, "/pgops/api/fleet", token)
+    beta = {r["cluster"]: r for r in json.loads(body)["clusters"]}["beta"]
+    assert rto["forecast"]["status"] == "ok" and beta["rto_forecast"]["text"] == rto["forecast"]["text"]
+    assert rto["forecast"]["projected_rto_s"] < 3600 and not beta["rto_forecast"]["over_target"]
+    status, body = get(stack, "/pgops/clusters/beta", token)
+    assert status == 200 and html.escape(rto["forecast"]["text"], quote=True) in body.decode()
     status, body = get(stack, "/pgops/api/clusters/beta/migration?run_id=manual__mig_beta", token)
     mig = json.loads(body)
     assert status == 200 and mig["colour"] == "green" and len(mig["rounds"]) == 4

@@ -76,3 +76,14 @@ def test_backup_duration_before_the_first_consistent_point_is_not_a_gap():
     first_end = parse_ts(HEALTHY_BACKUPS[0]["end_time"])
     assert all(parse_ts(u["start"]) >= first_end for u in tl["unreachable"])
     assert datetime(2025, 1, 1, tzinfo=UTC) < parse_ts(tl["start"]) <= parse_ts(HEALTHY_BACKUPS[0]["begin_time"])
+
+
+def test_axes_cover_every_mark_of_the_rto_chart():
+    assert charts.nice_ticks(0, 49.6)[-1] >= 49.6 and charts.nice_ticks(0, 40)[-1] == 40
+    reps = [{"status": "ok", "finished_at": (NOW - timedelta(days=d)).isoformat(), "run_id": f"r{d}",
+             "body": {"measurements": {"database_size_bytes": int(s * 2**30), "rto_s": 100.0 * s}}}
+            for d, s in ((4, 1.0), (3, 1.5), (2, 2.0))]
+    series = summary.rto_series(reps, target_s=3600)
+    svg = charts.rto_svg(series)
+    cx, cy = (float(v) for v in re.search(r'class="forecast-point" d="M([\d.]+),([\d.]+)', svg).groups())
+    assert 64 <= cx <= 640 - 20 and 30 - 6 <= cy <= 340 - 62  # the forecast point is inside the plot

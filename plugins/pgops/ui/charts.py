@@ -134,6 +134,8 @@ def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
     while v <= hi + step * 1e-9:
         out.append(round(v, 10))
         v += step
+    if out[-1] < hi - step * 1e-9:  # the last tick covers hi, so every mark stays inside the axes
+        out.append(round(out[-1] + step, 10))
     return out
 
 
