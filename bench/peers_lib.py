@@ -19,6 +19,7 @@ from pathlib import Path
 
 from pgops import restore as core
 from pgops.audit import decompress
+from pgops.engines import barman_cloud
 from pgops.lab import PG_BIN, Lab, LabState, as_db_user, free_port, is_root, pid_alive, stop_pid
 
 SEGMENT_BYTES = 16 * 1024 * 1024
@@ -128,7 +129,7 @@ def set_archive_command(lab: Lab, command: str) -> None:
     time.sleep(0.5)
     # A pgops pusher left by an earlier archive_command would keep archiving ready segments for a while:
     # stop it by pid so each variant is measured alone.
-    pid_file = Path(lab.load().pg_data) / "pgops_wal_spool" / ".pusher.pid"
+    pid_file = Path(barman_cloud.wal_archive_spool_dir(lab.load().pg_data)) / ".pusher.pid"
     try:
         pid = int(pid_file.read_text())
     except (OSError, ValueError):

@@ -1,5 +1,6 @@
 """What the DB-host helpers (pgops_wal_archive.py's pusher, pgops_wal_restore.py's prefetcher) share: one
-long-lived process per spool directory, found through an exclusive lock on a file in it.
+long-lived process per spool directory, found through an exclusive lock on a file in it, and a log that
+cannot grow without bound.
 
 Standard library only; imported by those scripts from their own directory (Python puts a script's directory
 first on sys.path).
@@ -65,8 +66,49 @@ class SpoolOwner:
             return False
 
     def release(self) -> None:
+        """Drop the pid file and the lock; a second call does nothing (the next owner's pid file stays)."""
+        if self.fd is None:
+            return
         if self.still_ours():
             (self.spool / self.pid_name).unlink(missing_ok=True)
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+        os.close(self.fd)
+        self.fd, self.inode = None, None
+
+
+def rotate_log(path: Path, cap_bytes: int) -> bool:
+    """Move a log past cap_bytes to <log>.1 (replacing the older one); True when it did."""
+    try:
+        if os.stat(path).st_size <= cap_bytes:
+            return False
+        os.replace(path, path.with_name(path.name + ".1"))
+        return True
+    except OSError:
+        return False
+
+
+class CappedLog:
+    """A helper's stdout and stderr (fds 1 and 2, so barman's logging and tracebacks too) in one file that is
+    moved to <file>.1 once it passes cap_bytes: at most about twice the cap on disk, however long it runs."""
+
+    def __init__(self, path: Path, cap_bytes: int):
+        self.path, self.cap_bytes = path, cap_bytes
+
+    def attach(self) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+        finally:
+            os.close(fd)
+
+    def check(self) -> None:
+        """Rotate when full (cheap: one stat); call it now and then."""
+        sys.stdout.flush()
+        sys.stderr.flush()
+        if rotate_log(self.path, self.cap_bytes):
+            try:
+                self.attach()
+            except OSError:
+                pass  # the spool is gone: the helper stops on its own

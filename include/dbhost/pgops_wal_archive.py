@@ -10,39 +10,67 @@ so a busy primary outruns it. Called for segment N, this script also archives th
 PostgreSQL then calls it for one of those, it returns at once.
 
 Two ways to archive a batch:
-- default: the given command once per segment, --parallel processes at a time (any archive command);
+- default: the given command once per segment, --parallel processes at a time (any archive command; the
+  command itself decides about files already archived);
 - --in-process: barman-cloud-wal-archive's own code (argument parser, cloud interface, CloudWalUploader,
   as its main() uses them) imported once, --parallel upload threads sharing one client. Same objects,
   names and compression as the CLI; needs the DB-host venv's python (barman importable).
 
 --background (with --in-process), pgBackRest's asynchronous archive-push: a pusher process started by the
 first call keeps uploading every ready segment, --parallel at a time, barman imported once for its whole
-life; a call waits for its segment's marker. The pusher stops when nothing has been ready for --idle-s
-seconds, when PostgreSQL stops (postmaster.pid gone) or its spool is removed. Whatever it cannot do (an
-upload failed, a history or backup file, no pusher) the call archives itself as above, and that exit status
-is what PostgreSQL gets.
+life; a call waits for its segment's marker. The pusher stops when archive_command names another
+destination (at once), when nothing has been ready or asked for --idle-s seconds, when PostgreSQL stops
+(the postmaster.pid of the data directory it started in is gone or names another process) or when its spool
+is removed. Whatever it cannot do (an upload failed, a history or backup file, no pusher) the call archives
+itself as above, and that exit status is what PostgreSQL gets.
 
-Correctness: a marker is written (and fsynced) only after the archive command exited 0 for that segment,
-so nothing is reported archived that is not in the bucket. A marker also holds the segment file's inode,
-size and mtime: a marker that does not match the file in pg_wal is ignored and the segment is archived
-again. The exit status is the archive command's for segment N. Standard library only (runs on the DB host
-with any Python 3).
+Correctness (PostgreSQL's archive_command contract: exit 0 only when the file is durably archived where the
+command says, and never overwrite an archived file):
+- the destination is part of every record: a hash of the archive command's arguments (destination, server
+  name, endpoint, compression, ...) is in each marker and in the call record (.called). A marker of another
+  hash is never trusted, and a pusher started for another hash stops at once; so after ALTER SYSTEM SET
+  archive_command every segment is archived again where the new command says before the call returns 0;
+- a marker is written (and fsynced) only after the file is in the bucket, with the segment file's inode,
+  size and mtime: a marker that does not match the file in pg_wal is ignored and the file archived again;
+- no overwrite (--in-process): before an upload the keys of that file (its name, any compression suffix)
+  are listed; identical content (compared decompressed, by sha256) is success without an upload, different
+  content is a failure naming both checksums and the fix. The upload itself is conditional (If-None-Match),
+  so a writer that raced the listing is caught the same way;
+- every file is handled on its own: an error (an orphan .ready, a vanished file) costs that file only; each
+  writer of a marker has its own temporary name.
+The spool lives outside the data directory (<parent>/pgops_wal_spool.<data dir name>, or --spool-dir), so no
+base backup carries it; the pusher's log is capped (rotated to .pusher.log.1). The exit status is the
+archive command's for segment N. Standard library only in the calling process (runs on the DB host with any
+Python 3); --in-process needs barman.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import re
+import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
-from pgops_spool import SpoolOwner, held_by_someone
+from pgops_spool import CappedLog, SpoolOwner, held_by_someone, rotate_log
 
 SEGMENT_RE = re.compile(r"^[0-9A-F]{24}$")
-DEFAULT_SPOOL = "pgops_wal_spool"  # relative to the data directory, where PostgreSQL runs archive_command
+SPOOL_PREFIX = "pgops_wal_spool."  # default spool: <data directory's parent>/pgops_wal_spool.<its name>
+LEGACY_SPOOL = "pgops_wal_spool"  # the old default, inside the data directory (so in every base backup)
+CALLED = ".called"
+LOCK = ".pusher.lock"
+PID = ".pusher.pid"
+LOG = ".pusher.log"
+LOG_CAP_BYTES = 1 << 20
+TMP_PREFIX = ".tmp-"
+STALE_TMP_S = 600  # a temporary file this old belongs to a writer that died
+EXIT_INVALID = 3  # barman-cloud-wal-archive's codes: 3 invalid WAL name, 4 any other error
+EXIT_ERROR = 4
 
 
 def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str], str]:
@@ -54,7 +82,9 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str], str]:
     parser.add_argument("--batch", type=int, default=0, help="segments per call (default: 2 x --parallel)")
     parser.add_argument("--in-process", action="store_true",
                         help="archive with barman-cloud-wal-archive's code in this process (one import per batch)")
-    parser.add_argument("--spool-dir", default=DEFAULT_SPOOL, help="where markers of segments archived ahead live")
+    parser.add_argument("--spool-dir", default=None,
+                        help="where markers of segments archived ahead live (default: next to the data directory, "
+                             f"<parent>/{SPOOL_PREFIX}<data directory name>)")
     parser.add_argument("--background", action="store_true",
                         help="a long-lived pusher archives ready segments (with --in-process)")
     parser.add_argument("--wait-s", type=float, default=120, help="longest wait for the pusher (--background)")
@@ -65,6 +95,17 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str], str]:
     if len(rest) < 2:
         raise SystemExit("pgops_wal_archive.py: give the archive command and the WAL path (%p) after '--'")
     return opts, rest[:-1], rest[-1]
+
+
+def destination_hash(command: list[str]) -> str:
+    """What markers and the call record are keyed on: every argument of the archive command (destination,
+    server name, endpoint, compression, ...), so a record made for one destination never vouches for another."""
+    return hashlib.sha256("\0".join(command).encode()).hexdigest()[:16]
+
+
+def default_spool(data_dir: Path) -> Path:
+    """Next to the data directory, not in it: a base backup must not carry the spool."""
+    return data_dir.parent / f"{SPOOL_PREFIX}{data_dir.name}"
 
 
 def _identity(path: Path) -> str:
@@ -80,26 +121,52 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_marker(spool: Path, name: str, identity: str) -> None:
-    tmp = spool / f"{name}.tmp"
-    with open(tmp, "w") as fh:
-        fh.write(identity + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    tmp.replace(spool / f"{name}.archived")
-    _fsync_dir(spool)
+def _tmp_name(path: Path) -> Path:
+    """A temporary name of this writer only (process and thread): two writers never share one."""
+    return path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}.{threading.get_ident()}")
 
 
-def _marker_matches(spool: Path, name: str, wal: Path) -> bool:
-    marker = spool / f"{name}.archived"
+def _write_atomic(path: Path, text: str, *, durable: bool = False) -> None:
+    tmp = _tmp_name(path)
     try:
-        return marker.read_text().strip() == _identity(wal)
+        with open(tmp, "w") as fh:
+            fh.write(text)
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if durable:
+        _fsync_dir(path.parent)
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""
+
+
+def _write_marker(spool: Path, name: str, identity: str, dest: str) -> None:
+    _write_atomic(spool / f"{name}.archived", f"{identity} {dest}\n", durable=True)
+
+
+def _marker_matches(spool: Path, name: str, wal: Path, dest: str) -> bool:
+    """A marker vouches only for this very file (inode, size, mtime) archived to this destination (hash)."""
+    marker = _read(spool / f"{name}.archived")
+    if not marker:
+        return False
+    try:
+        return marker == f"{_identity(wal)} {dest}"
     except OSError:
         return False
 
 
-def _ready_segments(wal_dir: Path, exclude: str, limit: int, spool: Path) -> list[str]:
-    """The oldest ready WAL segments (not history or backup files) that no valid marker covers."""
+def _ready(wal_dir: Path, limit: int, accept) -> list[tuple[str, str]]:
+    """(name, identity) of the oldest ready WAL segments that accept(name) takes, up to limit. A .ready
+    without its segment file (an orphan) is skipped, never fatal."""
     if limit <= 0:
         return []
     try:
@@ -108,20 +175,180 @@ def _ready_segments(wal_dir: Path, exclude: str, limit: int, spool: Path) -> lis
         return []
     out = []
     for name in ready:
-        if name == exclude or not SEGMENT_RE.match(name) or _marker_matches(spool, name, wal_dir / name):
+        if not SEGMENT_RE.match(name) or not accept(name):
             continue
-        out.append(name)
+        try:
+            out.append((name, _identity(wal_dir / name)))
+        except OSError:
+            continue  # an orphan .ready (or recycled meanwhile): PostgreSQL's own call for it gets the answer
         if len(out) == limit:
             break
     return out
 
 
 def _prune(spool: Path, wal_dir: Path) -> None:
-    """Drop markers whose segment is gone from pg_wal (archived and recycled): they can never be asked for."""
-    for entry in os.listdir(spool):
-        name = entry.split(".", 1)[0]
-        if entry.endswith((".archived", ".tmp")) and not (wal_dir / name).exists():
-            (spool / entry).unlink(missing_ok=True)
+    """Drop markers whose segment is gone from pg_wal (archived and recycled) and temporary files of writers
+    that died: they can never be asked for."""
+    now = time.time()
+    try:
+        entries = os.listdir(spool)
+    except OSError:
+        return
+    for entry in entries:
+        try:
+            if entry.startswith(TMP_PREFIX):
+                if now - os.stat(spool / entry).st_mtime > STALE_TMP_S:
+                    (spool / entry).unlink(missing_ok=True)
+            elif entry.endswith(".archived") and not (wal_dir / entry.split(".", 1)[0]).exists():
+                (spool / entry).unlink(missing_ok=True)
+        except OSError:
+            continue
+
+
+def _drop_legacy_spool(data_dir: Path, spool: Path) -> None:
+    """The spool used to live in the data directory, and so in every base backup: remove it once no pusher
+    of an older version works in it."""
+    old = data_dir / LEGACY_SPOOL
+    try:
+        if not old.is_dir() or old.resolve() == spool.resolve() or held_by_someone(old, LOCK):
+            return
+    except OSError:
+        return
+    shutil.rmtree(old, ignore_errors=True)
+
+
+class ArchiveConflict(Exception):
+    """The destination already holds this file with other content: never overwritten."""
+
+
+class _Sha256Sink:
+    """A write-only file object that hashes what is written to it (decompression target)."""
+
+    def __init__(self) -> None:
+        self.h = hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.h.update(data)
+        return len(data)
+
+    def hexdigest(self) -> str:
+        return self.h.hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class Uploader:
+    """barman-cloud-wal-archive's own objects (argument parser, cloud interface, CloudWalUploader for the key
+    name and compression), built once, and an upload of one file that never overwrites."""
+
+    def __init__(self, command: list[str], sample_path: str):
+        from barman.clients import cloud_walarchive as cw
+        from barman.cloud import ALLOWED_COMPRESSIONS
+
+        self.cw, self.compressions = cw, ALLOWED_COMPRESSIONS
+        self.config = cw.parse_arguments([*command[1:], sample_path])
+        cw.configure_logging(self.config)
+        self.interface = cw.get_cloud_interface(self.config)
+        self.uploader = cw.CloudWalUploader(cloud_interface=self.interface, server_name=self.config.server_name,
+                                            compression=self.config.compression,
+                                            compression_level=self.config.compression_level)
+        self.conditional_put = True
+
+    def close(self) -> None:
+        self.interface.close()
+
+    def key(self, path: Path) -> str:
+        from barman.xlog import hash_dir
+
+        return os.path.join(self.interface.path, self.config.server_name, "wals", hash_dir(str(path)),
+                            self.uploader.retrieve_wal_name(str(path)))
+
+    def where(self, key: str) -> str:
+        bucket = getattr(self.interface, "bucket_name", "")
+        return f"s3://{bucket}/{key}" if self.config.cloud_provider == "aws-s3" else key
+
+    def archived_keys(self, name: str, key: str) -> list[str]:
+        """Keys of this very file in the archive: its name, plain or with any compression suffix (never
+        <name>.partial or <name>.<offset>.backup, which are other files)."""
+        directory = os.path.dirname(key)
+        out = []
+        for k in self.interface.list_bucket(f"{directory}/{name}", delimiter="/"):
+            base = os.path.basename(k)
+            if base == name or any(base == name + ext for ext in self.compressions):
+                out.append(k)
+        return out
+
+    def remote_sha256(self, key: str) -> str | None:
+        from barman.clients.cloud_compression import decompress_to_file
+
+        compression = next((c for ext, c in self.compressions.items() if key.endswith(ext)), None)
+        stream = self.interface.remote_open(key)
+        if stream is None:
+            return None
+        sink = _Sha256Sink()
+        try:
+            if compression is None:
+                shutil.copyfileobj(stream, sink)
+            else:
+                decompress_to_file(stream, sink, compression)
+        finally:
+            stream.close()
+        return sink.hexdigest()
+
+    def compare(self, path: Path, keys: list[str]) -> None:
+        """Return when every key holds this file's bytes; ArchiveConflict naming both checksums otherwise."""
+        local = _file_sha256(path)
+        for key in keys:
+            remote = self.remote_sha256(key)
+            if remote is not None and remote != local:
+                raise ArchiveConflict(
+                    f"WAL file {path.name} is already archived at {self.where(key)} with different content "
+                    f"(archived sha256 {remote}, pg_wal sha256 {local}): refusing to overwrite it. Fix: two servers "
+                    "archive into one destination (a split brain after a failover, or a shared prefix/server name): "
+                    "give this server's archive_command its own destination; keep the archived copy until you know "
+                    "which history is the real one, and move it aside only then")
+
+    def push(self, path: Path) -> bool:
+        """Archive one file: True when uploaded, False when already there with the same content."""
+        name = path.name
+        key = self.key(path)
+        existing = self.archived_keys(name, key)
+        if existing:
+            self.compare(path, existing)
+            return False
+        kwargs = {"override_tags": self.config.history_tags} if self.cw.is_history_file(str(path)) else {}
+        try:
+            self._upload(path, key, kwargs)
+        except Exception as exc:
+            if type(exc).__name__ != "ObjectKeyAlreadyExists":
+                raise
+            self.compare(path, [key])  # another writer put it there after the listing
+            return False
+        return True
+
+    def _upload(self, path: Path, key: str, kwargs: dict) -> None:
+        from contextlib import closing
+
+        with closing(self.uploader.retrieve_file_obj(str(path))) as fileobj:
+            if not self.conditional_put:
+                self.interface.upload_fileobj(fileobj=fileobj, key=key, **kwargs)
+                return
+            try:
+                self.interface.upload_fileobj(fileobj=fileobj, key=key, fail_if_exists=True, **kwargs)
+            except Exception as exc:
+                code = getattr(exc, "response", {}).get("Error", {}).get("Code")
+                if code not in ("NotImplemented", "501"):
+                    raise
+                # a store without conditional writes: the listing above is the check
+                self.conditional_put = False
+                fileobj.seek(0)
+                self.interface.upload_fileobj(fileobj=fileobj, key=key, **kwargs)
 
 
 def _archive_processes(command: list[str], paths: list[Path], parallel: int) -> list[int]:
@@ -136,136 +363,182 @@ def _archive_in_process(command: list[str], paths: list[Path], parallel: int) ->
     """barman-cloud-wal-archive's main() for many files: parse once, one cloud interface, upload threads."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from barman.clients import cloud_walarchive as cw
-
-    config = cw.parse_arguments([*command[1:], str(paths[0])])
-    cw.configure_logging(config)
-    interface = cw.get_cloud_interface(config)
-    uploader = cw.CloudWalUploader(cloud_interface=interface, server_name=config.server_name,
-                                   compression=config.compression, compression_level=config.compression_level)
+    uploader = Uploader(command, str(paths[0]))
 
     def one(path: Path) -> int:
-        if not cw.is_any_xlog_file(str(path)):
+        if not uploader.cw.is_any_xlog_file(str(path)):
             print(f"pgops_wal_archive: {path} is an invalid name for a WAL file", file=sys.stderr)
-            return 3
-        kwargs = {"override_tags": config.history_tags} if cw.is_history_file(str(path)) else {}
+            return EXIT_INVALID
         try:
-            uploader.upload_wal(str(path), **kwargs)
+            if not uploader.push(path):
+                print(f"pgops_wal_archive: {path.name} is already archived with the same content: not uploaded "
+                      "again", file=sys.stderr)
+        except ArchiveConflict as exc:
+            print(f"pgops_wal_archive: {exc}", file=sys.stderr)
+            return EXIT_ERROR
         except Exception as exc:  # barman's main() turns every exception into exit 4 (GeneralErrorExit)
             print(f"pgops_wal_archive: Barman cloud WAL archiver exception for {path.name}: {exc}", file=sys.stderr)
-            return 4
+            return EXIT_ERROR
         return 0
 
     try:
         with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
             return list(pool.map(one, paths))
     finally:
-        interface.close()
+        uploader.close()
+
+
+def _archive(opts: argparse.Namespace, command: list[str], paths: list[Path]) -> list[int] | None:
+    """Exit codes per path; None when nothing could start (barman not importable, bad arguments)."""
+    archive = _archive_in_process if opts.in_process else _archive_processes
+    try:
+        return archive(command, paths, opts.parallel)
+    except (Exception, SystemExit) as exc:
+        print(f"pgops_wal_archive: archiving {paths[0].name} failed before any upload: {exc}", file=sys.stderr)
+        return None
+
+
+def _failed_hint(command: list[str], name: str, code: int, wal: Path) -> None:
+    print(f"pgops_wal_archive: archive command failed for WAL segment {name} (exit {code}). "
+          f"HINT: run the archive_command by hand as the postgres user: {' '.join(command)} {wal}", file=sys.stderr)
 
 
 def main(argv: list[str]) -> int:
     opts, command, wal_arg = _parse(argv)
+    dest = destination_hash(command)
     wal = Path(wal_arg)
-    wal_dir, name = wal.parent, wal.name
-    spool = Path(opts.spool_dir)
-    spool.mkdir(mode=0o700, parents=True, exist_ok=True)
+    name = wal.name
+    data_dir = Path.cwd()  # PostgreSQL runs archive_command in the data directory
+    wal_dir = Path(os.path.abspath(wal)).parent  # pg_wal as PostgreSQL names it (a symlink stays one)
+    spool = Path(opts.spool_dir) if opts.spool_dir else default_spool(data_dir)
     if opts.pusher:
-        return Pusher(opts, command, wal_dir.resolve(), spool.resolve()).run()
+        return Pusher(opts, command, dest, wal_dir, data_dir, spool.absolute()).run()
+    try:
+        spool.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"pgops_wal_archive: no spool at {spool} ({exc}): archiving {name} alone. Fix: let the PostgreSQL "
+              f"user create it, or give --spool-dir", file=sys.stderr)
+        codes = _archive(opts, command, [wal])
+        code = codes[0] if codes is not None else EXIT_ERROR
+        if code != 0:
+            _failed_hint(command, name, code, wal)
+        return code
+    if not opts.spool_dir:
+        _drop_legacy_spool(data_dir, spool)
 
     background = opts.background and opts.in_process
     if background:
-        (spool / CALLED).touch()  # PostgreSQL still archives through this wrapper: the pusher stays
-    if _marker_matches(spool, name, wal) or (background and SEGMENT_RE.match(name)
-                                             and _wait_for_pusher(opts, argv, spool, wal)):
-        # Archived ahead, and the file is the one that was archived. The pusher drops the marker once
-        # PostgreSQL has marked the segment done (dropping it here would have the pusher archive it again).
+        try:  # the call record: PostgreSQL archives through this wrapper, to this destination
+            _write_atomic(spool / CALLED, dest + "\n")
+        except OSError as exc:
+            print(f"pgops_wal_archive: cannot write {spool / CALLED} ({exc}); archiving {name} in this call",
+                  file=sys.stderr)
+            background = False
+    if _marker_matches(spool, name, wal, dest) or (background and SEGMENT_RE.match(name)
+                                                   and _wait_for_pusher(opts, argv, spool, wal, dest)):
+        # Archived ahead, and the file is the one that was archived, where this command archives. The pusher
+        # drops the marker once PostgreSQL has marked the segment done (dropping it here would have the
+        # pusher archive it again).
         if not background:
-            (spool / f"{name}.archived").unlink()
+            (spool / f"{name}.archived").unlink(missing_ok=True)
         return 0
     (spool / f"{name}.archived").unlink(missing_ok=True)
 
     batch = opts.batch or 2 * opts.parallel
-    ahead = _ready_segments(wal_dir, name, batch - 1, spool)
-    identities = {n: _identity(wal_dir / n) for n in ahead}
-    names = [name, *ahead]
-    archive = _archive_in_process if opts.in_process else _archive_processes
-    try:
-        codes = dict(zip(names, archive(command, [wal_dir / n for n in names], opts.parallel), strict=True))
-    except (Exception, SystemExit) as exc:  # barman not importable, bad arguments: nothing recorded as archived
-        print(f"pgops_wal_archive: archiving {name} failed before any upload: {exc}", file=sys.stderr)
-        return 4
-    for n in ahead:
+    ahead = _ready(wal_dir, batch - 1, lambda n: n != name and not _marker_matches(spool, n, wal_dir / n, dest))
+    names = [name, *(n for n, _ in ahead)]
+    codes_list = _archive(opts, command, [wal_dir / n for n in names])
+    if codes_list is None:
+        return EXIT_ERROR  # nothing recorded as archived
+    codes = dict(zip(names, codes_list, strict=True))
+    for n, identity in ahead:
         # Only a success is recorded, and only for the file we archived; a failure is retried by its own call.
-        if codes[n] == 0 and _identity(wal_dir / n) == identities[n]:
-            _write_marker(spool, n, identities[n])
-        elif codes[n] != 0:
+        if codes[n] != 0:
             print(f"pgops_wal_archive: archiving {n} ahead failed (exit {codes[n]}); PostgreSQL will retry it "
                   "with its own archive_command call", file=sys.stderr)
+            continue
+        try:
+            if _identity(wal_dir / n) == identity:
+                _write_marker(spool, n, identity, dest)
+        except OSError as exc:  # the file went, or the spool is full: only a marker less (archived again later)
+            print(f"pgops_wal_archive: no marker for {n} ({exc})", file=sys.stderr)
     _prune(spool, wal_dir)
     if codes[name] != 0:
-        print(f"pgops_wal_archive: archive command failed for WAL segment {name} (exit {codes[name]}). "
-              f"HINT: run the archive_command by hand as the postgres user: {' '.join(command)} {wal}",
-              file=sys.stderr)
+        _failed_hint(command, name, codes[name], wal)
     return codes[name]
-
-
-def _prune_done(spool: Path, wal_dir: Path) -> None:
-    """Drop markers of segments PostgreSQL no longer has ready (done, recycled), and failure notes with them."""
-    for entry in os.listdir(spool):
-        if entry.endswith((".archived", ".failed")):
-            name = entry.split(".", 1)[0]
-            if not (wal_dir / "archive_status" / f"{name}.ready").exists():
-                (spool / entry).unlink(missing_ok=True)
-
-
-CALLED = ".called"
-LOCK = ".pusher.lock"
-PID = ".pusher.pid"
-LOG = ".pusher.log"
 
 
 def _pusher_alive(spool: Path) -> bool:
     return held_by_someone(spool, LOCK)
 
 
-def _wait_for_pusher(opts: argparse.Namespace, argv: list[str], spool: Path, wal: Path) -> bool:
-    """True once the pusher has archived this file; False: the caller archives it itself."""
+def _start_pusher(argv: list[str], spool: Path, wal: Path) -> None:
+    rotate_log(spool / LOG, LOG_CAP_BYTES)
+    cut = argv.index("--")
+    with open(spool / LOG, "ab") as log:
+        subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv[:cut], "--pusher", "--",
+                          *argv[cut + 1:-1], os.path.abspath(wal)],
+                         stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+                         close_fds=True, cwd=os.getcwd())
+
+
+def _wait_for_pusher(opts: argparse.Namespace, argv: list[str], spool: Path, wal: Path, dest: str) -> bool:
+    """True once a pusher has archived this file to this destination; False: the caller archives it itself.
+
+    A pusher for another destination sees this call's record and stops at once; this call then starts one
+    for its own (a few times at most: one that cannot run leaves the work to this call)."""
     failed = spool / f"{wal.name}.failed"
     try:
         failed.unlink(missing_ok=True)  # this call asks again: the pusher may retry it
-        if not _pusher_alive(spool):
-            with open(spool / LOG, "ab") as log:
-                cut = argv.index("--")
-                subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv[:cut], "--pusher", "--",
-                                  *argv[cut + 1:-1], str(wal.resolve())],
-                                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-                                 close_fds=True, cwd=os.getcwd())
-    except OSError as exc:
-        print(f"pgops_wal_archive: no pusher ({exc}); archiving {wal.name} in this call", file=sys.stderr)
+    except OSError:
         return False
     deadline = time.monotonic() + opts.wait_s
-    started = time.monotonic()
-    checked = started
+    starts, last_start, checked = 0, 0.0, 0.0
     while time.monotonic() < deadline:
-        if _marker_matches(spool, wal.name, wal):
+        if _marker_matches(spool, wal.name, wal, dest):
             return True
         if failed.exists():
             return False
-        if time.monotonic() - checked > 1:
-            checked = time.monotonic()
-            if not _pusher_alive(spool) and time.monotonic() - started > 10:
-                return False
+        now = time.monotonic()
+        if now - checked > 0.05:
+            checked = now
+            if not _pusher_alive(spool):
+                if starts == 0 or (starts < 3 and now - last_start > 1):
+                    try:
+                        _start_pusher(argv, spool, wal)
+                    except OSError as exc:
+                        print(f"pgops_wal_archive: no pusher ({exc}); archiving {wal.name} in this call",
+                              file=sys.stderr)
+                        return False
+                    starts, last_start = starts + 1, now
+                elif now - last_start > 10:
+                    return False
         time.sleep(0.005)
     return False
 
 
-class Pusher:
-    """Archives every ready WAL segment of one pg_wal, --parallel at a time, barman imported once."""
+def _postmaster(pid_file: Path) -> str | None:
+    """The postmaster's pid from postmaster.pid (first line), None when there is none."""
+    try:
+        with open(pid_file) as fh:
+            return fh.readline().strip() or None
+    except OSError:
+        return None
 
-    def __init__(self, opts: argparse.Namespace, command: list[str], wal_dir: Path, spool: Path):
-        self.opts, self.command, self.wal_dir, self.spool = opts, command, wal_dir, spool
-        self.postmaster_pid = wal_dir.parent / "postmaster.pid"
+
+class Pusher:
+    """Archives every ready WAL segment of one pg_wal to one destination, --parallel at a time, barman imported
+    once."""
+
+    def __init__(self, opts: argparse.Namespace, command: list[str], dest: str, wal_dir: Path, data_dir: Path,
+                 spool: Path):
+        self.opts, self.command, self.dest, self.wal_dir, self.spool = opts, command, dest, wal_dir, spool
+        # the data directory (the archiver's working directory), not pg_wal's resolved parent: pg_wal may be
+        # a symlink to its own volume
+        self.postmaster_pid = data_dir / "postmaster.pid"
         self.owner = SpoolOwner(spool, LOCK, PID)
+        self.logfile = CappedLog(spool / LOG, LOG_CAP_BYTES)
+        self.done: set[str] = set()  # archived by this pusher (marker written), still ready
 
     def log(self, msg: str) -> None:
         print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} pgops_wal_archive[{os.getpid()}]: {msg}", flush=True)
@@ -274,6 +547,10 @@ class Pusher:
         if not self.owner.acquire():
             return 0  # another pusher runs for this spool
         try:
+            self.logfile.attach()
+        except OSError:
+            pass
+        try:
             return self._serve()
         except Exception as exc:  # callers archive for themselves once this lock is gone
             self.log(f"stopped: {exc!r}")
@@ -281,10 +558,14 @@ class Pusher:
         finally:
             self.owner.release()
 
-    def _alive(self) -> bool:
+    def _stop_reason(self) -> str | None:
         if not self.owner.still_ours():
-            return False  # spool removed or replaced
-        return not self.watch_postmaster or self.postmaster_pid.exists()
+            return "the spool was removed or replaced"
+        if _read(self.spool / CALLED) != self.dest:
+            return "archive_command now archives to another destination"
+        if self.postmaster is not None and _postmaster(self.postmaster_pid) != self.postmaster:
+            return "PostgreSQL stopped"
+        return None
 
     def _unasked_s(self) -> float:
         try:
@@ -292,67 +573,91 @@ class Pusher:
         except OSError:
             return 0.0
 
+    def _one(self, uploader: Uploader, name: str, identity: str) -> None:
+        path = self.wal_dir / name
+        uploaded = uploader.push(path)
+        if _identity(path) != identity:
+            raise RuntimeError(f"{name} changed while it was archived")
+        _write_marker(self.spool, name, identity, self.dest)
+        if not uploaded:
+            self.log(f"{name} is already archived with the same content: not uploaded again")
+
+    def _wanted(self, inflight: dict) -> object:
+        def accept(name: str) -> bool:
+            if name in inflight or name in self.done or (self.spool / f"{name}.failed").exists():
+                return False
+            if _marker_matches(self.spool, name, self.wal_dir / name, self.dest):
+                self.done.add(name)  # archived by an earlier pusher or call, to this destination
+                return False
+            return True
+        return accept
+
+    def _note_failure(self, name: str, exc: BaseException) -> None:
+        self.log(f"archiving {name} failed: {exc}" if isinstance(exc, ArchiveConflict)
+                 else f"archiving {name} failed: {exc!r}")
+        try:  # the waiting call archives it itself, and reports the failure to PostgreSQL
+            _write_atomic(self.spool / f"{name}.failed", f"{exc}\n")
+        except OSError:
+            pass
+
+    def _prune_done(self) -> None:
+        """Forget segments PostgreSQL no longer has ready (done, recycled): markers and failure notes."""
+        self.done = {n for n in self.done if (self.wal_dir / "archive_status" / f"{n}.ready").exists()}
+        try:
+            entries = os.listdir(self.spool)
+        except OSError:
+            return
+        for entry in entries:
+            if entry.endswith((".archived", ".failed")):
+                name = entry.split(".", 1)[0]
+                if not (self.wal_dir / "archive_status" / f"{name}.ready").exists():
+                    (self.spool / entry).unlink(missing_ok=True)
+        _prune(self.spool, self.wal_dir)
+
     def _serve(self) -> int:
         from concurrent.futures import ThreadPoolExecutor
 
-        from barman.clients import cloud_walarchive as cw
-
-        config = cw.parse_arguments([*self.command[1:], str(self.wal_dir / "000000010000000000000001")])
-        cw.configure_logging(config)
-        interface = cw.get_cloud_interface(config)
-        uploader = cw.CloudWalUploader(cloud_interface=interface, server_name=config.server_name,
-                                       compression=config.compression, compression_level=config.compression_level)
-        self.watch_postmaster = self.postmaster_pid.exists()
-        self.log(f"archiving ready segments of {self.wal_dir}: {self.opts.parallel} uploads at a time")
+        uploader = Uploader(self.command, str(self.wal_dir / "000000010000000000000001"))
+        self.postmaster = _postmaster(self.postmaster_pid)  # None (not watched) without a postmaster.pid
+        self.log(f"archiving ready segments of {self.wal_dir} (destination {self.dest}): {self.opts.parallel} "
+                 f"uploads at a time{'' if self.postmaster else '; no postmaster.pid to watch'}")
+        pool = ThreadPoolExecutor(max_workers=max(1, self.opts.parallel))
         inflight: dict[str, object] = {}
         last_ready = last_prune = time.monotonic()
-
-        def one(name: str, identity: str) -> None:
-            uploader.upload_wal(str(self.wal_dir / name))
-            if _identity(self.wal_dir / name) != identity:
-                raise RuntimeError(f"{name} changed while it was archived")
-            _write_marker(self.spool, name, identity)
-
+        reason = None
         try:
-            with ThreadPoolExecutor(max_workers=max(1, self.opts.parallel)) as pool:
-                while self._alive():
-                    for name, fut in list(inflight.items()):
-                        if fut.done():
-                            del inflight[name]
-                            if fut.exception() is not None:
-                                self.log(f"archiving {name} failed: {fut.exception()!r}")
-                                (self.spool / f"{name}.failed").write_text(f"{fut.exception()!r}\n")
-                    room = 2 * max(1, self.opts.parallel) - len(inflight)
-                    todo = [] if room <= 0 else _ready_segments(self.wal_dir, "", room + len(inflight), self.spool)
-                    if todo:
-                        last_ready = time.monotonic()
-                    for name in todo:
-                        if room <= 0:
-                            break
-                        if name in inflight or (self.spool / f"{name}.failed").exists():
-                            continue
-                        try:
-                            identity = _identity(self.wal_dir / name)
-                        except OSError:
-                            continue
-                        inflight[name] = pool.submit(one, name, identity)
-                        room -= 1
-                    if time.monotonic() - last_prune > 1:
-                        last_prune = time.monotonic()
-                        _prune_done(self.spool, self.wal_dir)
-                        if self._unasked_s() > self.opts.idle_s:
-                            # archive_command no longer calls this wrapper (changed, or the archiver stopped)
-                            self.log("no archive_command call for a while: stopping")
-                            return 0
-                    if inflight:
-                        last_ready = time.monotonic()
-                    elif time.monotonic() - last_ready > self.opts.idle_s:
-                        self.log("nothing ready for a while: stopping")
-                        return 0
-                    time.sleep(0.02)
+            while (reason := self._stop_reason()) is None:
+                for name, fut in list(inflight.items()):
+                    if fut.done():
+                        del inflight[name]
+                        if fut.exception() is None:
+                            self.done.add(name)
+                        else:
+                            self._note_failure(name, fut.exception())
+                room = 2 * max(1, self.opts.parallel) - len(inflight)
+                for name, identity in _ready(self.wal_dir, room, self._wanted(inflight)):
+                    inflight[name] = pool.submit(self._one, uploader, name, identity)
+                if inflight:
+                    last_ready = time.monotonic()
+                elif time.monotonic() - last_ready > self.opts.idle_s:
+                    reason = "nothing ready for a while"
+                    break
+                if time.monotonic() - last_prune > 1:
+                    last_prune = time.monotonic()
+                    self._prune_done()
+                    self.logfile.check()
+                    if self._unasked_s() > self.opts.idle_s:
+                        # archive_command no longer calls this wrapper (changed, or the archiver stopped)
+                        reason = "no archive_command call for a while"
+                        break
+                time.sleep(0.02)
         finally:
-            interface.close()
-        self.log("PostgreSQL stopped or the spool was removed: stopping")
+            # Let a pusher for the current destination start now; uploads in flight finish (their markers name
+            # this destination, which no call for another one trusts).
+            self.owner.release()
+            pool.shutdown(wait=True, cancel_futures=True)
+            uploader.close()
+        self.log(f"stopping: {reason}")
         return 0
 
 

@@ -6,6 +6,7 @@ Every function returns an argv list (never a shell string); credentials never go
 from __future__ import annotations
 
 import json
+import posixpath
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,6 +70,13 @@ def archive_command_argv(cluster: Cluster, *, endpoint_url: str | None) -> list[
         return argv
     return [cluster.engine.bin("python3"), str(WAL_ARCHIVE_WRAPPER), "--parallel", str(n), "--in-process",
             "--background", "--", *argv]
+
+
+def wal_archive_spool_dir(data_dir: str) -> str:
+    """Where the archive_command wrapper keeps its markers and its pusher (.pusher.pid, .pusher.log) for a data
+    directory: next to it, never in it, so no base backup carries them (the wrapper's default_spool)."""
+    data_dir = data_dir.rstrip("/") or "/"
+    return posixpath.join(posixpath.dirname(data_dir), "pgops_wal_spool." + posixpath.basename(data_dir))
 
 
 def backup_list_argv(cluster: Cluster, *, endpoint_url: str | None) -> list[str]:
