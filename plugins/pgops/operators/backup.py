@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Sequence
 from datetime import timedelta
@@ -18,9 +19,28 @@ from pgops.runners import CommandFailed, get_runner
 
 
 def backup_name_for_run(run_id: str) -> str:
-    """A barman backup name derived from the Airflow run, so a retry can find the backup it made."""
-    name = "pgops-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", run_id).strip("-")
-    return name[:100]
+    """The barman backup name of one Airflow run, so a retry finds the backup it made, and no other run's.
+
+    Readable (the run id made safe, cut to 80 characters) and exact: a hash of the whole run id ends it, so run ids
+    that share a beginning (``nightly``, ``nightly-2``), differ after 80 characters or only in characters made safe
+    never share a name. A retry's further attempts add ``-a<N>`` (see ``is_own_backup_name``).
+    """
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", run_id).strip("-.")[:80].rstrip("-.")
+    digest = hashlib.sha256(run_id.encode()).hexdigest()[:12]
+    return f"pgops-{safe}-{digest}" if safe else f"pgops-{digest}"
+
+
+def is_own_backup_name(candidate: str | None, name: str) -> bool:
+    """The backup named ``name`` or one of its retry attempts (``<name>-a<N>``): exact, never a prefix match."""
+    return bool(candidate) and (candidate == name or re.fullmatch(re.escape(name) + r"-a[0-9]+", candidate) is not None)
+
+
+def next_attempt_name(name: str, existing: list[str]) -> str:
+    """The name of a new attempt of the run's backup: ``name`` first, then ``<name>-a<N>`` past every attempt made."""
+    if not existing:
+        return name
+    attempts = [int(m.group(1)) for n in existing if (m := re.fullmatch(re.escape(name) + r"-a([0-9]+)", n))]
+    return f"{name}-a{max([len(existing), *attempts]) + 1}"
 
 
 class ClusterOperator(BaseOperator):
@@ -123,7 +143,7 @@ class BarmanCloudBackupOperator(ClusterOperator):
                 self.log.info("backup %s (%s) of this run is already DONE: reusing it", backup_id, info.get("backup_name"))
                 return backup_id
         # A failed earlier attempt leaves its own (FAILED) entry; a new attempt gets its own name.
-        name = base_name if not existing else f"{base_name}-a{len(existing) + 1}"
+        name = next_attempt_name(base_name, [info.get("backup_name") or "" for _, info in existing])
         t = pg_target(cluster.postgres_conn_id)
         argv = barman_cloud.backup_argv(cluster, endpoint_url=s3_endpoint_url(cluster.engine_aws_conn_id), backup_name=name,
                                         pg_host=t.host, pg_port=t.port, pg_user=t.user, pg_dbname=t.dbname)
@@ -141,8 +161,8 @@ class BarmanCloudBackupOperator(ClusterOperator):
         return backup_id
 
 
-def catalog_by_name(cluster: Cluster, name_prefix: str, *, s3=None) -> list[tuple[str, dict[str, str]]]:
-    """(backup id, backup.info) of the backups whose name starts with name_prefix, oldest first.
+def catalog_by_name(cluster: Cluster, name: str, *, s3=None) -> list[tuple[str, dict[str, str]]]:
+    """(backup id, backup.info) of the backups named ``name`` or one of its retry attempts, oldest first.
 
     Read from barman-cloud's own catalog files in the bucket (one listing, one small GET per backup) instead of
     a barman-cloud-backup-list start (about a second). A backup still uploading has no backup.info yet.
@@ -161,7 +181,7 @@ def catalog_by_name(cluster: Cluster, name_prefix: str, *, s3=None) -> list[tupl
         body = found.get(f"{base}{backup_id}/backup.info")
         if body is not None:
             info = parse_barman_backup_info(body)
-            if (info.get("backup_name") or "").startswith(name_prefix):
+            if is_own_backup_name(info.get("backup_name"), name):
                 out.append((backup_id, info))
     return out
 

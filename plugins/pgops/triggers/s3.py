@@ -9,9 +9,21 @@ from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
+from pgops.wal import COMPRESSION_SUFFIXES
+
+
+def is_segment_key(key: str, segment_key: str) -> bool:
+    """The segment's own object: its key, plain or with a compression suffix. Never ``<segment>.partial`` or
+    ``<segment>.<offset>.backup``: those are other files, and do not make the segment archived."""
+    if key == segment_key:
+        return True
+    rest = key[len(segment_key):]
+    return key.startswith(segment_key) and rest[:1] == "." and rest[1:] in COMPRESSION_SUFFIXES
+
 
 class WalSegmentArchivedTrigger(BaseTrigger):
-    """Fires when an object whose key starts with ``key_prefix`` exists (a WAL segment, any compression)."""
+    """Fires when the WAL segment whose key (without compression suffix) is ``key_prefix`` is archived: that key,
+    plain or compressed, exists (``is_segment_key``)."""
 
     def __init__(self, *, aws_conn_id: str, bucket: str, key_prefix: str, poll_interval_s: float = 5.0,
                  timeout_s: float = 900.0):
@@ -30,9 +42,13 @@ class WalSegmentArchivedTrigger(BaseTrigger):
     def _find(self) -> str | None:
         from pgops.hooks import s3_client
 
-        resp = s3_client(self.aws_conn_id).list_objects_v2(Bucket=self.bucket, Prefix=self.key_prefix, MaxKeys=5)
-        keys = [o["Key"] for o in resp.get("Contents", [])]
-        return keys[0] if keys else None
+        pages = s3_client(self.aws_conn_id).get_paginator("list_objects_v2").paginate(Bucket=self.bucket,
+                                                                                      Prefix=self.key_prefix)
+        for page in pages:
+            for obj in page.get("Contents", []):
+                if is_segment_key(obj["Key"], self.key_prefix):
+                    return obj["Key"]
+        return None
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         deadline = time.monotonic() + self.timeout_s
@@ -47,9 +63,9 @@ class WalSegmentArchivedTrigger(BaseTrigger):
                 return
             if time.monotonic() >= deadline:
                 yield TriggerEvent({"status": "error", "message": (
-                    f"WAL segment s3://{self.bucket}/{self.key_prefix}* was not archived within {self.timeout_s:.0f} s: "
-                    "the backup cannot be restored until it is. Fix: check archive_command and pg_stat_archiver "
-                    "on the primary")})
+                    f"WAL segment s3://{self.bucket}/{self.key_prefix} (plain or compressed) was not archived "
+                    f"within {self.timeout_s:.0f} s: the backup cannot be restored until it is. Fix: check "
+                    "archive_command and pg_stat_archiver on the primary")})
                 return
-            self.log.info("waiting for s3://%s/%s* to be archived", self.bucket, self.key_prefix)
+            self.log.info("waiting for s3://%s/%s (plain or compressed) to be archived", self.bucket, self.key_prefix)
             await asyncio.sleep(self.poll_interval_s)
