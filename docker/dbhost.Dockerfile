@@ -39,6 +39,7 @@ ENV PATH=/opt/airflow-venv/bin:/usr/lib/postgresql/15/bin:$PATH \
     PGOPS_DBHOST_VENV=/opt/pgops/dbhost-venv \
     PGOPS_PG_BIN=/usr/lib/postgresql/15/bin \
     PGDATA=/var/lib/postgresql/15/main
-EXPOSE 5432 8793
+EXPOSE 5432
 ENTRYPOINT ["/opt/pgops/docker/dbhost-entrypoint.sh"]
-CMD ["airflow", "celery", "worker", "--queues", "dbhost_main"]
+# pgops.airflow_stack.celery_commands(["dbhost_main"]): task logs go to the shared log volume, no log server
+CMD ["airflow", "celery", "worker", "--queues", "dbhost_main", "--concurrency", "2", "--skip-serve-logs"]

@@ -18,7 +18,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE = REPO / "docker-compose.yaml"
 ENV_EXAMPLE = REPO / ".env.example"
-SCHEMA = REPO.parent / "shared" / "schemas" / "compose-spec.json"
+# The Compose Specification's schema, copied into the repository (where from: compose-spec.README.md next to it)
+SCHEMA = Path(__file__).resolve().parent / "compose-spec.json"
 DOCKERFILES = {"airflow": REPO / "docker" / "airflow.Dockerfile", "dbhost": REPO / "docker" / "dbhost.Dockerfile"}
 # Read only by the lab, the demo or the tests: a deployment never sets them.
 LAB_OR_TEST_ONLY = re.compile(r"^PGOPS_(LAB_.*|TEST_.*|REPMGR_BIN|AWS_CALLS_FILE)$")
@@ -90,8 +91,6 @@ def compose(raw):
 
 
 def test_validates_against_the_compose_spec(compose):
-    if not SCHEMA.exists():
-        pytest.skip(f"the Compose Specification schema is not at {SCHEMA} (see shared/schemas/README.md)")
     import jsonschema
 
     schema = json.loads(SCHEMA.read_text())
@@ -228,7 +227,7 @@ def test_airflow_and_provider_versions_agree_with_the_lock(compose):
     assert base.group(1) == airflow == lock["apache-airflow-core"], (base.group(1), airflow)
     assert base.group(2) == "3.11" and 'requires-python = ">=3.11,<3.12"' in (REPO / "pyproject.toml").read_text()
     for name in ("apache-airflow-providers-celery", "apache-airflow-providers-ssh", "apache-airflow-providers-amazon",
-                 "apache-airflow-providers-postgres"):
+                 "apache-airflow-providers-postgres", "apache-airflow-providers-fab"):
         assert name in lock, f"{name} is not in requirements.txt"
     for kind, path in DOCKERFILES.items():
         text = path.read_text()
@@ -299,3 +298,59 @@ def test_the_managed_postgres_is_reachable_only_on_dbnet_with_its_own_s3_identit
     assert "listen_addresses = '*'" not in entry and "0.0.0.0/0 scram" not in entry.replace("0\\.0\\.0\\.0\\/0", "")
     assert 'runuser -u postgres -- "${pg_env[@]}" "$PG_BIN/pg_ctl"' in entry  # started with env -i (see
     # tests/deploy/test_dbhost_entrypoint.py, which runs it and reads the postmaster's environment)
+
+
+# compose service -> the component of pgops.airflow_stack.celery_commands() it runs (for the example's queue)
+SERVICE_COMPONENTS = {"airflow-apiserver": "api-server", "airflow-scheduler": "scheduler",
+                      "airflow-dag-processor": "dag-processor", "airflow-triggerer": "triggerer",
+                      "airflow-worker": "worker", "dbhost": "dbhost-worker:dbhost_main",
+                      "dbhost-triggerer": "dbhost-triggerer:dbhost_main"}
+
+
+def _airflow_args(svc: dict) -> list[str]:
+    cmd = svc["command"]
+    cmd = cmd.split() if isinstance(cmd, str) else list(cmd)
+    return cmd[1:] if cmd[:1] == ["airflow"] else cmd  # the Airflow image's entrypoint prepends `airflow`
+
+
+def test_services_run_the_commands_the_celery_test_starts(compose, tmp_path):
+    """tests/lab/test_celery.py proves celery_commands() on real processes; compose must run the same ones, and the
+    lab may add only its loopback and one-machine arguments."""
+    sys.path.insert(0, str(REPO / "plugins"))
+    from pgops.airflow_stack import LAB_ONLY_ARGS, CeleryStack, celery_commands
+
+    expected = celery_commands(["dbhost_main"])
+    assert set(SERVICE_COMPONENTS.values()) == set(expected)
+    for service, component in SERVICE_COMPONENTS.items():
+        args = _airflow_args(compose["services"][service])
+        assert args == expected[component], (service, args, expected[component])
+        assert not set(args) & set(LAB_ONLY_ARGS), service
+    # every other service runs no Airflow component
+    others = set(compose["services"]) - set(SERVICE_COMPONENTS)
+    assert others == {"postgres", "redis", "s3", "airflow-init"}
+    stack = CeleryStack(tmp_path, sql_alchemy_conn="postgresql://x@127.0.0.1/x", result_backend="db+postgresql://x",
+                        dbhost_queues=["dbhost_main"])
+    assert stack.commands() == expected
+    for component in expected:
+        extra = stack.lab_args(component, 8080)
+        assert set(extra[::2]) <= set(LAB_ONLY_ARGS), (component, extra)
+    dockerfile_cmd = re.search(r"^CMD (\[.*\])$", DOCKERFILES["dbhost"].read_text(), re.M)
+    assert json.loads(dockerfile_cmd.group(1))[1:] == expected["dbhost-worker:dbhost_main"]
+
+
+def test_login_is_the_fab_auth_manager_with_the_pgops_roles(compose):
+    env = compose["x-airflow-common"]["environment"]
+    assert env["AIRFLOW__CORE__AUTH_MANAGER"] == "airflow.providers.fab.auth_manager.fab_auth_manager.FabAuthManager"
+    assert not [k for k in env if "SIMPLE_AUTH_MANAGER" in k]
+    init = (REPO / "docker" / "airflow-init.sh").read_text()
+    # roles after the migration (FAB's tables), the admin after the roles, its password from the environment only
+    assert init.index("airflow db migrate") < init.index("pgops.fab_roles sync") < init.index("pgops.fab_roles user")
+    assert "--password-env AIRFLOW_ADMIN_PASSWORD" in init and "--password " not in init
+    assert compose["services"]["airflow-init"]["environment"]["AIRFLOW_ADMIN_PASSWORD"]
+
+
+def test_redis_password_is_not_on_a_command_line(compose, raw):
+    redis = raw["services"]["redis"]
+    text = json.dumps([redis.get("command"), redis.get("entrypoint"), redis["healthcheck"]["test"]])
+    assert "--requirepass" not in text and " -a " not in text and "REDIS_PASSWORD:?" not in text
+    assert "requirepass" in text and "REDISCLI_AUTH" in text
