@@ -434,7 +434,8 @@ def main(argv: list[str]) -> int:
             print(f"pgops_wal_archive: cannot write {spool / CALLED} ({exc}); archiving {name} in this call",
                   file=sys.stderr)
             background = False
-    if _marker_matches(spool, name, wal, dest) or (background and SEGMENT_RE.match(name)
+    # (a segment file that is not there, an orphan .ready, is not waited for: this call fails at once)
+    if _marker_matches(spool, name, wal, dest) or (background and SEGMENT_RE.match(name) and wal.exists()
                                                    and _wait_for_pusher(opts, argv, spool, wal, dest)):
         # Archived ahead, and the file is the one that was archived, where this command archives. The pusher
         # drops the marker once PostgreSQL has marked the segment done (dropping it here would have the

@@ -93,6 +93,22 @@ def test_backup_end_to_end(lab, run_dag):
     assert after == before
 
 
+def test_runs_named_nightly_and_nightly_2_take_two_backups(lab):
+    """Run nightly-2 first: run nightly must not take nightly-2's DONE backup for its own (a prefix match did)."""
+    from pgops.operators.backup import BarmanCloudBackupOperator, backup_name_for_run
+
+    tag = f"{os.getpid()}-{int(time.time())}"
+    second = BarmanCloudBackupOperator(task_id="backup", cluster_name="main").execute({"run_id": f"nightly-{tag}-2"})
+    first = BarmanCloudBackupOperator(task_id="backup", cluster_name="main").execute({"run_id": f"nightly-{tag}"})
+    assert first != second
+    listed = {b["backup_id"]: b for b in json.loads(_barman(lab, "barman-cloud-backup-list", "--format", "json"))["backups_list"]}
+    assert listed[first]["status"] == listed[second]["status"] == "DONE"
+    assert listed[first]["backup_name"] == backup_name_for_run(f"nightly-{tag}")
+    assert listed[second]["backup_name"] == backup_name_for_run(f"nightly-{tag}-2")
+    # each run's retry finds its own backup again
+    assert BarmanCloudBackupOperator(task_id="backup", cluster_name="main").execute({"run_id": f"nightly-{tag}"}) == first
+
+
 def test_db_down_fails_preflight_and_writes_nothing(lab, run_dag):
     before = _base_objects(lab)
     lab.pg_ctl("stop")
