@@ -7,7 +7,8 @@ compression (lz4, pgops' default; pgBackRest compress-type=lz4):
            with --gzip and without compression, so the default is the fastest measured)
            c the base-backup DAG (dag.test: backup task and whole run)   d pgBackRest full backup
   WAL      pgbench write load (200-row UPDATEs, synchronous_commit off) for --load-s with each archive_command:
-           barman-cloud-wal-archive, pgBackRest async archive-push, the pgops wrapper; lag sampled every second
+           barman-cloud-wal-archive, pgBackRest async archive-push, the pgops wrapper; lag sampled every second;
+           the wrapper's "already archived" check (a LIST per segment) timed against its archive rate
   restore  barman-cloud-restore + replay without prefetch, with barman's --parallel prefetch, with the pgops
            prefetcher (include/dbhost/pgops_wal_restore.py), and from a local WAL copy;
            the restore-verification DAG's RTO, pgBackRest restore + replay (async archive-get prefetch)
@@ -181,10 +182,29 @@ class Bench:
         }
         # Keeps up: the backlog at the end of the load is at most two segments (in flight), not a growing queue.
         out["keeps_up"] = out["lag_segments_at_load_end"] <= 2
+        if name == "pgops wrapper":
+            out["already_archived_check"] = self._check_cost(out)
         self.log(f"  {name}: WAL {out['wal_mib_s']:.1f} MiB/s ({out['produced_segments_s']:.2f} seg/s), archived "
                  f"{out['archived_segments_s_during_load']:.2f} seg/s during load, lag at end "
                  f"{out['lag_segments_at_load_end']} seg, drained in {drain_s:.1f} s; keeps up: {out['keeps_up']}")
         return out
+
+    def _check_cost(self, w: dict) -> dict:
+        """The wrapper's "already archived" check (one LIST of a segment's own keys before its upload) timed on the
+        segments just archived, against the archive rate measured with it (--wal-parallel uploads at a time)."""
+        s3, bucket = self.lab.s3_client(self.st), self.st.bucket
+        wals = f"{self.st.prefix}/{self.st.server_name}/wals/"
+        keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=wals)
+                for o in page.get("Contents", [])][-200:]
+        started = time.perf_counter()
+        for key in keys:
+            head, base = key.rsplit("/", 1)
+            s3.list_objects_v2(Bucket=bucket, Prefix=f"{head}/{base.split('.')[0]}", Delimiter="/")
+        check_ms = 1000 * (time.perf_counter() - started) / max(1, len(keys))
+        rate = w["archived_segments_s_during_load"]
+        segment_ms = 1000 * self.args.wal_parallel / rate if rate else None  # one upload thread's time per segment
+        return {"checks": len(keys), "check_ms": check_ms, "segment_ms": segment_ms,
+                "share": check_ms / segment_ms if segment_ms else None}
 
     # -- 1. backup -------------------------------------------------------------------------------------------
     def backups(self) -> dict:
@@ -394,6 +414,10 @@ def table(r: dict) -> str:
         rows.append((f"WAL {name}", f"{w['archived_segments_s_during_load']:.2f} seg/s of {w['produced_segments_s']:.2f}",
                      f"lag {w['lag_segments_at_load_end']} seg ({w['lag_bytes_at_load_end'] / 2**20:.0f} MiB), max "
                      f"{w['max_lag_segments']}, drain {w['drain_s']:.0f} s, keeps up: {'yes' if w['keeps_up'] else 'NO'}"))
+    c = r["wal"].get("pgops wrapper", {}).get("already_archived_check")
+    if c and c["share"] is not None:
+        rows.append(("  already-archived check (LIST)", f"{c['check_ms']:.1f} ms/seg",
+                     f"{c['share']:.0%} of an upload thread's {c['segment_ms']:.0f} ms per segment at that rate"))
     x = r["restore"]
     rp = x["replay"]
     rows += [("restore a: barman-cloud-restore", f"{x['barman_restore_s']:.1f} s", f"{x['replayed_wal_bytes'] / 2**20:.0f} MiB WAL to replay"),

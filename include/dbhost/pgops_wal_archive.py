@@ -51,6 +51,7 @@ import hashlib
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import threading
@@ -205,6 +206,21 @@ def _prune(spool: Path, wal_dir: Path) -> None:
             continue
 
 
+def _spool_problem(spool: Path) -> str | None:
+    """Why the spool cannot be used, or None. Markers in it vouch for archived WAL: it must be a directory of this
+    user that nobody else can write (not a symlink someone left in a shared parent directory)."""
+    try:
+        spool.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = os.lstat(spool)
+    except OSError as exc:
+        return str(exc)
+    if not stat.S_ISDIR(st.st_mode):
+        return "not a directory"
+    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        return f"owned by uid {st.st_uid} with mode {stat.S_IMODE(st.st_mode):o}: others could forge its markers"
+    return None
+
+
 def _drop_legacy_spool(data_dir: Path, spool: Path) -> None:
     """The spool used to live in the data directory, and so in every base backup: remove it once no pusher
     of an older version works in it."""
@@ -250,8 +266,9 @@ class Uploader:
     def __init__(self, command: list[str], sample_path: str):
         from barman.clients import cloud_walarchive as cw
         from barman.cloud import ALLOWED_COMPRESSIONS
+        from barman.cloud_providers import ObjectKeyAlreadyExists
 
-        self.cw, self.compressions = cw, ALLOWED_COMPRESSIONS
+        self.cw, self.compressions, self.already_exists = cw, ALLOWED_COMPRESSIONS, ObjectKeyAlreadyExists
         self.config = cw.parse_arguments([*command[1:], sample_path])
         cw.configure_logging(self.config)
         self.interface = cw.get_cloud_interface(self.config)
@@ -325,9 +342,7 @@ class Uploader:
         kwargs = {"override_tags": self.config.history_tags} if self.cw.is_history_file(str(path)) else {}
         try:
             self._upload(path, key, kwargs)
-        except Exception as exc:
-            if type(exc).__name__ != "ObjectKeyAlreadyExists":
-                raise
+        except self.already_exists:
             self.compare(path, [key])  # another writer put it there after the listing
             return False
         return True
@@ -413,11 +428,10 @@ def main(argv: list[str]) -> int:
     spool = Path(opts.spool_dir) if opts.spool_dir else default_spool(data_dir)
     if opts.pusher:
         return Pusher(opts, command, dest, wal_dir, data_dir, spool.absolute()).run()
-    try:
-        spool.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except OSError as exc:
-        print(f"pgops_wal_archive: no spool at {spool} ({exc}): archiving {name} alone. Fix: let the PostgreSQL "
-              f"user create it, or give --spool-dir", file=sys.stderr)
+    problem = _spool_problem(spool)
+    if problem:
+        print(f"pgops_wal_archive: no spool at {spool} ({problem}): archiving {name} alone. Fix: let the PostgreSQL "
+              f"user create it (its own directory, mode 0700), or give --spool-dir", file=sys.stderr)
         codes = _archive(opts, command, [wal])
         code = codes[0] if codes is not None else EXIT_ERROR
         if code != 0:
@@ -446,7 +460,9 @@ def main(argv: list[str]) -> int:
     (spool / f"{name}.archived").unlink(missing_ok=True)
 
     batch = opts.batch or 2 * opts.parallel
-    ahead = _ready(wal_dir, batch - 1, lambda n: n != name and not _marker_matches(spool, n, wal_dir / n, dest))
+    # the segments ahead, unless a pusher archives them (both would upload, and then compare, each of them)
+    ahead = [] if background and _pusher_alive(spool) else \
+        _ready(wal_dir, batch - 1, lambda n: n != name and not _marker_matches(spool, n, wal_dir / n, dest))
     names = [name, *(n for n, _ in ahead)]
     codes_list = _archive(opts, command, [wal_dir / n for n in names])
     if codes_list is None:

@@ -1,7 +1,8 @@
 """The WAL archive is exact (include/dbhost/pgops_wal_archive.py through the engine's archive_command, on the real
 lab): a moved archive_command is obeyed at once, even with the pusher busy; the pusher stops with PostgreSQL when
 pg_wal is a symlink; an archived file is never overwritten (other content fails, the same content is one upload);
-an orphan .ready does not stall archiving; the spool is not in a base backup; the pusher's log is capped.
+an orphan .ready does not stall archiving; the spool is not in a base backup, and one others can write is not
+trusted; the pusher's log is capped.
 
 Scratch PostgreSQL clusters (1 MiB WAL segments, pg_wal a symlink to its own directory) archive under server
 names of their own; stand-in data directories go to a versioned bucket, so S3 itself counts the uploads."""
@@ -418,3 +419,17 @@ def test_a_pusher_for_another_destination_stops_at_once_and_its_log_is_capped(la
     assert wait_for(lambda: not pid_alive(pusher), 10)
     assert "archive_command now archives to another destination" in (spool / ".pusher.log").read_text()
     assert pid_in(spool / ".pusher.pid") not in (None, pusher)
+
+
+def test_a_spool_others_can_write_is_not_trusted(lab, stand_in):
+    server = _server("spool")
+    spool = _spool(stand_in.data)
+    assert stand_in.run(server, SEGMENTS[0], background=False).returncode == 0  # archives the next ones ahead
+    assert (spool / f"{SEGMENTS[1]}.archived").exists()
+    lab.s3_client().delete_object(Bucket=stand_in.bucket, Key=_keys(lab, server, stand_in.bucket)[SEGMENTS[1]])
+    assert SEGMENTS[1] not in _keys(lab, server, stand_in.bucket)
+    os.chmod(spool, 0o777)  # anyone could have written that marker now
+    res = stand_in.run(server, SEGMENTS[1], background=False)
+    assert res.returncode == 0, res.stderr
+    assert "others could forge its markers" in res.stderr
+    assert SEGMENTS[1] in _keys(lab, server, stand_in.bucket)  # archived again, not taken from the marker
