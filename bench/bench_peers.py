@@ -203,8 +203,8 @@ class Bench:
         check_ms = 1000 * (time.perf_counter() - started) / max(1, len(keys))
         rate = w["archived_segments_s_during_load"]
         segment_ms = 1000 * self.args.wal_parallel / rate if rate else None  # one upload thread's time per segment
-        return {"checks": len(keys), "check_ms": check_ms, "segment_ms": segment_ms,
-                "share": check_ms / segment_ms if segment_ms else None}
+        return {"checks": len(keys), "check_ms": check_ms, "rate_seg_s": rate, "parallel": self.args.wal_parallel,
+                "segment_ms": segment_ms, "share": check_ms / segment_ms if segment_ms else None}
 
     # -- 1. backup -------------------------------------------------------------------------------------------
     def backups(self) -> dict:
@@ -417,7 +417,8 @@ def table(r: dict) -> str:
     c = r["wal"].get("pgops wrapper", {}).get("already_archived_check")
     if c and c["share"] is not None:
         rows.append(("  already-archived check (LIST)", f"{c['check_ms']:.1f} ms/seg",
-                     f"{c['share']:.0%} of an upload thread's {c['segment_ms']:.0f} ms per segment at that rate"))
+                     f"{c['check_ms'] * c['rate_seg_s']:.1f} ms per second at {c['rate_seg_s']:.2f} seg/s: "
+                     f"{c['share']:.2%} of {c['parallel']} upload threads"))
     x = r["restore"]
     rp = x["replay"]
     rows += [("restore a: barman-cloud-restore", f"{x['barman_restore_s']:.1f} s", f"{x['replayed_wal_bytes'] / 2**20:.0f} MiB WAL to replay"),
