@@ -39,7 +39,8 @@ command says, and never overwrite an archived file):
 - every file is handled on its own: an error (an orphan .ready, a vanished file) costs that file only; each
   writer of a marker has its own temporary name.
 The spool lives outside the data directory (<parent>/pgops_wal_spool.<data dir name>, or --spool-dir), so no
-base backup carries it; the pusher's log is capped (rotated to .pusher.log.1). The exit status is the
+base backup carries it, and is used only as this user's own directory that nobody else can write (its markers
+vouch for archived WAL); the pusher's log is capped (rotated to .pusher.log.1). The exit status is the
 archive command's for segment N. Standard library only in the calling process (runs on the DB host with any
 Python 3); --in-process needs barman.
 """
