@@ -65,6 +65,17 @@ def lab():
 
 
 @pytest.fixture
+def moto(lab):
+    """A fresh moto state (the alert topic the DAGs notify is made again)."""
+    import urllib.request
+
+    st = lab.load()
+    urllib.request.urlopen(urllib.request.Request(f"{st.moto_endpoint}/moto-api/reset", method="POST"), timeout=10)
+    lab.aws_client("sns", st).create_topic(Name=lab.cluster.alerts.sns_topic_arn.rsplit(":", 1)[-1])
+    return lab
+
+
+@pytest.fixture
 def db_tmp_path():
     """A temp dir the postgres OS user can reach (pytest's own tmp_path sits under a 0700 directory)."""
     path = Path(tempfile.mkdtemp(prefix="pgops-dbtmp-"))

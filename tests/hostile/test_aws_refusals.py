@@ -5,7 +5,6 @@ CreateVolume carries the same ClientToken and makes no second volume."""
 from __future__ import annotations
 
 import json
-import urllib.request
 
 import pytest
 from helpers import load_dag, task_states
@@ -15,14 +14,6 @@ pytestmark = [pytest.mark.lab, pytest.mark.airflow]
 DAG_ID = "pgops_ebs_migration__main"
 SOURCE_REGION, TARGET_REGION = "us-east-1", "us-west-2"
 TARGET_ACCOUNT = "210987654321"
-
-
-@pytest.fixture
-def moto(lab):
-    st = lab.load()
-    urllib.request.urlopen(urllib.request.Request(f"{st.moto_endpoint}/moto-api/reset", method="POST"), timeout=10)
-    lab.aws_client("sns", st).create_topic(Name=lab.cluster.alerts.sns_topic_arn.rsplit(":", 1)[-1])
-    return lab
 
 
 def _snapshots(lab) -> list[str]:

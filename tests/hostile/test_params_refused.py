@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import urllib.request
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -76,14 +75,6 @@ def test_restore_verify_refuses_a_target_in_the_future_before_touching_the_resto
     assert report["run_id"] == dr.run_id
     assert f"param target={future!r} is in the future" in report["body"]["errors"]["setup"], report["body"]["errors"]
     assert not scratch.exists()  # no scratch area, no download, no instance
-
-
-@pytest.fixture
-def moto(lab):
-    st = lab.load()
-    urllib.request.urlopen(urllib.request.Request(f"{st.moto_endpoint}/moto-api/reset", method="POST"), timeout=10)
-    lab.aws_client("sns", st).create_topic(Name=lab.cluster.alerts.sns_topic_arn.rsplit(":", 1)[-1])
-    return lab
 
 
 def _aws_state(lab) -> tuple:

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import textwrap
 import time
-import urllib.request
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -19,15 +18,6 @@ pytestmark = [pytest.mark.lab, pytest.mark.airflow]
 
 DAG_ID = "pgops_ebs_migration__main"
 SOURCE_REGION, TARGET_REGION = "us-east-1", "us-west-2"
-
-
-@pytest.fixture
-def moto(lab):
-    """A fresh moto state (the alert topic the DAGs notify is made again)."""
-    st = lab.load()
-    urllib.request.urlopen(urllib.request.Request(f"{st.moto_endpoint}/moto-api/reset", method="POST"), timeout=10)
-    lab.aws_client("sns", st).create_topic(Name=lab.cluster.alerts.sns_topic_arn.rsplit(":", 1)[-1])
-    return lab
 
 
 def _snapshots(lab, region: str, **filters) -> list[dict]:
