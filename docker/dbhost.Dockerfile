@@ -14,9 +14,13 @@ RUN mkdir -p /etc/postgresql-common \
  && rm -rf /var/lib/apt/lists/* /tmp/apt-packages.txt
 
 # DB-host tools venv (barman-cloud), from the system python3 (3.11), readable by the postgres user.
+# The pgops DB-host tools (pgops-wal-archive, pgops-wal-restore) are installed into it as a package.
 COPY include/dbhost/requirements.txt /opt/pgops/include/dbhost/requirements.txt
 RUN python3 -m venv /opt/pgops/dbhost-venv \
- && /opt/pgops/dbhost-venv/bin/pip install --no-cache-dir -r /opt/pgops/include/dbhost/requirements.txt \
+ && /opt/pgops/dbhost-venv/bin/pip install --no-cache-dir -r /opt/pgops/include/dbhost/requirements.txt
+COPY include/dbhost/pyproject.toml include/dbhost/*.py /tmp/pgops-dbhost/
+RUN /opt/pgops/dbhost-venv/bin/pip install --no-cache-dir --no-deps /tmp/pgops-dbhost \
+ && rm -rf /tmp/pgops-dbhost \
  && chmod -R a+rX /opt/pgops/dbhost-venv
 
 # The Airflow worker (same lock as the Airflow image: apache-airflow==3.3.2 and its providers) in its own venv.

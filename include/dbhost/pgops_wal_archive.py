@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """archive_command wrapper: archive the next ready WAL segments in parallel (pgBackRest's async idea).
 
-    archive_command = '<dbhost-venv>/bin/python3 pgops_wal_archive.py --parallel 4 --in-process --
+    archive_command = '<dbhost-venv>/bin/pgops-wal-archive --parallel 4 --in-process --background --
                        <dbhost-venv>/bin/barman-cloud-wal-archive ... %p'
+
+(the console script scripts/setup.sh installs into the DB-host tools venv from include/dbhost/pyproject.toml)
 
 barman-cloud-wal-archive starts one Python process per segment (about 1 s of CPU, most of it imports),
 so a busy primary outruns it. Called for segment N, this script also archives the next ready segments
@@ -419,7 +421,8 @@ def _failed_hint(command: list[str], name: str, code: int, wal: Path) -> None:
           f"HINT: run the archive_command by hand as the postgres user: {' '.join(command)} {wal}", file=sys.stderr)
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     opts, command, wal_arg = _parse(argv)
     dest = destination_hash(command)
     wal = Path(wal_arg)
@@ -680,4 +683,4 @@ class Pusher:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())

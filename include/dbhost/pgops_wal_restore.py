@@ -2,7 +2,7 @@
 """restore_command wrapper: one long-lived WAL prefetcher per recovery instead of a Python start per segment.
 
     restore_command = '[ -f SPOOL/%f ] && mv -f SPOOL/%f %p ||
-                       <dbhost-venv>/bin/python3 pgops_wal_restore.py --parallel 4 --spool-dir SPOOL --
+                       <dbhost-venv>/bin/pgops-wal-restore --parallel 4 --spool-dir SPOOL --
                        <dbhost-venv>/bin/barman-cloud-wal-restore ... %f %p'
 
 barman-cloud-wal-restore costs about 1 s of CPU per call (Python start and imports), prefetching or not, so
@@ -85,7 +85,8 @@ def _start_prefetcher(spool: Path, argv: list[str]) -> None:
                          stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, close_fds=True)
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     opts, command, wal_name, wal_dest = _parse(argv)
     spool = Path(opts.spool_dir)
     if opts.prefetcher:
@@ -291,4 +292,4 @@ class Prefetcher:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())

@@ -9,6 +9,7 @@ import pytest
 
 from pgops.archiver import archiver_health
 from pgops.engines import barman_cloud
+from pgops.inventory import REPO_ROOT as REPO
 from pgops.inventory import load_inventory
 from pgops.operators.backup import backup_name_for_run
 
@@ -80,8 +81,8 @@ def test_wal_restore_argv_puts_the_prefetcher_in_front_of_barman(cluster):
     assert plain[0].endswith("barman-cloud-wal-restore") and plain[-2:] == ["s3://pgops-lab/clusters", "main"]
     ours = barman_cloud.wal_restore_argv(cluster, endpoint_url=None, parallel=4, spool_dir="/s/spool")
     cut = ours.index("--")
-    assert ours[1].endswith("include/dbhost/pgops_wal_restore.py")
-    assert ours[2:cut] == ["--parallel", "4", "--spool-dir", "/s/spool"]
+    assert ours[0] == f"{cluster.engine.bin_dir}/pgops-wal-restore"  # the DB-host venv's console script
+    assert ours[1:cut] == ["--parallel", "4", "--spool-dir", "/s/spool"]
     assert ours[cut + 1:] == plain  # barman answers, with its own arguments, whatever the prefetcher cannot
     bare = barman_cloud.wal_restore_argv(cluster, endpoint_url=None, parallel=4, spool_dir="/s/spool", bare=True)
     assert bare[0] == plain[0] and bare[bare.index("--parallel") + 1] == "4"
@@ -101,7 +102,9 @@ def test_cli_prints_the_archive_settings(capsys):
     lines = dict(line.split(" = ", 1) for line in out.splitlines() if " = " in line and not line.startswith("#"))
     assert lines["archive_mode"] == "'on'" and lines["wal_level"] == "'replica'" and lines["archive_timeout"] == "'60s'"
     argv = shlex.split(lines["archive_command"].strip("'").replace("''", "'"))
-    assert argv[1].endswith("include/dbhost/pgops_wal_archive.py") and "--background" in argv and argv[-1] == "%p"
+    # the DB-host venv's console script, never a path inside this checkout (the postgres OS user may not read it)
+    assert argv[0].endswith("/bin/pgops-wal-archive") and "--background" in argv and argv[-1] == "%p"
+    assert not any(str(REPO) in a for a in argv)
     assert argv[argv.index("--endpoint-url") + 1] == "http://127.0.0.1:9000" and "--lz4" in argv
     assert main(["archive-command", "nope"]) == 2
     assert "nope" in capsys.readouterr().err

@@ -10,10 +10,12 @@ import posixpath
 from dataclasses import dataclass
 from typing import Any
 
-from pgops.inventory import REPO_ROOT, Cluster
+from pgops.inventory import Cluster
 
-WAL_ARCHIVE_WRAPPER = REPO_ROOT / "include" / "dbhost" / "pgops_wal_archive.py"
-WAL_RESTORE_WRAPPER = REPO_ROOT / "include" / "dbhost" / "pgops_wal_restore.py"
+# Console scripts of the DB-host tools package (include/dbhost/pyproject.toml), installed into the DB-host
+# tools venv next to barman-cloud: PostgreSQL runs them from there, never from a path inside this checkout.
+WAL_ARCHIVE_WRAPPER = "pgops-wal-archive"
+WAL_RESTORE_WRAPPER = "pgops-wal-restore"
 # Reserved by barman-cloud as backup selectors, never real backup ids.
 RESERVED_BACKUP_NAMES = ("first", "last", "latest", "oldest", "last-failed")
 _COMPRESSION_FLAGS = {"gzip": "--gzip", "bzip2": "--bzip2", "xz": "--xz", "lz4": "--lz4", "zstd": "--zstd",
@@ -61,14 +63,14 @@ def wal_archive_argv(cluster: Cluster, *, endpoint_url: str | None) -> list[str]
 
 def archive_command_argv(cluster: Cluster, *, endpoint_url: str | None) -> list[str]:
     """The archive_command argv (PostgreSQL appends %p). With engine.wal_archive_parallel > 1, the pgops
-    wrapper (include/dbhost/pgops_wal_archive.py, run by the DB-host venv's python): a background pusher
+    wrapper (the DB-host venv's pgops-wal-archive, include/dbhost/pgops_wal_archive.py): a background pusher
     archives every ready segment with barman-cloud-wal-archive's own uploader, N at a time, imported once;
     the call for a segment returns when it is in the bucket."""
     argv = wal_archive_argv(cluster, endpoint_url=endpoint_url)
     n = cluster.engine.wal_archive_parallel
     if n <= 1:
         return argv
-    return [cluster.engine.bin("python3"), str(WAL_ARCHIVE_WRAPPER), "--parallel", str(n), "--in-process",
+    return [cluster.engine.bin(WAL_ARCHIVE_WRAPPER), "--parallel", str(n), "--in-process",
             "--background", "--", *argv]
 
 
@@ -107,14 +109,14 @@ def wal_restore_argv(cluster: Cluster, *, endpoint_url: str | None, parallel: in
                      spool_dir: str | None = None, bare: bool = False) -> list[str]:
     """restore_command argv without the trailing '%f %p' (PostgreSQL fills those in).
 
-    With parallel > 0 and a spool: the pgops prefetcher (include/dbhost/pgops_wal_restore.py: barman's code
+    With parallel > 0 and a spool: the pgops prefetcher (the DB-host venv's pgops-wal-restore: barman's code
     imported once, ``parallel`` download threads) in front of barman-cloud-wal-restore, which still answers
     everything the prefetcher does not have. bare=True: barman-cloud-wal-restore's own --parallel prefetch.
     """
     argv = [cluster.engine.bin("barman-cloud-wal-restore"), *_common(cluster, endpoint_url)]
     tail = [cluster.storage.destination_url, cluster.storage.server_name]
     if parallel > 0 and spool_dir and not bare:
-        return [cluster.engine.bin("python3"), str(WAL_RESTORE_WRAPPER), "--parallel", str(parallel),
+        return [cluster.engine.bin(WAL_RESTORE_WRAPPER), "--parallel", str(parallel),
                 "--spool-dir", spool_dir, "--", *argv, *tail]
     if parallel > 0:
         argv += ["--parallel", str(parallel)]
