@@ -19,6 +19,7 @@ from pathlib import Path
 
 from pgops.inventory import REPO_ROOT, Cluster, load_inventory
 from pgops.procs import PG_BIN, free_port, free_ports, pid_alive, stop_pid  # noqa: F401 (re-exported)
+from pgops.runners import child_env
 
 DEFAULT_DBHOST_VENV = Path("/opt/pgops/dbhost-venv")
 LAB_REGION = "us-east-1"
@@ -38,13 +39,12 @@ def is_root() -> bool:
 
 
 def as_db_user(argv: list[str], env: dict[str, str] | None = None) -> list[str]:
-    """Prefix argv so it runs as the postgres OS user when we are root (PostgreSQL refuses root)."""
-    pre: list[str] = []
-    if is_root():
-        pre = ["runuser", "-u", "postgres", "--"]
-    if env:
-        pre += ["env", *[f"{k}={v}" for k, v in env.items()]]
-    return pre + argv
+    """Prefix argv so it runs as the postgres OS user when we are root (PostgreSQL refuses root), with a minimal
+    environment (PATH, locale, that user's HOME, plus ``env``): never this process's own (AIRFLOW_*, AWS_*,
+    connection URIs). ``env`` goes on the command line: give it paths and settings, never secrets."""
+    user = "postgres" if is_root() else pwd.getpwuid(os.geteuid()).pw_name
+    pre = ["runuser", "-u", "postgres", "--"] if is_root() else []
+    return [*pre, "env", "-i", *[f"{k}={v}" for k, v in child_env(env, user=user).items()], *argv]
 
 
 def _chown_db_user(path: Path) -> None:
@@ -62,10 +62,16 @@ def _db_user_can_reach(path: Path) -> bool:
 
 
 def default_state_dir() -> Path:
+    """$PGOPS_LAB_DIR, else .lab/ in the checkout, else (a checkout the postgres OS user cannot reach, such as a
+    clone in root's 0700 home) /var/tmp/pgops-lab-<checkout hash>: PostgreSQL's data directory lives there."""
     env = os.environ.get("PGOPS_LAB_DIR")
     if env:
         return Path(env)
-    return REPO_ROOT / ".lab"
+    if _db_user_can_reach(REPO_ROOT):
+        return REPO_ROOT / ".lab"
+    import hashlib
+
+    return Path("/var/tmp") / f"pgops-lab-{hashlib.sha256(str(REPO_ROOT).encode()).hexdigest()[:12]}"
 
 
 @dataclass
@@ -156,6 +162,7 @@ class Lab:
             self._make_alert_topic(st)
             self._start_pg(st)
             self._save(st)
+            self.prove_archiving(st)
         except BaseException:
             self._save(st)
             self.down()
@@ -319,6 +326,34 @@ class Lab:
         st.pids["pg"] = int((data / "postmaster.pid").read_text().split()[0])
         # A data dir kept from an earlier lab has the old password: set this lab's.
         self.psql("ALTER ROLE postgres PASSWORD '" + st.pg_password.replace("'", "''") + "'", st=st)
+
+    def prove_archiving(self, st: LabState, timeout_s: float = 60) -> str:
+        """Switch to a new WAL segment and wait (at most ``timeout_s``) until pg_stat_archiver reports it archived.
+
+        A lab whose archive_command fails would make every backup's pg_backup_stop wait for WAL forever: fail here
+        instead, naming the segment, the archiver's counters and PostgreSQL's own words about the failure.
+        Returns the archived segment's name."""
+        segment = self.psql("SELECT pg_walfile_name(pg_current_wal_lsn()) FROM pg_logical_emit_message(false, "
+                            "'pgops-lab', 'archive probe'), pg_switch_wal()", st=st)
+        deadline = time.monotonic() + timeout_s
+        row = ""
+        while time.monotonic() < deadline:
+            row = self.psql("SELECT coalesce(last_archived_wal, '') || '|' || archived_count || '|' || failed_count || '|' "
+                            "|| coalesce(last_failed_wal, '') FROM pg_stat_archiver", st=st)
+            last_archived = row.split("|")[0]
+            if last_archived and last_archived[8:] >= segment[8:] and last_archived[:8] == segment[:8]:
+                return segment
+            time.sleep(0.3)
+        last_archived, archived, failed, last_failed = row.split("|")
+        command = self.psql("SHOW archive_command", st=st)
+        log = Path(st.pg_data).parent / "postgres.log"
+        said = [line for line in _tail(log, 200).split(" | ") if "archive" in line.lower()][-4:]
+        raise LabError(
+            f"WAL segment {segment} was not archived within {timeout_s:.0f} s (pg_stat_archiver: last archived "
+            f"{last_archived or 'none'}, {archived} archived, {failed} failed, last failed {last_failed or 'none'}). "
+            f"archive_command = {command}. PostgreSQL said: {' | '.join(said) or '(nothing about archiving)'}; "
+            f"full log: {log}. Fix: run 'make setup' (it installs the DB-host tools into {dbhost_venv()}), and make "
+            "sure the postgres OS user can run them and reach the S3 endpoint")
 
     def psql(self, sql: str, *, db: str = "postgres", st: LabState | None = None) -> str:
         """Run SQL on the lab primary over its unix socket (as the postgres OS user)."""
