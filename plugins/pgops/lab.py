@@ -355,13 +355,17 @@ class Lab:
             f"full log: {log}. Fix: run 'make setup' (it installs the DB-host tools into {dbhost_venv()}), and make "
             "sure the postgres OS user can run them and reach the S3 endpoint")
 
-    def psql(self, sql: str, *, db: str = "postgres", st: LabState | None = None) -> str:
+    def psql(self, sql: str, *, db: str = "postgres", st: LabState | None = None, timeout_s: float = 300) -> str:
         """Run SQL on the lab primary over its unix socket (as the postgres OS user)."""
         st = st or self.load()
         # SQL goes through stdin: it may carry a password, and argv is visible to every local user.
-        res = subprocess.run(as_db_user(["psql", "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", st.pg_socket_dir,
-                                         "-p", str(st.pg_port), "-U", "postgres", "-d", db, "-f", "-"]),
-                             input=sql, capture_output=True, text=True)
+        try:
+            res = subprocess.run(as_db_user(["psql", "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h",
+                                             st.pg_socket_dir, "-p", str(st.pg_port), "-U", "postgres", "-d", db,
+                                             "-f", "-"]),
+                                 input=sql, capture_output=True, text=True, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            raise LabError(f"psql on the lab primary did not answer within {timeout_s:.0f} s: {sql[:200]!r}") from None
         if res.returncode != 0:
             raise LabError(f"psql failed: {res.stderr.strip()}")
         return res.stdout.strip()
@@ -440,8 +444,11 @@ def _tail(path: Path, n: int = 8) -> str:
         return "(no log)"
 
 
-def _run(argv: list[str], what: str) -> None:
-    res = subprocess.run(argv, capture_output=True, text=True)
+def _run(argv: list[str], what: str, timeout_s: float = 300) -> None:
+    try:
+        res = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise LabError(f"{what} did not finish within {timeout_s:.0f} s") from None
     if res.returncode != 0:
         raise LabError(f"{what} failed (exit {res.returncode}): {res.stderr.strip() or res.stdout.strip()}")
 

@@ -201,7 +201,7 @@ class ReplicaLab:
     def psql(self, node: Node, sql: str, *, db: str = "postgres") -> str:
         res = subprocess.run(as_db_user(["psql", "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", node.socket_dir,
                                          "-p", str(node.port), "-U", "postgres", "-d", db, "-f", "-"]),
-                             input=sql, capture_output=True, text=True)
+                             input=sql, capture_output=True, text=True, timeout=300)
         if res.returncode != 0:
             raise LabError(f"psql on {node.name} failed: {res.stderr.strip()}")
         return res.stdout.strip()
@@ -221,7 +221,7 @@ class ReplicaLab:
     def repmgr(self, node: Node, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         self.write_repmgr_conf(node)
         res = subprocess.run(as_db_user([str(REPMGR_BIN), "-f", node.repmgr_conf, *args]), capture_output=True,
-                             text=True, cwd="/")
+                             text=True, cwd="/", timeout=600)
         if check and res.returncode != 0:
             raise LabError(f"repmgr {' '.join(args)} on {node.name} failed (exit {res.returncode}): "
                            f"{(res.stderr or res.stdout).strip()}")
@@ -271,6 +271,6 @@ def _postmaster_pid(data_dir: str) -> int | None:
 
 
 def _run(argv: list[str], what: str) -> None:
-    res = subprocess.run(argv, capture_output=True, text=True, cwd="/")
+    res = subprocess.run(argv, capture_output=True, text=True, cwd="/", timeout=600)
     if res.returncode != 0:
         raise LabError(f"{what} failed (exit {res.returncode}): {res.stderr.strip() or res.stdout.strip()}")
