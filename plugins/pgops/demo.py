@@ -37,41 +37,62 @@ def demo_up(state_dir: str | None) -> int:
     _say("starting Airflow: api-server, scheduler, dag-processor, triggerer (about 30 s) ...")
     ast = stack.up()
     stack.ensure_pools({c.pool: 1 for c in inventory.clusters})
-    dag_id = f"pgops_base_backup__{cluster.name}"
-    audit_id, restore_id = f"pgops_wal_audit__{cluster.name}", f"pgops_restore_verify__{cluster.name}"
-    for d in (dag_id, audit_id, restore_id):
-        stack.wait_for_dag(d)
-    stack.unpause(restore_id)  # scheduled on the backup asset: the backup below starts it
-    restores_before = stack.run_ids(restore_id)
-    run_id = stack.trigger(dag_id)
-    _say(f"triggered {dag_id} run {run_id}; following it ...")
-    started = time.monotonic()
-    state = _follow(stack, dag_id, run_id)
-    if state != "success":
-        _say(f"run {run_id} ended {state}: see the task logs in the UI at {ast['url']}")
-        _print_access(stack, ast, lab)
-        return 1
-    summary = stack.xcom(dag_id, run_id, "verify") or {}
-    if isinstance(summary, str):
-        summary = json.loads(summary)
-    _say(f"run {run_id} succeeded in {time.monotonic() - started:.0f} s. Backed up:")
-    for key in ("backup_id", "status", "cluster_size_bytes", "stored_bytes", "begin_wal", "end_wal", "begin_time",
-                "end_time", "duration_s", "location"):
-        print(f"    {key:<19} {summary.get(key)}")
-    restore_run = stack.wait_for_new_run(restore_id, after=restores_before, run_type="asset_triggered")
-    _say(f"the backup's asset event started {restore_id} ({restore_run}): restore, canary, checks, RTO ...")
-    restore_state = _follow(stack, restore_id, restore_run)
-    audit_run = stack.trigger(audit_id)
-    _say(f"triggered {audit_id} ({audit_run}): WAL continuity, lifecycle, freshness, bucket hardening ...")
-    audit_state = _follow(stack, audit_id, audit_run)
-    _say(f"restore verification: {restore_state}; WAL audit: {audit_state} (its report is on the dashboard)")
+    flow = run_flow(stack, cluster.name)
+    summary = flow.get("backup_summary") or {}
+    if flow["backup"] == "success":
+        _say("Backed up:")
+        for key in ("backup_id", "status", "cluster_size_bytes", "stored_bytes", "begin_wal", "end_wal",
+                    "begin_time", "end_time", "duration_s", "location"):
+            print(f"    {key:<19} {summary.get(key)}")
+        _say(f"restore verification: {flow.get('restore_verify')}; WAL audit: {flow.get('wal_audit')} "
+             "(its report is on the dashboard)")
+    else:
+        _say(f"the backup run ended {flow['backup']}: see the task logs in the UI at {ast['url']}")
     _print_access(stack, ast, lab)
-    return 0
+    return 0 if all(flow.get(k) == "success" for k in FLOW) else 1
 
 
-def _follow(stack: AirflowStack, dag_id: str, run_id: str) -> str:
-    return stack.wait_for_run(dag_id, run_id, timeout_s=900,
-                              on_change=lambda task, s: _say(f"  {dag_id.split('__')[0]}: {task} {s}") if s else None)
+FLOW = ("backup", "restore_verify", "wal_audit")
+
+
+def run_flow(stack: AirflowStack, cluster_name: str) -> dict:
+    """The demo's first run, in the order each DAG's input exists, so no run fails for want of one.
+
+    Every DAG starts paused. Unpausing a DAG makes the scheduler start its latest scheduled run at once (catchup
+    off): the base backup first; the restore verification only once a backup is DONE (run earlier it would fail:
+    "the catalog has no DONE backup"); then the WAL audit. Later backups start the restore verification through
+    the backup asset, as in production. Returns each DAG's run state (and the backup's summary); stops at the
+    first run that does not succeed."""
+    flow: dict = {}
+    for kind, prefix in zip(FLOW, ("pgops_base_backup__", "pgops_restore_verify__", "pgops_wal_audit__"),
+                            strict=True):
+        dag_id = f"{prefix}{cluster_name}"
+        stack.wait_for_dag(dag_id)
+        before = set(stack.run_ids(dag_id))
+        stack.unpause(dag_id)
+        run_id = stack.wait_for_new_run(dag_id, after=before)
+        _say(f"unpaused {dag_id}: its scheduled run {run_id} started; following it ...")
+        started = time.monotonic()
+        flow[f"{kind}_states"] = {}
+        flow[kind] = _follow(stack, dag_id, run_id, flow[f"{kind}_states"])
+        flow[f"{kind}_run_id"] = run_id
+        _say(f"{dag_id} run {run_id}: {flow[kind]} in {time.monotonic() - started:.0f} s")
+        if kind == "backup" and flow[kind] == "success":
+            summary = stack.xcom(dag_id, run_id, "verify") or {}
+            flow["backup_summary"] = json.loads(summary) if isinstance(summary, str) else summary
+        if flow[kind] != "success":
+            break
+    return flow
+
+
+def _follow(stack: AirflowStack, dag_id: str, run_id: str, states: dict[str, list[str]] | None = None) -> str:
+    def changed(task: str, state: str | None) -> None:
+        if states is not None:
+            states.setdefault(task, []).append(state)
+        if state:
+            _say(f"  {dag_id.split('__')[0]}: {task} {state}")
+
+    return stack.wait_for_run(dag_id, run_id, timeout_s=900, on_change=changed)
 
 
 def _print_access(stack: AirflowStack, ast: dict, lab: Lab) -> None:
