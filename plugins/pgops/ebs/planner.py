@@ -6,15 +6,26 @@ d_i = c + r * d_(i-1), with r = W / T (write rate over snapshot throughput) and 
 per-snapshot overhead. The chain converges to the floor d* = c / (1 - r) when r < 1 and never when
 r >= 1 (the pre-copy live-migration recurrence, Clark et al., NSDI 2005). A hot working set
 rewritten every round raises that floor; durations then stop shrinking, which `decide` detects.
+
+Why rounds grew mid-chain: a round stores everything written since the previous round started, so
+time spent with no snapshot running goes into the next round. Ready to cut over, the chain used to
+stop and wait for the round copies (the first, full copy runs for hours), then ask again: each wait
+made the next round longer (544 s, then 834 s) and a cutover after one carried it all in the final
+snapshot (892 s after 67-s rounds). What removes it: copies run beside the next snapshot
+(`next_copy`), a ready chain holds at its floor with back-to-back rounds until the copy before the
+last round is done (HOLD_FOR_COPIES), a wait is only taken far from the floor, ending the next round
+as the copy in flight ends (`Decision.wait_s`), and the cutover is decided right after a round (a
+late decision asks for a fresh round). Every target goes on toward the floor while a round pays off
+(`floor_margin`), so a stricter target never ends worse and one below the floor ends near floor + copy.
 """
 
 from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 MIB = 1024 * 1024
@@ -25,7 +36,11 @@ STALLED_AT_FLOOR = "stalled_at_floor"
 DIVERGING = "diverging"
 MAX_ROUNDS = "max_rounds"
 CUTOVER_AT_REACHED = "cutover_at_reached"
-ACTIONS = (ANOTHER_ROUND, CUT_OVER, STALLED_AT_FLOOR, DIVERGING, MAX_ROUNDS, CUTOVER_AT_REACHED)
+# Ready to cut over, but the round copies lag: the final copy would wait for them, so take another round.
+HOLD_FOR_COPIES = "hold_for_copies"
+ACTIONS = (ANOTHER_ROUND, CUT_OVER, STALLED_AT_FLOOR, DIVERGING, MAX_ROUNDS, CUTOVER_AT_REACHED, HOLD_FOR_COPIES)
+# Actions after which the caller takes another round (after Decision.wait_s).
+ROUND_ACTIONS = frozenset({ANOTHER_ROUND, HOLD_FOR_COPIES})
 # Actions after which the chain stops and the caller quiesces writes for the final snapshot.
 CUTOVER_ACTIONS = frozenset({CUT_OVER, STALLED_AT_FLOOR, MAX_ROUNDS, CUTOVER_AT_REACHED})
 
@@ -81,6 +96,10 @@ class ChainParams:
     copy_time_s: float = 300.0
     # Known fixed per-snapshot overhead; fitted from the rounds when None.
     overhead_s: float | None = None
+    # The target is the longest pause accepted, not a reason to stop early: the chain cuts over once the
+    # predicted downtime is within this fraction of the best reachable one, floor + copy (or the rounds
+    # stall), as a round near the floor costs minutes while each second it saves is a second of write pause.
+    floor_margin: float = 0.1
 
     def __post_init__(self) -> None:
         if not _is_number(self.downtime_target_s) or self.downtime_target_s <= 0:
@@ -102,6 +121,9 @@ class ChainParams:
         if self.copy_time_s >= self.downtime_target_s:
             raise ValueError(f"copy_time_s {self.copy_time_s} >= downtime_target_s {self.downtime_target_s}: "
                              "no chain can meet the target; raise downtime_target_s or speed up the copy")
+        if not _is_number(self.floor_margin) or self.floor_margin <= 0:
+            raise ValueError(f"floor_margin {self.floor_margin!r} must be a number > 0: the fraction above "
+                             "floor + copy at which more rounds stop paying off (default 0.1)")
         if self.overhead_s is not None and (not _is_number(self.overhead_s) or self.overhead_s < 0):
             raise ValueError(f"overhead_s {self.overhead_s!r} must be a number >= 0 seconds, or None to fit "
                              "it from the rounds")
@@ -257,14 +279,23 @@ class ChainPlan:
         return asdict(self)
 
 
+def _near_floor(final_s: float, floor_s: float | None, copy_time_s: float, margin: float) -> bool:
+    """A final snapshot this long gives a downtime within `margin` of the best reachable one, floor + copy."""
+    if floor_s is None or not math.isfinite(floor_s):
+        return False
+    return final_s - floor_s <= margin * (floor_s + copy_time_s)
+
+
 def plan_before_start(volume_size_bytes: int, throughput_bps: float, write_rate_bps: float, overhead_s: float,
                       downtime_target_s: float, copy_time_s: float, max_rounds: int, *,
-                      stall_ratio: float = 0.8, stall_window: int = 2) -> ChainPlan:
+                      stall_ratio: float = 0.8, stall_window: int = 2, floor_margin: float = 0.1) -> ChainPlan:
     """Predict rounds, downtime and total chain time from T, W and c, with the rules `decide` applies.
 
     Closed form: d_1 = c + V/T and d_i = d* + r^(i-1) * (d_1 - d*), d* = c / (1 - r). The chain has
-    n live rounds, n the first i where the final round d_(i+1) plus the copy fits the target (or the
-    chain stalls, or max_rounds is reached). r >= 1 is reported as "diverging", not raised.
+    n live rounds, n the first i where the final round d_(i+1) plus the copy is within floor_margin of
+    floor + copy (or the chain stalls, or max_rounds is reached); the outcome is cut_over when that
+    downtime fits the target, else stalled_at_floor. r >= 1 is reported as "diverging", not raised.
+    The round copies are not modelled: `decide` holds the chain at its floor while they catch up.
     """
     for name, value in (("volume_size_bytes", volume_size_bytes), ("throughput_bps", throughput_bps)):
         if not _is_number(value) or value <= 0:
@@ -274,7 +305,8 @@ def plan_before_start(volume_size_bytes: int, throughput_bps: float, write_rate_
         if not _is_number(value) or value < 0:
             raise ValueError(f"{name} {value!r} must be a number >= 0")
     params = ChainParams(downtime_target_s=downtime_target_s, max_rounds=max_rounds, stall_ratio=stall_ratio,
-                         stall_window=stall_window, copy_time_s=copy_time_s, overhead_s=overhead_s)
+                         stall_window=stall_window, copy_time_s=copy_time_s, overhead_s=overhead_s,
+                         floor_margin=floor_margin)
     r = write_rate_bps / throughput_bps
     c = overhead_s
     first_s = c + volume_size_bytes / throughput_bps
@@ -295,10 +327,9 @@ def plan_before_start(volume_size_bytes: int, throughput_bps: float, write_rate_
     for i in range(1, max_rounds + 1):
         final_s = duration(i + 1)
         ratios = [duration(j) / duration(j - 1) for j in range(max(2, i - stall_window + 1), i + 1)]
-        if final_s + copy_time_s <= params.downtime_target_s:
-            outcome = CUT_OVER
-        elif len(ratios) == stall_window and all(x > stall_ratio for x in ratios):
-            outcome = STALLED_AT_FLOOR
+        stalled = len(ratios) == stall_window and all(x > stall_ratio for x in ratios)
+        if stalled or _near_floor(final_s, floor_s, copy_time_s, floor_margin):
+            outcome = CUT_OVER if final_s + copy_time_s <= params.downtime_target_s else STALLED_AT_FLOOR
         if outcome != MAX_ROUNDS or i == max_rounds:
             break
         durations.append(duration(i + 1))
@@ -306,17 +337,18 @@ def plan_before_start(volume_size_bytes: int, throughput_bps: float, write_rate_
     final_s = duration(n + 1)
     downtime_s = final_s + copy_time_s
     total_s = sum(durations) + downtime_s
-    reaches = outcome == CUT_OVER
+    reaches = downtime_s <= downtime_target_s
     summary = (f"{n} live round(s), final snapshot {_secs(final_s)} + copy {_secs(copy_time_s)} = downtime "
                f"{_secs(downtime_s)} (target {_secs(downtime_target_s)}), total {total_s / 3600:.2f} h, "
                f"floor d*={_secs(floor_s)}; {numbers}")
     if outcome == CUT_OVER:
-        message = f"the chain meets the target: {summary}"
+        message = f"the chain meets the target near its floor: {summary}"
     elif outcome == STALLED_AT_FLOOR:
-        message = (f"the chain stalls at its floor above the target: {summary}; lower the write rate or "
+        message = (f"the chain reaches its floor above the target: {summary}; lower the write rate or "
                    "accept the longer downtime")
     else:
-        message = f"max_rounds {max_rounds} is reached before the target: {summary}"
+        message = (f"max_rounds {max_rounds} is reached before the floor "
+                   f"({'within' if reaches else 'above'} the target): {summary}")
     return ChainPlan(outcome, True, reaches, n, tuple(durations), final_s, copy_time_s, downtime_s, total_s,
                      floor_s, r, message)
 
@@ -336,6 +368,164 @@ def hot_set_floor_s(throughput_bps: float, write_rate_bps: float, overhead_s: fl
     return math.inf if r_total >= 1 else overhead_s / (1 - r_total)
 
 
+@dataclass(frozen=True, kw_only=True)
+class CopyState:
+    """Where the round copies to the destination stand, as DescribeSnapshots shows them there."""
+
+    copied_through: int = 0  # newest round whose copy has completed; 0 when none has
+    pending_index: int | None = None  # the round whose copy is in flight, if one is
+    pending_started_at: datetime | None = None
+    pending_progress: float | None = None  # 0..1 (Progress "37%" is 0.37)
+    # (round index, seconds) of each completed copy: their throughput times the copy in flight
+    completed_s: tuple[tuple[int, float], ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.copied_through, int) or isinstance(self.copied_through, bool) or self.copied_through < 0:
+            raise ValueError(f"copied_through {self.copied_through!r} must be a round index >= 0 (0: no copy "
+                             "has completed)")
+        if self.pending_progress is not None and (not _is_number(self.pending_progress)
+                                                  or not 0 <= self.pending_progress <= 1):
+            raise ValueError(f"pending_progress {self.pending_progress!r} must be a fraction from 0 to 1")
+
+    def describe(self) -> str:
+        text = f"round {self.copied_through} is the newest copied" if self.copied_through else "no round is copied yet"
+        if self.pending_index is not None:
+            progress = "" if self.pending_progress is None else f", {self.pending_progress:.0%}"
+            text += f", the copy of round {self.pending_index} is in flight{progress}"
+        return text
+
+
+def _progress(value: Any) -> float | None:
+    if isinstance(value, str):
+        value = value.strip().rstrip("%")
+        try:
+            return min(1.0, max(0.0, float(value) / 100)) if value else None
+        except ValueError:
+            return None
+    return min(1.0, max(0.0, value / 100)) if _is_number(value) else None
+
+
+def copy_state(copies: Iterable[Mapping[str, Any]]) -> CopyState:
+    """CopyState from the round copies, each {"index": round} plus DescribeSnapshots' State, StartTime,
+    CompletionTime (when completed) and Progress ("37%")."""
+    copies = list(copies)
+    completed = sorted((int(c["index"]), (c["CompletionTime"] - c["StartTime"]).total_seconds())
+                       for c in copies if c.get("State") == "completed" and c.get("CompletionTime"))
+    copied_through = max((int(c["index"]) for c in copies if c.get("State") == "completed"), default=0)
+    pending = sorted((c for c in copies if c.get("State") == "pending"), key=lambda c: int(c["index"]))
+    if not pending:
+        return CopyState(copied_through=copied_through, completed_s=tuple(completed))
+    newest = pending[-1]
+    return CopyState(copied_through=copied_through, pending_index=int(newest["index"]),
+                     pending_started_at=newest.get("StartTime"), pending_progress=_progress(newest.get("Progress")),
+                     completed_s=tuple(completed))
+
+
+def next_copy(round_indexes: Iterable[int], copies: CopyState) -> int | None:
+    """The round to copy now, or None: the newest finished round, once no copy is in flight.
+
+    A copy is incremental from the newest completed copy of an ancestor, so a copy started while
+    another runs carries the same blocks again (a full copy when none has completed). One at a time,
+    newest round first, keeps each copy to what changed since the last one and runs it beside the
+    next snapshot instead of before it.
+    """
+    if copies.pending_index is not None:
+        return None
+    newest = max(round_indexes, default=0)
+    return newest if newest > copies.copied_through else None
+
+
+# A final snapshot predicted this much longer than the last round (plus EC2's 15 s between snapshots of a
+# volume) no longer "follows the round": take a fresh round first.
+FRESH_TOLERANCE = 0.1
+FRESH_SLACK_S = 15.0
+# A round after a paced wait lasts at most this share of the last one: waiting never makes a round grow,
+# and the shrinking rounds never look stalled.
+PACE_SHRINK = 0.5
+# Below this Progress the copy in flight is timed from the completed copies' throughput instead.
+_MIN_PROGRESS = 0.05
+
+
+def _next_s(est: ChainEstimate, obs: Sequence[RoundObservation], now: datetime) -> float | None:
+    next_s = _predict(est, obs[-1], now)
+    if est.throughput_bps:
+        # No snapshot copies more than the whole volume: a small or idle volume may cut over whatever r says.
+        full_s = est.overhead_s + est.hot_set_s + obs[-1].volume_size_bytes / est.throughput_bps
+        next_s = full_s if next_s is None else min(next_s, full_s)
+    return next_s
+
+
+def _fresh(est: ChainEstimate, obs: Sequence[RoundObservation], next_s: float | None) -> bool:
+    if next_s is None:
+        return True
+    reference_s = max(obs[-1].duration_s, est.floor_s or 0.0)
+    return next_s <= reference_s * (1 + FRESH_TOLERANCE) + FRESH_SLACK_S
+
+
+def fresh_for_cutover(observations: Sequence[RoundObservation], now: datetime,
+                      overhead_s: float | None = None) -> bool:
+    """Whether a final snapshot taken at `now` is predicted no longer than the last round (within noise).
+
+    The cutover must follow a round: anything that delays it (an approval, a copy, a retry) adds its
+    writes to the final snapshot. When this is False, take a fresh round and decide again.
+    """
+    obs = sorted(observations, key=lambda o: o.index)
+    if not obs:
+        return False
+    est = estimate(obs, overhead_s)
+    return _fresh(est, obs, _next_s(est, obs, now))
+
+
+def _copy_done_at(obs: Sequence[RoundObservation], copies: CopyState, now: datetime) -> datetime | None:
+    """When the copy in flight should complete, from its Progress or the completed copies; None if unknown.
+
+    With one copy in flight at a time, a copy carries the rounds after the previous completed one.
+    """
+    started = copies.pending_started_at
+    if copies.pending_index is None or started is None:
+        return None
+    progress = copies.pending_progress or 0.0
+    elapsed_s = (now - started).total_seconds()
+    if progress >= _MIN_PROGRESS and elapsed_s > 0:
+        return started + timedelta(seconds=elapsed_s / progress)
+    deltas = {o.index: o.delta_bytes for o in obs}
+    if any(d is None for d in deltas.values()):
+        return None
+
+    def carried(after: int, through: int) -> float:
+        return float(sum(d for i, d in deltas.items() if after < i <= through))
+
+    rates, previous = [], 0
+    for index, seconds in copies.completed_s:
+        if seconds > 0 and carried(previous, index) > 0:
+            rates.append((carried(previous, index), carried(previous, index) / seconds))
+        previous = index
+    if not rates:
+        return None
+    copy_bps = max(rates)[1]  # the biggest copy: least bent by the fixed per-copy overhead
+    return started + timedelta(seconds=carried(copies.copied_through, copies.pending_index) / copy_bps)
+
+
+def _pace_s(est: ChainEstimate, obs: Sequence[RoundObservation], copy_done_at: datetime | None,
+            now: datetime) -> float:
+    """Seconds to wait before the next round so that it ends as the copy in flight does.
+
+    Copies start right after rounds, so a round ending with the copy starts the next copy without a
+    gap, while the chain stays short of its floor instead of idling there. A wait goes into the
+    next round, so it is only taken while that round stays at most PACE_SHRINK of the last: far from
+    the floor there is room, at the floor none (the chain then holds with back-to-back rounds).
+    """
+    r = est.r
+    if copy_done_at is None or r is None or not 0 < r < 1:
+        return 0.0
+    base_s = est.overhead_s + est.hot_set_s
+    since_start_s = (now - obs[-1].started_at).total_seconds()
+    max_wait_s = (PACE_SHRINK * obs[-1].duration_s - base_s) / r - since_start_s
+    # the round after a wait w ends at now + w + base + r * (since_start + w)
+    wait_s = ((copy_done_at - now).total_seconds() - base_s - r * since_start_s) / (1 + r)
+    return max(0.0, min(wait_s, max_wait_s))
+
+
 @dataclass(frozen=True)
 class ChainNumbers:
     rounds: int
@@ -351,6 +541,7 @@ class ChainNumbers:
     downtime_target_s: float
     last_ratio: float | None
     hot_set_bytes: float = 0.0
+    copied_through: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -361,40 +552,53 @@ class Decision:
     action: str
     reason: str
     numbers: ChainNumbers
+    # Start the next round this many seconds from now (0: at once); only with copies to pace against.
+    wait_s: float = 0.0
 
     @property
     def proceed_to_cutover(self) -> bool:
         return self.action in CUTOVER_ACTIONS
 
+    @property
+    def take_round(self) -> bool:
+        return self.action in ROUND_ACTIONS
+
     def to_dict(self) -> dict[str, Any]:
-        return {"action": self.action, "reason": self.reason, "numbers": self.numbers.to_dict()}
+        return {"action": self.action, "reason": self.reason, "numbers": self.numbers.to_dict(),
+                "wait_s": self.wait_s}
 
 
-def decide(observations: Sequence[RoundObservation], params: ChainParams, now: datetime) -> Decision:
-    """Take another round, or stop (and why), given the finished rounds in index order."""
+def decide(observations: Sequence[RoundObservation], params: ChainParams, now: datetime, *,
+           copies: CopyState | None = None) -> Decision:
+    """Take another round, or stop (and why), given the finished rounds in index order.
+
+    Call it right after a round completes: a cutover decided later is refused (a fresh round first).
+    With `copies` (the rounds' copies to the destination), a chain ready to cut over holds with
+    another round while the copy before the last round is not done, and `wait_s` paces the rounds
+    to the copies; without, the copies are not looked at.
+    """
     obs = sorted(observations, key=lambda o: o.index)
     target_s = params.downtime_target_s
+    copied = None if copies is None else copies.copied_through
     if not obs:
         numbers = ChainNumbers(0, None, None, None, None, params.overhead_s, None, params.copy_time_s, None, None,
-                               target_s, None)
+                               target_s, None, copied_through=copied)
         return Decision(ANOTHER_ROUND, "no round has finished: take the first, full snapshot", numbers)
     est = estimate(obs, params.overhead_s)
-    next_s = _predict(est, obs[-1], now)
-    if est.throughput_bps:
-        # No snapshot copies more than the whole volume: a small or idle volume may cut over whatever r says.
-        full_s = est.overhead_s + est.hot_set_s + obs[-1].volume_size_bytes / est.throughput_bps
-        next_s = full_s if next_s is None else min(next_s, full_s)
+    next_s = _next_s(est, obs, now)
     downtime_s = None if next_s is None else next_s + params.copy_time_s
     durations = [o.duration_s for o in obs]
     ratios = [b / a for a, b in zip(durations, durations[1:], strict=False)]
     numbers = ChainNumbers(len(obs), est.method, est.r, est.throughput_bps, est.write_rate_bps, est.overhead_s,
                            next_s, params.copy_time_s, downtime_s, est.floor_s, target_s,
-                           ratios[-1] if ratios else None, est.hot_set_bytes)
+                           ratios[-1] if ratios else None, est.hot_set_bytes, copied)
     hot = f", hot set H={est.hot_set_bytes / MIB:.0f} MiB" if est.hot_set_bytes else ""
     figures = (f"round {obs[-1].index} took {_secs(durations[-1])}; T={_mibps(est.throughput_bps)}, "
                f"W={_mibps(est.write_rate_bps)}, r={_ratio(est.r)}, c={_secs(est.overhead_s)}{hot}, "
                f"floor d*={_secs(est.floor_s)}; predicted final snapshot {_secs(next_s)} + copy "
                f"{_secs(params.copy_time_s)} = downtime {_secs(downtime_s)} (target {_secs(target_s)})")
+    if copies is not None:
+        figures += f"; copies: {copies.describe()}"
     under_target = next_s is not None and next_s + params.copy_time_s <= target_s
     if next_s is None or (est.r is None and not under_target):
         if len(obs) >= params.max_rounds:
@@ -405,24 +609,62 @@ def decide(observations: Sequence[RoundObservation], params: ChainParams, now: d
         return Decision(DIVERGING, f"the chain diverges (r={est.r:.2f} >= 1: writes dirty blocks at "
                         f"{_mibps(est.write_rate_bps)}, snapshots copy {_mibps(est.throughput_bps)}); stop "
                         f"chaining: throttle writes or catch up through WAL instead; {figures}", numbers)
-    if params.cutover_at is not None and now >= params.cutover_at:
-        return Decision(CUTOVER_AT_REACHED, f"cutover_at {params.cutover_at.isoformat()} reached: quiesce "
-                        f"writes and take the final snapshot; {figures}", numbers)
-    if under_target and params.cutover_at is None:
-        return Decision(CUT_OVER, f"under target: quiesce writes and take the final snapshot; {figures}", numbers)
-    recent = ratios[-params.stall_window:]
-    if not under_target and len(recent) == params.stall_window and all(x > params.stall_ratio for x in recent):
-        return Decision(STALLED_AT_FLOOR, f"the chain has stalled at its floor: the last "
-                        f"{params.stall_window} round-over-round ratios "
-                        f"{', '.join(f'{x:.2f}' for x in recent)} exceed {params.stall_ratio}, so more rounds "
-                        f"will not shrink the delta; the floor is the overhead plus the hot working set "
-                        f"rewritten every round; cut over now with predicted downtime {_secs(downtime_s)}; "
-                        f"{figures}", numbers)
-    if len(obs) >= params.max_rounds:
-        return Decision(MAX_ROUNDS, f"max_rounds {params.max_rounds} reached: cut over with predicted "
-                        f"downtime {_secs(downtime_s)}; {figures}", numbers)
-    if under_target:
-        return Decision(ANOTHER_ROUND, f"under target, waiting for cutover_at "
-                        f"{params.cutover_at.isoformat()}: keep the delta small with another round; {figures}",
+    stop = _stop(est, obs, params, now, next_s, downtime_s, under_target, ratios, figures)
+    pace_s = 0.0
+    if copies is not None and params.cutover_at is None:
+        pace_s = _pace_s(est, obs, _copy_done_at(obs, copies, now), now)
+    paced = f"; start it in {_secs(pace_s)}, so that it ends as the copy in flight does" if pace_s else ""
+    if stop is None:
+        if under_target and params.cutover_at is not None:
+            why = (f"under target, waiting for cutover_at {params.cutover_at.isoformat()}: keep the delta small "
+                   "with another round")
+        elif under_target:
+            gain_s = (1 - est.r) * (next_s - est.floor_s)
+            why = (f"under target but {_secs(next_s - est.floor_s)} above the floor: another round takes about "
+                   f"{_secs(gain_s)} off the downtime")
+        else:
+            why = "above target and still shrinking: take another round"
+        return Decision(ANOTHER_ROUND, f"{why}{paced}; {figures}", numbers, pace_s)
+    action, reason = stop
+    if not _fresh(est, obs, next_s):
+        lag_s = (now - obs[-1].started_at).total_seconds() - durations[-1]
+        return Decision(ANOTHER_ROUND, f"{action}, but round {obs[-1].index} ended {_secs(lag_s)} ago: a final "
+                        f"snapshot now ({_secs(next_s)}) would carry that wait too and outgrow the round "
+                        f"({_secs(durations[-1])}); take a fresh round and decide right after it; {figures}",
                         numbers)
-    return Decision(ANOTHER_ROUND, f"above target and still shrinking: take another round; {figures}", numbers)
+    if copies is not None and copies.copied_through < obs[-1].index - 1:
+        return Decision(HOLD_FOR_COPIES, f"ready to cut over ({action}) but the round copies lag ("
+                        f"{copies.describe()}): the final copy would wait for them, so hold the delta at the "
+                        f"floor with another round, beside the copy{paced}; {figures}", numbers, pace_s)
+    return Decision(action, reason, numbers)
+
+
+def _stop(est: ChainEstimate, obs: Sequence[RoundObservation], params: ChainParams, now: datetime, next_s: float,
+          downtime_s: float, under_target: bool, ratios: Sequence[float], figures: str) -> tuple[str, str] | None:
+    """The cutover action the rounds call for (and why), or None while another round pays off."""
+    recent = ratios[-params.stall_window:]
+    stalled = len(recent) == params.stall_window and all(x > params.stall_ratio for x in recent)
+    near = _near_floor(next_s, est.floor_s, params.copy_time_s, params.floor_margin)
+    floor_unknown = est.r is None or est.floor_s is None or not math.isfinite(est.floor_s)
+    if params.cutover_at is not None and now >= params.cutover_at:
+        return CUTOVER_AT_REACHED, (f"cutover_at {params.cutover_at.isoformat()} reached: quiesce writes and take "
+                                    f"the final snapshot; {figures}")
+    if under_target and params.cutover_at is None and (near or stalled or floor_unknown):
+        why = ("within the floor margin" if near else "the rounds have stalled" if stalled
+               else "the floor is unknown")
+        return CUT_OVER, (f"under target and {why}: quiesce writes and take the final snapshot now; {figures}")
+    if not under_target and (near or stalled):
+        if stalled:
+            why = (f"the last {params.stall_window} round-over-round ratios "
+                   f"{', '.join(f'{x:.2f}' for x in recent)} exceed {params.stall_ratio}")
+        else:
+            why = (f"the predicted final snapshot is within {params.floor_margin:.0%} of floor + copy "
+                   f"({_secs(est.floor_s + params.copy_time_s)})")
+        return STALLED_AT_FLOOR, (f"the chain has reached its floor above the target: {why}, so more rounds "
+                                  "will not shrink the delta; the floor is the overhead plus the hot working "
+                                  "set rewritten every round, over 1 - r; cut over now with predicted downtime "
+                                  f"{_secs(downtime_s)}; {figures}")
+    if len(obs) >= params.max_rounds:
+        return MAX_ROUNDS, (f"max_rounds {params.max_rounds} reached: cut over with predicted downtime "
+                            f"{_secs(downtime_s)}; {figures}")
+    return None

@@ -329,6 +329,8 @@ class RoundRecord:
     duration_s: float
     delta_bytes: int
     predicted_duration_s: float | None
+    decision: str = planner.ANOTHER_ROUND  # the action that asked for this round
+    waited_s: float = 0.0  # paced wait between the decision and CreateSnapshot
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self) | {"started_at": self.started_at.isoformat()}
@@ -341,18 +343,25 @@ class ChainRun:
     rounds: list[RoundRecord] = field(default_factory=list)
     decisions: list[Decision] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
+    round_copies: dict[int, str] = field(default_factory=dict)
     final_snapshot_id: str | None = None
     final_snapshot_s: float | None = None
     final_delta_bytes: int | None = None
+    final_copy_id: str | None = None
     copy_s: float | None = None
     downtime_s: float | None = None
     total_chain_s: float | None = None
     floor_s: float | None = None
 
+    @property
+    def hold_rounds(self) -> int:
+        return sum(1 for r in self.rounds if r.decision == planner.HOLD_FOR_COPIES)
+
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k not in ("rounds", "decisions")} | {
             "rounds": [r.to_dict() for r in self.rounds],
             "decisions": [d.to_dict() for d in self.decisions],
+            "hold_rounds": self.hold_rounds,
         }
 
 
@@ -375,85 +384,90 @@ def _create(sim: EbsSimulator, volume_id: str) -> str:
         return sim.create_snapshot(volume_id)
 
 
-def run_chain(sim: EbsSimulator, volume_id: str, params: ChainParams, *, copy_rounds: bool = True,
-              max_failed_snapshots: int = 2) -> ChainRun:
-    """Chain snapshots as `decide` says, then quiesce, take the final snapshot and copy it.
+def copy_state(sim: EbsSimulator, round_copies: dict[int, str]) -> planner.CopyState:
+    """The planner's view of the round copies, from DescribeSnapshots as the DAG would read it."""
+    return planner.copy_state({"index": index, **sim.describe_snapshot(copy_id)}
+                              for index, copy_id in round_copies.items())
 
-    With copy_rounds, each finished round is copied while the next one runs, so the final copy is
-    incremental; the cutover waits (writes still on) until that copy chain has caught up, then asks
-    `decide` again, because the wait grew the delta.
+
+def run_chain(sim: EbsSimulator, volume_id: str, params: ChainParams, *, copy_rounds: bool = True,
+              pace: bool = True, poll_s: float = 0.0, max_failed_snapshots: int = 2) -> ChainRun:
+    """Chain snapshots as `decide` says, the way the migration DAG runs them, then cut over and copy.
+
+    Right after each round: start the copy `planner.next_copy` names (one in flight, the newest round,
+    running beside the next snapshot), then decide at once with the copies' state. Another round
+    starts after the decision's wait_s (at once without `pace`); a cutover quiesces right away, so the
+    final snapshot follows the round. The final snapshot is copied as soon as it completes. With
+    poll_s, each completion is noticed at the next poll from its start (the DAG's waiter_delay).
     """
     run = ChainRun(volume_id, planner.ANOTHER_ROUND)
     observations: list[RoundObservation] = []
     volume_size_bytes = sim.volume_size_bytes(volume_id)
     started_s = sim.now
-    copy_id: str | None = None
 
-    def pump_copies() -> None:
-        nonlocal copy_id
-        if not copy_rounds:
-            return
-        if copy_id is not None:
-            described = sim.describe_snapshot(copy_id)
-            if described["State"] == PENDING or described["SourceSnapshotId"] == run.rounds[-1].snapshot_id:
-                return
-        copy_id = sim.copy_snapshot(run.rounds[-1].snapshot_id)
-
-    def copy_caught_up() -> bool:
-        described = sim.describe_snapshot(copy_id)
-        return described["State"] == COMPLETED and described["SourceSnapshotId"] == run.rounds[-1].snapshot_id
-
-    def take(index: int, predicted_s: float | None) -> dict[str, Any] | None:
-        snapshot_id = _create(sim, volume_id)
+    def noticed(snapshot_id: str) -> dict[str, Any]:
         described = _wait(sim, snapshot_id)
+        if poll_s > 0:
+            elapsed_s = (sim.now - described["StartTime"]).total_seconds()
+            sim.advance(-(-elapsed_s // poll_s) * poll_s - elapsed_s)
+        return described
+
+    def take(index: int) -> dict[str, Any] | None:
+        snapshot_id = _create(sim, volume_id)
+        described = noticed(snapshot_id)
         if described["State"] == ERROR:
             run.failures.append(f"round {index}: snapshot {snapshot_id} of {volume_id} ended in state error "
                                 f"({described.get('StateMessage', '')}) after {described['Progress']}; retaking it")
             if len(run.failures) > max_failed_snapshots:
                 raise SnapshotFailed("; ".join(run.failures))
             return None
-        return described | {"predicted_s": predicted_s}
+        return described
 
     while True:
-        decision = planner.decide(observations, params, sim.now)
+        copies = None
+        if copy_rounds:
+            copies = copy_state(sim, run.round_copies)
+            index = planner.next_copy((r.index for r in run.rounds), copies)
+            if index is not None:
+                run.round_copies[index] = sim.copy_snapshot(run.rounds[index - 1].snapshot_id)
+                copies = copy_state(sim, run.round_copies)
+        decision = planner.decide(observations, params, sim.now, copies=copies)
         run.decisions.append(decision)
         run.outcome = decision.action
         run.floor_s = decision.numbers.floor_s
-        if decision.action == planner.ANOTHER_ROUND:
+        if decision.take_round:
+            waited_s = sim.advance(decision.wait_s) if pace and decision.wait_s > 0 else 0.0
             index = len(observations) + 1
-            described = take(index, decision.numbers.predicted_next_s)
+            predicted_s = planner.predict_next(observations, sim.now) if observations else None
+            described = take(index)
             if described is None:
                 continue
             previous = run.rounds[-1].snapshot_id if run.rounds else None
             delta_bytes = sim.list_changed_blocks(previous, described["SnapshotId"]) * BLOCK_SIZE_BYTES
             observation = RoundObservation(index=index, started_at=described["StartTime"],
                                            completed_at=described["CompletionTime"], delta_bytes=delta_bytes,
-                                           volume_size_bytes=volume_size_bytes,
-                                           predicted_duration_s=described["predicted_s"])
+                                           volume_size_bytes=volume_size_bytes, predicted_duration_s=predicted_s)
             observations.append(observation)
             run.rounds.append(RoundRecord(index, described["SnapshotId"], observation.started_at,
-                                          observation.duration_s, delta_bytes, described["predicted_s"]))
-            pump_copies()
+                                          observation.duration_s, delta_bytes, predicted_s, decision.action,
+                                          waited_s))
             continue
         if not decision.proceed_to_cutover:
             return run
-        if copy_rounds and not copy_caught_up():
-            _wait(sim, copy_id)
-            pump_copies()
-            continue
         break
 
     quiesced_at = sim.now
     sim.quiesce(volume_id)
     final = None
     while final is None:
-        final = take(len(observations) + 1, run.decisions[-1].numbers.predicted_next_s)
+        final = take(len(observations) + 1)
     run.final_snapshot_id = final["SnapshotId"]
     run.final_snapshot_s = (final["CompletionTime"] - final["StartTime"]).total_seconds()
     changed_blocks = sim.list_changed_blocks(run.rounds[-1].snapshot_id, run.final_snapshot_id)
     run.final_delta_bytes = changed_blocks * BLOCK_SIZE_BYTES
-    final_copy = _wait(sim, sim.copy_snapshot(run.final_snapshot_id))
+    run.final_copy_id = sim.copy_snapshot(run.final_snapshot_id)
+    final_copy = noticed(run.final_copy_id)
     run.copy_s = (final_copy["CompletionTime"] - final_copy["StartTime"]).total_seconds()
-    run.downtime_s = (final_copy["CompletionTime"] - quiesced_at).total_seconds()
-    run.total_chain_s = (final_copy["CompletionTime"] - started_s).total_seconds()
+    run.downtime_s = (sim.now - quiesced_at).total_seconds()
+    run.total_chain_s = (sim.now - started_s).total_seconds()
     return run
