@@ -333,6 +333,16 @@ def test_copy_state_from_describe_snapshots():
     assert state.pending_progress == pytest.approx(0.37) and state.pending_started_at == t + timedelta(hours=4)
     assert state.completed_s == ((1, 3 * 3600.0),)
     assert planner.copy_state([]) == planner.CopyState()
+    # Two volumes: round 4 is copied only when both copies are; its slower copy times it.
+    two = [*copies, {"index": 4, "State": "completed", "StartTime": t + timedelta(hours=4),
+                     "CompletionTime": t + timedelta(hours=5), "Progress": "100%"},
+           {"index": 4, "State": "pending", "StartTime": t + timedelta(hours=4), "Progress": "12%"}]
+    state = planner.copy_state(two)
+    assert state.copied_through == 1 and state.pending_index == 4 and state.pending_progress == pytest.approx(0.12)
+    two[-1] = two[-1] | {"State": "completed", "CompletionTime": t + timedelta(hours=6)}
+    state = planner.copy_state(two[:1] + two[3:])
+    assert state.copied_through == 4 and state.pending_index is None
+    assert state.completed_s == ((1, 3 * 3600.0), (4, 2 * 3600.0))
     with pytest.raises(ValueError, match="copied_through"):
         planner.CopyState(copied_through=-1)
     with pytest.raises(ValueError, match="pending_progress"):

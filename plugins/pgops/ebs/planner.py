@@ -407,18 +407,25 @@ def _progress(value: Any) -> float | None:
 
 def copy_state(copies: Iterable[Mapping[str, Any]]) -> CopyState:
     """CopyState from the round copies, each {"index": round} plus DescribeSnapshots' State, StartTime,
-    CompletionTime (when completed) and Progress ("37%")."""
-    copies = list(copies)
-    completed = sorted((int(c["index"]), (c["CompletionTime"] - c["StartTime"]).total_seconds())
-                       for c in copies if c.get("State") == "completed" and c.get("CompletionTime"))
-    copied_through = max((int(c["index"]) for c in copies if c.get("State") == "completed"), default=0)
-    pending = sorted((c for c in copies if c.get("State") == "pending"), key=lambda c: int(c["index"]))
+    CompletionTime (when completed) and Progress ("37%"). A round of several volumes counts as copied
+    when all its copies are; in flight while any is (the least advanced one times it)."""
+    rounds: dict[int, list[Mapping[str, Any]]] = {}
+    for copy in copies:
+        rounds.setdefault(int(copy["index"]), []).append(copy)
+    completed, pending = [], []
+    for index, items in sorted(rounds.items()):
+        if all(c.get("State") == "completed" and c.get("CompletionTime") for c in items):
+            completed.append((index, max((c["CompletionTime"] - c["StartTime"]).total_seconds() for c in items)))
+        elif any(c.get("State") == "pending" for c in items):
+            slowest = min((c for c in items if c.get("State") == "pending"),
+                          key=lambda c: _progress(c.get("Progress")) or 0.0)
+            pending.append((index, slowest))
+    copied_through = max((index for index, _ in completed), default=0)
     if not pending:
         return CopyState(copied_through=copied_through, completed_s=tuple(completed))
-    newest = pending[-1]
-    return CopyState(copied_through=copied_through, pending_index=int(newest["index"]),
-                     pending_started_at=newest.get("StartTime"), pending_progress=_progress(newest.get("Progress")),
-                     completed_s=tuple(completed))
+    index, newest = pending[-1]
+    return CopyState(copied_through=copied_through, pending_index=index, pending_started_at=newest.get("StartTime"),
+                     pending_progress=_progress(newest.get("Progress")), completed_s=tuple(completed))
 
 
 def next_copy(round_indexes: Iterable[int], copies: CopyState) -> int | None:
