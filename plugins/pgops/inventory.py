@@ -108,6 +108,8 @@ class Retention:
 class Targets:
     rpo_s: int = 300
     rto_s: int = 3600
+    backup_deadline_s: int = 21600  # an SNS alert when a base-backup run has not finished this long after it queued
+    restore_deadline_s: int = 3600  # the same for a restore verification run (default: rto_s)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -363,7 +365,10 @@ def _parse_cluster(raw: Any, index: int, path: Path) -> Cluster:
     tgt_f = top.sub("targets")
     tgt_f.where = f"cluster {name!r}: targets"
     targets = Targets(rpo_s=tgt_f.integer("rpo_s", 300, minimum=1, maximum=MAX_SECONDS),
-                      rto_s=tgt_f.integer("rto_s", 3600, minimum=1, maximum=MAX_SECONDS))
+                      rto_s=tgt_f.integer("rto_s", 3600, minimum=1, maximum=MAX_SECONDS),
+                      backup_deadline_s=tgt_f.integer("backup_deadline_s", 21600, minimum=1, maximum=MAX_SECONDS),
+                      restore_deadline_s=tgt_f.integer("restore_deadline_s", tgt_f.get("rto_s", 3600), minimum=1,
+                                                       maximum=MAX_SECONDS))
     tgt_f.reject_unknown()
 
     al_f = top.sub("alerts")

@@ -8,6 +8,7 @@ import pendulum
 from airflow.sdk import DAG, CronTriggerTimetable, Param
 
 from pgops.dags.common import backup_asset, dag_tags, default_args, pgops_dag
+from pgops.deadlines import deadline_alerts
 from pgops.inventory import Cluster
 from pgops.operators.backup import (
     BackupPreflightOperator,
@@ -28,6 +29,7 @@ def build_base_backup_dag(cluster: Cluster) -> DAG:
         start_date=pendulum.datetime(2024, 1, 1, tz=cluster.schedule.timezone),
         catchup=False,
         max_active_runs=1,
+        deadline=deadline_alerts(cluster, "backup"),
         default_args=default_args(cluster),
         tags=dag_tags(cluster, "backup"),
         params={

@@ -14,6 +14,7 @@ import pendulum
 from airflow.sdk import DAG, AssetOrTimeSchedule, CronTriggerTimetable, Param, TriggerRule
 
 from pgops.dags.common import backup_asset, dag_tags, default_args, pgops_dag
+from pgops.deadlines import deadline_alerts
 from pgops.inventory import Cluster
 from pgops.operators.restore import (
     DEFAULT_SCRATCH_ROOT,
@@ -45,6 +46,7 @@ def build_restore_verify_dag(cluster: Cluster) -> DAG:
         start_date=pendulum.datetime(2024, 1, 1, tz=cluster.schedule.timezone),
         catchup=False,
         max_active_runs=1,
+        deadline=deadline_alerts(cluster, "restore_verify"),
         default_args=default_args(cluster, retries=0),
         render_template_as_native_obj=True,
         tags=dag_tags(cluster, "restore-verify"),
