@@ -33,7 +33,7 @@ def _tags(resource: dict) -> dict[str, str]:
 def _conf(volume_id: str, **changes) -> dict:
     return {"volume_ids": [volume_id], "target_region": TARGET_REGION, "target_az": f"{TARGET_REGION}b",
             "downtime_target_minutes": 10, "copy_time_minutes": 1, "max_rounds": 2, "cutover_mode": "backup",
-            **changes}
+            "skip_approval": True, **changes}
 
 
 def test_whole_dag_snapshots_copies_and_creates_the_volume(moto, run_dag):

@@ -142,13 +142,15 @@ def test_failover_is_found_and_the_old_primary_is_rebuilt_from_the_backup(replic
     assert "is not empty (it was a primary" in error and "force=true" in error, error
 
     # Rebuild the old primary in its own data directory as a standby of pg2 from the backup (timeline 1 → 2).
-    dr = run_dag(load_dag(DAG_ID), {"target": "pg1", "force": True, "socket_dir": pg1.socket_dir})
+    dr = run_dag(load_dag(DAG_ID), {"target": "pg1", "force": True, "socket_dir": pg1.socket_dir,
+                                    "skip_approval": True})
     states = task_states(dr)
     assert set(states.values()) == {"success"}, states
     ready = dr.get_task_instance("wait_streaming").xcom_pull(task_ids="wait_streaming")
     assert ready["time_to_ready_s"] > 0 and ready["timeline"] == 2, ready
     plan = dr.get_task_instance("preflight").xcom_pull(task_ids="preflight")
-    assert plan["backup_id"] == backup and plan["primary"] == "pg2" and plan["slot_created"] is True
+    assert plan["backup_id"] == backup and plan["primary"] == "pg2" and plan["slot_exists"] is False
+    assert dr.get_task_instance("restore").xcom_pull(task_ids="restore")["slot_created"] is True  # after approval
     rl.refresh(pg1)
     try:
         assert rl.psql(pg1, "SELECT pg_is_in_recovery()") == "t"

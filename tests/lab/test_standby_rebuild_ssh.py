@@ -52,10 +52,10 @@ def test_rebuild_over_ssh_into_a_directory_only_the_host_sees(replicated_pair, r
         rl.stop(pg2)  # the old standby goes; its slot is free for the rebuilt one
         rebuilt = f"{root}/pg2/data"
         try:
-            dr = run_dag(load_dag(DAG_ID), {"target": "pg2", "socket_dir": f"{root}/pg2/run"})
+            dr = run_dag(load_dag(DAG_ID), {"target": "pg2", "socket_dir": f"{root}/pg2/run", "skip_approval": True})
             states = task_states(dr)
-            assert states == {"preflight": "success", "restore": "success", "wait_streaming": "success",
-                              "register": "skipped", "report": "success"}, states
+            assert states == {"preflight": "success", "approve_rebuild": "success", "restore": "success",
+                              "wait_streaming": "success", "register": "skipped", "report": "success"}, states
             plan = dr.get_task_instance("preflight").xcom_pull(task_ids="preflight")
             assert plan["host"] == host.where and plan["data_realpath"] == rebuilt and plan["slot"] == "pg2"
             ready = dr.get_task_instance("wait_streaming").xcom_pull(task_ids="wait_streaming")

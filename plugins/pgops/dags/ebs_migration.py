@@ -1,8 +1,12 @@
 """DAG factory: pgops_ebs_migration__<cluster>, a timed incremental EBS snapshot migration (manual trigger).
 
 validate (no AWS call) → preflight → dry-run gate → chain (one task, one deferral per round, the planner
-decides) → cutover (quiesce, final snapshot, release) → wait_final → copy_final → share → create_volume
-→ report (always runs: JSON in the bucket and XCom).
+decides) → approve_cutover (a person: predicted downtime, rounds so far, floor, target) → fresh_round (the planner
+again: a late answer takes one more round) → cutover (quiesce, final snapshot, release) → wait_final → copy_final
+→ share → create_volume → report (always runs: JSON in the bucket and XCom, with the approval).
+
+Reject, or no answer within approval_timeout_minutes: no cutover; the chain's snapshots and copies are kept
+(clear approve_cutover to ask again) or deleted (if_not_approved). skip_approval=true cuts over without asking.
 """
 
 from __future__ import annotations
@@ -27,6 +31,12 @@ from pgops.ebs.spec import (
     VOLUME_TYPES,
 )
 from pgops.inventory import Cluster
+from pgops.operators.approval import (
+    CUTOVER_GATE,
+    IF_NOT_APPROVED,
+    MAX_TIMEOUT_MINUTES,
+    EbsCutoverApprovalOperator,
+)
 from pgops.operators.ebs import (
     EbsCopySnapshotOperator,
     EbsCreateVolumeOperator,
@@ -84,6 +94,13 @@ def migration_params(cluster: Cluster) -> dict[str, Param]:
         "expected_write_rate_mib_s": Param(None, type=["null", "number"], minimum=0, maximum=MAX_THROUGHPUT_MIB_S,
                                            description="With size and throughput: plan (and refuse r >= 1) "
                                                        "before round 1"),
+        "skip_approval": Param(False, type="boolean",
+                               description="Cut over without asking a person (automation); the report says so"),
+        "approval_timeout_minutes": Param(120, type="number", exclusiveMinimum=0, maximum=MAX_TIMEOUT_MINUTES,
+                                          description="No answer within this long counts as Reject: no cutover"),
+        "if_not_approved": Param("keep", type="string", enum=list(IF_NOT_APPROVED),
+                                 description="After a reject or a timeout: keep the chain's snapshots and copies "
+                                             "(clear approve_cutover to ask again) or delete them"),
     }
 
 
@@ -107,6 +124,10 @@ def build_ebs_migration_dag(cluster: Cluster) -> DAG:
         not_dry_run = ShortCircuitOperator(task_id="not_dry_run", python_callable=lambda params: not params["dry_run"],
                                            ignore_downstream_trigger_rules=False)
         chain = EbsSnapshotChainOperator(task_id="chain", **aws)
+        approve = EbsCutoverApprovalOperator(task_id=CUTOVER_GATE, cluster_name=cluster.name,
+                                             skip="{{ params.skip_approval }}",
+                                             timeout_minutes="{{ params.approval_timeout_minutes }}")
+        fresh_round = EbsSnapshotChainOperator(task_id="fresh_round", resume_from="chain", **aws)
         # On the DB host's queue: stop-writes stops and restarts PostgreSQL through the cluster's runner.
         cutover = EbsCutoverOperator(task_id="cutover", postgres_conn_id=cluster.postgres_conn_id,
                                      cluster_name=cluster.name, queue=cluster.runner.queue,
@@ -129,6 +150,7 @@ def build_ebs_migration_dag(cluster: Cluster) -> DAG:
                                                 execution_timeout=timedelta(hours=2), **aws)
         report = EbsMigrationReportOperator(task_id="report", cluster_name=cluster.name, trigger_rule="all_done",
                                             retries=0, **aws)
-        validate >> preflight >> not_dry_run >> chain >> cutover >> wait_final >> copy_final >> share
+        validate >> preflight >> not_dry_run >> chain >> approve >> fresh_round >> cutover >> wait_final
+        wait_final >> copy_final >> share
         share >> create_volume >> report
     return dag

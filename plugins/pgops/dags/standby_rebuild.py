@@ -1,9 +1,12 @@
 """DAG factory: pgops_standby_rebuild__<cluster> (manual): rebuild a standby from the newest backup.
 
-preflight → restore → wait_streaming → register (repmgr) → report. The target is an inventory replication node
-that is not the current primary (the preflight refuses it loudly otherwise); the restore comes from the S3
-backup plus archived WAL, so the primary only serves the last stretch of WAL through the slot. The audit's
-failover findings link this DAG with the params filled in.
+preflight (reads only) → approve_rebuild → restore → wait_streaming → register (repmgr) → report. The target is
+an inventory replication node that is not the current primary (the preflight refuses it loudly otherwise); the
+restore comes from the S3 backup plus archived WAL, so the primary only serves the last stretch of WAL through the
+slot. approve_rebuild asks a person (Required Actions) with the node, host, data directory and system identifier
+before anything is stopped, removed or created; Reject or no answer within approval_timeout_minutes leaves
+everything as it was, and skip_approval=true rebuilds without asking. The audit's failover findings link this DAG
+with the params filled in (they never set skip_approval).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from airflow.sdk import DAG, Param, TriggerRule
 
 from pgops.dags.common import dag_tags, default_args, pgops_dag
 from pgops.inventory import Cluster
+from pgops.operators.approval import MAX_TIMEOUT_MINUTES, REBUILD_GATE, StandbyRebuildApprovalOperator
 from pgops.operators.standby import (
     StandbyPreflightOperator,
     StandbyRegisterOperator,
@@ -81,6 +85,11 @@ def build_standby_rebuild_dag(cluster: Cluster) -> DAG:
                                description="Fail when the standby does not stream after this long"),
             "required_bytes": Param(0, type="integer", minimum=0, maximum=MAX_REQUIRED_BYTES,
                                     description="Free bytes needed (0: the backup's size plus a margin)"),
+            "skip_approval": Param(False, type="boolean",
+                                   description="Rebuild without asking a person (automation); the report says so"),
+            "approval_timeout_minutes": Param(60, type="number", exclusiveMinimum=0, maximum=MAX_TIMEOUT_MINUTES,
+                                              description="No answer within this long counts as Reject: nothing is "
+                                                          "stopped or removed"),
         },
         doc_md=__doc__,
     ) as dag:
@@ -90,6 +99,9 @@ def build_standby_rebuild_dag(cluster: Cluster) -> DAG:
             backup="{{ params.backup }}", socket_dir="{{ params.socket_dir }}",
             required_bytes="{{ params.required_bytes }}", settings="{{ params.settings }}",
             execution_timeout=timedelta(minutes=15))
+        approve = StandbyRebuildApprovalOperator(task_id=REBUILD_GATE, cluster_name=cluster.name,
+                                                 skip="{{ params.skip_approval }}",
+                                                 timeout_minutes="{{ params.approval_timeout_minutes }}")
         restore = StandbyRestoreOperator(
             task_id="restore", cluster_name=cluster.name, queue=q, pool=cluster.pool,
             wal_parallel="{{ params.wal_parallel }}", extra_settings="{{ params.settings }}",
@@ -100,5 +112,5 @@ def build_standby_rebuild_dag(cluster: Cluster) -> DAG:
                                            execution_timeout=timedelta(minutes=10))
         report = StandbyReportOperator(task_id="report", cluster_name=cluster.name,
                                        trigger_rule=TriggerRule.ALL_DONE, execution_timeout=timedelta(minutes=10))
-        preflight >> restore >> wait >> register >> report
+        preflight >> approve >> restore >> wait >> register >> report
     return dag

@@ -337,13 +337,21 @@ class EbsSnapshotChainOperator(EbsMigrationBaseOperator):
     """
 
     def __init__(self, *, waiter_delay: int = 30, min_create_interval_s: float = MIN_CREATE_INTERVAL_S,
-                 **kwargs: Any):
+                 resume_from: str | None = None, **kwargs: Any):
         super().__init__(**kwargs)
         self.waiter_delay = waiter_delay
         self.min_create_interval_s = min_create_interval_s
+        # After the approval gate: the chain task's rounds, decided again now (a late answer takes a fresh round).
+        self.resume_from = resume_from
 
     def execute(self, context) -> dict[str, Any]:
-        return self._next(context, {"rounds": [], "decisions": []})
+        if not self.resume_from:
+            return self._next(context, {"rounds": [], "decisions": []})
+        prior = context["ti"].xcom_pull(task_ids=self.resume_from)
+        if not prior:
+            raise AirflowFailException(f"no chain state from task {self.resume_from!r} to resume")
+        # the decision after the last round is taken again, in its place (decisions[i] follows round i)
+        return self._next(context, {"rounds": prior["rounds"], "decisions": prior["decisions"][:-1]})
 
     def _observations(self, state: dict[str, Any], size_bytes: int) -> list[RoundObservation]:
         return [RoundObservation(index=r["index"], started_at=datetime.fromisoformat(r["started_at"]),
@@ -713,14 +721,17 @@ class EbsMigrationReportOperator(EbsMigrationBaseOperator):
     def execute(self, context) -> dict[str, Any]:
         from pgops.hooks import s3_client
         from pgops.inventory import load_inventory
+        from pgops.operators.approval import CUTOVER_GATE, NOT_APPROVED, describe
         from pgops.reports import envelope, utcnow, write_report
 
         ti = context["ti"]
         pull = lambda task: ti.xcom_pull(task_ids=task)  # noqa: E731
-        spec, chain, cutover = pull("validate"), pull("chain"), pull("cutover")
+        spec, chain, cutover = pull("validate"), pull("fresh_round") or pull("chain"), pull("cutover")
         copy, share, volume = pull("copy_final"), pull("share"), pull("create_volume")
+        approval = pull(CUTOVER_GATE)
+        declined = isinstance(approval, dict) and approval.get("decision") in NOT_APPROVED and not cutover
         dry_run = bool(spec and spec.get("dry_run"))
-        status = "ok" if volume else ("warning" if dry_run else "failed")
+        status = "ok" if volume else ("warning" if dry_run or declined else "failed")
         rounds = (chain or {}).get("rounds", [])
         downtime_s = None
         if cutover and copy:
@@ -745,6 +756,8 @@ class EbsMigrationReportOperator(EbsMigrationBaseOperator):
             "destination_snapshots": (copy or {}).get("copies"), "shared": share,
             "destination_volumes": (volume or {}).get("volumes"), "initialization": (volume or {}).get("initialization"),
             "deleted_intermediate_snapshots": deleted,
+            "approval": approval, "approval_text": describe(approval),
+            "not_cut_over": self._not_approved(context, spec, rounds) if declined else None,
         }
         started = context["dag_run"].start_date if context.get("dag_run") else None
         report = envelope(kind="ebs-migration", cluster=self.cluster_name, run_id=context["run_id"],
@@ -756,6 +769,28 @@ class EbsMigrationReportOperator(EbsMigrationBaseOperator):
         if status == "failed":
             raise AirflowFailException(f"migration {body['migration_id']} did not finish; report at {key}")
         return report | {"report_key": key}
+
+    def _not_approved(self, context, spec: dict[str, Any], rounds: list[dict[str, Any]]) -> dict[str, Any]:
+        """No cutover (rejected or timed out): keep the chain's snapshots and copies (resumable), or delete them."""
+        choice = str(context["params"].get("if_not_approved") or "keep")
+        owned = [(region, snapshot_id) for region, key in ((self.src_region(), "snapshots"),
+                                                           (spec["target_region"], "copies"))
+                 for r in rounds for snapshot_id in (r.get(key) or {}).values()]
+        if choice != "delete":
+            self.log.warning("no cutover: %d snapshot(s) and copies kept; clear approve_cutover (with downstream) "
+                             "in this run to ask again", len(owned))
+            return {"if_not_approved": choice, "kept": [s for _, s in owned],
+                    "resume": "clear approve_cutover with its downstream tasks in this run: it asks again, then a "
+                              "fresh round precedes the cutover"}
+        deleted, not_deleted = [], {}
+        for region, snapshot_id in owned:
+            try:
+                self.ec2(region).conn.delete_snapshot(SnapshotId=snapshot_id)
+                deleted.append(snapshot_id)
+            except Exception as exc:  # noqa: BLE001 - the report names what is left and why
+                not_deleted[snapshot_id] = str(exc)[:300]
+        self.log.warning("no cutover: deleted %s; not deleted %s", deleted, not_deleted)
+        return {"if_not_approved": choice, "deleted": deleted, "not_deleted": not_deleted}
 
     def _delete_intermediates(self, context, spec: dict[str, Any], rounds: list[dict[str, Any]],
                               copy: dict[str, Any] | None, superseded: list[str] = ()) -> list[str]:

@@ -5,9 +5,10 @@ goes through that node's DbHost (its own runner in the inventory, else the clust
 or removed, the preflight proves on the target's host that the data directory is the inventory's, that it is no
 other node's data directory or pg_wal (equal, inside or containing, after realpath), that no PostgreSQL running
 there is a primary, and that what it holds belongs to this cluster; `force` only allows replacing a stopped
-node's or a standby's old contents. The primary is only read, plus its replication slot created when missing
-(dropped again when the rebuild fails) and one WAL switch. Any failure after the preflight stops the target and
-names its data directory in the error.
+node's or a standby's old contents. The preflight only reads; a person approves its plan (the approve_rebuild
+gate, pgops.operators.approval) before the restore step changes anything. The primary is only read, plus its
+replication slot created when missing (by the restore step, dropped again when the rebuild fails) and one WAL
+switch. Any failure after the restore step began stops the target and names its data directory in the error.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pgops.dbhost import DbHost
 from pgops.engines import barman_cloud
 from pgops.hooks import aws_child_env, pg_query, s3_client, s3_endpoint_url
 from pgops.inventory import Cluster, ReplicaNode, Replication
+from pgops.operators.approval import NOT_APPROVED, REBUILD_GATE, describe
 from pgops.operators.restore import RestoreStepOperator, _truthy, param_checked, pg_bin, wait_started
 from pgops.params import MAX_STANDBY_TIMEOUT_S, check_abs_dir, check_duration
 from pgops.reports import envelope, utcnow, write_report
@@ -74,6 +76,13 @@ class StandbyStepOperator(RestoreStepOperator):
 
     def __init__(self, *, setup_task_id: str = "preflight", **kwargs: Any):
         super().__init__(setup_task_id=setup_task_id, **kwargs)
+
+    def plan(self, context) -> dict[str, Any]:
+        """The preflight's plan, plus whether the restore step created the slot (the preflight only reads)."""
+        plan = super().plan(context)
+        if context["ti"].xcom_pull(task_ids="restore", key="slot_created"):
+            plan = {**plan, "slot_created": True}
+        return plan
 
     def replication(self, cluster: Cluster) -> Replication:
         if cluster.replication is None or not cluster.replication.standbys:
@@ -150,7 +159,7 @@ def overlap(a: str, b: str) -> str | None:
 
 
 class StandbyPreflightOperator(StandbyStepOperator):
-    """Refuse a target that is the current primary; pick the backup; check disk; make sure the slot exists."""
+    """Refuse a target that is the current primary; pick the backup; check disk and the slot. Reads only."""
 
     template_fields: Sequence[str] = ("cluster_name", "target", "data_directory", "slot", "force", "backup",
                                       "socket_dir", "required_bytes", "settings")
@@ -201,7 +210,8 @@ class StandbyPreflightOperator(StandbyStepOperator):
         host = self.dbhost(cluster, node)
         real = host.realpath(data_dir)
         self._refuse_other_nodes_dirs(cluster, repl, node, host, real, obs.nodes)
-        running, non_empty = self._refuse_unsafe_contents(node, host, data_dir, real, sysid, force)
+        target = self._refuse_unsafe_contents(node, host, data_dir, real, sysid, force)
+        running, non_empty = target["running"], target["non_empty"]
         paths = standby_paths(data_dir, node.name)
         try:
             backup = core.choose_backup(self.catalog(cluster), str(self.backup or "latest"))
@@ -229,23 +239,18 @@ class StandbyPreflightOperator(StandbyStepOperator):
                 "was_running": running, "was_non_empty": non_empty, "backup_id": backup.backup_id,
                 "backup_end_time": backup.end_time, "backup_size_bytes": backup.cluster_size_bytes,
                 "needed_bytes": needed, "avail_bytes": avail, "repmgr": repl.repmgr, "repmgr_conf": node.repmgr_conf,
-                "settings": settings, "started_at": utcnow().isoformat()}
-        if not slot_row:
-            # reserve now: WAL from here on stays on the primary until the standby streams it
-            pg_query(primary.postgres_conn_id, "SELECT pg_create_physical_replication_slot(%s, true)", (slot,))
-            plan["slot_created"] = True
-            self.log.info("created physical replication slot %s on %s", slot, primary_name)
-        try:
-            self._archive_current_segment(primary.postgres_conn_id, primary_name)
-        except Exception as exc:
-            raise AirflowFailException(f"{exc}{drop_created_slot(cluster, plan, self.log)}") from None
+                "settings": settings, "started_at": utcnow().isoformat(), "slot_exists": bool(slot_row),
+                # what the approval shows: what is stopped and removed there
+                "target_pid": target["pid"], "target_state": target["state"] or None,
+                "target_system_identifier": target["system_identifier"] or None, "target_used_bytes": reclaim}
         ptarget = _conn_host_port(primary.postgres_conn_id)
         plan["primary_conninfo"] = primary_conninfo(repl, primary, application_name=node.name,
                                                     fallback_host=ptarget[0], fallback_port=ptarget[1])
         self.log.info("rebuild plan: %s on %s as a standby of %s (timeline %s) from backup %s into %s (realpath %s, "
-                      "port %s, slot %s); %s free, %s needed", node.name, host.where, primary_name,
-                      plan["primary_timeline"], backup.backup_id, data_dir, real, plan["port"], slot,
-                      core.human_bytes(avail + reclaim), core.human_bytes(needed))
+                      "port %s, slot %s%s); %s free, %s needed; nothing changed yet", node.name, host.where,
+                      primary_name, plan["primary_timeline"], backup.backup_id, data_dir, real, plan["port"], slot,
+                      "" if slot_row else ", to be created", core.human_bytes(avail + reclaim),
+                      core.human_bytes(needed))
         return plan
 
     def _data_dir(self, cluster: Cluster, node: ReplicaNode) -> str:
@@ -303,9 +308,9 @@ class StandbyPreflightOperator(StandbyStepOperator):
                     "own data directory in the inventory (or its own runner if it is another host)")
 
     def _refuse_unsafe_contents(self, node: ReplicaNode, host: DbHost, data_dir: str, real: str, sysid: str,
-                                force: bool) -> tuple[bool, bool]:
-        """(running, non_empty) of the target directory, after refusing a primary, another cluster's files and,
-        without force, contents that a rebuild would replace."""
+                                force: bool) -> dict[str, Any]:
+        """running, non_empty, pid, state and system_identifier of the target directory, after refusing a primary,
+        another cluster's files and, without force, contents that a rebuild would replace."""
         pm = host.postmaster(real)
         control = host.controldata(real)
         state = control.get("Database cluster state", "")
@@ -330,7 +335,68 @@ class StandbyPreflightOperator(StandbyStepOperator):
                 if state in ("in production", "shut down") else ""
             raise AirflowFailException(f"data directory {data_dir} of {node.name} is not empty{was}. Fix: run again "
                                        "with force=true to replace its contents")
-        return pm.running, non_empty
+        return {"running": pm.running, "non_empty": non_empty, "pid": pm.pid if pm.running else None,
+                "state": state, "system_identifier": their}
+
+
+class StandbyRestoreOperator(StandbyStepOperator):
+    """Slot and WAL switch on the primary; stop and clear the target (force), barman-cloud-restore, standby
+    settings, standby.signal, start."""
+
+    template_fields: Sequence[str] = ("cluster_name", "wal_parallel", "extra_settings")
+
+    def __init__(self, *, wal_parallel: int | str = 4, extra_settings: dict[str, str] | str | None = None,
+                 **kwargs: Any):
+        super().__init__(**kwargs)
+        self.wal_parallel = wal_parallel
+        self.extra_settings = extra_settings
+
+    def run_step(self, context) -> dict[str, Any]:
+        cluster = self.cluster
+        plan = self.plan(context)
+        self._prepare_primary(context, cluster, plan)  # its failures leave the target as it was
+        try:
+            return {**self._restore(cluster, plan), "slot_created": bool(plan.get("slot_created"))}
+        except AirflowFailException as exc:
+            if str(exc).startswith("standby rebuild of"):
+                raise
+            self.fail_stopped(cluster, plan, str(exc))
+        except Exception as exc:
+            self.fail_stopped(cluster, plan, f"{type(exc).__name__}: {exc}")
+        raise AssertionError("unreachable")
+
+    def _prepare_primary(self, context, cluster: Cluster, plan: dict[str, Any]) -> None:
+        """After the approval (which may have taken hours): the primary is still the plan's, the slot is free or
+        made, and the current WAL segment is archived. Nothing on the target has been touched yet."""
+        repl = self.replication(cluster)
+        obs = repl_core.collect(repl)
+        now_primary = repl_core.current_primary(repl, obs.nodes)
+        if now_primary != plan["primary"]:
+            raise AirflowFailException(f"REFUSED: the primary of {cluster.name} is {now_primary or 'unreachable'} now, "
+                                       f"not {plan['primary']} as in the preflight; nothing was changed. Fix: run the "
+                                       "rebuild again (its preflight plans against the current primary)")
+        trow = obs.nodes.get(plan["node"]) or {}
+        if not trow.get("error") and trow.get("in_recovery") is False:
+            raise AirflowFailException(f"REFUSED: {plan['node']} answers as a primary now; nothing was changed")
+        primary = repl.node(plan["primary"])
+        slot = plan["slot"]
+        rows = pg_query(primary.postgres_conn_id, "SELECT active FROM pg_replication_slots WHERE slot_name = %s",
+                        (slot,))
+        if rows and rows[0]["active"]:
+            raise AirflowFailException(f"slot {slot} on {plan['primary']} is active: another standby streams through "
+                                       "it; nothing was changed. Fix: stop that standby, or give this node its own "
+                                       "slot in the inventory")
+        if not rows:
+            # reserve now: WAL from here on stays on the primary until the standby streams it
+            pg_query(primary.postgres_conn_id, "SELECT pg_create_physical_replication_slot(%s, true)", (slot,))
+            plan["slot_created"] = True
+            context["ti"].xcom_push(key="slot_created", value=True)  # later steps and the report drop it on failure
+            self.log.info("created physical replication slot %s on %s", slot, plan["primary"])
+        try:
+            self._archive_current_segment(primary.postgres_conn_id, plan["primary"])
+        except Exception as exc:
+            raise AirflowFailException(f"{exc}{drop_created_slot(cluster, plan, self.log)}; {plan['node']} was not "
+                                       "touched") from None
 
     def _archive_current_segment(self, conn_id: str, primary_name: str, timeout_s: float = 300) -> None:
         """Switch WAL on the primary and wait until that segment is in the bucket.
@@ -355,30 +421,6 @@ class StandbyPreflightOperator(StandbyStepOperator):
                                    f"{timeout_s:.0f} s (last archived: {last}); a standby restored now could replay "
                                    "the old timeline. Fix: check archive_command and pg_stat_archiver on the primary")
 
-
-class StandbyRestoreOperator(StandbyStepOperator):
-    """Stop and clear the target (force), barman-cloud-restore, standby settings, standby.signal, start."""
-
-    template_fields: Sequence[str] = ("cluster_name", "wal_parallel", "extra_settings")
-
-    def __init__(self, *, wal_parallel: int | str = 4, extra_settings: dict[str, str] | str | None = None,
-                 **kwargs: Any):
-        super().__init__(**kwargs)
-        self.wal_parallel = wal_parallel
-        self.extra_settings = extra_settings
-
-    def run_step(self, context) -> dict[str, Any]:
-        cluster = self.cluster
-        plan = self.plan(context)
-        try:
-            return self._restore(cluster, plan)
-        except AirflowFailException as exc:
-            if str(exc).startswith("standby rebuild of"):
-                raise
-            self.fail_stopped(cluster, plan, str(exc))
-        except Exception as exc:
-            self.fail_stopped(cluster, plan, f"{type(exc).__name__}: {exc}")
-        raise AssertionError("unreachable")
 
     def _restore(self, cluster: Cluster, plan: dict[str, Any]) -> dict[str, Any]:
         host = self.target_host(cluster, plan)
@@ -501,7 +543,8 @@ class StandbyRegisterOperator(StandbyStepOperator):
 
 
 class StandbyReportOperator(StandbyStepOperator):
-    """A durable report (kind "replication", action standby-rebuild) with the time to ready; fails if a step failed."""
+    """A durable report (kind "replication", action standby-rebuild) with the time to ready and the approval; fails
+    if a step failed (a rebuild that was not approved is a warning: nothing was changed)."""
 
     def run_step(self, context) -> dict[str, Any]:
         cluster = self.cluster
@@ -509,32 +552,42 @@ class StandbyReportOperator(StandbyStepOperator):
         errors = {s: ti.xcom_pull(task_ids=s, key="error") for s in STANDBY_STEPS}
         errors = {k: v for k, v in errors.items() if v}
         values = {s: ti.xcom_pull(task_ids=s) for s in STANDBY_STEPS}
-        missing = [s for s in STANDBY_STEPS if s != "register" and values.get(s) is None and s not in errors]
+        approval = ti.xcom_pull(task_ids=REBUILD_GATE)
+        declined = isinstance(approval, dict) and approval.get("decision") in NOT_APPROVED
+        missing = [s for s in STANDBY_STEPS if s != "register" and values.get(s) is None and s not in errors
+                   and not (declined and s != "preflight")]
         failed = bool(errors or missing)
         plan, restore, wait = values.get("preflight") or {}, values.get("restore") or {}, values.get("wait_streaming") or {}
+        if ti.xcom_pull(task_ids="restore", key="slot_created"):
+            plan = {**plan, "slot_created": True}
         body = {"action": "standby-rebuild", "node": plan.get("node"), "primary": plan.get("primary"),
                 "data_directory": plan.get("data_dir"), "slot": plan.get("slot"), "slot_created": plan.get("slot_created"),
                 "backup_id": plan.get("backup_id"), "backup_end_time": plan.get("backup_end_time"),
                 "download_s": restore.get("download_s"), "time_to_ready_s": wait.get("time_to_ready_s"),
                 "lag_bytes": wait.get("lag_bytes"), "timeline": wait.get("timeline"),
-                "repmgr_registered": values.get("register") is not None, "errors": errors, "steps_not_finished": missing}
+                "repmgr_registered": values.get("register") is not None, "errors": errors, "steps_not_finished": missing,
+                "approval": approval, "approval_text": describe(approval)}
         from pgops.endpoint import report_state  # the client endpoint next to the replication state
-        body["endpoint"] = report_state(cluster, primary=plan.get("primary"), standby=None if failed else plan.get("node"))
+        body["endpoint"] = report_state(cluster, primary=plan.get("primary"),
+                                        standby=None if failed or declined else plan.get("node"))
         if failed and plan.get("slot_created"):
             # a step killed before its own failure handling ran: the slot this run created must not stay behind
             body["slot_dropped"] = drop_created_slot(cluster, plan, self.log).lstrip("; ") or None
         started = plan.get("started_at")
+        status = "failed" if failed else ("warning" if declined else "ok")
         report = envelope(kind="replication", cluster=cluster.name, run_id=context["run_id"],
-                          started_at=datetime.fromisoformat(started) if started else utcnow(),
-                          status="failed" if failed else "ok", body=body)
+                          started_at=datetime.fromisoformat(started) if started else utcnow(), status=status, body=body)
         key = write_report(s3_client(cluster.aws_conn_id), cluster, report)
-        self.log.info("standby rebuild of %s: %s | from backup %s | time to ready %s s | report s3://%s/%s",
-                      body["node"], report["status"].upper(), body["backup_id"], body["time_to_ready_s"],
-                      cluster.storage.bucket, key)
+        self.log.info("standby rebuild of %s: %s | approval: %s | from backup %s | time to ready %s s | report "
+                      "s3://%s/%s", body["node"], status.upper(), body["approval_text"], body["backup_id"],
+                      body["time_to_ready_s"], cluster.storage.bucket, key)
         if failed:
             what = "; ".join(f"{k}: {v}" for k, v in errors.items()) or f"step(s) {', '.join(missing)} did not finish"
             raise AirflowFailException(f"standby rebuild of {body['node']} failed: {what}")
-        return {"status": "ok", "key": key, "time_to_ready_s": body["time_to_ready_s"]}
+        if declined:
+            self.log.warning("%s was not rebuilt (%s): nothing was stopped, removed or created", body["node"],
+                             body["approval_text"])
+        return {"status": status, "key": key, "time_to_ready_s": body["time_to_ready_s"], "approval": approval}
 
 
 def _conn_host_port(conn_id: str) -> tuple[str, int]:

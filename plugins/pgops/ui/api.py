@@ -462,6 +462,8 @@ def _migration_html(v: dict[str, Any], base: str) -> str:
             f"floor d* {summary.human_duration(v['floor_s'])} · downtime target {summary.human_duration(v['downtime_target_s'])} · "
             f"cutover downtime <b>{summary.human_duration(v['downtime_s'])}</b> · volume available "
             f"{summary.human_duration(v['cutover_to_volume_available_s'])} after the cutover · initialization {init_text}</p>"
+            f"<p id='approval' data-decision='{_e(v.get('approval_decision') or '')}'>Cutover approval: "
+            f"{_e(v.get('approval') or 'not recorded')}</p>"
             f"<div id='rounds'>{charts.rounds_svg(v)}</div>"
             "<table id='rounds-table'><thead><tr><th>Round</th><th>Started</th><th>Duration</th><th>Predicted</th>"
             f"<th>Delta</th><th>Then</th><th>Why</th></tr></thead><tbody>{rows}</tbody></table>")

@@ -681,6 +681,11 @@ def migration_view(report: Mapping[str, Any]) -> dict[str, Any]:
     if downtime_s is not None and target_s is not None and downtime_s > target_s:
         colour = worst([colour, AMBER])
         reasons.append(f"cutover downtime {human_duration(downtime_s)} over the target {human_duration(target_s)}")
+    approval = b.get("approval") if isinstance(b.get("approval"), Mapping) else {}
+    approval_text = b.get("approval_text") if isinstance(b.get("approval_text"), str) else None
+    if approval.get("decision") in ("rejected", "timed_out") and downtime_s is None:
+        colour = worst([colour, AMBER])
+        reasons.append(f"no cutover: {approval_text or approval.get('decision')}")
     if not reasons:
         reasons.append(f"converged in {len(rounds)} round(s)"
                        + (f", cutover downtime {human_duration(downtime_s)}" if downtime_s is not None else ""))
@@ -693,4 +698,5 @@ def migration_view(report: Mapping[str, Any]) -> dict[str, Any]:
         "cutover_to_volume_available_s": num(b.get("cutover_to_volume_available_s")),
         "initialization": init, "destination_volumes": b.get("destination_volumes"),
         "started_at": report.get("started_at"), "finished_at": report.get("finished_at"),
+        "approval": approval_text, "approval_decision": approval.get("decision"),
     }
