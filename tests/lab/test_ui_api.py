@@ -275,6 +275,34 @@ def test_reports_are_cached_for_the_ttl_then_reread(dash):
     assert before["clusters"]
 
 
+def test_a_running_run_shows_its_progress(dash):
+    """The backup task's progress record (pgops.progress) is shown for the run that wrote it while it runs."""
+    import sqlite3
+
+    from pgops import progress
+
+    stack, inventory_path = dash
+    beta = load_inventory(inventory_path).get("beta")
+    dag_id = "pgops_base_backup__beta"
+    stack.wait_for_dag(dag_id)
+    # a run of the paused DAG (the scheduler leaves it alone), marked running as a worker would
+    run_id = stack._request("POST", f"/api/v2/dags/{dag_id}/dagRuns", {"logical_date": None})["dag_run_id"]
+    with sqlite3.connect(stack.home / "airflow.db") as db:
+        db.execute("UPDATE dag_run SET state = 'running' WHERE dag_id = ? AND run_id = ?", (dag_id, run_id))
+    publish = progress.bucket_publisher(hooks.s3_client(beta.aws_conn_id), beta, "backup")
+    record = {"kind": "backup", "what": "base backup of beta", "run_id": "another-run", "state": "running",
+              "done_bytes": 3 * 2**30, "total_bytes": 12 * 2**30, "verb": "uploaded", "elapsed_s": 120}
+    publish(record)
+    status, body = get(stack, "/pgops/clusters/beta", stack.token())
+    assert status == 200 and "class='progress'" not in body.decode()  # another run's record is not this run's
+    publish({**record, "run_id": run_id})
+    status, body = get(stack, "/pgops/clusters/beta", stack.token())
+    page = body.decode()
+    assert status == 200 and "<div class='progress'>base backup of beta: 3.0 GiB uploaded of ~12.0 GiB (25%)" in page
+    publish({**record, "run_id": run_id, "state": "done"})
+    assert "class='progress'" not in get(stack, "/pgops/clusters/beta", stack.token())[1].decode()
+
+
 # --- the browser ----------------------------------------------------------------------------------------
 
 

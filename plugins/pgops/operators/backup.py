@@ -5,17 +5,20 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Sequence
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
 
+from pgops import progress
 from pgops.archiver import ARCHIVER_SQL, archiver_health
 from pgops.engines import barman_cloud
 from pgops.hooks import aws_child_env, pg_query, pg_target, s3_client, s3_endpoint_url
 from pgops.inventory import Cluster, load_inventory
 from pgops.runners import CommandFailed, get_runner
+
+CLUSTER_SIZE_SQL = "SELECT sum(pg_database_size(datname))::bigint AS size FROM pg_database"
 
 
 def backup_name_for_run(run_id: str) -> str:
@@ -131,7 +134,15 @@ class BackupPreflightOperator(ClusterOperator):
 
 
 class BarmanCloudBackupOperator(ClusterOperator):
-    """Run barman-cloud-backup on the DB host. A retry reuses a DONE backup of the same run, never duplicates it."""
+    """Run barman-cloud-backup on the DB host. A retry reuses a DONE backup of the same run, never duplicates it.
+
+    :param cluster_name: inventory cluster
+    :param progress_interval_s: how often the bytes uploaded so far go to the task log and the dashboard
+    """
+
+    def __init__(self, *, progress_interval_s: float = progress.DEFAULT_INTERVAL_S, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.progress_interval_s = progress_interval_s
 
     def execute(self, context) -> str:
         cluster = self.cluster
@@ -148,7 +159,8 @@ class BarmanCloudBackupOperator(ClusterOperator):
         argv = barman_cloud.backup_argv(cluster, endpoint_url=s3_endpoint_url(cluster.engine_aws_conn_id), backup_name=name,
                                         pg_host=t.host, pg_port=t.port, pg_user=t.user, pg_dbname=t.dbname)
         try:
-            self.run_engine(cluster, argv)
+            with self._progress(cluster, s3, context["run_id"]):
+                self.run_engine(cluster, argv)
         except CommandFailed as exc:
             raise RuntimeError(f"cluster {cluster.name!r}: barman-cloud-backup failed: {exc}") from None
         made = [(i, info) for i, info in catalog_by_name(cluster, name, s3=s3) if info.get("backup_name") == name]
@@ -159,6 +171,22 @@ class BarmanCloudBackupOperator(ClusterOperator):
         backup_id, info = made[-1]
         self.log.info("barman-cloud-backup finished: backup %s (%s) status %s", backup_id, name, info.get("status"))
         return backup_id
+
+
+    def _progress(self, cluster: Cluster, s3, run_id: str) -> progress.ProgressTicker:
+        """Bytes uploaded under base/ since the start (finished objects and the parts of open multipart uploads)
+        against the cluster's size before compression."""
+        since = datetime.now(UTC) - timedelta(seconds=2)  # S3 times have whole seconds
+        try:
+            total = int(pg_query(cluster.postgres_conn_id, CLUSTER_SIZE_SQL)[0]["size"] or 0) or None
+        except Exception:  # noqa: BLE001 - the size only scales the percentage
+            total = None
+        prefix = f"{cluster.storage.server_prefix}/base/"
+        return progress.ProgressTicker(
+            kind="backup", what=f"base backup of {cluster.name}", run_id=run_id, log=self.log,
+            interval_s=self.progress_interval_s, publish=progress.bucket_publisher(s3, cluster, "backup"),
+            measure=lambda: {"done_bytes": progress.uploaded_since(s3, cluster.storage.bucket, prefix, since),
+                             "total_bytes": total, "total_note": " before compression", "verb": "uploaded"})
 
 
 def catalog_by_name(cluster: Cluster, name: str, *, s3=None) -> list[tuple[str, dict[str, str]]]:
@@ -281,8 +309,6 @@ def _stored_bytes(cluster: Cluster, backup_id: str) -> int:
 
 
 def _duration_s(begin: str | None, end: str | None) -> float | None:
-    from datetime import datetime
-
     try:
         return round((datetime.fromisoformat(end) - datetime.fromisoformat(begin)).total_seconds(), 3)
     except (TypeError, ValueError):

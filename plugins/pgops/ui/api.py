@@ -21,6 +21,7 @@ from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from pgops import progress
 from pgops.inventory import Cluster
 from pgops.ui import charts, summary
 from pgops.ui.data import (
@@ -120,6 +121,11 @@ def create_app(source: ReportSource | None = None) -> FastAPI:
             restore_interval_s=interval_s(c.schedule.restore_verify, now=now))
         r["runs"] = _safe_db(lambda: latest_runs(dag_ids(c)), {})
         r["dag_ids"] = dag_ids(c)
+        for kind, run in r["runs"].items():  # a running run shows how far it has come
+            if run and run["state"] == "running":
+                rec = s.progress(c, kind)
+                if rec and rec.get("run_id") == run["run_id"] and rec.get("state") == "running":
+                    run["progress"] = progress.describe(rec)
         return r
 
     def timeline_of(c: Cluster, now: datetime, days: int) -> dict[str, Any]:
@@ -426,7 +432,9 @@ def _cluster_html(r: dict[str, Any], tl: dict[str, Any], rto: dict[str, Any], mi
     reasons = "".join(f"<li>{_colour(x['colour'], '')} {_e(x['text'])}</li>" for x in r["reasons"])
     trend_text = f"RTO forecast: {rto['forecast']['text']}"  # the fleet table's figure, from the same function
     runs = "".join(f"<li>{_e(k)}: <a href='/dags/{quote(v['dag_id'])}/runs/{quote(v['run_id'])}' target='_top'>"
-                   f"{_e(v['run_id'])}</a> {_e(v['state'])}</li>" for k, v in (r.get("runs") or {}).items() if v)
+                   f"{_e(v['run_id'])}</a> {_e(v['state'])}"
+                   + (f"<div class='progress'>{_e(v['progress'])}</div>" if v.get("progress") else "") + "</li>"
+                   for k, v in (r.get("runs") or {}).items() if v)
     mig = "".join(f"<li><a href='{base}/migration?cluster={quote(r['cluster'])}&run_id={quote(str(m['run_id']))}'>"
                   f"{_e(m['run_id'])}</a> {_e(m['status'])} ({_e(m['outcome'])}, {_when(m['finished_at'])})</li>"
                   for m in migrations)

@@ -98,6 +98,12 @@ class ReportSource:
         return self.cache.get(key, lambda: self._safe(
             lambda: reports.list_reports(self.s3(cluster.aws_conn_id), cluster, kind, limit=limit)) or [])
 
+    def progress(self, cluster: Cluster, kind: str) -> dict[str, Any] | None:
+        """The progress record of a DAG kind (pgops.progress), read fresh: it is only asked for a running run."""
+        from pgops import progress
+
+        return self._safe(lambda: progress.read_progress(self.s3(cluster.aws_conn_id), cluster, kind))
+
     @staticmethod
     def _safe(fn: Callable[[], Any]) -> Any:
         from botocore.exceptions import BotoCoreError, ClientError
