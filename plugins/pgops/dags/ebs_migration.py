@@ -134,11 +134,12 @@ def build_ebs_migration_dag(cluster: Cluster) -> DAG:
                                      execution_timeout=timedelta(minutes=30), **aws)
         wait_final = EbsSnapshotCompletedSensor(task_id="wait_final",
                                                 snapshot_ids="{{ ti.xcom_pull(task_ids='cutover')['snapshots'] }}",
-                                                aws_conn_id=cluster.aws_conn_id, timeout=48 * 3600)
+                                                aws_conn_id=cluster.aws_conn_id, timeout=48 * 3600,
+                                                waiter_delay=5)  # writes are paused: each poll's lag is downtime
         copy_final = EbsCopySnapshotOperator(task_id="copy_final",
                                              snapshot_ids="{{ ti.xcom_pull(task_ids='cutover')['snapshots'] }}",
                                              target_region="{{ params.target_region }}",
-                                             kms_key_id="{{ params.kms_key_id }}", **aws)
+                                             kms_key_id="{{ params.kms_key_id }}", waiter_delay=5, **aws)
         share = EbsShareSnapshotOperator(task_id="share",
                                          snapshot_ids="{{ ti.xcom_pull(task_ids='copy_final')['copies'] }}",
                                          region="{{ params.target_region }}",

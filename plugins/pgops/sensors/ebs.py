@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
 from airflow.sdk import BaseSensorOperator
 from airflow.sdk.exceptions import AirflowFailException
+
+WAIT_BUDGET_S = 24 * 3600  # the trigger's default: 2880 polls of 30 s
 
 
 def _ec2_hook(**kwargs: Any):
@@ -22,15 +25,14 @@ def _trigger(**kwargs: Any):
     return EbsSnapshotCompletedTrigger(**kwargs)
 
 
-
-
 class EbsSnapshotCompletedSensor(BaseSensorOperator):
     """Wait until every snapshot in ``snapshot_ids`` is completed; fail when one ends in state error."""
 
     template_fields: Sequence[str] = ("snapshot_ids", "aws_conn_id", "region_name")
 
     def __init__(self, *, snapshot_ids: list[str] | str, aws_conn_id: str, region_name: str | None = None,
-                 deferrable: bool = True, waiter_delay: int = 30, waiter_max_attempts: int = 2880, **kwargs: Any):
+                 deferrable: bool = True, waiter_delay: int = 30, waiter_max_attempts: int | None = None,
+                 **kwargs: Any):
         kwargs.setdefault("mode", "reschedule")
         super().__init__(**kwargs)
         self.snapshot_ids = snapshot_ids
@@ -38,7 +40,8 @@ class EbsSnapshotCompletedSensor(BaseSensorOperator):
         self.region_name = region_name
         self.deferrable = deferrable
         self.waiter_delay = waiter_delay
-        self.waiter_max_attempts = waiter_max_attempts
+        # 24 h of polls whatever the interval (a 5 s poll on the cutover path must not shorten the wait)
+        self.waiter_max_attempts = waiter_max_attempts or max(1, math.ceil(WAIT_BUDGET_S / max(waiter_delay, 1)))
 
     def _ids(self) -> list[str]:
         ids = self.snapshot_ids
