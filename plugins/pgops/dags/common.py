@@ -10,8 +10,8 @@ from datetime import timedelta
 from typing import Any
 
 from airflow.sdk import DAG, Asset, BaseNotifier, Param
-from airflow.sdk.definitions.param import ParamsDict
 
+from pgops.dags import sdk_adapter
 from pgops.inventory import Cluster
 
 FAILURE_MESSAGE = (
@@ -96,8 +96,7 @@ def pgops_dag(*, params: dict[str, Param], **dag_kwargs: Any) -> Iterator[DAG]:
         yield dag
     if dag.timetable.can_be_scheduled:  # as Airflow: a manual-only DAG may have params without valid defaults
         check_defaults(dag.dag_id, params)
-    # object.__setattr__, as Airflow's own params converter does: validated just above
-    object.__setattr__(dag, "params", ParamsDict(params))
+    sdk_adapter.set_params(dag, params)  # validated just above
 
 
 def check_defaults(dag_id: str, params: dict[str, Param]) -> None:
@@ -106,18 +105,12 @@ def check_defaults(dag_id: str, params: dict[str, Param]) -> None:
 
     for name, param in params.items():
         value = param.value
-        error = ("No value passed and Param has no default value" if not _is_set(value)
+        error = ("No value passed and Param has no default value" if not sdk_adapter.is_arg_set(value)
                  else best_match(_validator(json.dumps(param.schema, sort_keys=True)).iter_errors(value)))
         if error is not None:
             raise ValueError(f"Dag {dag_id!r} is not allowed to define a Schedule, as there are required params "
                              f"without default values, or the default values are not valid: "
                              f"Invalid input for param {name}: {error}")
-
-
-def _is_set(value: Any) -> bool:
-    from airflow.sdk.definitions._internal.types import is_arg_set
-
-    return is_arg_set(value)
 
 
 @functools.lru_cache(maxsize=512)
