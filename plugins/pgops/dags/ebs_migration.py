@@ -125,7 +125,7 @@ def build_ebs_migration_dag(cluster: Cluster) -> DAG:
                                            ignore_downstream_trigger_rules=False)
         chain = EbsSnapshotChainOperator(task_id="chain", **aws)
         approve = EbsCutoverApprovalOperator(task_id=CUTOVER_GATE, cluster_name=cluster.name,
-                                             skip="{{ params.skip_approval }}",
+                                             skip_approval="{{ params.skip_approval }}",
                                              timeout_minutes="{{ params.approval_timeout_minutes }}")
         fresh_round = EbsSnapshotChainOperator(task_id="fresh_round", resume_from="chain", **aws)
         # On the DB host's queue: stop-writes stops and restarts PostgreSQL through the cluster's runner.

@@ -100,7 +100,7 @@ def build_standby_rebuild_dag(cluster: Cluster) -> DAG:
             required_bytes="{{ params.required_bytes }}", settings="{{ params.settings }}",
             execution_timeout=timedelta(minutes=15))
         approve = StandbyRebuildApprovalOperator(task_id=REBUILD_GATE, cluster_name=cluster.name,
-                                                 skip="{{ params.skip_approval }}",
+                                                 skip_approval="{{ params.skip_approval }}",
                                                  timeout_minutes="{{ params.approval_timeout_minutes }}")
         restore = StandbyRestoreOperator(
             task_id="restore", cluster_name=cluster.name, queue=q, pool=cluster.pool,

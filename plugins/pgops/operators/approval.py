@@ -213,15 +213,17 @@ def rebuild_question(cluster: str, plan: Mapping[str, Any], *, timeout_minutes: 
 class PgopsApprovalOperator(ApprovalOperator):
     """An approval gate whose question is built at run time (`question`); Reject is the answer at timeout."""
 
-    template_fields: Sequence[str] = (*ApprovalOperator.template_fields, "cluster_name", "skip", "timeout_minutes")
+    template_fields: Sequence[str] = (*ApprovalOperator.template_fields, "cluster_name", "skip_approval",
+                                      "timeout_minutes")
 
-    def __init__(self, *, cluster_name: str, skip: bool | str = False, timeout_minutes: float | str = 60,
+    def __init__(self, *, cluster_name: str, skip_approval: bool | str = False, timeout_minutes: float | str = 60,
                  **kwargs: Any):
         kwargs.setdefault("subject", "pgops approval")  # replaced by `question` when the task runs
         kwargs.setdefault("retries", 0)  # a gate that fails must not ask again on its own
         super().__init__(defaults=ApprovalOperator.REJECT, ignore_downstream_trigger_rules=False,
                          fail_on_reject=False, response_timeout=timedelta(minutes=60), **kwargs)
-        self.cluster_name, self.skip, self.timeout_minutes = cluster_name, skip, timeout_minutes
+        # not `skip`: that name is SkipMixin's method, which skips the tasks after a Reject
+        self.cluster_name, self.skip_approval, self.timeout_minutes = cluster_name, skip_approval, timeout_minutes
 
     def question(self, context, timeout_minutes: float) -> tuple[str, str, dict[str, Any]]:
         raise NotImplementedError
@@ -229,7 +231,7 @@ class PgopsApprovalOperator(ApprovalOperator):
     def execute(self, context):
         timeout_minutes = checked_timeout_minutes(self.timeout_minutes)
         subject, body, facts = self.question(context, timeout_minutes)
-        if str(self.skip).strip().lower() in ("true", "1", "yes"):
+        if str(self.skip_approval).strip().lower() in ("true", "1", "yes"):
             dag_run = context.get("dag_run")
             record = skipped_record(by=getattr(dag_run, "triggering_user_name", None), at=_now(), facts=facts)
             self.log.warning("approval not asked (param skip_approval): %s", subject)
