@@ -17,7 +17,7 @@ import pytest
 
 pytest_plugins = ["aws_calls"]
 
-from helpers import REPO  # noqa: E402
+from helpers import REPO, without_deadlines  # noqa: E402
 
 _AIRFLOW_HOME = Path(tempfile.mkdtemp(prefix="pgops-airflow-"))
 os.environ.update({
@@ -91,6 +91,7 @@ def run_dag(airflow_db):
     def _run(dag, conf: dict | None = None):
         for task in dag.tasks:
             task.retries = 0
+        without_deadlines(dag)
         return dag.test(run_conf=conf)
 
     return _run

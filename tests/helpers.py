@@ -37,3 +37,11 @@ def pid_in(pid_file: Path) -> int | None:
         return int(pid_file.read_text())
     except (OSError, ValueError):
         return None
+
+
+def without_deadlines(dag):
+    """dag.test() of Airflow 3.3.2 fails when a run of a DAG with Deadline Alerts succeeds (update_state looks the
+    alerts up by id and is handed their serialized form). The scheduler does not: tests/lab/test_scheduler.py
+    proves the alerts there. Everything else a dag.test() shows is unchanged."""
+    dag.deadline = None
+    return dag
