@@ -179,17 +179,21 @@ def test_no_chain_state_means_nothing_to_approve(monkeypatch):
     ({"chosen_options": ["Reject"], "responded_by_user": None, "timedout": True}, A.TIMED_OUT),
 ])
 def test_reject_skips_only_the_next_task_so_the_report_still_runs(monkeypatch, event, decision):
+    from airflow.providers.common.compat.sdk import DownstreamTasksSkipped
+
     _, gate = _dag()
-    assert callable(gate.skip)  # SkipMixin's method, not shadowed by the skip_approval flag
-    skipped = []
-    monkeypatch.setattr(gate, "skip", lambda ti, tasks: skipped.extend(t.task_id for t in tasks))
     ti = FakeTI({(A.CUTOVER_GATE, "question"): {"asked_at": "2026-11-29T01:15:00+00:00", "timeout_minutes": 30,
                                                 "facts": {"rounds": 3}}})
-    record = gate.execute_complete(_context(gate, ti), {**event, "params_input": {},
-                                                        "responded_at": datetime(2026, 11, 29, 2, 0, tzinfo=UTC)})
+    event = {**event, "params_input": {}, "responded_at": datetime(2026, 11, 29, 2, 0, tzinfo=UTC)}
+    if decision == A.APPROVED:
+        assert gate.execute_complete(_context(gate, ti), event)["decision"] == A.APPROVED
+    else:  # Airflow's SkipMixin.skip ends the task with the tasks to skip: the next one only
+        with pytest.raises(DownstreamTasksSkipped) as skipped:
+            gate.execute_complete(_context(gate, ti), event)
+        assert skipped.value.tasks == ["fresh_round"]  # cutover and the rest follow the skip; report is all_done
+    record = ti.pushed[(A.CUTOVER_GATE, "return_value")]  # stored before the task ended
     assert record["decision"] == decision and record["facts"] == {"rounds": 3}
     assert record["asked_at"] == "2026-11-29T01:15:00+00:00" and record["timeout_minutes"] == 30
-    assert skipped == ([] if decision == A.APPROVED else ["fresh_round"])  # cutover and the rest follow the skip
 
 
 def _replicated_cluster():

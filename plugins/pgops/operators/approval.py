@@ -21,6 +21,7 @@ from typing import Any
 from airflow.providers.standard.operators.hitl import ApprovalOperator
 from airflow.sdk.exceptions import AirflowFailException
 
+XCOM_RETURN_KEY = "return_value"
 APPROVED, REJECTED, TIMED_OUT, SKIPPED = "approved", "rejected", "timed_out", "skipped"
 NOT_APPROVED = (REJECTED, TIMED_OUT)
 CUTOVER_GATE, REBUILD_GATE = "approve_cutover", "approve_rebuild"
@@ -248,11 +249,17 @@ class PgopsApprovalOperator(ApprovalOperator):
         return super().execute(context)
 
     def execute_complete(self, context, event: dict[str, Any]) -> dict[str, Any]:
-        super().execute_complete(context=context, event=event)  # checks the answer; on Reject skips what follows
-        asked = context["ti"].xcom_pull(task_ids=self.task_id, key="question") or {}
-        record = decision_record(event, asked_at=asked.get("asked_at"), timeout_minutes=asked.get("timeout_minutes"),
-                                 facts=asked.get("facts"))
-        self.log.info("%s: %s", self.task_id, describe(record))
+        record = None
+        if "error" not in event:
+            self.validate_chosen_options(list(event.get("chosen_options") or []))
+            asked = context["ti"].xcom_pull(task_ids=self.task_id, key="question") or {}
+            record = decision_record(event, asked_at=asked.get("asked_at"),
+                                     timeout_minutes=asked.get("timeout_minutes"), facts=asked.get("facts"))
+            self.log.info("%s: %s", self.task_id, describe(record))
+            # pushed now: on Reject the task ends inside super() (SkipMixin.skip raises DownstreamTasksSkipped), so
+            # no return value would be stored, and the report reads the decision from it
+            context["ti"].xcom_push(key=XCOM_RETURN_KEY, value=record)
+        super().execute_complete(context=context, event=event)  # on Reject: skips what follows and ends here
         return record
 
     def _notify(self, context, subject: str, body: str, timeout_minutes: float) -> None:
