@@ -48,6 +48,13 @@ def aws_child_env(conn_id: str) -> dict[str, str]:
     return env
 
 
+# libpq's TLS settings: connection extras (what PostgresHook passes to psycopg2) and the environment variables a
+# child process's libpq reads (barman-cloud-backup connects from the DB host with them).
+SSL_EXTRAS = {"sslmode": "PGSSLMODE", "sslrootcert": "PGSSLROOTCERT", "sslcert": "PGSSLCERT", "sslkey": "PGSSLKEY",
+              "sslcrl": "PGSSLCRL", "sslpassword": "PGSSLPASSWORD"}
+PG_DEFAULT_EXTRAS = {"application_name": "pgops"}
+
+
 @dataclass(frozen=True)
 class PgTarget:
     host: str
@@ -55,26 +62,47 @@ class PgTarget:
     user: str
     dbname: str
     password: str | None
+    ssl: tuple[tuple[str, str], ...] = ()  # (extra name, value) of the connection's TLS settings
 
     def child_env(self) -> dict[str, str]:
-        return {"PGPASSWORD": self.password} if self.password else {}
+        env = {"PGPASSWORD": self.password} if self.password else {}
+        env.update({SSL_EXTRAS[k]: v for k, v in self.ssl})
+        return env
 
 
 def pg_target(conn_id: str) -> PgTarget:
     from airflow.sdk import BaseHook
 
     conn = BaseHook.get_connection(conn_id)
+    extras = conn.extra_dejson or {}
     return PgTarget(host=conn.host or "127.0.0.1", port=int(conn.port or 5432), user=conn.login or "postgres",
-                    dbname=conn.schema or "postgres", password=conn.password)
+                    dbname=conn.schema or "postgres", password=conn.password,
+                    ssl=tuple((k, str(extras[k])) for k in SSL_EXTRAS if extras.get(k) not in (None, "")))
+
+
+def pg_hook(conn_id: str, *, connect_timeout_s: int = 10):
+    """The provider's PostgresHook for a cluster connection: every extra of the connection (sslmode, sslrootcert,
+    sslcert, sslkey, options, keepalives ...) reaches psycopg2; pgops only adds connect_timeout and
+    application_name where the connection sets none."""
+    import copy
+    import json
+
+    from airflow.providers.postgres.hooks.postgres import PostgresHook
+    from airflow.sdk import BaseHook
+
+    conn = BaseHook.get_connection(conn_id)
+    extras = conn.extra_dejson or {}
+    defaults = {"connect_timeout": connect_timeout_s, **PG_DEFAULT_EXTRAS}
+    missing = {k: v for k, v in defaults.items() if k not in extras}
+    if missing:
+        conn = copy.deepcopy(conn)
+        conn.extra = json.dumps({**missing, **extras})
+    return PostgresHook(postgres_conn_id=conn_id, connection=conn)
 
 
 def pg_connect(conn_id: str, *, connect_timeout_s: int = 10, autocommit: bool = True):
-    """A psycopg2 connection to the cluster (for checks and the canary)."""
-    import psycopg2
-
-    t = pg_target(conn_id)
-    conn = psycopg2.connect(host=t.host, port=t.port, user=t.user, dbname=t.dbname, password=t.password,
-                            connect_timeout=connect_timeout_s, application_name="pgops")
+    """A psycopg2 connection to the cluster (checks, the canary), through the provider's PostgresHook."""
+    conn = pg_hook(conn_id, connect_timeout_s=connect_timeout_s).get_conn()
     conn.autocommit = autocommit
     return conn
 
