@@ -252,7 +252,7 @@ class _Fields:
             return None
         if not isinstance(value, str):
             raise self.fail(key, value, "is not a string", fix or "quote the value")
-        if pattern is not None and not pattern.match(value):
+        if pattern is not None and not pattern.fullmatch(value):
             raise self.fail(key, value, "is not valid", fix or f"use a value matching {pattern.pattern}")
         return value
 
@@ -298,7 +298,7 @@ def _check_cron(fields: _Fields, key: str, default: str) -> str:
     if len(parts) != 5 or not all(CRON_FIELD_RE.match(p) for p in parts):
         raise fields.fail(key, value, "is not a cron expression",
                           "use five cron fields like '0 2 * * *' or a preset such as @daily")
-    return value
+    return " ".join(parts)
 
 
 def _parse_cluster(raw: Any, index: int, path: Path) -> Cluster:
@@ -314,7 +314,7 @@ def _parse_cluster(raw: Any, index: int, path: Path) -> Cluster:
     prefix = (storage_f.string("prefix", "") or "").strip("/")
     if prefix.startswith("s3://"):
         raise storage_f.fail("prefix", prefix, "is a URL", "give only the key prefix; the bucket goes in 'bucket'")
-    if prefix and not PREFIX_RE.match(prefix):
+    if prefix and not PREFIX_RE.fullmatch(prefix):
         raise storage_f.fail("prefix", prefix, "is not a plain key prefix",
                              "use letters, digits, '.', '_', '=', '+' and '-' in '/'-separated parts, no '.' or '..'")
     server_name = storage_f.string("server_name", name, pattern=re.compile(r"^(?!\.{1,2}$)(?!-)[A-Za-z0-9_.-]{1,200}$"),
@@ -589,7 +589,7 @@ def _string_list(fields: _Fields, key: str) -> list[str]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise fields.fail(key, value, "is not a list of strings", f"write {key}: [\"a\", \"b\"]")
     for item in value:  # DAG tags and command-line arguments: one plain word each
-        if not _LIST_ITEM_RE.match(item) or ".." in item.split("/") or "//" in item or (
+        if not _LIST_ITEM_RE.fullmatch(item) or ".." in item.split("/") or "//" in item or (
                 key == "tags" and item.startswith("-")):
             raise fields.fail(key, item, "is not a plain word", "use letters, digits and . _ : = + @ / , - "
                               "(at most 100; no spaces, control characters or '..')")
@@ -597,7 +597,7 @@ def _string_list(fields: _Fields, key: str) -> list[str]:
 
 
 def _plain_path(fields: _Fields, key: str, value: str) -> str:
-    if value and not PLAIN_PATH_RE.match(value):
+    if value and not PLAIN_PATH_RE.fullmatch(value):
         raise fields.fail(key, value, "is not a plain absolute path",
                           "give an absolute path without '..', '//', spaces or control characters")
     return value

@@ -98,3 +98,25 @@ def test_a_hostile_name_and_a_non_mapping_cluster():
     for doc in ({"clusters": None}, {"clusters": "x"}, [], "clusters", {"clusters": [], "extra": 1}):
         with pytest.raises(InventoryError, match="Fix:"):
             parse_inventory(doc, PATH)
+
+
+@pytest.mark.parametrize("field", FIELDS, ids=lambda f: ".".join(map(str, f)))
+def test_a_trailing_newline_is_refused_in_every_string_field(field):
+    """A regular expression ending in '$' also matches before a final newline ("main\\n"): every pattern must
+    match the whole value, so a YAML block scalar cannot smuggle a newline into a name, path, argv or S3 key.
+    (Only values the parser normalises, such as a cron expression's whitespace, may pass, and without it.)"""
+    node = BASE
+    for key in field:
+        node = node[key]
+    values = node if isinstance(node, list) else [node]
+    if not values or not all(isinstance(v, str) and v for v in values):
+        pytest.skip("not a string field")
+    data = copy.deepcopy(BASE)
+    _set(data, field, [v + "\n" for v in values] if isinstance(node, list) else node + "\n")
+    try:
+        inv = parse_inventory({"clusters": [data]}, PATH)
+    except InventoryError as exc:
+        assert "Fix:" in str(exc)
+        return
+    # accepted only when normalised (a cron expression's or a retention policy's whitespace): no newline kept
+    assert "\\n" not in repr(inv.clusters[0]), (field, inv.clusters[0])
