@@ -58,7 +58,9 @@ def backup_mode(connect: Callable[[], Any], *, label: str, timeout_s: float = 60
     try:
         with conn.cursor() as cur:
             # Server-side bound: if this process hangs between statements, PostgreSQL ends the session.
-            cur.execute("SET idle_session_timeout = %s", (f"{int(timeout_s * 1000)}ms",))
+            # set_config, not SET: psycopg 3 (PostgresHook's driver here) binds parameters on the server, and
+            # SET takes no bound parameter.
+            cur.execute("SELECT set_config('idle_session_timeout', %s, false)", (f"{int(timeout_s * 1000)}ms",))
             cur.execute("SELECT pg_backend_pid()")
             state.backend_pid = cur.fetchone()[0]
             cur.execute("SELECT pg_backup_start(%s, true)::text", (label,))
