@@ -5,6 +5,11 @@ decides) → approve_cutover (a person: predicted downtime, rounds so far, floor
 again: a late answer takes one more round) → cutover (quiesce, final snapshot, release) → wait_final → copy_final
 → share → create_volume → report (always runs: JSON in the bucket and XCom, with the approval).
 
+Round copies run beside the next snapshot, one in flight at a time (the newest round once the last copy is done),
+and the planner decides with their state: it holds the chain at its floor while they lag and may start a round
+later (a DateTimeTrigger) so that it ends as the copy in flight does. The cutover follows a round: if the last one
+is stale when it starts, it takes one more first. wait_final and copy_final poll every 5 s (writes are paused).
+
 Reject, or no answer within approval_timeout_minutes: no cutover; the chain's snapshots and copies are kept
 (clear approve_cutover to ask again) or deleted (if_not_approved). skip_approval=true cuts over without asking.
 """

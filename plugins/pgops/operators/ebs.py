@@ -6,6 +6,7 @@ finds what an earlier try made and reuses it instead of making a second one.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
@@ -15,7 +16,7 @@ from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
 
 from pgops.ebs import planner
-from pgops.ebs.planner import RoundObservation
+from pgops.ebs import rounds as chain_rounds
 from pgops.ebs.spec import (
     TAG_BACKUP_LABEL,
     TAG_MIGRATION,
@@ -32,6 +33,13 @@ from pgops.ebs.spec import (
 FINAL_ROUND = "final"
 MIN_CREATE_INTERVAL_S = 15.0  # EC2: SnapshotCreationPerVolumeRateExceeded under 15 s on one volume
 MAX_COPIES_IN_FLIGHT = 20  # EC2: concurrent snapshot copies per destination region
+# Tasks whose XCom holds the chain's rounds, newest first: the re-decision after the approval gate, the chain.
+CHAIN_TASKS = ("fresh_round", "chain")
+# Polls on the cutover path (writes paused until the final copy completes: every second of poll lag is downtime).
+CUTOVER_POLL_S = 5
+# A snapshot or copy wait gives up after this long, whatever its poll interval.
+WAIT_BUDGET_S = 24 * 3600
+DESCRIBE_IDS_MAX = 200  # values of one DescribeSnapshots filter
 
 
 if TYPE_CHECKING:
@@ -50,6 +58,16 @@ def _trigger(**kwargs: Any):
 
     return EbsSnapshotCompletedTrigger(**kwargs)
 
+
+def _at(moment: datetime):
+    from airflow.providers.standard.triggers.temporal import DateTimeTrigger
+
+    return DateTimeTrigger(moment=moment)
+
+
+def attempts_for(waiter_delay: float, budget_s: float = WAIT_BUDGET_S) -> int:
+    """Polls at waiter_delay seconds that cover budget_s (a faster poll must not shorten the wait)."""
+    return max(1, math.ceil(budget_s / max(waiter_delay, 1)))
 
 
 def _pages(call, **kwargs: Any):
@@ -222,6 +240,19 @@ class EbsMigrationBaseOperator(BaseOperator):
     def migration(context) -> str:
         return migration_id(context["dag"].dag_id if "dag" in context else context["ti"].dag_id, context["run_id"])
 
+    def _measure_round(self, pending: dict[str, Any], previous: dict[str, str]) -> dict[str, Any]:
+        """The record of a completed round: its times from DescribeSnapshots, its delta from ListChangedBlocks."""
+        done_at = _now()
+        described = self.ec2().conn.describe_snapshots(SnapshotIds=list(pending["snapshots"].values()))["Snapshots"]
+        started = min(s["StartTime"] for s in described)
+        completed = max(s.get("CompletionTime") or done_at for s in described)
+        duration_s = max((completed - started).total_seconds(), 1.0)  # the lab completes snapshots at once
+        direct = _hooks().EbsDirectHook(aws_conn_id=self.aws_conn_id, region_name=self.source_region)
+        deltas = [direct.changed_bytes(previous.get(v), s) for v, s in pending["snapshots"].items()]
+        delta_bytes = None if any(d is None for d in deltas) else sum(deltas)
+        return {**pending, "started_at": _iso(started), "completed_at": _iso(completed), "duration_s": duration_s,
+                "delta_bytes": delta_bytes, "progress": {s["SnapshotId"]: s.get("Progress") for s in described}}
+
 
 class EbsMigrationValidateOperator(BaseOperator):
     """Cross-field param checks and the plan-time divergence check, before any AWS call."""
@@ -328,12 +359,14 @@ class EbsCreateSnapshotsOperator(EbsMigrationBaseOperator):
 
 
 class EbsSnapshotChainOperator(EbsMigrationBaseOperator):
-    """The round loop: snapshot, defer until complete, measure, ask the planner, repeat or stop.
+    """The round loop: snapshot, defer until complete, measure, copy, ask the planner, repeat or stop.
 
     One task re-deferring per round (no cyclic DAG). Each round is logged, pushed to XCom as
     ``round_<n>`` and its planner decision as ``decision_<n>``; the return value lists them all.
-    Each finished round is copied to the target region while the next runs, so the final copy is
-    incremental; copies are never deleted here.
+    Copies run beside the next snapshot, one at a time: right after a round, the round
+    `planner.next_copy` names (the newest, once no copy is in flight) is copied to the target region,
+    and the planner decides with the copies' state (it holds the chain while they lag, and may pace
+    the next round to the copy in flight with a wait). Copies are never deleted here.
     """
 
     def __init__(self, *, waiter_delay: int = 30, min_create_interval_s: float = MIN_CREATE_INTERVAL_S,
@@ -353,19 +386,17 @@ class EbsSnapshotChainOperator(EbsMigrationBaseOperator):
         # the decision after the last round is taken again, in its place (decisions[i] follows round i)
         return self._next(context, {"rounds": prior["rounds"], "decisions": prior["decisions"][:-1]})
 
-    def _observations(self, state: dict[str, Any], size_bytes: int) -> list[RoundObservation]:
-        return [RoundObservation(index=r["index"], started_at=datetime.fromisoformat(r["started_at"]),
-                                 duration_s=r["duration_s"], delta_bytes=r["delta_bytes"],
-                                 volume_size_bytes=size_bytes, predicted_duration_s=r["predicted_duration_s"])
-                for r in state["rounds"]]
+    @staticmethod
+    def _size_bytes(context) -> int:
+        pre = context["ti"].xcom_pull(task_ids="preflight")
+        return sum(v["size_gib"] for v in pre["volumes"]) * 1024**3
 
     def _next(self, context, state: dict[str, Any]) -> dict[str, Any]:
-        import time
-
         spec = context_spec(context)
-        pre = context["ti"].xcom_pull(task_ids="preflight")
-        size_bytes = sum(v["size_gib"] for v in pre["volumes"]) * 1024**3
-        decision = planner.decide(self._observations(state, size_bytes), spec.chain_params(), _now())
+        params = spec.chain_params()
+        copies = self._copy_state(spec, state["rounds"])
+        obs = chain_rounds.observations(state["rounds"], self._size_bytes(context))
+        decision = planner.decide(obs, params, _now(), copies=copies)
         index = len(state["rounds"]) + 1
         self.log.info("planner after %d round(s): %s — %s", index - 1, decision.action, decision.reason)
         state["decisions"].append(json_safe(decision.to_dict()))
@@ -376,6 +407,31 @@ class EbsSnapshotChainOperator(EbsMigrationBaseOperator):
             state["outcome"] = decision.action
             state["last_snapshots"] = state["rounds"][-1]["snapshots"] if state["rounds"] else {}
             return state
+        if decision.wait_s > 0:
+            # A paced round: it starts later so that it ends as the copy in flight does (the planner keeps it shorter
+            # than the last round); the wait holds no worker slot.
+            moment = _now() + timedelta(seconds=decision.wait_s)
+            self.log.info("round %d starts at %s (in %.0f s), paced to the copy in flight", index, _iso(moment),
+                          decision.wait_s)
+            context["ti"].xcom_push(key="chain_state", value={"state": state, "pending": None,
+                                                              "wait_until": _iso(moment)})
+            self.defer(trigger=_at(moment), method_name="wait_complete",
+                       timeout=timedelta(seconds=decision.wait_s + 3600))
+        return self._take_round(context, state, decision.numbers.predicted_next_s)
+
+    def wait_complete(self, context, event: Any = None) -> dict[str, Any]:
+        """The paced wait is over: take the round the planner asked for (its prediction made for now)."""
+        state = context["ti"].xcom_pull(task_ids=self.task_id, key="chain_state")["state"]
+        params = context_spec(context).chain_params()
+        obs = chain_rounds.observations(state["rounds"], self._size_bytes(context))
+        predicted_s = planner.predict_next(obs, _now(), params.overhead_s) if obs else None
+        return self._take_round(context, state, predicted_s)
+
+    def _take_round(self, context, state: dict[str, Any], predicted_s: float | None) -> dict[str, Any]:
+        import time
+
+        pre = context["ti"].xcom_pull(task_ids="preflight")
+        index = len(state["rounds"]) + 1
         if state["rounds"]:  # EC2 refuses a second CreateSnapshot on a volume within 15 s
             since_s = (_now() - datetime.fromisoformat(state["rounds"][-1]["started_at"])).total_seconds()
             if since_s < self.min_create_interval_s:
@@ -383,11 +439,11 @@ class EbsSnapshotChainOperator(EbsMigrationBaseOperator):
         mig = self.migration(context)
         snaps = create_round_snapshots(self.ec2(), migration=mig, round_name=str(index), volume_ids=pre["volume_ids"],
                                        instance_id=pre["instance_id"], log=self.log)
-        pending = {"index": index, "snapshots": snaps, "predicted_duration_s": decision.numbers.predicted_next_s}
+        pending = {"index": index, "snapshots": snaps, "predicted_duration_s": predicted_s}
         # The chain's state rides in XCom across deferrals (a resumed task is the same try).
         context["ti"].xcom_push(key="chain_state", value={"state": state, "pending": pending})
         self.defer(trigger=_trigger(snapshot_ids=list(snaps.values()), aws_conn_id=self.aws_conn_id,
-                                                       region_name=self.source_region, waiter_delay=self.waiter_delay),
+                                    region_name=self.source_region, waiter_delay=self.waiter_delay),
                    method_name="round_complete",
                    timeout=timedelta(days=2))
         return state  # not reached: defer raises
@@ -399,57 +455,98 @@ class EbsSnapshotChainOperator(EbsMigrationBaseOperator):
         if event.get("status") != "success":
             raise AirflowFailException(f"round {pending['index']}: {event.get('message')}")
         spec = context_spec(context)
-        ec2 = self.ec2()
-        done_at = _now()
-        described = ec2.conn.describe_snapshots(SnapshotIds=list(pending["snapshots"].values()))["Snapshots"]
-        started = min(s["StartTime"] for s in described)
-        completed = max(s.get("CompletionTime") or done_at for s in described)
-        duration_s = max((completed - started).total_seconds(), 1.0)  # the lab completes snapshots at once
         previous = state["rounds"][-1]["snapshots"] if state["rounds"] else {}
-        direct = _hooks().EbsDirectHook(aws_conn_id=self.aws_conn_id, region_name=self.source_region)
-        deltas = [direct.changed_bytes(previous.get(v), s) for v, s in pending["snapshots"].items()]
-        delta_bytes = None if any(d is None for d in deltas) else sum(deltas)
-        record = {**pending, "started_at": _iso(started), "completed_at": _iso(completed), "duration_s": duration_s,
-                  "delta_bytes": delta_bytes,
-                  "progress": {s["SnapshotId"]: s.get("Progress") for s in described}}
-        record["copies"] = self._copy_round(context, spec, record)
+        record = self._measure_round(pending, previous)
         state["rounds"].append(record)
+        self._copy_next(context, spec, state["rounds"])
         context["ti"].xcom_push(key=f"round_{record['index']}", value=record)
         predicted = record["predicted_duration_s"]
-        self.log.info("round %d done: started %s, %.0f s (predicted %s), delta %s bytes, snapshots %s",
-                      record["index"], record["started_at"], duration_s,
+        self.log.info("round %d done: started %s, %.0f s (predicted %s), delta %s bytes, snapshots %s, copies %s",
+                      record["index"], record["started_at"], record["duration_s"],
                       "n/a" if predicted is None else f"{predicted:.0f} s",
-                      "unknown" if delta_bytes is None else delta_bytes, record["snapshots"])
+                      "unknown" if record["delta_bytes"] is None else record["delta_bytes"], record["snapshots"],
+                      record["copies"] or "none (not this round)")
         return self._next(context, state)
 
-    def _copy_round(self, context, spec: MigrationSpec, record: dict[str, Any]) -> dict[str, str]:
+    def _copy_state(self, spec: MigrationSpec, recorded: list[dict[str, Any]], target: EbsEc2Hook | None = None,
+                    ) -> planner.CopyState:
+        """The rounds' copies as DescribeSnapshots shows them in the target region, for the planner."""
+        ids = chain_rounds.copy_ids(recorded)
+        described: list[dict[str, Any]] = []
+        if ids:
+            target = target or self.ec2(spec.target_region)
+            wanted = sorted(ids)
+            for at in range(0, len(wanted), DESCRIBE_IDS_MAX):
+                # a filter, not SnapshotIds: a copy deleted by hand is missing from the answer instead of failing it
+                described += target.conn.describe_snapshots(
+                    OwnerIds=["self"], Filters=[{"Name": "snapshot-id", "Values": wanted[at:at + DESCRIBE_IDS_MAX]}],
+                )["Snapshots"]
+            missing = sorted(set(ids) - {s["SnapshotId"] for s in described})
+            failed = sorted(s["SnapshotId"] for s in described if s.get("State") == "error")
+            if missing or failed:
+                self.log.warning("round copies in %s: %s; those rounds count as not copied (the next copy covers "
+                                 "their blocks)", spec.target_region,
+                                 "; ".join(x for x in (f"not found {missing}" if missing else "",
+                                                       f"in state error {failed}" if failed else "") if x))
+        return planner.copy_state(chain_rounds.copy_records(recorded, described, _now()))
+
+    def _copy_next(self, context, spec: MigrationSpec, recorded: list[dict[str, Any]]) -> None:
+        """Start the copy planner.next_copy names (nothing while one is in flight); a retry reuses the copies."""
         target = self.ec2(spec.target_region)
-        in_flight = [s for s in target.find_snapshots({TAG_MIGRATION: self.migration(context)})
-                     if s.get("State") == "pending"]
-        if len(in_flight) + len(record["snapshots"]) > MAX_COPIES_IN_FLIGHT:
-            self.log.info("round %d: %d copies already in flight to %s (limit %d): not copying this round",
-                          record["index"], len(in_flight), spec.target_region, MAX_COPIES_IN_FLIGHT)
-            return {}
-        return copy_snapshots(target, migration=self.migration(context), round_name=str(record["index"]),
-                              snapshots=record["snapshots"], source_region=self.src_region(),
-                              kms_key_id=spec.kms_key_id, log=self.log)
+        mig = self.migration(context)
+        tagged = target.find_snapshots({TAG_MIGRATION: mig})
+        adopted = chain_rounds.adopt_copies(recorded, tagged)
+        if adopted:
+            self.log.info("copies made by an earlier try, now the rounds' own: %s", adopted)
+        copies = self._copy_state(spec, recorded, target)
+        index = planner.next_copy([r["index"] for r in recorded], copies)
+        if index is None:
+            self.log.info("round %d not copied now (one copy at a time): %s", recorded[-1]["index"], copies.describe())
+            return
+        stray = chain_rounds.stray_copies(recorded, tagged)
+        if stray:
+            self.log.info("round %d not copied now: copies %s of this migration from an earlier try are still in "
+                          "flight", index, stray)
+            return
+        chosen = next(r for r in recorded if r["index"] == index)
+        if len(chosen["snapshots"]) > MAX_COPIES_IN_FLIGHT:
+            self.log.warning("round %d: %d snapshots exceed EC2's %d concurrent copies to %s: not copying rounds; "
+                             "the final copy carries every block", index, len(chosen["snapshots"]),
+                             MAX_COPIES_IN_FLIGHT, spec.target_region)
+            return
+        chosen["copies"] = copy_snapshots(target, migration=mig, round_name=str(index), snapshots=chosen["snapshots"],
+                                          source_region=self.src_region(), kms_key_id=spec.kms_key_id, log=self.log)
 
 
 class EbsCutoverOperator(EbsMigrationBaseOperator):
     """Quiesce by the chosen mode, take the final snapshot(s), release at once (the point in time is fixed).
+
+    The cutover follows a round: before quiescing, `planner.fresh_for_cutover` judges the chain's last round
+    (from the XCom of `chain_tasks`, the first that has one); when time has passed since it (an approval that
+    waited, a queue), a final snapshot now would carry those writes too, so one more round is taken first
+    (deferred, polled every `waiter_delay` seconds, not copied: the final copy carries its blocks), then the
+    cutover. A retry that finds final snapshots reuses them (their point in time is fixed) without a round.
 
     stop-writes: `pg_ctl stop -m fast` through the cluster's runner, snapshot(s) while the server is down, then
     `pg_ctl start` with the runner's environment, always, and a DB-host watchdog that starts it after
     `quiesce_timeout_s` if this task dies. A server managed by systemd is started outside systemd's unit here.
     """
 
+    # Rounds taken here before the cutover at most: one normally; more only when a retry reuses an old one.
+    MAX_FRESH_ROUNDS = 3
+
     def __init__(self, *, postgres_conn_id: str, cluster_name: str | None = None, quiesce_timeout_s: float = 600.0,
-                 pg_log_file: str | None = None, **kwargs: Any):
+                 pg_log_file: str | None = None, waiter_delay: int = CUTOVER_POLL_S,
+                 chain_tasks: Sequence[str] = CHAIN_TASKS, min_create_interval_s: float = MIN_CREATE_INTERVAL_S,
+                 **kwargs: Any):
         super().__init__(**kwargs)
         self.postgres_conn_id = postgres_conn_id
         self.cluster_name = cluster_name
         self.quiesce_timeout_s = quiesce_timeout_s
         self.pg_log_file = pg_log_file
+        self.waiter_delay = waiter_delay
+        self.chain_tasks = tuple(chain_tasks)
+        self.min_create_interval_s = min_create_interval_s
         self._runner = None
 
     def on_kill(self) -> None:
@@ -458,11 +555,82 @@ class EbsCutoverOperator(EbsMigrationBaseOperator):
             self._runner.kill()
 
     def execute(self, context) -> dict[str, Any]:
+        mig = self.migration(context)
+        if not self.ec2().find_snapshots({TAG_MIGRATION: mig, TAG_ROUND: FINAL_ROUND}):
+            recorded = self._chain_rounds(context)
+            if recorded and not self._fresh(context, recorded):
+                return self._fresh_round(context, recorded, [])
+        return self._cut_over(context, [])
+
+    def _chain_rounds(self, context) -> list[dict[str, Any]]:
+        for task_id in self.chain_tasks:
+            chain = context["ti"].xcom_pull(task_ids=task_id)
+            if chain:
+                return list(chain.get("rounds") or [])
+        return []
+
+    def _fresh(self, context, recorded: list[dict[str, Any]]) -> bool:
+        spec = context_spec(context)
+        pre = context["ti"].xcom_pull(task_ids="preflight")
+        obs = chain_rounds.observations(recorded, sum(v["size_gib"] for v in pre["volumes"]) * 1024**3)
+        now = _now()
+        fresh = planner.fresh_for_cutover(obs, now, spec.chain_params().overhead_s)
+        last = obs[-1]
+        ended_s = (now - last.started_at).total_seconds() - last.duration_s
+        self.log.info("cutover %s round %d (it took %.0f s and ended %.0f s ago)%s",
+                      "follows" if fresh else "does not follow", last.index, last.duration_s, ended_s,
+                      "" if fresh else ": a final snapshot now would carry the writes since; one more round first")
+        return fresh
+
+    def _fresh_round(self, context, recorded: list[dict[str, Any]], taken: list[dict[str, Any]]) -> dict[str, Any]:
+        import time
+
+        spec = context_spec(context)
+        pre = context["ti"].xcom_pull(task_ids="preflight")
+        done = recorded + taken
+        since_s = (_now() - datetime.fromisoformat(done[-1]["started_at"])).total_seconds()
+        if since_s < self.min_create_interval_s:  # EC2 refuses a second CreateSnapshot on a volume within 15 s
+            time.sleep(self.min_create_interval_s - since_s)
+        index = max(r["index"] for r in done) + 1
+        snaps = create_round_snapshots(self.ec2(), migration=self.migration(context), round_name=str(index),
+                                       volume_ids=pre["volume_ids"], instance_id=pre["instance_id"], log=self.log)
+        obs = chain_rounds.observations(done, sum(v["size_gib"] for v in pre["volumes"]) * 1024**3)
+        pending = {"index": index, "snapshots": snaps, "taken_by": self.task_id,
+                   "predicted_duration_s": planner.predict_next(obs, _now(), spec.chain_params().overhead_s)}
+        context["ti"].xcom_push(key="fresh_rounds", value={"taken": taken, "pending": pending})
+        self.defer(trigger=_trigger(snapshot_ids=list(snaps.values()), aws_conn_id=self.aws_conn_id,
+                                    region_name=self.source_region, waiter_delay=self.waiter_delay,
+                                    waiter_max_attempts=attempts_for(self.waiter_delay)),
+                   method_name="fresh_round_complete",
+                   timeout=timedelta(days=2))
+        return {}  # not reached: defer raises
+
+    def fresh_round_complete(self, context, event: dict[str, Any] | None = None) -> dict[str, Any]:
+        saved = context["ti"].xcom_pull(task_ids=self.task_id, key="fresh_rounds")
+        taken, pending = saved["taken"], saved["pending"]
+        event = event or {}
+        if event.get("status") != "success":
+            raise AirflowFailException(f"round {pending['index']} before the cutover: {event.get('message')}")
+        recorded = self._chain_rounds(context)
+        record = self._measure_round(pending, (recorded + taken)[-1]["snapshots"]) | {"copies": {}}
+        taken.append(record)
+        context["ti"].xcom_push(key=f"round_{record['index']}", value=record)
+        self.log.info("round %d before the cutover done: started %s, %.0f s, delta %s bytes, snapshots %s",
+                      record["index"], record["started_at"], record["duration_s"],
+                      "unknown" if record["delta_bytes"] is None else record["delta_bytes"], record["snapshots"])
+        # A fresh round is fresh unless a retry reused an old one: then another, bounded.
+        if len(taken) < self.MAX_FRESH_ROUNDS and not self._fresh(context, recorded + taken):
+            return self._fresh_round(context, recorded, taken)
+        return self._cut_over(context, taken)
+
+    def _cut_over(self, context, taken: list[dict[str, Any]]) -> dict[str, Any]:
         spec = context_spec(context)
         pre = context["ti"].xcom_pull(task_ids="preflight")
         mig = self.migration(context)
         ec2 = self.ec2()
         result: dict[str, Any] = {"mode": spec.cutover_mode, "quiesced_at": _iso(_now()), "backup": None}
+        if taken:
+            result["rounds"] = taken  # taken here because the chain's last round was stale; in the report's rounds
 
         def take(extra_tags: dict[str, str] | None = None) -> dict[str, str]:
             return create_round_snapshots(ec2, migration=mig, round_name=FINAL_ROUND, volume_ids=pre["volume_ids"],
@@ -586,7 +754,7 @@ class EbsCopySnapshotOperator(EbsMigrationBaseOperator):
 
     def __init__(self, *, snapshot_ids: dict[str, str] | str, target_region: str, kms_key_id: str | None = None,
                  round_name: str = FINAL_ROUND, completion_duration_minutes: int | None = None,
-                 waiter_delay: int = 30, **kwargs: Any):
+                 waiter_delay: int = 30, waiter_max_attempts: int | None = None, **kwargs: Any):
         super().__init__(**kwargs)
         self.snapshot_ids = snapshot_ids
         self.target_region = target_region
@@ -594,6 +762,8 @@ class EbsCopySnapshotOperator(EbsMigrationBaseOperator):
         self.round_name = round_name
         self.completion_duration_minutes = completion_duration_minutes
         self.waiter_delay = waiter_delay
+        # the same 24 h however often it polls
+        self.waiter_max_attempts = waiter_max_attempts or attempts_for(waiter_delay)
 
     def execute(self, context) -> None:
         target = self.ec2(self.target_region)
@@ -604,7 +774,8 @@ class EbsCopySnapshotOperator(EbsMigrationBaseOperator):
                                 completion_minutes=self.completion_duration_minutes, log=self.log)
         context["ti"].xcom_push(key="copy_state", value={"copies": copies, "started_at": started_at})
         self.defer(trigger=_trigger(snapshot_ids=list(copies.values()), aws_conn_id=self.aws_conn_id,
-                                                       region_name=self.target_region, waiter_delay=self.waiter_delay),
+                                    region_name=self.target_region, waiter_delay=self.waiter_delay,
+                                    waiter_max_attempts=self.waiter_max_attempts),
                    method_name="execute_complete",
                    timeout=timedelta(days=2))
 
@@ -732,7 +903,8 @@ class EbsMigrationReportOperator(EbsMigrationBaseOperator):
         declined = isinstance(approval, dict) and approval.get("decision") in NOT_APPROVED and not cutover
         dry_run = bool(spec and spec.get("dry_run"))
         status = "ok" if volume else ("warning" if dry_run or declined else "failed")
-        rounds = (chain or {}).get("rounds", [])
+        # the chain's rounds, then any the cutover took because the chain's last round was stale
+        rounds = (chain or {}).get("rounds", []) + (cutover or {}).get("rounds", [])
         downtime_s = None
         if cutover and copy:
             downtime_s = (datetime.fromisoformat(copy["completed_at"])
