@@ -28,8 +28,19 @@ MAX_LAG_BYTES = 2**50
 # A restore target a little ahead of this worker's clock is clock skew between hosts, not the future.
 TARGET_CLOCK_SKEW_S = 60
 
+
+
+def whole(pattern: str) -> str:
+    """A Param pattern that matches whole values only. JSON Schema patterns are searched (jsonschema calls
+    re.search) and Python's '$' also matches before a final newline, so '^x$' lets 'x\\n' through the trigger form;
+    '(?!\\n)$' refuses it in Python and is plain '$' in the browser's JavaScript."""
+    if not (pattern.startswith("^") and pattern.endswith("$")):
+        raise ValueError(f"pattern {pattern!r} must be anchored with ^ and $")
+    return pattern[:-1] + r"(?!\n)$"
+
+
 # Values written into a PostgreSQL config file: one line, no quote or backslash to escape, no control bytes.
-SETTING_VALUE_PATTERN = r"^[^\x00-\x1f\x7f'\\]{0,256}$"
+SETTING_VALUE_PATTERN = whole(r"^[^\x00-\x1f\x7f'\\]{0,256}$")
 _SETTING_VALUE_RE = re.compile(SETTING_VALUE_PATTERN)
 # Recovery and resource settings a rebuilt standby may get on top of pgops' own. Nothing here names a command,
 # a library, a file, a directory or the connection to the primary: those stay pgops' (or the inventory's).
@@ -105,7 +116,7 @@ def check_settings(settings: Any) -> dict[str, str]:
         if isinstance(value, float) and not math.isfinite(value):
             raise refusal(f"settings.{name}", value, "is not a finite number", "give a finite number")
         text = value if isinstance(value, str) else repr(value) if isinstance(value, float) else str(value)
-        if not _SETTING_VALUE_RE.match(text):
+        if not _SETTING_VALUE_RE.fullmatch(text):
             raise refusal(f"settings.{name}", value, "holds a newline, NUL, control character, quote or backslash, "
                           "or is longer than 256 characters", "give one plain value like '256MB' or '30s'")
         out[name] = text
@@ -169,8 +180,8 @@ def check_target_time(target: Any, *, now: datetime | None = None, name: str = "
     if target is None:
         return None
     text = str(target).strip()
-    if text.lower() in ("", "latest", "canary") or re.match(r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$", text) \
-            or re.match(r"^\d{1,10}$", text):
+    if text.lower() in ("", "latest", "canary") or re.fullmatch(r"[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}", text) \
+            or re.fullmatch(r"\d{1,10}", text):
         return None
     when = parse_time(name, text)
     now = now or datetime.now(UTC)
@@ -194,13 +205,13 @@ def check_future_time(name: str, value: Any, *, max_ahead_s: float, now: datetim
 
 
 # An absolute directory: plain path components, no '.' or '..', no doubled slash, no control characters.
-ABS_DIR_PATTERN = r"^(?!.*/\.{1,2}(/|$))(/[A-Za-z0-9._+@=,-]+)+/?$"
+ABS_DIR_PATTERN = whole(r"^(?!.*/\.{1,2}(/|$))(/[A-Za-z0-9._+@=,-]+)+/?$")
 _ABS_DIR_RE = re.compile(ABS_DIR_PATTERN)
 
 
 def check_abs_dir(name: str, value: Any) -> str:
     """An absolute directory path made of plain components (refuses '..', '//', newlines, NUL, spaces)."""
-    if not isinstance(value, str) or len(value) > 1024 or not _ABS_DIR_RE.match(value):
+    if not isinstance(value, str) or len(value) > 1024 or not _ABS_DIR_RE.fullmatch(value):
         raise refusal(name, value, "is not a plain absolute directory (no '..', '.', '//', spaces or control "
                       "characters)", "give a path like /var/tmp/pgops-restore")
     return value.rstrip("/") or "/"

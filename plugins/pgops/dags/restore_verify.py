@@ -26,12 +26,12 @@ from pgops.operators.restore import (
     RestoreSetupOperator,
     RestoreTeardownOperator,
 )
-from pgops.params import ABS_DIR_PATTERN, MAX_HORIZON_DAYS, MAX_RECOVERY_TIMEOUT_S, MAX_REQUIRED_BYTES
+from pgops.params import ABS_DIR_PATTERN, MAX_HORIZON_DAYS, MAX_RECOVERY_TIMEOUT_S, MAX_REQUIRED_BYTES, whole
 from pgops.restore import CHECKS
 
 DAG_ID_PREFIX = "pgops_restore_verify__"
-TARGET_PATTERN = (r"^(latest|canary|[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}|"
-                  r"\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?(Z|[+-]\d{2}(:?\d{2})?))$")
+TARGET_PATTERN = whole(r"^(latest|canary|[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}|"
+                       r"\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?(Z|[+-]\d{2}(:?\d{2})?))$")
 SCRATCH_ROOT_ENV = "PGOPS_RESTORE_SCRATCH_ROOT"
 
 
@@ -52,7 +52,7 @@ def build_restore_verify_dag(cluster: Cluster) -> DAG:
         tags=dag_tags(cluster, "restore-verify"),
         params={
             "cluster": Param(cluster.name, type="string", const=cluster.name, description="Inventory cluster"),
-            "backup_id": Param("latest", type="string", pattern=r"^[A-Za-z0-9_.:-]{1,100}$",
+            "backup_id": Param("latest", type="string", pattern=whole(r"^[A-Za-z0-9_.:-]{1,100}$"),
                                description="Backup id or name from the catalog, or 'latest'"),
             # The schema checks the form; "not in the future" needs the clock: the setup task checks it
             # (pgops.params.check_target_time) before it touches the restore host.

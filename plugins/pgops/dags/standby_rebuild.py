@@ -32,6 +32,7 @@ from pgops.params import (
     MAX_REQUIRED_BYTES,
     MAX_STANDBY_TIMEOUT_S,
     SETTINGS_SCHEMA,
+    whole,
 )
 
 DAG_ID_PREFIX = "pgops_standby_rebuild__"
@@ -69,7 +70,7 @@ def build_standby_rebuild_dag(cluster: Cluster) -> DAG:
             "force": Param(False, type="boolean",
                            description="Replace the contents of a stopped node or a running standby. Never stops a "
                                        "primary or touches another node's or another cluster's directory"),
-            "backup": Param("latest", type="string", pattern=r"^[A-Za-z0-9_.:-]{1,100}$",
+            "backup": Param("latest", type="string", pattern=whole(r"^[A-Za-z0-9_.:-]{1,100}$"),
                             description="Backup id or name, or 'latest' (the newest DONE backup)"),
             "socket_dir": Param("/var/run/postgresql", type="string", pattern=ABS_DIR_PATTERN, maxLength=90,
                                 description="unix_socket_directories of the rebuilt standby"),

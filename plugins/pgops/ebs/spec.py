@@ -16,14 +16,16 @@ from pgops import params as bounds
 from pgops.ebs import planner
 
 MIB = 1024 * 1024
-VOLUME_ID_PATTERN = r"^vol-[0-9a-f]{8,17}$"
-INSTANCE_ID_PATTERN = r"^i-[0-9a-f]{8,17}$"
-REGION_PATTERN = r"^[a-z]{2}(-[a-z]+)+-[0-9]$"
-ACCOUNT_PATTERN = r"^[0-9]{12}$"
+# Param patterns match whole values (bounds.whole: no trailing newline); the run-time checks use fullmatch.
+VOLUME_ID_PATTERN = bounds.whole(r"^vol-[0-9a-f]{8,17}$")
+INSTANCE_ID_PATTERN = bounds.whole(r"^i-[0-9a-f]{8,17}$")
+REGION_PATTERN = bounds.whole(r"^[a-z]{2}(-[a-z]+)+-[0-9]$")
+AZ_PATTERN = bounds.whole(r"^[a-z]{2}(-[a-z]+)+-[0-9][a-z]$")
+ACCOUNT_PATTERN = bounds.whole(r"^[0-9]{12}$")
 # A key id, a multi-Region key id, an alias, or the ARN of a key or alias.
-KMS_KEY_PATTERN = (r"^(arn:aws[a-z-]*:kms:[a-z0-9-]+:[0-9]{12}:(key/[A-Za-z0-9-]{1,64}|alias/[A-Za-z0-9/_-]{1,250})|"
-                   r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|mrk-[0-9a-f]{32}|"
-                   r"alias/[A-Za-z0-9/_-]{1,250})$")
+KMS_KEY_PATTERN = bounds.whole(r"^(arn:aws[a-z-]*:kms:[a-z0-9-]+:[0-9]{12}:(key/[A-Za-z0-9-]{1,64}|alias/[A-Za-z0-9/_-]{1,250})|"
+                               r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|mrk-[0-9a-f]{32}|"
+                               r"alias/[A-Za-z0-9/_-]{1,250})$")
 CUTOVER_MODES = ("backup", "stop-writes", "crash-consistent")
 INITIALIZATIONS = ("none", "rate", "fast-snapshot-restore")
 VOLUME_TYPES = ("gp3", "gp2", "io1", "io2", "st1", "sc1")
@@ -116,13 +118,13 @@ def migration_spec(params: dict[str, Any], *, regions: frozenset[str] | None = N
         raise _fail("volume_ids", raw_volumes, "must be a list of volume ids", 'give e.g. ["vol-0123456789abcdef0"]')
     volume_ids = tuple(raw_volumes)
     for vid in volume_ids:
-        if not isinstance(vid, str) or not re.match(VOLUME_ID_PATTERN, vid):
+        if not isinstance(vid, str) or not re.fullmatch(VOLUME_ID_PATTERN, vid):
             raise _fail("volume_ids", vid, "is not an EBS volume id (vol- and 8 to 17 hex digits)",
                         "copy the id from the EC2 console or `aws ec2 describe-volumes`")
     if len(set(volume_ids)) != len(volume_ids):
         raise _fail("volume_ids", list(volume_ids), "lists a volume twice", "list each volume once")
     instance_id = _optional_str(params, "instance_id")
-    if instance_id is not None and not re.match(INSTANCE_ID_PATTERN, instance_id):
+    if instance_id is not None and not re.fullmatch(INSTANCE_ID_PATTERN, instance_id):
         raise _fail("instance_id", instance_id, "is not an EC2 instance id (i- and 8 to 17 hex digits)",
                     "copy the id from the EC2 console")
     if bool(volume_ids) == bool(instance_id):
@@ -130,19 +132,19 @@ def migration_spec(params: dict[str, Any], *, regions: frozenset[str] | None = N
                     "give exactly one source", "set volume_ids (one or more volumes) or instance_id (all its "
                     "data volumes, snapshotted crash-consistent at one instant), not both")
     target_region = _optional_str(params, "target_region") or ""
-    if not re.match(REGION_PATTERN, target_region) or target_region not in regions:
+    if not re.fullmatch(REGION_PATTERN, target_region) or target_region not in regions:
         raise _fail("target_region", target_region, "is not a known AWS region",
                     f"use one of {', '.join(sorted(regions)[:6])}, ...")
     target_az = _optional_str(params, "target_az") or ""
-    if not re.match(rf"^{re.escape(target_region)}[a-z]$", target_az):
+    if not re.fullmatch(rf"{re.escape(target_region)}[a-z]", target_az):
         raise _fail("target_az", target_az, f"is not an availability zone of target_region {target_region}",
                     f"use an AZ of {target_region}, e.g. {target_region}a")
     target_account = _optional_str(params, "target_account")
-    if target_account is not None and not re.match(ACCOUNT_PATTERN, target_account):
+    if target_account is not None and not re.fullmatch(ACCOUNT_PATTERN, target_account):
         raise _fail("target_account", target_account, "is not a 12-digit AWS account id", "leave it empty to "
                     "keep the copy in this account")
     kms_key_id = _optional_str(params, "kms_key_id")
-    if kms_key_id is not None and not re.match(KMS_KEY_PATTERN, kms_key_id):
+    if kms_key_id is not None and not re.fullmatch(KMS_KEY_PATTERN, kms_key_id):
         raise _fail("kms_key_id", kms_key_id, "is not a KMS key id, alias or ARN",
                     "copy the key ARN from the KMS console, e.g. arn:aws:kms:us-west-2:123456789012:key/<uuid>")
     if kms_key_id is not None and kms_key_id.startswith("arn:") and f":kms:{target_region}:" not in kms_key_id:
