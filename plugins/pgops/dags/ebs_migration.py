@@ -25,6 +25,7 @@ from airflow.sdk import DAG, Param
 from pgops.dags.common import dag_tags, default_args, pgops_dag
 from pgops.ebs.spec import (
     ACCOUNT_PATTERN,
+    AZ_PATTERN,
     CUTOVER_MODES,
     INITIALIZATIONS,
     INSTANCE_ID_PATTERN,
@@ -72,7 +73,7 @@ def migration_params(cluster: Cluster) -> dict[str, Param]:
         "instance_id": Param(None, type=["null", "string"], pattern=INSTANCE_ID_PATTERN,
                              description="Source instance: all its data volumes, crash-consistent (CreateSnapshots)"),
         "target_region": Param("us-west-2", type="string", pattern=REGION_PATTERN),
-        "target_az": Param("us-west-2a", type="string", pattern=r"^[a-z]{2}(-[a-z]+)+-[0-9][a-z]$",
+        "target_az": Param("us-west-2a", type="string", pattern=AZ_PATTERN,
                            description="Availability zone of the new volume (in target_region)"),
         "target_account": Param(None, type=["null", "string"], pattern=ACCOUNT_PATTERN,
                                 description="Share the destination snapshot with this account"),
