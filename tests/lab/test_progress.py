@@ -39,6 +39,25 @@ def test_backup_reports_bytes_uploaded_while_it_runs(lab, airflow_db, capfd):
     assert 0 < record["total_bytes"] and record["elapsed_s"] > 0
 
 
+def test_an_ebs_wait_reports_the_round_and_each_snapshots_percent(lab):
+    """The snapshot trigger (moto's snapshots are born completed, so the poll is driven by hand here): the round
+    of the predicted total and each snapshot's percent, in the record the dashboard reads; kept across the
+    trigger's serialisation (the triggerer rebuilds it from its kwargs)."""
+    from pgops.triggers.ebs import EbsSnapshotCompletedTrigger
+
+    cluster = load_inventory().get("main")
+    trigger = EbsSnapshotCompletedTrigger(
+        snapshot_ids=["snap-0123456789abcdef0"], aws_conn_id=cluster.aws_conn_id, region_name="us-east-1",
+        progress={"cluster": "main", "run_id": "manual__chain", "what": "EBS chain round 3", "round": 3,
+                  "rounds_predicted": 7})
+    _path, kwargs = trigger.serialize()
+    rebuilt = EbsSnapshotCompletedTrigger(**kwargs)
+    rebuilt._report([{"SnapshotId": "snap-0123456789abcdef0", "State": "pending", "Progress": "42%"}])
+    record = progress.read_progress(s3_client(cluster.aws_conn_id), cluster, "migration")
+    assert record["run_id"] == "manual__chain" and record["state"] == "running"
+    assert progress.describe(record).startswith("EBS chain round 3: round 3 of ~7, snap-0123456789abcdef0 pending 42%")
+
+
 def test_describe_reads_as_a_sentence():
     line = progress.describe({"what": "restore of main", "done_bytes": 3 * 2**30, "total_bytes": 6 * 2**30,
                               "verb": "downloaded", "rate_bytes_s": 50 * 2**20, "elapsed_s": 61.4})

@@ -442,8 +442,12 @@ class EbsSnapshotChainOperator(EbsMigrationBaseOperator):
         pending = {"index": index, "snapshots": snaps, "predicted_duration_s": predicted_s}
         # The chain's state rides in XCom across deferrals (a resumed task is the same try).
         context["ti"].xcom_push(key="chain_state", value={"state": state, "pending": pending})
+        plan = context_spec(context).plan or {}
+        progress = {"cluster": context["params"].get("cluster"), "run_id": context["run_id"],
+                    "what": f"EBS chain round {index}", "round": index, "rounds_predicted": plan.get("rounds")}
         self.defer(trigger=_trigger(snapshot_ids=list(snaps.values()), aws_conn_id=self.aws_conn_id,
-                                    region_name=self.source_region, waiter_delay=self.waiter_delay),
+                                    region_name=self.source_region, waiter_delay=self.waiter_delay,
+                                    progress=progress),
                    method_name="round_complete",
                    timeout=timedelta(days=2))
         return state  # not reached: defer raises

@@ -9,6 +9,7 @@ backs off (doubling the delay) while EC2 answers a limit error.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -27,9 +28,12 @@ class EbsSnapshotCompletedTrigger(AwsBaseWaiterTrigger):
     aws_hook_class = EbsEc2Hook
 
     def __init__(self, *, snapshot_ids: list[str], waiter_delay: int = 30, waiter_max_attempts: int = 2880,
-                 aws_conn_id: str | None = "aws_default", region_name: str | None = None, **kwargs: Any):
+                 aws_conn_id: str | None = "aws_default", region_name: str | None = None,
+                 progress: dict[str, Any] | None = None, **kwargs: Any):
+        # progress: {"cluster", "run_id", "what", "round", "rounds_predicted"}: each poll's per-snapshot percent
+        # goes to the log and, for a cluster, to its progress record (pgops.progress) for the dashboard
         super().__init__(
-            serialized_fields={"snapshot_ids": list(snapshot_ids)},
+            serialized_fields={"snapshot_ids": list(snapshot_ids), "progress": progress},
             waiter_name="snapshot_completed",
             waiter_args={"SnapshotIds": list(snapshot_ids)},
             failure_message=f"EBS snapshot(s) {', '.join(snapshot_ids)} failed",
@@ -44,6 +48,8 @@ class EbsSnapshotCompletedTrigger(AwsBaseWaiterTrigger):
             **kwargs,
         )
         self.snapshot_ids = list(snapshot_ids)
+        self.progress = progress
+        self._started = time.monotonic()
 
     def _attempt(self, waiter) -> tuple[str, dict[str, Any] | None]:
         try:
@@ -87,8 +93,31 @@ class EbsSnapshotCompletedTrigger(AwsBaseWaiterTrigger):
             else:
                 delay_s = self.waiter_delay
                 self.log.info("attempt %d/%d: %s", attempt, self.attempts, progress or "no answer yet")
+                if self.progress and snaps:
+                    await asyncio.to_thread(self._report, snaps)
             await asyncio.sleep(delay_s)
         yield TriggerEvent({"status": "error", self.return_key: self.return_value,
                             "message": f"{self.status_message} after {self.attempts} polls "
                                        f"({self.attempts * self.waiter_delay / 3600:.1f} h). Fix: check the "
                                        "snapshot in the EC2 console; raise waiter_max_attempts for huge volumes"})
+
+    def _report(self, snaps: list[dict[str, Any]]) -> None:
+        """One progress record: round n of the predicted total, percent per snapshot (never fails the wait)."""
+        from pgops import progress as P
+
+        info = self.progress or {}
+        record = {"kind": "migration", "what": info.get("what", "EBS snapshots"), "run_id": info.get("run_id"),
+                  "state": "running", "round": info.get("round"), "rounds_predicted": info.get("rounds_predicted"),
+                  "volumes": {s["SnapshotId"]: f"{s.get('State')} {s.get('Progress') or '?'}" for s in snaps},
+                  "elapsed_s": round(time.monotonic() - self._started, 1)}
+        self.log.info("progress %s", P.describe(record))
+        if not info.get("cluster"):
+            return
+        try:
+            from pgops.hooks import s3_client
+            from pgops.inventory import load_inventory
+
+            cluster = load_inventory().get(info["cluster"])
+            P.bucket_publisher(s3_client(cluster.aws_conn_id), cluster, "migration")(record)
+        except Exception as exc:  # noqa: BLE001 - the dashboard's record must never stop the wait
+            self.log.info("progress not published (%s)", str(exc).splitlines()[0][:200] if str(exc) else exc)
