@@ -16,6 +16,18 @@ from pgops.inventory import Cluster
 # tools venv next to barman-cloud: PostgreSQL runs them from there, never from a path inside this checkout.
 WAL_ARCHIVE_WRAPPER = "pgops-wal-archive"
 WAL_RESTORE_WRAPPER = "pgops-wal-restore"
+# pgops' parallel restorer (include/dbhost/pgops_restore.py, main(argv)), a console script of the same package.
+PARALLEL_RESTORE_TOOL = "pgops-restore"
+# Base backups in parts (barman-cloud-backup --max-archive-size, compressed bytes per tar part) so that a restore
+# can take jobs parts at a time: at least PARTS_PER_JOB x jobs parts. barman counts compressed bytes, so the
+# database size is scaled by the strongest compression expected (pgbench data: lz4 stores 0.11 of it, measured in
+# the lab); weaker compression only makes more parts, which cost one GET and one multipart upload each.
+PARTS_PER_JOB = 2
+COMPRESSED_RATIO_FLOOR = 0.1
+# Below 64 MiB a part stops paying for itself: a part is at least one file (a relation segment is up to 1 GiB),
+# the multipart upload under it has 5 MiB chunks, and a database that small restores in seconds anyway.
+MIN_PART_BYTES = 64 * 1024 * 1024
+MAX_PART_BYTES = 100 * 1024 ** 3  # barman's own default
 # Reserved by barman-cloud as backup selectors, never real backup ids.
 RESERVED_BACKUP_NAMES = ("first", "last", "latest", "oldest", "last-failed")
 _COMPRESSION_FLAGS = {"gzip": "--gzip", "bzip2": "--bzip2", "xz": "--xz", "lz4": "--lz4", "zstd": "--zstd",
@@ -34,12 +46,31 @@ def _compression(name: str) -> list[str]:
     return [flag] if flag else []
 
 
+def max_archive_size_bytes(cluster_size_bytes: int | None, *, jobs: int, compression: str) -> int | None:
+    """barman-cloud-backup --max-archive-size for a database of ``cluster_size_bytes``: parts small enough that a
+    restore gets at least PARTS_PER_JOB x ``jobs`` of them, within [MIN_PART_BYTES, MAX_PART_BYTES]. None when
+    the size is unknown (barman's default then: one part up to 100 GiB)."""
+    if not cluster_size_bytes or cluster_size_bytes <= 0:
+        return None
+    ratio = 1.0 if compression == "none" else COMPRESSED_RATIO_FLOOR
+    size = int(cluster_size_bytes * ratio / (PARTS_PER_JOB * max(1, jobs)))
+    return max(MIN_PART_BYTES, min(MAX_PART_BYTES, size))
+
+
 def backup_argv(cluster: Cluster, *, endpoint_url: str | None, backup_name: str, pg_host: str | None = None,
-                pg_port: int | None = None, pg_user: str | None = None, pg_dbname: str | None = None) -> list[str]:
-    """barman-cloud-backup of the local primary into the cluster's prefix, named after the Airflow run."""
+                pg_port: int | None = None, pg_user: str | None = None, pg_dbname: str | None = None,
+                cluster_size_bytes: int | None = None) -> list[str]:
+    """barman-cloud-backup of the local primary into the cluster's prefix, named after the Airflow run.
+
+    With ``cluster_size_bytes`` (the databases' size), the backup is written in parts for a parallel restore
+    (max_archive_size_bytes); engine.extra_args come last, so a --max-archive-size there wins.
+    """
     e = cluster.engine
     argv = [e.bin("barman-cloud-backup"), *_common(cluster, endpoint_url), *_compression(e.compression),
             "--jobs", str(e.jobs), "--name", backup_name]
+    part_bytes = max_archive_size_bytes(cluster_size_bytes, jobs=e.jobs, compression=e.compression)
+    if part_bytes:
+        argv += ["--max-archive-size", str(part_bytes)]
     if e.immediate_checkpoint:
         argv.append("--immediate-checkpoint")
     if pg_host:
@@ -103,6 +134,31 @@ def backup_delete_argv(cluster: Cluster, *, endpoint_url: str | None, dry_run: b
 def restore_argv(cluster: Cluster, *, endpoint_url: str | None, backup_id: str, destination_dir: str) -> list[str]:
     return [cluster.engine.bin("barman-cloud-restore"), *_common(cluster, endpoint_url),
             cluster.storage.destination_url, cluster.storage.server_name, backup_id, destination_dir]
+
+
+def parallel_restore_argv(cluster: Cluster, *, endpoint_url: str | None, backup_id: str, destination_dir: str,
+                          jobs: int | None = None) -> list[str]:
+    """pgops-restore: barman-cloud-restore's arguments plus --jobs; the base backup's tar parts are downloaded and
+    extracted ``jobs`` (default engine.jobs) at a time, barman's catalog read by barman's own code."""
+    return [cluster.engine.bin(PARALLEL_RESTORE_TOOL), "--jobs", str(jobs or cluster.engine.jobs),
+            *_common(cluster, endpoint_url), cluster.storage.destination_url, cluster.storage.server_name, backup_id,
+            destination_dir]
+
+
+RESTORE_SUMMARY_PREFIX = "pgops-restore summary: "
+
+
+def parse_restore_summary(lines: list[str]) -> dict[str, Any]:
+    """The summary pgops-restore prints last (parts, jobs, bytes, seconds); {} when there is none."""
+    for line in reversed(lines):
+        at = line.find(RESTORE_SUMMARY_PREFIX)
+        if at >= 0:
+            try:
+                data = json.loads(line[at + len(RESTORE_SUMMARY_PREFIX):])
+            except ValueError:
+                return {}
+            return data if isinstance(data, dict) else {}
+    return {}
 
 
 def wal_restore_argv(cluster: Cluster, *, endpoint_url: str | None, parallel: int = 0,

@@ -156,8 +156,10 @@ class BarmanCloudBackupOperator(ClusterOperator):
         # A failed earlier attempt leaves its own (FAILED) entry; a new attempt gets its own name.
         name = next_attempt_name(base_name, [info.get("backup_name") or "" for _, info in existing])
         t = pg_target(cluster.postgres_conn_id)
+        # In parts sized from the database, so that a restore takes engine.jobs of them at a time.
         argv = barman_cloud.backup_argv(cluster, endpoint_url=s3_endpoint_url(cluster.engine_aws_conn_id), backup_name=name,
-                                        pg_host=t.host, pg_port=t.port, pg_user=t.user, pg_dbname=t.dbname)
+                                        pg_host=t.host, pg_port=t.port, pg_user=t.user, pg_dbname=t.dbname,
+                                        cluster_size_bytes=cluster_size_bytes(cluster))
         try:
             with self._progress(cluster, s3, context["run_id"]):
                 self.run_engine(cluster, argv)
@@ -187,6 +189,14 @@ class BarmanCloudBackupOperator(ClusterOperator):
             interval_s=self.progress_interval_s, publish=progress.bucket_publisher(s3, cluster, "backup"),
             measure=lambda: {"done_bytes": progress.uploaded_since(s3, cluster.storage.bucket, prefix, since),
                              "total_bytes": total, "total_note": " before compression", "verb": "uploaded"})
+
+
+def cluster_size_bytes(cluster: Cluster) -> int | None:
+    """The databases' size on the primary, or None when it cannot be read (barman's default part size then)."""
+    try:
+        return int(pg_query(cluster.postgres_conn_id, CLUSTER_SIZE_SQL)[0]["size"] or 0) or None
+    except Exception:  # noqa: BLE001 - only the part size depends on it
+        return None
 
 
 def catalog_by_name(cluster: Cluster, name: str, *, s3=None) -> list[tuple[str, dict[str, str]]]:

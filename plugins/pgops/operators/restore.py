@@ -238,7 +238,8 @@ class RestoreSetupOperator(RestoreStepOperator):
 
 
 class BarmanCloudRestoreOperator(RestoreStepOperator):
-    """barman-cloud-restore into the scratch area, recovery settings, then start PostgreSQL (no wait)."""
+    """The base backup into the scratch area (restore_base_backup: parts in parallel), recovery settings, then
+    start PostgreSQL (no wait)."""
 
     template_fields: Sequence[str] = ("cluster_name", "wal_parallel")
 
@@ -254,17 +255,16 @@ class BarmanCloudRestoreOperator(RestoreStepOperator):
         aws_env = aws_child_env(cluster.engine_aws_conn_id)
         started_at = utcnow()
         t0 = time.monotonic()
-        argv = barman_cloud.restore_argv(cluster, endpoint_url=endpoint, backup_id=plan["backup_id"],
-                                         destination_dir=plan["data_dir"])
         try:
-            self.host(cluster, argv, env=aws_env, timeout_s=cluster.engine.timeout_s)
+            restored = restore_base_backup(self.dbhost(cluster), cluster, backup_id=plan["backup_id"],
+                                           data_dir=plan["data_dir"], env=aws_env, log=self.log)
         except CommandFailed as exc:
             raise AirflowFailException(
-                f"cluster {cluster.name!r}: barman-cloud-restore of backup {plan['backup_id']} from "
+                f"cluster {cluster.name!r}: {getattr(exc, 'restorer', 'restore')} of backup {plan['backup_id']} from "
                 f"s3://{cluster.storage.bucket}/{cluster.storage.server_prefix}/base/{plan['backup_id']}/ failed: {exc}. "
                 "The base backup cannot be restored: check its objects in the bucket and take a new backup") from None
         download_s = time.monotonic() - t0
-        self.log.info("backup %s downloaded in %.1f s", plan["backup_id"], download_s)
+        self.log.info("backup %s downloaded in %.1f s (%s)", plan["backup_id"], download_s, restored["restorer"])
 
         target = core.RecoveryTarget(kind=plan["target"]["kind"], value=plan["target"]["value"])
         wal_argv = barman_cloud.wal_restore_argv(cluster, endpoint_url=endpoint, parallel=int(self.wal_parallel),
@@ -289,7 +289,42 @@ class BarmanCloudRestoreOperator(RestoreStepOperator):
         self.log.info("scratch PostgreSQL started (postmaster pid %s) on 127.0.0.1:%s, socket %s", pid, plan["port"],
                       plan["socket_dir"])
         return {"pid": pid, "download_s": round(download_s, 3), "restore_started_at": started_at.isoformat(),
-                "pg_started_at": pg_started_at.isoformat()}
+                "pg_started_at": pg_started_at.isoformat(), **restored}
+
+
+def restore_base_backup(host: DbHost, cluster: Cluster, *, backup_id: str, data_dir: str, env: dict[str, str],
+                        log) -> dict[str, Any]:
+    """Restore a base backup into data_dir on host (missing or empty): pgops-restore, the backup's parts
+    downloaded and extracted engine.jobs at a time, from the DB-host tools venv; where that venv predates it,
+    barman-cloud-restore (one stream) with a warning. Raises CommandFailed (its ``restorer`` names the tool); a
+    failed pgops-restore leaves data_dir marked (pgops_restore.incomplete, no global/pg_control) for the caller's
+    teardown.
+
+    Returns what to record: {"restorer", and from pgops-restore "parts", "jobs", "downloaded_bytes", ...}.
+    """
+    endpoint = s3_endpoint_url(cluster.engine_aws_conn_id)
+    tool = cluster.engine.bin(barman_cloud.PARALLEL_RESTORE_TOOL)
+    if host.exists(tool):
+        argv = barman_cloud.parallel_restore_argv(cluster, endpoint_url=endpoint, backup_id=backup_id,
+                                                  destination_dir=data_dir)
+        try:
+            res = host.run(argv, env=env, timeout_s=cluster.engine.timeout_s)
+        except CommandFailed as exc:
+            exc.restorer = barman_cloud.PARALLEL_RESTORE_TOOL
+            raise
+        summary = barman_cloud.parse_restore_summary(res.output_tail)
+        keep = ("parts", "jobs", "downloaded_bytes", "extracted_bytes")
+        return {"restorer": barman_cloud.PARALLEL_RESTORE_TOOL, **{k: summary[k] for k in keep if k in summary}}
+    log.warning("%s is not on %s (its DB-host tools predate it): restoring backup %s with barman-cloud-restore, one "
+                "stream. Fix: install the DB-host tools there again (scripts/setup.sh or the dbhost image)", tool,
+                host.where, backup_id)
+    try:
+        host.run(barman_cloud.restore_argv(cluster, endpoint_url=endpoint, backup_id=backup_id,
+                                           destination_dir=data_dir), env=env, timeout_s=cluster.engine.timeout_s)
+    except CommandFailed as exc:
+        exc.restorer = "barman-cloud-restore"
+        raise
+    return {"restorer": "barman-cloud-restore"}
 
 
 def param_checked(check, *args: Any, **kwargs: Any) -> Any:
@@ -517,7 +552,8 @@ class RestoreReportOperator(RestoreStepOperator):
         measurements = {
             "database_size_bytes": checks.get("database_size_bytes"),
             "backup_size_bytes": plan.get("backup_size_bytes"),
-            "download_s": restore.get("download_s"), "replay_s": wait.get("replay_s"),
+            "download_s": restore.get("download_s"), "restorer": restore.get("restorer"),
+            "restore_parts": restore.get("parts"), "replay_s": wait.get("replay_s"),
             "segments_replayed": wait.get("segments_replayed"), "rto_s": wait.get("rto_s") if not failed else None,
         }
         s3 = s3_client(cluster.aws_conn_id)

@@ -29,7 +29,14 @@ from pgops.engines import barman_cloud
 from pgops.hooks import aws_child_env, pg_query, s3_client, s3_endpoint_url
 from pgops.inventory import Cluster, ReplicaNode, Replication
 from pgops.operators.approval import NOT_APPROVED, REBUILD_GATE, describe
-from pgops.operators.restore import RestoreStepOperator, _truthy, param_checked, pg_bin, wait_started
+from pgops.operators.restore import (
+    RestoreStepOperator,
+    _truthy,
+    param_checked,
+    pg_bin,
+    restore_base_backup,
+    wait_started,
+)
 from pgops.params import MAX_STANDBY_TIMEOUT_S, check_abs_dir, check_duration
 from pgops.reports import envelope, utcnow, write_report
 from pgops.runners import CommandFailed
@@ -340,8 +347,8 @@ class StandbyPreflightOperator(StandbyStepOperator):
 
 
 class StandbyRestoreOperator(StandbyStepOperator):
-    """Slot and WAL switch on the primary; stop and clear the target (force), barman-cloud-restore, standby
-    settings, standby.signal, start."""
+    """Slot and WAL switch on the primary; stop and clear the target (force), the base backup (restore_base_backup:
+    parts in parallel), standby settings, standby.signal, start."""
 
     template_fields: Sequence[str] = ("cluster_name", "wal_parallel", "extra_settings")
 
@@ -449,12 +456,11 @@ class StandbyRestoreOperator(StandbyStepOperator):
         started_at = utcnow()
         t0 = time.monotonic()
         try:
-            host.run(barman_cloud.restore_argv(cluster, endpoint_url=endpoint, backup_id=plan["backup_id"],
-                                               destination_dir=data),
-                     env=aws_env, timeout_s=cluster.engine.timeout_s)
+            restored = restore_base_backup(host, cluster, backup_id=plan["backup_id"], data_dir=data, env=aws_env,
+                                           log=self.log)
         except CommandFailed as exc:
-            raise AirflowFailException(f"barman-cloud-restore of backup {plan['backup_id']} into {data} failed: "
-                                       f"{exc}") from None
+            raise AirflowFailException(f"{getattr(exc, 'restorer', 'restore')} of backup {plan['backup_id']} into "
+                                       f"{data} failed: {exc}") from None
         download_s = time.monotonic() - t0
         wal_argv = barman_cloud.wal_restore_argv(cluster, endpoint_url=endpoint, parallel=int(self.wal_parallel),
                                                  spool_dir=plan["spool_dir"])
@@ -472,7 +478,8 @@ class StandbyRestoreOperator(StandbyStepOperator):
         host.run([pg_bin("pg_ctl"), "-D", data, "-l", plan["log_file"], "-W", "start"], env=aws_env, timeout_s=60)
         pid = wait_started(host, plan, f"standby {plan['node']}")
         self.log.info("standby %s started (postmaster pid %s) after %.1f s of download", plan["node"], pid, download_s)
-        return {"pid": pid, "download_s": round(download_s, 3), "restore_started_at": started_at.isoformat()}
+        return {"pid": pid, "download_s": round(download_s, 3), "restore_started_at": started_at.isoformat(),
+                **restored}
 
 
 class StandbyStreamingOperator(StandbyStepOperator):
