@@ -74,7 +74,25 @@ def wait_run(stack, run_id: str, timeout_s: float = 300) -> str:
         if state in ("success", "failed"):
             return state
         time.sleep(1)
-    pytest.fail(f"run {run_id} did not finish within {timeout_s:.0f} s; tasks: {_states(stack, run_id)}")
+    pytest.fail(f"run {run_id} did not finish within {timeout_s:.0f} s; tasks: {_states(stack, run_id)}\n"
+                f"{task_errors(stack, DAG_ID, run_id)}")
+
+
+def task_errors(stack, dag_id: str, run_id: str) -> str:
+    """The error lines of a run's task logs (the stack's log folder), for a failure message."""
+    import json as _json
+
+    lines = []
+    for log in sorted((stack.home / "logs" / f"dag_id={dag_id}" / f"run_id={run_id}").glob("task_id=*/attempt=*.log")):
+        for raw in log.read_text(errors="replace").splitlines():
+            try:
+                entry = _json.loads(raw)
+            except ValueError:
+                continue
+            if entry.get("level") == "error":
+                detail = "; ".join(f"{d.get('exc_type')}: {d.get('exc_value')}" for d in entry.get("error_detail") or [])
+                lines.append(f"{log.parent.name}/{log.name}: {entry.get('event')} {detail}"[:1500])
+    return "\n".join(lines) or "no error in the task logs"
 
 
 def hitl_detail(stack, run_id: str) -> dict:
@@ -153,7 +171,7 @@ def test_the_cutover_waits_for_a_person_reject_keeps_the_chain_and_asking_again_
 
     rejected = answer(stack, run_id, "Reject")
     assert rejected["responded_by"]["name"] == "admin" and rejected["chosen_options"] == ["Reject"]
-    assert wait_run(stack, run_id) == "success", _states(stack, run_id)
+    assert wait_run(stack, run_id) == "success", (_states(stack, run_id), task_errors(stack, DAG_ID, run_id))
     states = _states(stack, run_id)
     assert states[GATE] == "success" and states["report"] == "success", states
     assert {states[t] for t in ("fresh_round", "cutover", "wait_final", "copy_final", "share", "create_volume")} \
@@ -177,7 +195,7 @@ def test_the_cutover_waits_for_a_person_reject_keeps_the_chain_and_asking_again_
                     "only_failed": False, "reset_dag_runs": True})
     wait_task(stack, run_id, GATE, "awaiting_input")
     approved = answer(stack, run_id, "Approve")
-    assert wait_run(stack, run_id) == "success", _states(stack, run_id)
+    assert wait_run(stack, run_id) == "success", (_states(stack, run_id), task_errors(stack, DAG_ID, run_id))
     states = _states(stack, run_id)
     assert set(states.values()) == {"success"}, states
     rounds = _snapshots(lab, SOURCE_REGION, migration)
@@ -204,7 +222,8 @@ def test_no_answer_within_the_timeout_is_no_cutover_and_delete_cleans_up(stack, 
     wait_task(stack, run_id, GATE, "awaiting_input")
     made = _snapshots(lab, SOURCE_REGION, migration)
     assert made, "the chain took no round"
-    assert wait_run(stack, run_id) == "success", _states(stack, run_id)  # no answer: after 6 s the scheduler says Reject
+    # nobody answers: 6 s later the scheduler answers Reject
+    assert wait_run(stack, run_id) == "success", (_states(stack, run_id), task_errors(stack, DAG_ID, run_id))
     states = _states(stack, run_id)
     assert states[GATE] == "success" and states["cutover"] == "skipped" and states["report"] == "success", states
     detail = hitl_detail(stack, run_id)
