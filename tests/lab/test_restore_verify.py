@@ -109,14 +109,16 @@ def backup(lab):
 
 
 def test_short_disk_fails_before_downloading(lab, backup, run_dag):
-    dr = run_dag(load_dag(DAG_ID), _conf(required_bytes=10**18))
+    from pgops.params import MAX_REQUIRED_BYTES
+
+    dr = run_dag(load_dag(DAG_ID), _conf(required_bytes=MAX_REQUIRED_BYTES))  # 1 PiB, the form's maximum
     states = task_states(dr)
     assert states["setup"] == "failed" and states["restore"] == "upstream_failed", states
     assert states["report"] == "failed", states  # the failure is reported, and the run fails
     report = _latest_report(lab)
     assert report["status"] == "failed" and report["run_id"] == dr.run_id
     message = report["body"]["errors"]["setup"]
-    assert "1000000000000000000 bytes" in message and "bytes) free in" in message, message
+    assert f"{MAX_REQUIRED_BYTES} bytes" in message and "bytes) free in" in message, message
     _assert_nothing_left(dr)
 
 
@@ -138,6 +140,8 @@ def test_canary_restore_is_verified_and_rto_recorded(lab, backup, run_dag):
     assert m["rto_s"] > 0 and m["download_s"] > 0 and m["replay_s"] >= 0 and m["segments_replayed"] >= 1, m
     assert m["database_size_bytes"] > 1_000_000
     assert m["rto_s"] >= m["download_s"]
+    # the parallel restorer set-up installed into the DB-host tools venv, not the one-stream fallback
+    assert m["restorer"] == "pgops-restore" and m["restore_parts"] >= 1, m
     assert body["restore_host"]["kept"] is False
     _assert_nothing_left(dr)
 
