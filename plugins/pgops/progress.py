@@ -150,3 +150,19 @@ def uploaded_since(s3, bucket: str, prefix: str, since: datetime) -> int:
         for page in s3.get_paginator("list_parts").paginate(Bucket=bucket, Key=up["Key"], UploadId=up["UploadId"]):
             total += sum(p["Size"] for p in page.get("Parts", []))
     return total
+
+
+def publish_for_cluster(cluster_name: str | None, kind: str, record: dict[str, Any], log) -> None:
+    """Log a progress record and, for an inventory cluster, write it to the bucket (from a trigger: blocking,
+    call it in a thread). Never raises."""
+    log.info("progress %s", describe(record))
+    if not cluster_name:
+        return
+    try:
+        from pgops.hooks import s3_client
+        from pgops.inventory import load_inventory
+
+        cluster = load_inventory().get(cluster_name)
+        bucket_publisher(s3_client(cluster.aws_conn_id), cluster, kind)(record)
+    except Exception as exc:  # noqa: BLE001 - the dashboard's record must never stop the work
+        log.info("progress not published (%s)", str(exc).splitlines()[0][:200] if str(exc) else exc)

@@ -39,6 +39,27 @@ def test_backup_reports_bytes_uploaded_while_it_runs(lab, airflow_db, capfd):
     assert 0 < record["total_bytes"] and record["elapsed_s"] > 0
 
 
+def test_restore_verification_reports_bytes_restored_and_the_replay_lsn(lab, airflow_db, run_dag, capfd):
+    import os
+
+    from helpers import load_dag, task_states
+
+    from pgops.operators.backup import BarmanCloudBackupOperator
+
+    BarmanCloudBackupOperator(task_id="backup", cluster_name="main").execute({"run_id": "progress-restore"})
+    dag = load_dag("pgops_restore_verify__main")
+    dag.get_task("restore").progress_interval_s = 0.2
+    dag.get_task("wait_recovery").progress_interval_s = 0.1
+    dr = run_dag(dag, {"scratch_root": f"/var/tmp/pgops-restore-progress-{os.getpid()}"})
+    assert set(task_states(dr).values()) == {"success"}, task_states(dr)
+    out = capfd.readouterr()
+    text = out.out + out.err
+    restored = [line for line in text.splitlines() if "progress restore of main backup" in line]
+    assert restored and all(" restored of ~" in line for line in restored), restored[-3:]
+    replay = [line for line in text.splitlines() if "progress replay of main backup" in line]
+    assert replay and any("replayed to " in line and "target " in line for line in replay), replay[-3:]
+
+
 def test_an_ebs_wait_reports_the_round_and_each_snapshots_percent(lab):
     """The snapshot trigger (moto's snapshots are born completed, so the poll is driven by hand here): the round
     of the predicted total and each snapshot's percent, in the record the dashboard reads; kept across the

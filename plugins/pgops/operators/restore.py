@@ -17,6 +17,7 @@ from typing import Any
 
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
+from pgops import progress
 from pgops import restore as core
 from pgops.archiver import ARCHIVER_SQL, archiver_health
 from pgops.dbhost import DbHost, DbHostError
@@ -243,10 +244,12 @@ class BarmanCloudRestoreOperator(RestoreStepOperator):
 
     template_fields: Sequence[str] = ("cluster_name", "wal_parallel")
 
-    def __init__(self, *, wal_parallel: int | str = 4, extra_settings: dict[str, str] | None = None, **kwargs: Any):
+    def __init__(self, *, wal_parallel: int | str = 4, extra_settings: dict[str, str] | None = None,
+                 progress_interval_s: float = progress.DEFAULT_INTERVAL_S, **kwargs: Any):
         super().__init__(**kwargs)
         self.wal_parallel = wal_parallel
         self.extra_settings = extra_settings or {}
+        self.progress_interval_s = progress_interval_s
 
     def run_step(self, context) -> dict[str, Any]:
         cluster = self.cluster
@@ -256,8 +259,9 @@ class BarmanCloudRestoreOperator(RestoreStepOperator):
         started_at = utcnow()
         t0 = time.monotonic()
         try:
-            restored = restore_base_backup(self.dbhost(cluster), cluster, backup_id=plan["backup_id"],
-                                           data_dir=plan["data_dir"], env=aws_env, log=self.log)
+            with self._progress(cluster, plan, context["run_id"]):
+                restored = restore_base_backup(self.dbhost(cluster), cluster, backup_id=plan["backup_id"],
+                                               data_dir=plan["data_dir"], env=aws_env, log=self.log)
         except CommandFailed as exc:
             raise AirflowFailException(
                 f"cluster {cluster.name!r}: {getattr(exc, 'restorer', 'restore')} of backup {plan['backup_id']} from "
@@ -290,6 +294,19 @@ class BarmanCloudRestoreOperator(RestoreStepOperator):
                       plan["socket_dir"])
         return {"pid": pid, "download_s": round(download_s, 3), "restore_started_at": started_at.isoformat(),
                 "pg_started_at": pg_started_at.isoformat(), **restored}
+
+
+    def _progress(self, cluster: Cluster, plan: dict[str, Any], run_id: str) -> progress.ProgressTicker:
+        """Bytes in the data directory on the restore host (its own DbHost: the restore's runner is busy) against
+        the backup's size."""
+        watcher = self.dbhost(cluster)
+        total = plan.get("backup_size_bytes")
+        return progress.ProgressTicker(
+            kind="restore", what=f"restore of {cluster.name} backup {plan['backup_id']}", run_id=run_id, log=self.log,
+            interval_s=self.progress_interval_s,
+            publish=progress.bucket_publisher(s3_client(cluster.aws_conn_id), cluster, "restore"),
+            measure=lambda: {"done_bytes": watcher.used_bytes(plan["data_dir"]), "total_bytes": total,
+                             "verb": "restored"})
 
 
 def restore_base_backup(host: DbHost, cluster: Cluster, *, backup_id: str, data_dir: str, env: dict[str, str],
@@ -366,12 +383,14 @@ class RecoveryEndedOperator(RestoreStepOperator):
     template_fields: Sequence[str] = ("cluster_name", "timeout_s")
 
     def __init__(self, *, restore_task_id: str = "restore", timeout_s: float | str = 6 * 3600,
-                 poll_interval_s: float = 2.0, wait_before_defer_s: float = 30.0, **kwargs: Any):
+                 poll_interval_s: float = 2.0, wait_before_defer_s: float = 30.0,
+                 progress_interval_s: float = progress.DEFAULT_INTERVAL_S, **kwargs: Any):
         super().__init__(**kwargs)
         self.restore_task_id = restore_task_id
         self.timeout_s = timeout_s
         self.poll_interval_s = poll_interval_s
         self.wait_before_defer_s = wait_before_defer_s
+        self.progress_interval_s = progress_interval_s
 
     def run_step(self, context) -> dict[str, Any] | None:
         from pgops.triggers.restore import RecoveryEndedTrigger
@@ -384,7 +403,11 @@ class RecoveryEndedOperator(RestoreStepOperator):
                                   min_s=1)
         watch = {"cluster_name": self.cluster.name, "data_dir": plan["data_dir"], "socket_dir": plan["socket_dir"],
                  "port": plan["port"], "user": plan["db_user"], "pid": started["pid"], "log_file": plan["log_file"],
-                 "poll_interval_s": self.poll_interval_s}
+                 "poll_interval_s": self.poll_interval_s,
+                 "progress": {"run_id": context["run_id"], "what": f"replay of {self.cluster.name} backup "
+                              f"{plan['backup_id']}", "target": core.RecoveryTarget(
+                                  kind=plan["target"]["kind"], value=plan["target"]["value"]).describe()},
+                 "progress_interval_s": self.progress_interval_s}
         # A short replay ends here, the same trigger run in place: no deferral for it. (A trigger that fires
         # seconds after its task deferred can race the scheduler's handling of that deferral, and the task is
         # failed although it succeeded: seen with the LocalExecutor.) A long replay defers and frees the slot.

@@ -110,14 +110,4 @@ class EbsSnapshotCompletedTrigger(AwsBaseWaiterTrigger):
                   "state": "running", "round": info.get("round"), "rounds_predicted": info.get("rounds_predicted"),
                   "volumes": {s["SnapshotId"]: f"{s.get('State')} {s.get('Progress') or '?'}" for s in snaps},
                   "elapsed_s": round(time.monotonic() - self._started, 1)}
-        self.log.info("progress %s", P.describe(record))
-        if not info.get("cluster"):
-            return
-        try:
-            from pgops.hooks import s3_client
-            from pgops.inventory import load_inventory
-
-            cluster = load_inventory().get(info["cluster"])
-            P.bucket_publisher(s3_client(cluster.aws_conn_id), cluster, "migration")(record)
-        except Exception as exc:  # noqa: BLE001 - the dashboard's record must never stop the wait
-            self.log.info("progress not published (%s)", str(exc).splitlines()[0][:200] if str(exc) else exc)
+        P.publish_for_cluster(info.get("cluster"), "migration", record, self.log)

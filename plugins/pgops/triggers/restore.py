@@ -36,7 +36,8 @@ class RecoveryEndedTrigger(BaseTrigger):
     """
 
     def __init__(self, *, cluster_name: str, data_dir: str, socket_dir: str, port: int, user: str, pid: int,
-                 log_file: str, node: str | None = None, poll_interval_s: float = 2.0, timeout_s: float = 6 * 3600.0):
+                 log_file: str, node: str | None = None, poll_interval_s: float = 2.0, timeout_s: float = 6 * 3600.0,
+                 progress: dict[str, Any] | None = None, progress_interval_s: float = 30.0):
         super().__init__()
         self.cluster_name = cluster_name
         self.node = node
@@ -48,12 +49,16 @@ class RecoveryEndedTrigger(BaseTrigger):
         self.log_file = log_file
         self.poll_interval_s = poll_interval_s
         self.timeout_s = timeout_s
+        # progress: {"run_id", "what", "target"}: the replay LSN goes to the log and the dashboard's record
+        self.progress = progress
+        self.progress_interval_s = progress_interval_s
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (f"{type(self).__module__}.{type(self).__qualname__}",
                 {"cluster_name": self.cluster_name, "node": self.node, "data_dir": self.data_dir,
                  "socket_dir": self.socket_dir, "port": self.port, "user": self.user, "pid": self.pid,
-                 "log_file": self.log_file, "poll_interval_s": self.poll_interval_s, "timeout_s": self.timeout_s})
+                 "log_file": self.log_file, "poll_interval_s": self.poll_interval_s, "timeout_s": self.timeout_s,
+                 "progress": self.progress, "progress_interval_s": self.progress_interval_s})
 
     def _error(self, message: str, log_text: str, *, timed_out: bool = False) -> TriggerEvent:
         tail = [line for line in log_text.strip().splitlines() if line.strip()][-15:]
@@ -63,13 +68,15 @@ class RecoveryEndedTrigger(BaseTrigger):
         from pgops.restore import parse_server_log
 
         host = await asyncio.to_thread(node_host, self.cluster_name, self.node)
-        deadline = time.monotonic() + self.timeout_s
+        started = time.monotonic()
+        deadline = started + self.timeout_s
+        next_report = started + self.progress_interval_s
         restored = 0
         while True:
             try:
                 probe = await asyncio.to_thread(
                     host.probe, self.data_dir, socket_dir=self.socket_dir, port=self.port, user=self.user,
-                    sql="SELECT pg_is_in_recovery()", log_file=self.log_file)
+                    sql="SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn()", log_file=self.log_file)
             except Exception as exc:  # the host is briefly unreachable: keep polling until the deadline
                 self.log.warning("probing the scratch instance on %s failed: %s", host.where, exc)
                 probe = None
@@ -88,6 +95,9 @@ class RecoveryEndedTrigger(BaseTrigger):
                                         "last_restored_segment": (parsed.restored_segments or [None])[-1],
                                         "recovery_stop": parsed.recovery_stop})
                     return
+                if self.progress is not None and time.monotonic() >= next_report:
+                    next_report = time.monotonic() + self.progress_interval_s
+                    await asyncio.to_thread(self._report, probe.rows, restored, time.monotonic() - started)
                 if not probe.postmaster.running or probe.postmaster.pid != self.pid:
                     reason = parsed.failure_message() or "no FATAL line in its log"
                     yield self._error(f"PostgreSQL (postmaster pid {self.pid}) exited during recovery "
@@ -100,3 +110,13 @@ class RecoveryEndedTrigger(BaseTrigger):
                     probe.log_tail if probe else "", timed_out=True)
                 return
             await asyncio.sleep(self.poll_interval_s)
+
+    def _report(self, rows: list, restored: int, elapsed_s: float) -> None:
+        from pgops import progress as P
+
+        info = self.progress or {}
+        lsn = rows[0][1] if rows and len(rows[0]) > 1 else None
+        record = {"kind": "restore", "what": info.get("what", "replay"), "run_id": info.get("run_id"),
+                  "state": "running", "lsn": lsn or None, "elapsed_s": round(elapsed_s, 1),
+                  "note": f"{restored} WAL segment(s) restored, target {info.get('target', '?')}"}
+        P.publish_for_cluster(self.cluster_name, "restore", record, self.log)
