@@ -220,8 +220,10 @@ class Bench:
             out["a_read_floor_s"], _ = pl.timed(lambda: subprocess.run(as_db_user(argv), stdout=null, check=True))
 
         self.log("backup b: barman-cloud-backup CLI")
+        size = self.r["database"]["cluster_bytes"]  # the same parts as the DAG's backup (c)
         argv = barman_cloud.backup_argv(self.cluster, endpoint_url=st.s3_endpoint, backup_name="bench-cli",
-                                        pg_host=st.pg_socket_dir, pg_port=st.pg_port, pg_user="postgres")
+                                        pg_host=st.pg_socket_dir, pg_port=st.pg_port, pg_user="postgres",
+                                        cluster_size_bytes=size)
         before = self._base_bytes()
         out["b_barman_cli_s"], _ = pl.timed(pl.run_db, argv, env=self.env)
         b_stored = self._base_bytes() - before
@@ -234,7 +236,8 @@ class Bench:
             c = dataclasses.replace(self.cluster, engine=dataclasses.replace(self.cluster.engine, compression=comp))
             before = self._base_bytes()
             argv = barman_cloud.backup_argv(c, endpoint_url=st.s3_endpoint, backup_name=f"bench-cli-{comp}",
-                                            pg_host=st.pg_socket_dir, pg_port=st.pg_port, pg_user="postgres")
+                                            pg_host=st.pg_socket_dir, pg_port=st.pg_port, pg_user="postgres",
+                                            cluster_size_bytes=size)
             secs, _ = pl.timed(pl.run_db, argv, env=self.env)
             out["b_compressions"][comp] = {"s": secs, "stored_bytes": self._base_bytes() - before}
 
@@ -285,6 +288,13 @@ class Bench:
         argv = barman_cloud.restore_argv(self.cluster, endpoint_url=st.s3_endpoint, backup_id=newest.backup_id,
                                          destination_dir=str(pristine))
         out["barman_restore_s"], _ = pl.timed(pl.run_db, argv, env=self.env)
+        if Path(self.cluster.engine.bin(barman_cloud.PARALLEL_RESTORE_TOOL)).exists():
+            self.log(f"restore: pgops-restore --jobs {args.jobs} {newest.backup_id}")
+            argv = barman_cloud.parallel_restore_argv(self.cluster, endpoint_url=st.s3_endpoint,
+                                                      backup_id=newest.backup_id, destination_dir=str(scratch / "ours"))
+            out["pgops_restore_s"], res = pl.timed(pl.run_db, argv, env=self.env)
+            out["pgops_restore"] = barman_cloud.parse_restore_summary(res.stdout.splitlines())
+            pl.remove_tree(scratch / "ours")
 
         local = scratch / "walcopy"
         out["local_copy_segments"] = pl.download_wal_copy(lab, st, local, newest.begin_wal or "")
@@ -320,6 +330,7 @@ class Bench:
         started = dag["xcom"].get("restore") or {}
         out["dag"] = {"rto_s": wait.get("rto_s"), "replay_s": wait.get("replay_s"),
                       "download_s": started.get("download_s"), "segments_replayed": wait.get("segments_replayed"),
+                      "restorer": started.get("restorer"), "restore_parts": started.get("parts"),
                       "run_s": dag["run_s"], "tasks_s": {k: v["duration_s"] for k, v in dag["tasks"].items()}}
 
         self.log("restore: pgBackRest restore + replay")
@@ -422,12 +433,17 @@ def table(r: dict) -> str:
     x = r["restore"]
     rp = x["replay"]
     rows += [("restore a: barman-cloud-restore", f"{x['barman_restore_s']:.1f} s", f"{x['replayed_wal_bytes'] / 2**20:.0f} MiB WAL to replay"),
+             ("  pgops-restore (parts in parallel)", f"{x['pgops_restore_s']:.1f} s" if "pgops_restore_s" in x else "-",
+              f"{x.get('pgops_restore', {}).get('parts', '?')} parts, {x.get('pgops_restore', {}).get('jobs', '?')} "
+              "at a time" if "pgops_restore_s" in x else "not installed in the DB-host venv"),
              ("  replay, no prefetch", f"{rp['barman_no_prefetch']['replay_s']:.1f} s", f"{rp['barman_no_prefetch']['segments_restored']} seg"),
              ("  replay, barman --parallel prefetch", f"{rp['barman_prefetch']['replay_s']:.1f} s", f"{rp['barman_prefetch']['segments_restored']} seg"),
              ("  replay, pgops prefetcher", f"{rp['pgops_prefetch']['replay_s']:.1f} s",
               f"{rp['pgops_prefetch']['segments_restored']} seg"),
              ("  replay from a local WAL copy", f"{rp['local_copy']['replay_s']:.1f} s", ""),
-             ("restore b: restore-verify DAG RTO", f"{x['dag']['rto_s'] or 0:.1f} s", f"whole run {x['dag']['run_s']:.1f} s"),
+             ("restore b: restore-verify DAG RTO", f"{x['dag']['rto_s'] or 0:.1f} s",
+              f"whole run {x['dag']['run_s']:.1f} s; download {x['dag']['download_s'] or 0:.1f} s by "
+              f"{x['dag'].get('restorer')} ({x['dag'].get('restore_parts') or 1} parts)"),
              ("restore c: pgBackRest restore + replay", f"{x['pgbackrest_total_s']:.1f} s",
               f"{x['pgbackrest_restore_s']:.1f} s + {x['pgbackrest_replay']['replay_s']:.1f} s"),
              ("  b/c", f"{x['ratios']['dag_rto_over_pgbackrest']:.2f}", ""),

@@ -38,7 +38,6 @@ import argparse
 import bz2
 import copy
 import json
-import logging
 import os
 import posixpath
 import re
@@ -64,9 +63,6 @@ COPY_BUFSIZE = 1 << 20   # tarfile's reads and file writes (its default, 16 KiB,
 # barman's part names (CloudUploadController._build_dest_name): <name>[_NNNN].tar[.gz|.bz2|.snappy|.lz4]
 PART_RE = re.compile(r"^(?P<label>.+?)(?:_(?P<number>[0-9]{4,}))?\.tar(?P<ext>\.gz|\.bz2|\.snappy|\.lz4)?$")
 COMPRESSION_OF_EXT = {None: None, ".gz": "gzip", ".bz2": "bzip2", ".snappy": "snappy", ".lz4": "lz4"}
-
-log = logging.getLogger("pgops_restore")
-
 
 class RestoreError(Exception):
     """The restore cannot go on; the message names what, where, and what to do."""
@@ -178,7 +174,7 @@ def _numbered_parts(backup_id: str, label: str, infos: list[Any], root: str, siz
             continue  # the first part itself is missing: named below
         parsed = parse_part_name(posixpath.basename(info.path))
         if parsed is None or parsed[0] != label:
-            raise RestoreError(f"object {info.path} of backup {backup_id} is not named as a part of {label} is")
+            raise RestoreError(f"object {info.path} of backup {backup_id} is not named like a part of {label}")
         _, number, compression = parsed
         compressions.add(compression)
         found[number] = Part(key=info.path, label=label, number=number, compression=compression, root=root,
@@ -427,6 +423,16 @@ def extract_part(open_object: Callable[[str], BinaryIO | None], part: Part, *, o
     raw = open_object(part.key)
     if raw is None:
         raise RestoreError("is not in the bucket (missing part)")
+    try:
+        return _extract(raw, part, res, only=only, stop=stop, started=started)
+    finally:
+        close = getattr(raw, "close", None)
+        if close:
+            close()
+
+
+def _extract(raw: BinaryIO, part: Part, res: PartResult, *, only: set[str] | None, stop: threading.Event | None,
+             started: float) -> PartResult:
     stream = PartStream(raw, part.compression, stop=stop)
     root = part.root
     trusted = {"filter": "fully_trusted"} if hasattr(tarfile, "fully_trusted_filter") else {}

@@ -471,22 +471,22 @@ def test_part_names_are_barmans():
 
 
 # -- the engine side --------------------------------------------------------------------------------------
-def test_max_archive_size_gives_two_parts_per_job():
+def test_max_archive_size_gives_parts_for_every_job():
     from pgops.engines import barman_cloud as bc
 
     gib, mib = 1024 ** 3, 1024 ** 2
     assert bc.max_archive_size_bytes(None, jobs=2, compression="lz4") is None
-    # 1 TiB, 4 jobs, lz4: 1 TiB x 0.1 / 8 = 12.8 GiB parts: 8 parts (2 x jobs) even when lz4 stores only a tenth
+    # 1 TiB, 4 jobs, lz4: 1 TiB x 0.1 / 32 = 3.2 GiB parts: 32 parts at 10x compression, 8 (2 x jobs) at 40x
     size = bc.max_archive_size_bytes(1024 * gib, jobs=4, compression="lz4")
-    assert size == int(1024 * gib * 0.1 / 8)
-    assert (1024 * gib * 0.1) / size >= 2 * 4
+    assert size == int(1024 * gib * 0.1 / 32)
+    assert (1024 * gib / 40) / size >= 2 * 4
     # no compression: the size itself; capped at barman's default
-    assert bc.max_archive_size_bytes(400 * gib, jobs=2, compression="none") == 100 * gib
-    assert bc.max_archive_size_bytes(40 * gib, jobs=2, compression="none") == 10 * gib
-    # the bench's 3 GiB database, 2 jobs: 76.8 MiB parts
-    assert bc.max_archive_size_bytes(3 * gib, jobs=2, compression="lz4") == int(3 * gib * 0.1 / 4)
+    assert bc.max_archive_size_bytes(2000 * gib, jobs=2, compression="none") == 100 * gib
+    assert bc.max_archive_size_bytes(40 * gib, jobs=2, compression="none") == int(2.5 * gib)
+    # the bench's 3 GiB database, 2 jobs: 19.7 MB parts, well under one compressed 1 GiB segment (66.5 MB)
+    assert bc.max_archive_size_bytes(3_159_145_681, jobs=2, compression="lz4") == 19_744_660
     # small databases: the floor
-    assert bc.max_archive_size_bytes(100 * mib, jobs=8, compression="gzip") == bc.MIN_PART_BYTES == 64 * mib
+    assert bc.max_archive_size_bytes(100 * mib, jobs=8, compression="gzip") == bc.MIN_PART_BYTES == 16 * mib
 
 
 def test_backup_and_restore_argv():

@@ -18,15 +18,18 @@ WAL_ARCHIVE_WRAPPER = "pgops-wal-archive"
 WAL_RESTORE_WRAPPER = "pgops-wal-restore"
 # pgops' parallel restorer (include/dbhost/pgops_restore.py, main(argv)), a console script of the same package.
 PARALLEL_RESTORE_TOOL = "pgops-restore"
-# Base backups in parts (barman-cloud-backup --max-archive-size, compressed bytes per tar part) so that a restore
-# can take jobs parts at a time: at least PARTS_PER_JOB x jobs parts. barman counts compressed bytes, so the
-# database size is scaled by the strongest compression expected (pgbench data: lz4 stores 0.11 of it, measured in
-# the lab); weaker compression only makes more parts, which cost one GET and one multipart upload each.
-PARTS_PER_JOB = 2
+# Base backups in parts (barman-cloud-backup --max-archive-size: compressed bytes per tar part) so that a restore
+# can take engine.jobs parts at a time. barman counts compressed bytes and closes a part only between two files,
+# so the database size is scaled by the strongest compression expected (the lab's pgbench database: lz4 stores
+# 0.105 of it, a 1 GiB relation segment 66.5 MB) and aimed at PARTS_PER_JOB x jobs parts: >= 2 x jobs even at
+# four times that compression, and small enough that the biggest part is no long tail of a restore; weaker
+# compression only makes more parts, each one more GET and one more multipart upload.
+PARTS_PER_JOB = 8
 COMPRESSED_RATIO_FLOOR = 0.1
-# Below 64 MiB a part stops paying for itself: a part is at least one file (a relation segment is up to 1 GiB),
-# the multipart upload under it has 5 MiB chunks, and a database that small restores in seconds anyway.
-MIN_PART_BYTES = 64 * 1024 * 1024
+# The floor: 16 MiB, under one compressed relation segment, so on a small database every segment gets a part of
+# its own (with 79 MB parts the lab's 3 GiB database came out as 104 + 240 + 3 MB: two segments in one part, the
+# restore's critical path); still three 5 MiB multipart chunks per part, and a handful of parts where it applies.
+MIN_PART_BYTES = 16 * 1024 * 1024
 MAX_PART_BYTES = 100 * 1024 ** 3  # barman's own default
 # Reserved by barman-cloud as backup selectors, never real backup ids.
 RESERVED_BACKUP_NAMES = ("first", "last", "latest", "oldest", "last-failed")
@@ -47,9 +50,9 @@ def _compression(name: str) -> list[str]:
 
 
 def max_archive_size_bytes(cluster_size_bytes: int | None, *, jobs: int, compression: str) -> int | None:
-    """barman-cloud-backup --max-archive-size for a database of ``cluster_size_bytes``: parts small enough that a
-    restore gets at least PARTS_PER_JOB x ``jobs`` of them, within [MIN_PART_BYTES, MAX_PART_BYTES]. None when
-    the size is unknown (barman's default then: one part up to 100 GiB)."""
+    """barman-cloud-backup --max-archive-size for a database of ``cluster_size_bytes``: about PARTS_PER_JOB x
+    ``jobs`` parts at 10x compression (at least 2 x jobs up to 40x), within [MIN_PART_BYTES, MAX_PART_BYTES]. None
+    when the size is unknown (barman's default then: one part up to 100 GiB)."""
     if not cluster_size_bytes or cluster_size_bytes <= 0:
         return None
     ratio = 1.0 if compression == "none" else COMPRESSED_RATIO_FLOOR
