@@ -225,11 +225,13 @@ def test_a_slot_the_failed_rebuild_created_is_dropped_again(replicated_pair, run
     rl.psql(pg1, "SELECT pg_drop_replication_slot('pg2')")
     before = _slots(pair)
     assert "pg2" not in (before or "")
-    # a socket directory the postgres OS user cannot create: the restore step fails after the preflight made the slot
-    dr = run_dag(load_dag(DAG_ID), {"target": "pg2", "force": True, "socket_dir": f"/root/pgops-nope-{os.getpid()}"})
+    # a socket directory the postgres OS user cannot create: the restore step fails after it made the slot
+    dr = run_dag(load_dag(DAG_ID), {"target": "pg2", "force": True, "socket_dir": f"/root/pgops-nope-{os.getpid()}",
+                                    "skip_approval": True})
     states = task_states(dr)
     assert states["preflight"] == "success" and states["restore"] == "failed", states
-    assert dr.get_task_instance("preflight").xcom_pull(task_ids="preflight")["slot_created"] is True
+    assert dr.get_task_instance("preflight").xcom_pull(task_ids="preflight")["slot_exists"] is False
+    assert dr.get_task_instance("restore").xcom_pull(task_ids="restore", key="slot_created") is True
     error = dr.get_task_instance("restore").xcom_pull(task_ids="restore", key="error")
     assert "slot pg2 that it created on pg1 was dropped" in error, error
     assert _slots(pair) == before
