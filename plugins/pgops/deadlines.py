@@ -2,9 +2,12 @@
 
 Airflow's scheduler watches each run's deadline (``DAG(deadline=...)``); when one passes before the run has
 succeeded, the triggerer awaits :func:`deadline_missed` (an AsyncCallback: it must be importable on the
-triggerer, hence this module under plugins/). The base backup's deadline is ``targets.backup_deadline_s`` after
-its run was queued (its scheduled time while the scheduler is up; manual runs count too), the restore
-verification's ``targets.restore_deadline_s`` (default: ``targets.rto_s``). A cluster without ``alerts.sns_topic_arn`` gets no deadline.
+triggerer, hence this module under plugins/). A deadline counts from the run's scheduled time (its logical date):
+the base backup's is ``targets.backup_deadline_s`` after it, the restore verification's
+``targets.restore_deadline_s`` (default: ``targets.rto_s``). Runs without a logical date (manual and
+asset-triggered runs) get none. Not from the time the run was queued: Airflow 3.3.2 cannot clear a task of a run
+whose deadline counts from its queue time (it recomputes that deadline and fails with a 500), and clearing is
+how a failed backup is retried from the UI. A cluster without ``alerts.sns_topic_arn`` gets no deadline.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ def deadline_alerts(cluster: Cluster, kind: str) -> list:
     callback = AsyncCallback(deadline_missed, kwargs={
         "cluster": cluster.name, "what": KINDS[kind], "limit_s": limit_s, "setting": setting,
         "aws_conn_id": cluster.alerts_conn_id, "target_arn": arn, "region_name": arn.split(":")[3]})
-    return [DeadlineAlert(reference=DeadlineReference.DAGRUN_QUEUED_AT, interval=timedelta(seconds=limit_s),
+    return [DeadlineAlert(reference=DeadlineReference.DAGRUN_LOGICAL_DATE, interval=timedelta(seconds=limit_s),
                           callback=callback, name=f"pgops {KINDS[kind]} deadline")]
 
 
@@ -38,9 +41,10 @@ def deadline_message(*, cluster: str, what: str, limit_s: int, setting: str, con
     run = (context or {}).get("dag_run") or {}
     deadline = (context or {}).get("deadline") or {}
     subject = f"pgops deadline missed: {cluster} {what}"
-    body = (f"pgops: the {what} of cluster {cluster} has not finished within {_span(limit_s)} ({setting}).\n"
+    body = (f"pgops: the {what} of cluster {cluster} has not finished within {_span(limit_s)} of its scheduled "
+            f"time ({setting}).\n"
             f"DAG {run.get('dag_id', '?')}, run {run.get('dag_run_id') or run.get('run_id', '?')}, "
-            f"queued at {run.get('queued_at', '?')}, state {run.get('state', '?')}; "
+            f"scheduled for {run.get('logical_date', '?')}, state {run.get('state', '?')}; "
             f"deadline {deadline.get('deadline_time', '?')}.\n"
             "Look at the run in the Airflow UI: a task may be stuck, queued without a worker, or slower than "
             f"the target; raise {setting} in the inventory only if the slower run is expected.")

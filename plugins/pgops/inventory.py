@@ -108,7 +108,7 @@ class Retention:
 class Targets:
     rpo_s: int = 300
     rto_s: int = 3600
-    backup_deadline_s: int = 21600  # an SNS alert when a base-backup run has not finished this long after it queued
+    backup_deadline_s: int = 21600  # an SNS alert when a scheduled base backup has not finished this long after its time
     restore_deadline_s: int = 3600  # the same for a restore verification run (default: rto_s)
 
 

@@ -82,8 +82,12 @@ def test_demo_flow_on_real_components_leaves_no_failed_run(fresh_lab, tmp_path):
         assert set(alerts) == {"pgops deadline missed: main base backup",
                                "pgops deadline missed: main restore verification"}, alerts
         backup_alert = alerts["pgops deadline missed: main base backup"]
-        assert flow["backup_run_id"] in backup_alert and "within 2 s (targets.backup_deadline_s)" in backup_alert
+        assert flow["backup_run_id"] in backup_alert and "within 2 s of its scheduled time (targets.backup_deadline_s)" in backup_alert
         assert flow["restore_verify_run_id"] in alerts["pgops deadline missed: main restore verification"]
+        # a run with a deadline can still be retried from the UI: clearing one of its tasks works
+        cleared = stack._request("POST", "/api/v2/dags/pgops_base_backup__main/clearTaskInstances", {
+            "dry_run": False, "task_ids": ["retention"], "dag_run_id": flow["backup_run_id"], "only_failed": False})
+        assert [ti["task_id"] for ti in cleared["task_instances"]] == ["retention"]
     finally:
         stack.down()
     assert not any(pid_alive(p) for p in st["pids"].values())

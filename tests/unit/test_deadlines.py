@@ -31,7 +31,7 @@ def test_backup_and_restore_runs_have_deadlines_from_the_inventory(cluster):
 
     backup = _only(build_base_backup_dag(cluster))
     assert backup.interval == timedelta(seconds=cluster.targets.backup_deadline_s) == timedelta(hours=6)
-    assert backup.reference == DeadlineReference.DAGRUN_QUEUED_AT
+    assert backup.reference == DeadlineReference.DAGRUN_LOGICAL_DATE  # not queued_at: see pgops.deadlines
     assert backup.callback.path == "pgops.deadlines.deadline_missed"
     assert backup.callback.kwargs["target_arn"] == cluster.alerts.sns_topic_arn
     restore = _only(build_restore_verify_dag(cluster))
@@ -64,12 +64,12 @@ def test_the_deadlines_are_validated_like_every_inventory_field(tmp_path):
 
 def test_the_alert_names_the_run_the_deadline_and_the_setting():
     context = {"dag_run": {"dag_id": "pgops_base_backup__main", "dag_run_id": "scheduled__2026-11-29T02:00:00+00:00",
-                           "queued_at": "2026-11-29T02:00:01Z", "state": "running"},
+                           "logical_date": "2026-11-29T02:00:00Z", "state": "running"},
                "deadline": {"id": "d1", "deadline_time": "2026-11-29T08:00:01Z"}}
     subject, body = deadlines.deadline_message(cluster="main", what="base backup", limit_s=21600,
                                                setting="targets.backup_deadline_s", context=context)
     assert subject == "pgops deadline missed: main base backup"
-    assert "has not finished within 6 h (targets.backup_deadline_s)" in body
+    assert "has not finished within 6 h of its scheduled time (targets.backup_deadline_s)" in body
     assert "scheduled__2026-11-29T02:00:00+00:00" in body and "2026-11-29T08:00:01Z" in body and "running" in body
     # the triggerer's context may be missing: the alert still goes out
     assert "within 90 s" in deadlines.deadline_message(cluster="c", what="restore verification", limit_s=90,
