@@ -142,10 +142,11 @@ def tree(root: Path) -> dict[str, tuple]:
     return out
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="class")
 def backups(lab, tools):
     """Data in the default tablespace and in one of its own, then two backups under this module's server name:
-    one in 2 MiB parts, one in a single part. The tablespace is dropped again at the end."""
+    one in 2 MiB parts, one in a single part. The tablespace is dropped again after the class's tests, before the
+    DAG tests below (their backups must not carry it)."""
     ts_dir = Path(tempfile.mkdtemp(prefix="pgops-prl-ts-", dir="/var/tmp"))
     os.chmod(ts_dir, 0o755)
     _chown_db(ts_dir)
@@ -182,52 +183,6 @@ def _assert_same(ours: Path, theirs: Path, ours_ts: Path, theirs_ts: Path) -> No
     assert not (ours / "pgops_restore.incomplete").exists()
 
 
-def test_parts_restore_the_same_files_as_barman_cloud_restore(lab, tools, backups, area):
-    cluster = _cluster(lab, tools)
-    objects = _objects(lab, _base(lab, SERVER, backups["parts"]))
-    data_parts = [k for k in objects if k.rsplit("/", 1)[1].startswith("data")]
-    ts_parts = [k for k in objects if k.rsplit("/", 1)[1][0].isdigit()]
-    assert len(data_parts) >= 4 and len(ts_parts) >= 2, sorted(objects)
-
-    res, barman_s = _restore(lab, cluster, backups["parts"], area / "barman", barman=True, tablespace=area / "ts-b")
-    assert res.returncode == 0, res.stderr[-2000:]
-    res, ours_s = _restore(lab, cluster, backups["parts"], area / "ours", jobs=3, tablespace=area / "ts-o")
-    assert res.returncode == 0, res.stderr[-2000:]
-    summary = barman_cloud.parse_restore_summary(res.stdout.splitlines())
-    assert summary["parts"] == len(data_parts) + len(ts_parts) and summary["jobs"] == 3, summary
-    assert summary["downloaded_bytes"] == sum(objects[k] for k in data_parts + ts_parts)
-    print(f"\nrestore of {len(data_parts) + len(ts_parts)} parts: barman-cloud-restore {barman_s:.2f} s, "
-          f"pgops-restore --jobs 3 {ours_s:.2f} s")
-    _assert_same(area / "ours", area / "barman", area / "ts-o", area / "ts-b")
-
-
-def test_a_one_part_backup_restores_the_same(lab, tools, backups, area):
-    cluster = _cluster(lab, tools)
-    names = sorted(k.rsplit("/", 1)[1] for k in _objects(lab, _base(lab, SERVER, backups["single"])))
-    assert len(names) == 3 and names[-2:] == ["backup.info", "data.tar.lz4"] and names[0].endswith(".tar.lz4"), names
-    res, _ = _restore(lab, cluster, backups["single"], area / "barman", barman=True, tablespace=area / "ts-b")
-    assert res.returncode == 0, res.stderr[-2000:]
-    res, _ = _restore(lab, cluster, backups["single"], area / "ours", jobs=4, tablespace=area / "ts-o")
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert barman_cloud.parse_restore_summary(res.stdout.splitlines())["parts"] == 2  # data and the tablespace
-    _assert_same(area / "ours", area / "barman", area / "ts-o", area / "ts-b")
-
-
-@pytest.fixture
-def broken(lab, tools, backups):
-    """A copy of the parted backup under another server name, to break."""
-    st = lab.load()
-    server = f"{SERVER}-broken"
-    s3 = lab.s3_client()
-    src = _base(lab, SERVER, backups["parts"])
-    dst = _base(lab, server, backups["parts"])
-    for key in _objects(lab, src):
-        s3.copy_object(Bucket=st.bucket, Key=dst + key[len(src):], CopySource={"Bucket": st.bucket, "Key": key})
-    yield _cluster(lab, tools, server), dst
-    for key in _objects(lab, f"{st.prefix}/{server}/"):
-        s3.delete_object(Bucket=st.bucket, Key=key)
-
-
 def _assert_failed_and_marked(res, dest: Path, *names: str) -> None:
     assert res.returncode == 1, (res.stdout[-1500:], res.stderr[-1500:])
     for name in names:
@@ -237,50 +192,99 @@ def _assert_failed_and_marked(res, dest: Path, *names: str) -> None:
     assert not (dest / "global" / "pg_control").exists(), "PostgreSQL could start a failed restore"
 
 
-def test_a_missing_part_fails_naming_it(lab, backups, broken, area):
-    cluster, prefix = broken
-    st = lab.load()
-    lab.s3_client().delete_object(Bucket=st.bucket, Key=prefix + "data_0001.tar.lz4")  # not the last one
-    res, _ = _restore(lab, cluster, backups["parts"], area / "d", tablespace=area / "ts")
-    assert res.returncode == 1 and "data_0001.tar.lz4" in res.stderr and "missing" in res.stderr, res.stderr[-1500:]
-    assert not (area / "d").exists(), "the plan failed: nothing may be written"
+class TestBothWays:
+    """Backups with a tablespace, restored by barman-cloud-restore and by pgops-restore."""
+
+    def test_parts_restore_the_same_files_as_barman_cloud_restore(self, lab, tools, backups, area):
+        cluster = _cluster(lab, tools)
+        objects = _objects(lab, _base(lab, SERVER, backups["parts"]))
+        data_parts = [k for k in objects if k.rsplit("/", 1)[1].startswith("data")]
+        ts_parts = [k for k in objects if k.rsplit("/", 1)[1][0].isdigit()]
+        assert len(data_parts) >= 4 and len(ts_parts) >= 2, sorted(objects)
+
+        res, barman_s = _restore(lab, cluster, backups["parts"], area / "barman", barman=True, tablespace=area / "ts-b")
+        assert res.returncode == 0, res.stderr[-2000:]
+        res, ours_s = _restore(lab, cluster, backups["parts"], area / "ours", jobs=3, tablespace=area / "ts-o")
+        assert res.returncode == 0, res.stderr[-2000:]
+        summary = barman_cloud.parse_restore_summary(res.stdout.splitlines())
+        assert summary["parts"] == len(data_parts) + len(ts_parts) and summary["jobs"] == 3, summary
+        assert summary["downloaded_bytes"] == sum(objects[k] for k in data_parts + ts_parts)
+        print(f"\nrestore of {len(data_parts) + len(ts_parts)} parts: barman-cloud-restore {barman_s:.2f} s, "
+              f"pgops-restore --jobs 3 {ours_s:.2f} s")
+        _assert_same(area / "ours", area / "barman", area / "ts-o", area / "ts-b")
 
 
-def test_a_lost_last_part_fails(lab, backups, broken, area):
-    cluster, prefix = broken
-    st = lab.load()
-    last = max(k for k in _objects(lab, prefix) if k.rsplit("/", 1)[1].startswith("data"))
-    lab.s3_client().delete_object(Bucket=st.bucket, Key=last)
-    res, _ = _restore(lab, cluster, backups["parts"], area / "d", tablespace=area / "ts")
-    before_last = sorted(k for k in _objects(lab, prefix) if k.rsplit("/", 1)[1].startswith("data"))[-1]
-    _assert_failed_and_marked(res, area / "d", "backup_label", before_last.rsplit("/", 1)[1])
+    def test_a_one_part_backup_restores_the_same(self, lab, tools, backups, area):
+        cluster = _cluster(lab, tools)
+        names = sorted(k.rsplit("/", 1)[1] for k in _objects(lab, _base(lab, SERVER, backups["single"])))
+        assert len(names) == 3 and names[-2:] == ["backup.info", "data.tar.lz4"] and names[0].endswith(".tar.lz4"), names
+        res, _ = _restore(lab, cluster, backups["single"], area / "barman", barman=True, tablespace=area / "ts-b")
+        assert res.returncode == 0, res.stderr[-2000:]
+        res, _ = _restore(lab, cluster, backups["single"], area / "ours", jobs=4, tablespace=area / "ts-o")
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert barman_cloud.parse_restore_summary(res.stdout.splitlines())["parts"] == 2  # data and the tablespace
+        _assert_same(area / "ours", area / "barman", area / "ts-o", area / "ts-b")
 
 
-@pytest.mark.parametrize("how", ["corrupt", "truncated"])
-def test_a_broken_part_fails_naming_it(lab, backups, broken, area, how):
-    cluster, prefix = broken
-    st = lab.load()
-    s3 = lab.s3_client()
-    key = prefix + "data_0002.tar.lz4"
-    body = bytearray(s3.get_object(Bucket=st.bucket, Key=key)["Body"].read())
-    if how == "corrupt":
-        for i in range(len(body) // 2, len(body) // 2 + 256):
-            body[i] ^= 0xA5
-    else:
-        body = body[: len(body) // 2]
-    s3.put_object(Bucket=st.bucket, Key=key, Body=bytes(body))
-    res, _ = _restore(lab, cluster, backups["parts"], area / "d", tablespace=area / "ts")
-    _assert_failed_and_marked(res, area / "d", "data_0002.tar.lz4")
+    @pytest.fixture
+    def broken(self, lab, tools, backups):
+        """A copy of the parted backup under another server name, to break."""
+        st = lab.load()
+        server = f"{SERVER}-broken"
+        s3 = lab.s3_client()
+        src = _base(lab, SERVER, backups["parts"])
+        dst = _base(lab, server, backups["parts"])
+        for key in _objects(lab, src):
+            s3.copy_object(Bucket=st.bucket, Key=dst + key[len(src):], CopySource={"Bucket": st.bucket, "Key": key})
+        yield _cluster(lab, tools, server), dst
+        for key in _objects(lab, f"{st.prefix}/{server}/"):
+            s3.delete_object(Bucket=st.bucket, Key=key)
 
 
-def test_a_non_empty_target_is_refused_untouched(lab, tools, backups, area):
-    dest = area / "d"
-    dest.mkdir()
-    (dest / "PG_VERSION").write_text("15\n")
-    _chown_db(dest)
-    res, _ = _restore(lab, _cluster(lab, tools), backups["single"], dest, tablespace=area / "ts")
-    assert res.returncode == 1 and "not empty: nothing was changed" in res.stderr, res.stderr[-1500:]
-    assert sorted(os.listdir(dest)) == ["PG_VERSION"]
+    def test_a_missing_part_fails_naming_it(self, lab, backups, broken, area):
+        cluster, prefix = broken
+        st = lab.load()
+        lab.s3_client().delete_object(Bucket=st.bucket, Key=prefix + "data_0001.tar.lz4")  # not the last one
+        res, _ = _restore(lab, cluster, backups["parts"], area / "d", tablespace=area / "ts")
+        assert res.returncode == 1 and "data_0001.tar.lz4" in res.stderr and "missing" in res.stderr, res.stderr[-1500:]
+        assert not (area / "d").exists(), "the plan failed: nothing may be written"
+
+
+    def test_a_lost_last_part_fails(self, lab, backups, broken, area):
+        cluster, prefix = broken
+        st = lab.load()
+        last = max(k for k in _objects(lab, prefix) if k.rsplit("/", 1)[1].startswith("data"))
+        lab.s3_client().delete_object(Bucket=st.bucket, Key=last)
+        res, _ = _restore(lab, cluster, backups["parts"], area / "d", tablespace=area / "ts")
+        before_last = sorted(k for k in _objects(lab, prefix) if k.rsplit("/", 1)[1].startswith("data"))[-1]
+        _assert_failed_and_marked(res, area / "d", "backup_label", before_last.rsplit("/", 1)[1])
+
+
+    @pytest.mark.parametrize("how", ["corrupt", "truncated"])
+    def test_a_broken_part_fails_naming_it(self, lab, backups, broken, area, how):
+        cluster, prefix = broken
+        st = lab.load()
+        s3 = lab.s3_client()
+        key = prefix + "data_0002.tar.lz4"
+        body = bytearray(s3.get_object(Bucket=st.bucket, Key=key)["Body"].read())
+        if how == "corrupt":
+            for i in range(len(body) // 2, len(body) // 2 + 256):
+                body[i] ^= 0xA5
+        else:
+            body = body[: len(body) // 2]
+        s3.put_object(Bucket=st.bucket, Key=key, Body=bytes(body))
+        res, _ = _restore(lab, cluster, backups["parts"], area / "d", tablespace=area / "ts")
+        _assert_failed_and_marked(res, area / "d", "data_0002.tar.lz4")
+
+
+    def test_a_non_empty_target_is_refused_untouched(self, lab, tools, backups, area):
+        dest = area / "d"
+        dest.mkdir()
+        (dest / "PG_VERSION").write_text("15\n")
+        _chown_db(dest)
+        res, _ = _restore(lab, _cluster(lab, tools), backups["single"], dest, tablespace=area / "ts")
+        assert res.returncode == 1 and "not empty: nothing was changed" in res.stderr, res.stderr[-1500:]
+        assert sorted(os.listdir(dest)) == ["PG_VERSION"]
 
 
 # -- the DAGs restore through it ------------------------------------------------------------------------------

@@ -371,7 +371,7 @@ def test_a_failed_part_stops_the_others(tmp_path):
             self.raw = raw
 
         def read(self, n=-1):
-            time.sleep(0.05)
+            time.sleep(0.2)
             reads.append(1)
             return self.raw.read(min(n, 4096))
 
@@ -384,8 +384,9 @@ def test_a_failed_part_stops_the_others(tmp_path):
     started = time.monotonic()
     with pytest.raises(pr.RestoreError, match=r"part data_0002\.tar\.lz4 .*not in the bucket"):
         pr.restore(plan, jobs=2, opener=opener)
-    assert time.monotonic() - started < 3
-    assert 0 < len(reads) < (tmp_path / "bucket" / PREFIX / "data_0001.tar.lz4").stat().st_size // 4096
+    full = (tmp_path / "bucket" / PREFIX / "data_0001.tar.lz4").stat().st_size // 4096  # reads to its end: ~10 s
+    assert time.monotonic() - started < full * 0.2 / 2
+    assert len(reads) < full / 2
     _assert_marked(tmp_path / "d", "data_0002.tar.lz4")
 
 
