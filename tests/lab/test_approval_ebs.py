@@ -67,6 +67,26 @@ def wait_task(stack, run_id: str, task_id: str, state: str, timeout_s: float = 2
     pytest.fail(f"task {task_id} of run {run_id} did not reach {state} within {timeout_s:.0f} s; tasks: {states}")
 
 
+def wait_parked(stack, run_id: str, timeout_s: float = 240) -> None:
+    """The gate waits for an answer and the scheduler has processed the executor's event of the parked process.
+
+    Airflow 3.3.2 fails a gate answered before that: the answer re-queues the task, then the scheduler reads the
+    parked process's "success" against a queued task instance and marks it failed. A person takes longer than the
+    ~2 s this takes; a client answering at once must wait for it too.
+    """
+    ti = stack._request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{_q(run_id)}/taskInstances/{GATE}")
+    line = f"task_id={GATE}, run_id={run_id},"
+    log = stack.home / "logs" / "scheduler.out"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if any(line in x and "state=awaiting_input" in x and f"try_number={ti['try_number']}," in x
+               for x in log.read_text(errors="replace").splitlines() if "TaskInstance Finished" in x):
+            return
+        time.sleep(0.5)
+    pytest.fail(f"the scheduler did not note {GATE} (try {ti['try_number']}) of run {run_id} as awaiting input within "
+                f"{timeout_s:.0f} s (no 'TaskInstance Finished ... state=awaiting_input' line in {log})")
+
+
 def wait_run(stack, run_id: str, timeout_s: float = 300) -> str:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -152,6 +172,7 @@ def test_the_cutover_waits_for_a_person_reject_keeps_the_chain_and_asking_again_
     migration = f"{DAG_ID}/{run_id}"
 
     states = wait_task(stack, run_id, GATE, "awaiting_input")
+    wait_parked(stack, run_id)
     assert states["chain"] == "success" and states["cutover"] is None and states["fresh_round"] is None, states
     detail = hitl_detail(stack, run_id)
     assert detail["options"] == ["Approve", "Reject"] and detail["defaults"] == ["Reject"]
@@ -194,6 +215,7 @@ def test_the_cutover_waits_for_a_person_reject_keeps_the_chain_and_asking_again_
                    {"dry_run": False, "dag_run_id": run_id, "task_ids": [GATE], "include_downstream": True,
                     "only_failed": False, "reset_dag_runs": True})
     wait_task(stack, run_id, GATE, "awaiting_input")
+    wait_parked(stack, run_id)
     approved = answer(stack, run_id, "Approve")
     assert wait_run(stack, run_id) == "success", (_states(stack, run_id), task_errors(stack, DAG_ID, run_id))
     states = _states(stack, run_id)

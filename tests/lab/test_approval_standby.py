@@ -64,7 +64,28 @@ def wait_gate(stack, run_id: str, timeout_s: float = 180) -> dict[str, str | Non
         time.sleep(1)
     assert states.get(GATE) == "awaiting_input", (f"{GATE} of run {run_id} was not waiting for an answer within "
                                                   f"{timeout_s:.0f} s; tasks: {states}")
+    wait_parked(stack, run_id)
     return states
+
+
+def wait_parked(stack, run_id: str, timeout_s: float = 240) -> None:
+    """The gate waits for an answer and the scheduler has processed the executor's event of the parked process.
+
+    Airflow 3.3.2 fails a gate answered before that: the answer re-queues the task, then the scheduler reads the
+    parked process's "success" against a queued task instance and marks it failed. A person takes longer than the
+    ~2 s this takes; a client answering at once must wait for it too.
+    """
+    ti = stack._request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{_q(run_id)}/taskInstances/{GATE}")
+    line = f"task_id={GATE}, run_id={run_id},"
+    log = stack.home / "logs" / "scheduler.out"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if any(line in x and "state=awaiting_input" in x and f"try_number={ti['try_number']}," in x
+               for x in log.read_text(errors="replace").splitlines() if "TaskInstance Finished" in x):
+            return
+        time.sleep(0.5)
+    pytest.fail(f"the scheduler did not note {GATE} (try {ti['try_number']}) of run {run_id} as awaiting input within "
+                f"{timeout_s:.0f} s (no 'TaskInstance Finished ... state=awaiting_input' line in {log})")
 
 
 def wait_run(stack, run_id: str, timeout_s: float = 420) -> str:
