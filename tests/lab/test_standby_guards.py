@@ -87,6 +87,12 @@ def test_a_target_directory_that_is_the_primarys_is_refused_even_with_force(guar
     if how == "symlink":
         os.symlink(pg1_dir, target)
     _inventory(pair, tmp_path, monkeypatch, standby_dir=target)
+    if how == "doubled_slash":  # refused earlier still: the inventory takes plain paths only
+        from pgops.inventory import InventoryError, load_inventory
+
+        with pytest.raises(InventoryError, match="data_directory.*Fix:"):
+            load_inventory()
+        return
     error = _refused(run_dag, {"target": "pg2", "force": True, "socket_dir": pair.standby.socket_dir})
     assert error.startswith("REFUSED: data directory"), error
     assert ("of pg1" in error or "running PostgreSQL" in error) and "force" not in error.split("Fix")[0], error
