@@ -527,3 +527,78 @@ def test_summary_prefix_is_the_tools():
 
     assert bc.RESTORE_SUMMARY_PREFIX == pr.SUMMARY
     assert bc.PARALLEL_RESTORE_TOOL == pr.PROG
+
+
+# -- the operators' restore step ----------------------------------------------------------------------------
+class FakeHost:
+    """A DB host: which paths exist, and the argv of every command run (a failure for argv[0] when asked)."""
+
+    where = "the test host"
+
+    def __init__(self, *, has: set[str], fail: str | None = None, output: list[str] | None = None):
+        self.has, self.fail, self.output, self.ran = has, fail, output or [], []
+
+    def exists(self, path: str) -> bool:
+        return path in self.has
+
+    def run(self, argv, *, env=None, timeout_s=300, capture=False, check=True, quiet=False):
+        from pgops.runners import CommandFailed, CommandResult
+
+        self.ran.append((list(argv), dict(env or {})))
+        if self.fail and argv[0].endswith(self.fail):
+            raise CommandFailed(f"{self.fail} failed with exit code 1", returncode=1, output_tail="")
+        return CommandResult(argv=list(argv), returncode=0, stdout="", duration_s=0.1, output_tail=self.output)
+
+
+class Log:
+    def __init__(self):
+        self.warnings = []
+
+    def warning(self, msg, *args):
+        self.warnings.append(msg % args)
+
+
+@pytest.fixture
+def cluster(monkeypatch):
+    from pgops.inventory import load_inventory
+
+    monkeypatch.setattr("pgops.operators.restore.s3_endpoint_url", lambda conn_id: "http://s3.test")
+    return load_inventory(REPO / "include" / "clusters.example.yaml").clusters[0]
+
+
+def test_restore_step_runs_pgops_restore_and_records_its_summary(cluster):
+    from pgops.operators.restore import restore_base_backup
+
+    tool = f"{cluster.engine.bin_dir}/pgops-restore"
+    host = FakeHost(has={tool}, output=["pgops-restore: part 1/6 ...",
+                                        'pgops-restore summary: {"parts": 6, "jobs": 2, "downloaded_bytes": 10, '
+                                        '"extracted_bytes": 90, "seconds": 1.0}'])
+    log = Log()
+    got = restore_base_backup(host, cluster, backup_id="B", data_dir="/scratch/data", env={"AWS_ACCESS_KEY_ID": "k"},
+                              log=log)
+    assert got == {"restorer": "pgops-restore", "parts": 6, "jobs": 2, "downloaded_bytes": 10, "extracted_bytes": 90}
+    (argv, env), = host.ran
+    assert argv[0] == tool and argv[-2:] == ["B", "/scratch/data"] and "k" not in argv
+    assert env == {"AWS_ACCESS_KEY_ID": "k"}  # credentials through the environment only
+    assert log.warnings == []
+
+
+def test_restore_step_falls_back_to_barman_where_the_tools_predate_it(cluster):
+    from pgops.operators.restore import restore_base_backup
+
+    host, log = FakeHost(has=set()), Log()
+    got = restore_base_backup(host, cluster, backup_id="B", data_dir="/scratch/data", env={}, log=log)
+    assert got == {"restorer": "barman-cloud-restore"}
+    assert host.ran[0][0][0] == f"{cluster.engine.bin_dir}/barman-cloud-restore"
+    assert "pgops-restore is not on the test host" in log.warnings[0] and "Fix:" in log.warnings[0]
+
+
+@pytest.mark.parametrize(("installed", "tool"), [(True, "pgops-restore"), (False, "barman-cloud-restore")])
+def test_a_failed_restore_names_its_tool(cluster, installed, tool):
+    from pgops.operators.restore import restore_base_backup
+    from pgops.runners import CommandFailed
+
+    host = FakeHost(has={f"{cluster.engine.bin_dir}/pgops-restore"} if installed else set(), fail=tool)
+    with pytest.raises(CommandFailed) as caught:
+        restore_base_backup(host, cluster, backup_id="B", data_dir="/d", env={}, log=Log())
+    assert caught.value.restorer == tool
