@@ -325,7 +325,9 @@ def test_corrupted_base_backup_fails_clearly(lab, backup, run_dag):
         states = task_states(dr)
         assert states["restore"] == "failed" and states["teardown"] == "success", states
         message = _latest_report(lab)["body"]["errors"]["restore"]
-        assert f"barman-cloud-restore of backup {broken}" in message and "failed" in message, message
+        # the parallel restorer names the backup and the part it could not read
+        assert f"pgops-restore of backup {broken}" in message and "failed" in message, message
+        assert f"{broken}/data.tar" in message and "corrupt compressed data" in message, message
         _assert_nothing_left(dr)
     finally:
         for key in keys:  # leave the catalog with usable backups only
