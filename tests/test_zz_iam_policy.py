@@ -49,6 +49,7 @@ S3_ACTIONS = {
     "GetObjectLockConfiguration": "s3:GetBucketObjectLockConfiguration",
     "GetBucketLocation": "s3:GetBucketLocation", "CreateBucket": "s3:CreateBucket",
     "GetObjectTagging": "s3:GetObjectTagging", "PutObjectTagging": "s3:PutObjectTagging",
+    "ListMultipartUploads": "s3:ListBucketMultipartUploads", "ListParts": "s3:ListMultipartUploadParts",
 }
 
 
