@@ -6,6 +6,7 @@ the lab primary and its archive as the other tests expect them. Every postmaster
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from dataclasses import dataclass
@@ -47,16 +48,22 @@ def _inventory(rl, primary, standby, *, server_name: str) -> dict:
     return {"clusters": [base]}
 
 
+_PAIR_NUMBERS = itertools.count(1)
+
+
 @pytest.fixture(scope="module")
 def replicated_pair(lab, tmp_path_factory):
     """pg1 (primary, archiving to s3://<lab bucket>/clusters/repl-<pid>/) and pg2 streaming from it through slot pg2."""
     from pgops.lab_replica import ReplicaLab
 
-    rl = ReplicaLab(lab, root=lab.state_dir / f"replica-{os.getpid()}")
+    # A prefix of its own per pair: each pair is a new database system, and a restore_command reading another
+    # pair's WAL or .history under a shared prefix fails ("WAL file is from different database system").
+    pair_id = f"{os.getpid()}-{next(_PAIR_NUMBERS)}"
+    rl = ReplicaLab(lab, root=lab.state_dir / f"replica-{pair_id}")
     saved = {k: os.environ.get(k) for k in ("PGOPS_INVENTORY", "AIRFLOW_CONN_PGOPS_REPL_PG1",
                                             "AIRFLOW_CONN_PGOPS_REPL_PG2")}
     try:
-        server_name = f"repl-{os.getpid()}"
+        server_name = f"repl-{pair_id}"
         inv_path = tmp_path_factory.mktemp("inventory") / "clusters.yaml"
         # the inventory must exist before pg1 starts: its archive_command names the cluster's prefix
         from pgops.inventory import parse_inventory
