@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pgops.inventory import Cluster
+from pgops.restore import human_bytes
 
 DEFAULT_INTERVAL_S = 30.0
 
@@ -27,14 +28,7 @@ def progress_key(cluster: Cluster, kind: str) -> str:
 
 
 def _bytes(n: float | int | None) -> str:
-    if n is None:
-        return "?"
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} TiB"
+    return "?" if n is None else human_bytes(float(n))
 
 
 def describe(record: dict[str, Any]) -> str:

@@ -53,12 +53,9 @@ def secs(value: Any) -> str:
 def size(value: Any) -> str:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return "unknown"
-    n = float(value)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
+    from pgops.restore import human_bytes
+
+    return human_bytes(float(value))
 
 
 def _cell(value: Any) -> str:
