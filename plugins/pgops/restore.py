@@ -244,6 +244,10 @@ _BENIGN_FATAL = ("the database system is starting up", "the database system is n
                  "the database system is in recovery mode")
 
 
+_REPLAY_LSN_RE = re.compile(r"(?:redo starts at|current LSN:|consistent recovery state reached at|redo done at) "
+                            r"([0-9A-F]{1,8}/[0-9A-F]{1,8})\b")
+
+
 @dataclass
 class ServerLog:
     fatal: list[str] = field(default_factory=list)
@@ -254,6 +258,9 @@ class ServerLog:
     started_at: str | None = None
     ready_at: str | None = None
     archive_recovery_complete: bool = False
+    # the latest WAL position the server's own log names (redo starts at / redo in progress / consistent
+    # recovery state reached at / redo done at): the replay progress before it accepts connections
+    replay_lsn: str | None = None
 
     @property
     def failed(self) -> bool:
@@ -299,6 +306,9 @@ def parse_server_log(text: str) -> ServerLog:
             out.recovery_stop = line.split("recovery stopping ", 1)[1].strip()
         if "archive recovery complete" in line:
             out.archive_recovery_complete = True
+        m = _REPLAY_LSN_RE.search(line)
+        if m:
+            out.replay_lsn = m.group(1)
         if "database system is ready to accept connections" in line and ts and out.archive_recovery_complete:
             out.ready_at = ts.group(0).strip()
         m = _LEVEL_RE.search(line)

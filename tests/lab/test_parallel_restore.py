@@ -155,14 +155,15 @@ def backups(lab, tools):
         for n in range(1, 5):  # files of a few MB each: a part closes between files
             lab.psql(f"CREATE TABLE prl_big{n} AS SELECT g AS id, md5(g::text) || md5((g * {n})::text) AS pad "
                      "FROM generate_series(1, 40000) g")
-        lab.psql(f"CREATE TABLE prl_ts_rows TABLESPACE {TABLESPACE} AS SELECT g AS id, md5(g::text) AS pad "
-                 "FROM generate_series(1, 60000) g")
+        for name in ("prl_ts_rows", "prl_ts_rows2"):  # two files of ~4 MB: the tablespace makes two parts too
+            lab.psql(f"CREATE TABLE {name} TABLESPACE {TABLESPACE} AS SELECT g AS id, md5(g::text) AS pad "
+                     "FROM generate_series(1, 60000) g")
         lab.psql("CHECKPOINT")
         parted = _backup(lab, _cluster(lab, tools, extra_args=("--max-archive-size", str(PART_BYTES))), "prl-parts")
         single = _backup(lab, _cluster(lab, tools), "prl-single")
         yield {"parts": parted, "single": single, "ts_dir": ts_dir}
     finally:
-        lab.psql("DROP TABLE IF EXISTS prl_big1, prl_big2, prl_big3, prl_big4, prl_ts_rows")
+        lab.psql("DROP TABLE IF EXISTS prl_big1, prl_big2, prl_big3, prl_big4, prl_ts_rows, prl_ts_rows2")
         lab.psql(f"DROP TABLESPACE IF EXISTS {TABLESPACE}")
         shutil.rmtree(ts_dir, ignore_errors=True)
         st = lab.load()

@@ -191,3 +191,14 @@ def test_scratch_name_is_stable_and_safe():
     assert name != core.scratch_name("pgops_restore_verify__main", "manual__2024-05-02T10:00:00+00:00")
     assert core.socket_path_problem(f"/var/tmp/pgops-restore/{name}/run") is None
     assert "107-byte" in core.socket_path_problem("/" + "x" * 100 + "/run")
+
+
+def test_server_log_names_the_replay_position_before_sql_answers():
+    text = ("2024-05-01 10:00:00.000 UTC [7] LOG:  starting point-in-time recovery to XID 1579\n"
+            "2024-05-01 10:00:00.100 UTC [7] LOG:  redo starts at 0/2000028\n"
+            "2024-05-01 10:00:01.100 UTC [9] FATAL:  the database system is not yet accepting connections\n")
+    assert core.parse_server_log(text).replay_lsn == "0/2000028"
+    later = text + ("2024-05-01 10:00:10.100 UTC [7] LOG:  redo in progress, elapsed time: 10.00 s, "
+                    "current LSN: 1A/3F0000D8\n")
+    assert core.parse_server_log(later).replay_lsn == "1A/3F0000D8"
+    assert core.parse_server_log("2024-05-01 10:00:00 UTC [7] LOG:  database system is ready\n").replay_lsn is None

@@ -97,7 +97,8 @@ class RecoveryEndedTrigger(BaseTrigger):
                     return
                 if self.progress is not None and time.monotonic() >= next_report:
                     next_report = time.monotonic() + self.progress_interval_s
-                    await asyncio.to_thread(self._report, probe.rows, restored, time.monotonic() - started)
+                    await asyncio.to_thread(self._report, probe.rows, restored, time.monotonic() - started,
+                                            parsed.replay_lsn)
                 if not probe.postmaster.running or probe.postmaster.pid != self.pid:
                     reason = parsed.failure_message() or "no FATAL line in its log"
                     yield self._error(f"PostgreSQL (postmaster pid {self.pid}) exited during recovery "
@@ -111,11 +112,12 @@ class RecoveryEndedTrigger(BaseTrigger):
                 return
             await asyncio.sleep(self.poll_interval_s)
 
-    def _report(self, rows: list, restored: int, elapsed_s: float) -> None:
+    def _report(self, rows: list, restored: int, elapsed_s: float, log_lsn: str | None = None) -> None:
         from pgops import progress as P
 
         info = self.progress or {}
-        lsn = rows[0][1] if rows and len(rows[0]) > 1 else None
+        # the server answers SQL only once consistent; until then its log names the replay position
+        lsn = (rows[0][1] if rows and len(rows[0]) > 1 else None) or log_lsn
         record = {"kind": "restore", "what": info.get("what", "replay"), "run_id": info.get("run_id"),
                   "state": "running", "lsn": lsn or None, "elapsed_s": round(elapsed_s, 1),
                   "note": f"{restored} WAL segment(s) restored, target {info.get('target', '?')}"}
