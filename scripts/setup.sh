@@ -52,18 +52,22 @@ fi
 # --- DB-host tools venv (barman-cloud and the pgops DB-host tools), readable by the postgres OS user -------
 # The tools (include/dbhost: pgops-wal-archive, pgops-wal-restore, pgops-restore) are installed as a package, not run from
 # this checkout: PostgreSQL runs them as the postgres OS user, who may not be able to read a clone in a 0700
-# home. The stamp covers the lock and every source of the package, so an edited tool is reinstalled.
-dbsum=$(cat include/dbhost/requirements.txt include/dbhost/pyproject.toml include/dbhost/*.py | sha256sum | cut -c1-16)
+# home. The stamp covers the lock, every source of the package and this script, so an edited tool is reinstalled.
+# Bytecode is compiled at install: the postgres user cannot write __pycache__ here, and without it every
+# archive_command and restore_command call would compile its modules again (10 ms for pgops-wal-archive alone,
+# far more for barman's).
+dbsum=$(cat include/dbhost/requirements.txt include/dbhost/pyproject.toml include/dbhost/*.py scripts/setup.sh \
+  | sha256sum | cut -c1-16)
 dbstamp="$DBHOST_VENV/.pgops-lock-$dbsum"
 if [ ! -f "$dbstamp" ]; then
   $SUDO mkdir -p "$(dirname "$DBHOST_VENV")"
   [ -n "$SUDO" ] && $SUDO chown "$(id -u)" "$(dirname "$DBHOST_VENV")"
   [ -x "$DBHOST_VENV/bin/python" ] || uv venv -q --python /usr/bin/python3 "$DBHOST_VENV"
-  uv pip sync -q --python "$DBHOST_VENV/bin/python" include/dbhost/requirements.txt
+  uv pip sync -q --compile-bytecode --python "$DBHOST_VENV/bin/python" include/dbhost/requirements.txt
   # Built from a copy: the build leaves nothing in the checkout, and no cache keeps an older build.
   build=$(mktemp -d); trap 'rm -rf "$build"' EXIT
   cp include/dbhost/pyproject.toml include/dbhost/*.py "$build"/
-  uv pip install -q --no-cache --python "$DBHOST_VENV/bin/python" --no-deps --reinstall "$build"
+  uv pip install -q --no-cache --compile-bytecode --python "$DBHOST_VENV/bin/python" --no-deps --reinstall "$build"
   rm -rf "$build"; trap - EXIT
   chmod -R a+rX "$DBHOST_VENV"
   for tool in pgops-wal-archive pgops-wal-restore pgops-restore; do

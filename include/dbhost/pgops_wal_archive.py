@@ -49,20 +49,20 @@ Python 3); --in-process needs barman.
 
 from __future__ import annotations
 
-import argparse
-import hashlib
+import _thread
 import os
 import re
-import shutil
 import stat
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 from pgops_spool import CappedLog, SpoolOwner, held_by_someone, rotate_log
 
+# PostgreSQL starts this script once per WAL segment: the modules only some paths need (argparse, subprocess,
+# shutil, hashlib's OpenSSL) are imported where they are used, so a call whose segment the pusher has archived
+# costs an interpreter start and little more (`make bench` measures the CPU per segment).
 SEGMENT_RE = re.compile(r"^[0-9A-F]{24}$")
 SPOOL_PREFIX = "pgops_wal_spool."  # default spool: <data directory's parent>/pgops_wal_spool.<its name>
 LEGACY_SPOOL = "pgops_wal_spool"  # the old default, inside the data directory (so in every base backup)
@@ -77,10 +77,50 @@ EXIT_INVALID = 3  # barman-cloud-wal-archive's codes: 3 invalid WAL name, 4 any 
 EXIT_ERROR = 4
 
 
-def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str], str]:
+# the options as archive_command_argv writes them: (converter, default); None = a flag
+_OPTIONS = {"--parallel": (int, 4), "--batch": (int, 0), "--in-process": (None, False), "--spool-dir": (str, None),
+            "--background": (None, False), "--wait-s": (float, 120.0), "--idle-s": (float, 60.0),
+            "--pusher": (None, False)}
+
+
+def _quick_options(args: list[str]) -> SimpleNamespace | None:
+    """The options in their exact spelling (``--name value``, ``--name=value``, flags), without importing
+    argparse; None for anything else (an abbreviation, a bad value, --help): argparse then parses or explains."""
+    values = {name[2:].replace("-", "_"): default for name, (_, default) in _OPTIONS.items()}
+    i = 0
+    while i < len(args):
+        name, eq, value = args[i].partition("=")
+        if name not in _OPTIONS:
+            return None
+        convert = _OPTIONS[name][0]
+        if convert is None:
+            if eq:
+                return None
+            values[name[2:].replace("-", "_")] = True
+        else:
+            if not eq:
+                i += 1
+                if i >= len(args):
+                    return None
+                value = args[i]
+            try:
+                values[name[2:].replace("-", "_")] = convert(value)
+            except ValueError:
+                return None
+        i += 1
+    return SimpleNamespace(**values)
+
+
+def _parse(argv: list[str]) -> tuple[SimpleNamespace, list[str], str]:
     if "--" not in argv:
         raise SystemExit("usage: pgops_wal_archive.py [--parallel N] [--spool-dir DIR] -- ARCHIVE_COMMAND... %p")
     cut = argv.index("--")
+    rest = argv[cut + 1:]
+    opts = _quick_options(argv[:cut])
+    if opts is not None and len(rest) >= 2:
+        return opts, rest[:-1], rest[-1]
+    import argparse
+
     parser = argparse.ArgumentParser(prog="pgops_wal_archive.py")
     parser.add_argument("--parallel", type=int, default=4, help="segments archived at once (this one included)")
     parser.add_argument("--batch", type=int, default=0, help="segments per call (default: 2 x --parallel)")
@@ -95,7 +135,6 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str], str]:
     parser.add_argument("--idle-s", type=float, default=60, help="the pusher stops after this long with nothing ready")
     parser.add_argument("--pusher", action="store_true", help=argparse.SUPPRESS)
     opts = parser.parse_args(argv[:cut])
-    rest = argv[cut + 1:]
     if len(rest) < 2:
         raise SystemExit("pgops_wal_archive.py: give the archive command and the WAL path (%p) after '--'")
     return opts, rest[:-1], rest[-1]
@@ -104,7 +143,11 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str], str]:
 def destination_hash(command: list[str]) -> str:
     """What markers and the call record are keyed on: every argument of the archive command (destination,
     server name, endpoint, compression, ...), so a record made for one destination never vouches for another."""
-    return hashlib.sha256("\0".join(command).encode()).hexdigest()[:16]
+    from _sha256 import (
+        sha256,  # the built-in one: loading OpenSSL for one short string costs more than it hashes
+    )
+
+    return sha256("\0".join(command).encode()).hexdigest()[:16]
 
 
 def default_spool(data_dir: Path) -> Path:
@@ -127,7 +170,7 @@ def _fsync_dir(path: Path) -> None:
 
 def _tmp_name(path: Path) -> Path:
     """A temporary name of this writer only (process and thread): two writers never share one."""
-    return path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}.{threading.get_ident()}")
+    return path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}.{_thread.get_ident()}")
 
 
 def _write_atomic(path: Path, text: str, *, durable: bool = False) -> None:
@@ -233,6 +276,8 @@ def _drop_legacy_spool(data_dir: Path, spool: Path) -> None:
             return
     except OSError:
         return
+    import shutil
+
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -244,6 +289,8 @@ class _Sha256Sink:
     """A write-only file object that hashes what is written to it (decompression target)."""
 
     def __init__(self) -> None:
+        import hashlib
+
         self.h = hashlib.sha256()
 
     def write(self, data: bytes) -> int:
@@ -255,6 +302,8 @@ class _Sha256Sink:
 
 
 def _file_sha256(path: Path) -> str:
+    import hashlib
+
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -305,6 +354,8 @@ class Uploader:
         return out
 
     def remote_sha256(self, key: str) -> str | None:
+        import shutil
+
         from barman.clients.cloud_compression import decompress_to_file
 
         compression = next((c for ext, c in self.compressions.items() if key.endswith(ext)), None)
@@ -370,6 +421,8 @@ class Uploader:
 
 
 def _archive_processes(command: list[str], paths: list[Path], parallel: int) -> list[int]:
+    import subprocess
+
     codes: list[int] = []
     for i in range(0, len(paths), max(1, parallel)):
         procs = [subprocess.Popen([*command, str(p)]) for p in paths[i:i + parallel]]
@@ -406,7 +459,7 @@ def _archive_in_process(command: list[str], paths: list[Path], parallel: int) ->
         uploader.close()
 
 
-def _archive(opts: argparse.Namespace, command: list[str], paths: list[Path]) -> list[int] | None:
+def _archive(opts: SimpleNamespace, command: list[str], paths: list[Path]) -> list[int] | None:
     """Exit codes per path; None when nothing could start (barman not importable, bad arguments)."""
     archive = _archive_in_process if opts.in_process else _archive_processes
     try:
@@ -494,6 +547,8 @@ def _pusher_alive(spool: Path) -> bool:
 
 
 def _start_pusher(argv: list[str], spool: Path, wal: Path) -> None:
+    import subprocess
+
     rotate_log(spool / LOG, LOG_CAP_BYTES)
     cut = argv.index("--")
     with open(spool / LOG, "ab") as log:
@@ -503,7 +558,7 @@ def _start_pusher(argv: list[str], spool: Path, wal: Path) -> None:
                          close_fds=True, cwd=os.getcwd())
 
 
-def _wait_for_pusher(opts: argparse.Namespace, argv: list[str], spool: Path, wal: Path, dest: str) -> bool:
+def _wait_for_pusher(opts: SimpleNamespace, argv: list[str], spool: Path, wal: Path, dest: str) -> bool:
     """True once a pusher has archived this file to this destination; False: the caller archives it itself.
 
     A pusher for another destination sees this call's record and stops at once; this call then starts one
@@ -551,7 +606,7 @@ class Pusher:
     """Archives every ready WAL segment of one pg_wal to one destination, --parallel at a time, barman imported
     once."""
 
-    def __init__(self, opts: argparse.Namespace, command: list[str], dest: str, wal_dir: Path, data_dir: Path,
+    def __init__(self, opts: SimpleNamespace, command: list[str], dest: str, wal_dir: Path, data_dir: Path,
                  spool: Path):
         self.opts, self.command, self.dest, self.wal_dir, self.spool = opts, command, dest, wal_dir, spool
         # the data directory (the archiver's working directory), not pg_wal's resolved parent: pg_wal may be

@@ -21,6 +21,7 @@ INVENTORY_ENV = "PGOPS_INVENTORY"
 # barman-cloud-backup and barman-cloud-wal-archive accept different compressors.
 BACKUP_COMPRESSIONS = ("gzip", "bzip2", "lz4", "snappy", "none")
 WAL_COMPRESSIONS = ("gzip", "bzip2", "xz", "lz4", "zstd", "snappy", "none")
+WAL_COMPRESSION_LEVELS = ("low", "medium", "high")  # barman-cloud-wal-archive --compression-level
 RUNNER_KINDS = ("local", "ssh")
 STORAGE_LAYOUTS = ("auto", "barman-cloud", "pgbackrest", "wal-g", "wal-e")  # "auto": detected from the keys
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
@@ -69,6 +70,9 @@ class Engine:
     kind: str = "barman-cloud"
     compression: str = "lz4"
     wal_compression: str = "lz4"
+    # barman's named level for the WAL compression: "low" (lz4 fast mode, gzip -1, the level pgBackRest and
+    # WAL-G use for WAL); barman's own default, "medium", is LZ4HC: three times the CPU per segment
+    wal_compression_level: str = "low"
     jobs: int = 2
     # >1: a pusher (include/dbhost/pgops_wal_archive.py) archives ready segments in the background, N at a time
     # (bench_peers: 3x the bare CLI under a write load)
@@ -328,6 +332,7 @@ def _parse_cluster(raw: Any, index: int, path: Path) -> Cluster:
         kind=engine_f.choice("kind", "barman-cloud", ("barman-cloud",)),
         compression=engine_f.choice("compression", "lz4", BACKUP_COMPRESSIONS),
         wal_compression=engine_f.choice("wal_compression", "lz4", WAL_COMPRESSIONS),
+        wal_compression_level=engine_f.choice("wal_compression_level", "low", WAL_COMPRESSION_LEVELS),
         jobs=engine_f.integer("jobs", 2, minimum=1, maximum=64),
         wal_archive_parallel=engine_f.integer("wal_archive_parallel", 4, minimum=1, maximum=32),
         immediate_checkpoint=engine_f.boolean("immediate_checkpoint", True),

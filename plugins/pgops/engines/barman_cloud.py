@@ -44,6 +44,10 @@ def _common(cluster: Cluster, endpoint_url: str | None) -> list[str]:
     return argv
 
 
+# compressions with levels (barman's "low" is lz4's fast mode, level 1 of the others; snappy has none)
+_LEVELLED = ("gzip", "bzip2", "xz", "zstd", "lz4")
+
+
 def _compression(name: str) -> list[str]:
     flag = _COMPRESSION_FLAGS[name]
     return [flag] if flag else []
@@ -91,8 +95,9 @@ def backup_argv(cluster: Cluster, *, endpoint_url: str | None, backup_name: str,
 def wal_archive_argv(cluster: Cluster, *, endpoint_url: str | None) -> list[str]:
     """archive_command argv (PostgreSQL appends %p): one segment per call."""
     e = cluster.engine
+    level = ["--compression-level", e.wal_compression_level] if e.wal_compression in _LEVELLED else []
     return [e.bin("barman-cloud-wal-archive"), *_common(cluster, endpoint_url), *_compression(e.wal_compression),
-            cluster.storage.destination_url, cluster.storage.server_name]
+            *level, cluster.storage.destination_url, cluster.storage.server_name]
 
 
 def archive_command_argv(cluster: Cluster, *, endpoint_url: str | None) -> list[str]:
