@@ -108,3 +108,19 @@ def test_cli_prints_the_archive_settings(capsys):
     assert argv[argv.index("--endpoint-url") + 1] == "http://127.0.0.1:9000" and "--lz4" in argv
     assert main(["archive-command", "nope"]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_wal_compression_level_defaults_to_barmans_low_and_is_validated(cluster):
+    import dataclasses
+
+    from pgops.inventory import InventoryError, parse_inventory
+
+    argv = barman_cloud.wal_archive_argv(cluster, endpoint_url=None)
+    # barman's own default ("medium") is LZ4HC: the archive must not pay it per segment unless asked to
+    assert argv[argv.index("--compression-level") + 1] == "low" and "--lz4" in argv
+    snappy = dataclasses.replace(cluster, engine=dataclasses.replace(cluster.engine, wal_compression="snappy"))
+    assert "--compression-level" not in barman_cloud.wal_archive_argv(snappy, endpoint_url=None)  # no levels
+    doc = {"clusters": [{"name": "x", "primary": {"host": "127.0.0.1"}, "storage": {"bucket": "pgops-b"},
+                         "engine": {"wal_compression_level": "fastest"}}]}
+    with pytest.raises(InventoryError, match=r"wal_compression_level.*low.*medium.*high"):
+        parse_inventory(doc, "inventory.yaml")
