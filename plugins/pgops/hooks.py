@@ -45,6 +45,11 @@ def aws_child_env(conn_id: str) -> dict[str, str]:
     region = hook.region_name or hook.conn_config.region_name or hook.get_session().region_name
     if region:
         env["AWS_DEFAULT_REGION"] = region
+    verify = hook.conn_config.verify
+    if isinstance(verify, str) and verify:
+        # the connection's CA bundle (extra "verify": a path), for an S3 endpoint with a private CA: boto3 in
+        # barman-cloud reads it from the environment
+        env["AWS_CA_BUNDLE"] = verify
     return env
 
 

@@ -47,3 +47,15 @@ def test_a_bad_dbhost_connection_id_is_refused(tmp_path):
     data["clusters"][0]["dbhost_aws_conn_id"] = "bad id; rm -rf /"
     with pytest.raises(InventoryError, match="dbhost_aws_conn_id"):
         parse_inventory(data, tmp_path / "clusters.yaml")
+
+
+def test_a_ca_bundle_in_the_connection_reaches_the_db_host_child(monkeypatch, tmp_path):
+    from pgops.hooks import aws_child_env
+
+    bundle = tmp_path / "ca.pem"
+    conn = json.loads(_conn("AKIADBHOSTWALONLY001", "dbhost-secret"))
+    monkeypatch.setenv("AIRFLOW_CONN_PGOPS_CA_AWS", json.dumps({**conn, "extra": {**conn["extra"], "verify": str(bundle)}}))
+    env = aws_child_env("pgops_ca_aws")
+    assert env["AWS_CA_BUNDLE"] == str(bundle) and env["AWS_ACCESS_KEY_ID"] == "AKIADBHOSTWALONLY001"
+    monkeypatch.setenv("AIRFLOW_CONN_PGOPS_CA_AWS", _conn("AKIADBHOSTWALONLY001", "dbhost-secret"))
+    assert "AWS_CA_BUNDLE" not in aws_child_env("pgops_ca_aws")
