@@ -5,7 +5,8 @@ succeeded, the triggerer awaits :func:`deadline_missed` (an AsyncCallback: it mu
 triggerer, hence this module under plugins/). A deadline counts from the run's scheduled time (its logical date):
 the base backup's is ``targets.backup_deadline_s`` after it, the restore verification's
 ``targets.restore_deadline_s`` (default: ``targets.rto_s``). Runs without a logical date (manual and
-asset-triggered runs) get none. Not from the time the run was queued: Airflow 3.3.2 cannot clear a task of a run
+asset-triggered runs) get none; what bounds those is the restore verification's own ``recovery_timeout_s``
+(default max(1 h, 3 x rto_s)): past it the task fails and the cluster's failure notifier sends its SNS alert. Not from the time the run was queued: Airflow 3.3.2 cannot clear a task of a run
 whose deadline counts from its queue time (it recomputes that deadline and fails with a 500), and clearing is
 how a failed backup is retried from the UI. A cluster without ``alerts.sns_topic_arn`` gets no deadline.
 """
