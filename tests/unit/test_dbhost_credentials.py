@@ -15,7 +15,7 @@ def _conn(key: str, secret: str) -> str:
 
 def test_engine_env_uses_the_dbhost_connection(tmp_path, monkeypatch):
     from pgops.inventory import load_inventory
-    from pgops.operators.backup import ClusterOperator
+    from pgops.operators.base import ClusterOperator
 
     data = yaml.safe_load((REPO / "include" / "clusters.example.yaml").read_text())
     data["clusters"][0]["dbhost_aws_conn_id"] = "pgops_main_dbhost_aws"

@@ -9,7 +9,7 @@ from airflow.sdk.exceptions import AirflowFailException
 
 from pgops import audit, reports
 from pgops.hooks import s3_client
-from pgops.operators.backup import ClusterOperator
+from pgops.operators.base import ClusterOperator
 
 
 class WalArchiveAuditOperator(ClusterOperator):

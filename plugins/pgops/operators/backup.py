@@ -8,15 +8,15 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
 
 from pgops import progress
 from pgops.archiver import ARCHIVER_SQL, archiver_health
 from pgops.engines import barman_cloud
-from pgops.hooks import aws_child_env, pg_query, pg_target, s3_client, s3_endpoint_url
-from pgops.inventory import Cluster, load_inventory
-from pgops.runners import CommandFailed, get_runner
+from pgops.hooks import pg_query, pg_target, s3_client, s3_endpoint_url
+from pgops.inventory import Cluster
+from pgops.operators.base import ClusterOperator
+from pgops.runners import CommandFailed
 
 CLUSTER_SIZE_SQL = "SELECT sum(pg_database_size(datname))::bigint AS size FROM pg_database"
 
@@ -44,42 +44,6 @@ def next_attempt_name(name: str, existing: list[str]) -> str:
         return name
     attempts = [int(m.group(1)) for n in existing if (m := re.fullmatch(re.escape(name) + r"-a([0-9]+)", n))]
     return f"{name}-a{max([len(existing), *attempts]) + 1}"
-
-
-class ClusterOperator(BaseOperator):
-    """An operator acting on one inventory cluster (read at execute time, never at parse time)."""
-
-    template_fields: Sequence[str] = ("cluster_name",)
-
-    def __init__(self, *, cluster_name: str, **kwargs: Any):
-        super().__init__(**kwargs)
-        self.cluster_name = cluster_name
-        self._runner = None
-
-    @property
-    def cluster(self) -> Cluster:
-        return load_inventory().get(self.cluster_name)
-
-    def engine_env(self, cluster: Cluster) -> dict[str, str]:
-        return {**aws_child_env(cluster.engine_aws_conn_id), **pg_target(cluster.postgres_conn_id).child_env()}
-
-    def run_engine(self, cluster: Cluster, argv: list[str], *, capture: bool = False, check: bool = True,
-                   timeout_s: float | None = None):
-        self._runner = get_runner(cluster)
-        try:
-            return self._runner.run(argv, env=self.engine_env(cluster), capture=capture, check=check,
-                                    timeout_s=timeout_s or cluster.engine.timeout_s, on_line=self.log.info)
-        finally:
-            self._runner = None
-
-    def on_kill(self) -> None:
-        if self._runner is not None:
-            self._runner.kill()
-
-    def catalog(self, cluster: Cluster) -> list[barman_cloud.BackupInfo]:
-        res = self.run_engine(cluster, barman_cloud.backup_list_argv(cluster, endpoint_url=s3_endpoint_url(cluster.engine_aws_conn_id)),
-                              capture=True, timeout_s=600)
-        return barman_cloud.parse_backup_list(res.stdout)
 
 
 class BackupPreflightOperator(ClusterOperator):

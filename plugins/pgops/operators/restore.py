@@ -25,11 +25,10 @@ from pgops.dbhost.host import node_runner
 from pgops.engines import barman_cloud
 from pgops.hooks import aws_child_env, pg_connect, pg_query, s3_client, s3_endpoint_url
 from pgops.inventory import REPO_ROOT, Cluster, ReplicaNode
-from pgops.operators.backup import ClusterOperator
+from pgops.operators.base import ClusterOperator, param_checked, pg_bin, truthy
 from pgops.params import (
     MAX_RECOVERY_TIMEOUT_S,
     MAX_REQUIRED_BYTES,
-    ParamRefused,
     check_abs_dir,
     check_duration,
     check_number,
@@ -48,12 +47,6 @@ CREATE TABLE IF NOT EXISTS pgops.restore_canary (
     written_at timestamptz NOT NULL DEFAULT clock_timestamp()
 )
 """
-
-
-def pg_bin(name: str) -> str:
-    from pgops.procs import PG_BIN
-
-    return str(PG_BIN / name)
 
 
 def scratch_paths(root: str, dag_id: str, run_id: str) -> dict[str, str]:
@@ -344,14 +337,6 @@ def restore_base_backup(host: DbHost, cluster: Cluster, *, backup_id: str, data_
     return {"restorer": "barman-cloud-restore"}
 
 
-def param_checked(check, *args: Any, **kwargs: Any) -> Any:
-    """A pgops.params check at run time; its refusal (it names the param, the value and the fix) fails the task."""
-    try:
-        return check(*args, **kwargs)
-    except ParamRefused as exc:
-        raise AirflowFailException(str(exc)) from None
-
-
 def wait_started(host: DbHost, plan: dict[str, Any], what: str, timeout_s: float = 60) -> int:
     """The pid of the postmaster that pg_ctl started in plan's data directory, proven on its host."""
     deadline = time.monotonic() + timeout_s
@@ -597,7 +582,7 @@ class RestoreReportOperator(RestoreStepOperator):
             "checks": checks.get("checks"), "measurements": measurements, "rto_target_s": cluster.targets.rto_s,
             "rto_trend": trend.to_dict(), "errors": errors, "steps_not_finished": missing,
             "restore_host": {"runner": cluster.runner.kind, "queue": cluster.runner.queue,
-                             "scratch_dir": plan.get("scratch_dir"), "kept": _truthy(self.keep)},
+                             "scratch_dir": plan.get("scratch_dir"), "kept": truthy(self.keep)},
         }
         report = envelope(kind="restore-verify", cluster=cluster.name, run_id=context["run_id"],
                           started_at=_as_dt(started_at) or utcnow(), status=status, body=body)
@@ -637,7 +622,7 @@ class RestoreTeardownOperator(RestoreStepOperator):
             paths = scratch_paths(str(self.scratch_root), self.dag_id, context["run_id"])
             stopped = stop_and_remove(self.dbhost(cluster), paths)
             return {"kept": False, "scratch_dir": paths["scratch_dir"], "stopped_pid": stopped}
-        if _truthy(self.keep):
+        if truthy(self.keep):
             port = plan.get("port", "<port>")
             self.log.warning(
                 "keep is set: the scratch instance stays up. Connect (as root or the postgres OS user): "
@@ -663,10 +648,6 @@ def stop_and_remove(host: DbHost, paths: dict[str, Any]) -> int | None:
             f"{paths['scratch_dir']} by hand")
     host.remove_tree(paths["scratch_dir"], within=paths["scratch_root"], timeout_s=1800)
     return pm.pid if pm.state in ("stopped", "killed") else None
-
-
-def _truthy(value: Any) -> bool:
-    return str(value).strip().lower() in ("true", "1", "yes", "on")
 
 
 def _as_list(value: Any) -> list[str]:

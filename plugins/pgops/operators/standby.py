@@ -29,14 +29,8 @@ from pgops.engines import barman_cloud
 from pgops.hooks import aws_child_env, pg_query, s3_client, s3_endpoint_url
 from pgops.inventory import Cluster, ReplicaNode, Replication
 from pgops.operators.approval import NOT_APPROVED, REBUILD_GATE, describe
-from pgops.operators.restore import (
-    RestoreStepOperator,
-    _truthy,
-    param_checked,
-    pg_bin,
-    restore_base_backup,
-    wait_started,
-)
+from pgops.operators.base import param_checked, pg_bin, truthy
+from pgops.operators.restore import RestoreStepOperator, restore_base_backup, wait_started
 from pgops.params import MAX_STANDBY_TIMEOUT_S, check_abs_dir, check_duration
 from pgops.reports import envelope, utcnow, write_report
 from pgops.runners import CommandFailed
@@ -186,7 +180,7 @@ class StandbyPreflightOperator(StandbyStepOperator):
             node = repl.node(str(self.target))
         except Exception as exc:
             raise AirflowFailException(f"cluster {cluster.name!r}: {exc}. Fix: set the 'target' param") from None
-        force = _truthy(self.force)
+        force = truthy(self.force)
         data_dir = self._data_dir(cluster, node)
         slot = self._slot(node)
         settings = checked_settings(self.settings)
@@ -607,7 +601,7 @@ def _conn_host_port(conn_id: str) -> tuple[str, int]:
 def checked_settings(value: Any) -> dict[str, str]:
     """The `settings` param, checked at run time as the trigger form checks it (a run made through the API with
     bad conf fails here, before any side effect)."""
-    from pgops.params import ParamRefused, check_settings
+    from pgops.params import check_settings
 
     if isinstance(value, str) and value.strip():
         import json
@@ -617,8 +611,5 @@ def checked_settings(value: Any) -> dict[str, str]:
         except ValueError:
             raise AirflowFailException(f"param settings={value[:200]!r} is not a JSON object. Fix: give "
                                        '{"name": "value", ...} or {}') from None
-    try:
-        return check_settings(value or {})
-    except ParamRefused as exc:
-        raise AirflowFailException(str(exc)) from None
+    return param_checked(check_settings, value or {})
 
