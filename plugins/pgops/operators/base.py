@@ -1,10 +1,10 @@
-"""What the cluster operators share: ClusterOperator (one inventory cluster, its engine and runner) and small helpers
-for templated values and run-time param checks."""
+"""What the cluster operators share: ClusterOperator (one inventory cluster, its engine and runner), stopping a
+proven postmaster, and small helpers for templated values and run-time param checks."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
@@ -14,6 +14,9 @@ from pgops.hooks import aws_child_env, pg_target, s3_endpoint_url
 from pgops.inventory import Cluster, load_inventory
 from pgops.params import ParamRefused
 from pgops.runners import get_runner
+
+if TYPE_CHECKING:
+    from pgops.dbhost import DbHost
 
 
 class ClusterOperator(BaseOperator):
@@ -69,3 +72,35 @@ def pg_bin(name: str) -> str:
     from pgops.procs import PG_BIN
 
     return str(PG_BIN / name)
+
+
+def stop_proven_postmaster(host: DbHost, data_dir: str, *, mode: str, fix: str, standby_only: bool = False,
+                           timeout_s: float = 60, log=None) -> int | None:
+    """Stop data_dir's postmaster (pg_ctl stop -m ``mode``, SIGKILL after timeout_s); the pid stopped, or None.
+
+    Only a postmaster proven on the host is signalled (DbHost: postmaster.pid's pid is alive, its working directory
+    is data_dir's realpath, its argv[0] is postgres). A postmaster.pid that names another process is refused,
+    nothing signalled; ``fix`` ends that error. With ``standby_only``, a server there that is not in archive
+    recovery (a primary) is refused too, before any signal.
+    """
+    if standby_only:
+        pm = host.postmaster(data_dir)
+        _refuse_other(host, data_dir, pm, fix)
+        if not pm.running:
+            return None
+        state = host.controldata(data_dir).get("Database cluster state", "")
+        if state != "in archive recovery":
+            raise AirflowFailException(f"REFUSED: PostgreSQL (pid {pm.pid}) in {data_dir} on {host.where} "
+                                       f"runs with cluster state {state!r}, not as a standby; it is not stopped")
+        if log is not None:
+            log.warning("stopping PostgreSQL (pid %s) in %s on %s", pm.pid, data_dir, host.where)
+    pm = host.stop_postmaster(data_dir, mode=mode, timeout_s=timeout_s)
+    _refuse_other(host, data_dir, pm, fix)
+    return pm.pid if pm.state in ("stopped", "killed") else None
+
+
+def _refuse_other(host: DbHost, data_dir: str, pm, fix: str) -> None:
+    if pm.state == "other":
+        raise AirflowFailException(
+            f"postmaster.pid of {data_dir} on {host.where} names pid {pm.pid}, which is not a postmaster "
+            f"of that directory; nothing was signalled or removed. Fix: check what runs there, then {fix}")

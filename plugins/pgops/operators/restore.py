@@ -25,7 +25,7 @@ from pgops.dbhost.host import node_runner
 from pgops.engines import barman_cloud
 from pgops.hooks import aws_child_env, pg_connect, pg_query, s3_client, s3_endpoint_url
 from pgops.inventory import REPO_ROOT, Cluster, ReplicaNode
-from pgops.operators.base import ClusterOperator, param_checked, pg_bin, truthy
+from pgops.operators.base import ClusterOperator, param_checked, pg_bin, stop_proven_postmaster, truthy
 from pgops.params import (
     MAX_RECOVERY_TIMEOUT_S,
     MAX_REQUIRED_BYTES,
@@ -640,14 +640,10 @@ def stop_and_remove(host: DbHost, paths: dict[str, Any]) -> int | None:
 
     The directory is removed only when it lies inside the scratch root and is no symlink, proven on the host.
     """
-    pm = host.stop_postmaster(paths["data_dir"], mode="immediate", timeout_s=60)
-    if pm.state == "other":
-        raise AirflowFailException(
-            f"postmaster.pid of {paths['data_dir']} on {host.where} names pid {pm.pid}, which is not a postmaster "
-            "of that directory; nothing was signalled or removed. Fix: check what runs there, then remove "
-            f"{paths['scratch_dir']} by hand")
+    stopped = stop_proven_postmaster(host, paths["data_dir"], mode="immediate",
+                                     fix=f"remove {paths['scratch_dir']} by hand")
     host.remove_tree(paths["scratch_dir"], within=paths["scratch_root"], timeout_s=1800)
-    return pm.pid if pm.state in ("stopped", "killed") else None
+    return stopped
 
 
 def _as_list(value: Any) -> list[str]:

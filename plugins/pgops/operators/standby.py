@@ -29,7 +29,7 @@ from pgops.engines import barman_cloud
 from pgops.hooks import aws_child_env, pg_query, s3_client, s3_endpoint_url
 from pgops.inventory import Cluster, ReplicaNode, Replication
 from pgops.operators.approval import NOT_APPROVED, REBUILD_GATE, describe
-from pgops.operators.base import param_checked, pg_bin, truthy
+from pgops.operators.base import param_checked, pg_bin, stop_proven_postmaster, truthy
 from pgops.operators.restore import RestoreStepOperator, restore_base_backup, wait_started
 from pgops.params import MAX_STANDBY_TIMEOUT_S, check_abs_dir, check_duration
 from pgops.reports import envelope, utcnow, write_report
@@ -99,16 +99,10 @@ class StandbyStepOperator(RestoreStepOperator):
 
         Refused when the postmaster there is not in recovery: a primary is never stopped by a rebuild.
         """
-        host = self.target_host(cluster, plan)
-        pm = host.postmaster(plan["data_dir"])
-        if not pm.running:
-            return None
-        state = host.controldata(plan["data_dir"]).get("Database cluster state", "")
-        if state != "in archive recovery":
-            raise AirflowFailException(f"REFUSED: PostgreSQL (pid {pm.pid}) in {plan['data_dir']} on {host.where} "
-                                       f"runs with cluster state {state!r}, not as a standby; it is not stopped")
-        self.log.warning("stopping PostgreSQL (pid %s) in %s on %s", pm.pid, plan["data_dir"], host.where)
-        return host.stop_postmaster(plan["data_dir"], mode="fast", timeout_s=60).pid
+        return stop_proven_postmaster(self.target_host(cluster, plan), plan["data_dir"], mode="fast",
+                                      standby_only=True, log=self.log,
+                                      fix="remove its postmaster.pid if no PostgreSQL runs in that directory, and "
+                                          "run the rebuild again")
 
     def fail_stopped(self, cluster: Cluster, plan: dict[str, Any], message: str) -> None:
         try:
