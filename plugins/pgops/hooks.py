@@ -9,10 +9,6 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
-class ConfigurationError(RuntimeError):
-    """Something only a human can fix (retrying will not help)."""
-
-
 def aws_hook(conn_id: str, client_type: str, region_name: str | None = None):
     from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
 

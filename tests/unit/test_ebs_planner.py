@@ -353,7 +353,7 @@ def test_decision_dict_carries_the_wait():
     decision = planner.decide(chain(0.1 * T_BPS, 2), ChainParams(downtime_target_s=300, max_rounds=5,
                                                                  copy_time_s=60), done(chain(0.1 * T_BPS, 2)))
     assert decision.to_dict()["wait_s"] == 0.0 and decision.to_dict()["numbers"]["copied_through"] is None
-    assert planner.HOLD_FOR_COPIES in planner.ACTIONS and planner.HOLD_FOR_COPIES not in planner.CUTOVER_ACTIONS
+    assert planner.HOLD_FOR_COPIES in planner.ROUND_ACTIONS and planner.HOLD_FOR_COPIES not in planner.CUTOVER_ACTIONS
 
 
 def test_floor_margin_must_be_positive():

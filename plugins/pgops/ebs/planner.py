@@ -38,7 +38,6 @@ MAX_ROUNDS = "max_rounds"
 CUTOVER_AT_REACHED = "cutover_at_reached"
 # Ready to cut over, but the round copies lag: the final copy would wait for them, so take another round.
 HOLD_FOR_COPIES = "hold_for_copies"
-ACTIONS = (ANOTHER_ROUND, CUT_OVER, STALLED_AT_FLOOR, DIVERGING, MAX_ROUNDS, CUTOVER_AT_REACHED, HOLD_FOR_COPIES)
 # Actions after which the caller takes another round (after Decision.wait_s).
 ROUND_ACTIONS = frozenset({ANOTHER_ROUND, HOLD_FOR_COPIES})
 # Actions after which the chain stops and the caller quiesces writes for the final snapshot.

@@ -369,15 +369,6 @@ def _segno(name: str | None, size: int) -> tuple[int, int] | None:
         return None
 
 
-def _lsn_segno(lsn: str | None, size: int) -> int | None:
-    if not lsn:
-        return None
-    try:
-        return wal.lsn_to_segno(wal.parse_lsn(lsn), size)
-    except (ValueError, TypeError):
-        return None
-
-
 def timeline(
     audit: Mapping[str, Any] | None,
     *,
