@@ -95,21 +95,26 @@ def test_whole_dag_snapshots_copies_and_creates_the_volume(moto, run_dag):
 
 
 def test_retried_create_snapshot_makes_no_duplicate(moto):
-    from pgops.operators.ebs import EbsCreateSnapshotsOperator
+    from pgops.ebs.hooks import EbsEc2Hook
+    from pgops.operators.ebs import create_round_snapshots
 
     lab = moto
     ec2 = lab.aws_client("ec2", region=SOURCE_REGION)
     volume_id = ec2.create_volume(Size=8, AvailabilityZone=f"{SOURCE_REGION}a")["VolumeId"]
-    op = EbsCreateSnapshotsOperator(task_id="snap", aws_conn_id=lab.cluster.aws_conn_id, volume_ids=[volume_id],
-                                    round_name="1", migration_id="pgops_test/retry")
-    first = op.execute({"run_id": "retry"})
-    second = op.execute({"run_id": "retry"})
+    hook = EbsEc2Hook(aws_conn_id=lab.cluster.aws_conn_id)
+
+    def take() -> dict[str, str]:
+        return create_round_snapshots(hook, migration="pgops_test/retry", round_name="1", volume_ids=[volume_id])
+
+    first = take()
+    second = take()
     assert first == second and set(first) == {volume_id}
     assert len(_snapshots(lab, SOURCE_REGION, **{"pgops:migration-id": "pgops_test/retry"})) == 1
 
 
 def test_instance_snapshots_are_crash_consistent_and_idempotent(moto):
-    from pgops.operators.ebs import EbsCreateSnapshotsOperator
+    from pgops.ebs.hooks import EbsEc2Hook
+    from pgops.operators.ebs import create_round_snapshots
 
     lab = moto
     ec2 = lab.aws_client("ec2", region=SOURCE_REGION)
@@ -118,11 +123,15 @@ def test_instance_snapshots_are_crash_consistent_and_idempotent(moto):
     data = [ec2.create_volume(Size=8, AvailabilityZone=f"{SOURCE_REGION}a")["VolumeId"] for _ in range(2)]
     for device, vid in zip(("/dev/sdf", "/dev/sdg"), data, strict=True):
         ec2.attach_volume(VolumeId=vid, InstanceId=inst, Device=device)
-    op = EbsCreateSnapshotsOperator(task_id="snap", aws_conn_id=lab.cluster.aws_conn_id, volume_ids=data,
-                                    instance_id=inst, round_name="1", migration_id="pgops_test/instance")
-    first = op.execute({"run_id": "i"})
+    hook = EbsEc2Hook(aws_conn_id=lab.cluster.aws_conn_id)
+
+    def take() -> dict[str, str]:
+        return create_round_snapshots(hook, migration="pgops_test/instance", round_name="1", volume_ids=data,
+                                      instance_id=inst)
+
+    first = take()
     assert set(first) == set(data)
-    assert op.execute({"run_id": "i"}) == first
+    assert take() == first
     assert len(_snapshots(lab, SOURCE_REGION, **{"pgops:migration-id": "pgops_test/instance"})) == 2
 
 

@@ -339,25 +339,6 @@ class EbsMigrationPreflightOperator(EbsMigrationBaseOperator):
         return result
 
 
-class EbsCreateSnapshotsOperator(EbsMigrationBaseOperator):
-    """Snapshot volumes (or an instance's data volumes at one instant) for one round; idempotent by tags."""
-
-    template_fields: Sequence[str] = ("aws_conn_id", "volume_ids", "instance_id", "round_name", "migration_id")
-
-    def __init__(self, *, volume_ids: list[str] | None = None, instance_id: str | None = None,
-                 round_name: str = "1", migration_id: str | None = None, **kwargs: Any):
-        super().__init__(**kwargs)
-        self.volume_ids = volume_ids or []
-        self.instance_id = instance_id
-        self.round_name = round_name
-        self.migration_id = migration_id
-
-    def execute(self, context) -> dict[str, str]:
-        mig = self.migration_id or self.migration(context)
-        return create_round_snapshots(self.ec2(), migration=mig, round_name=str(self.round_name),
-                                      volume_ids=self.volume_ids, instance_id=self.instance_id or None, log=self.log)
-
-
 class EbsSnapshotChainOperator(EbsMigrationBaseOperator):
     """The round loop: snapshot, defer until complete, measure, copy, ask the planner, repeat or stop.
 
