@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -253,6 +253,29 @@ class EbsMigrationBaseOperator(BaseOperator):
         return {**pending, "started_at": _iso(started), "completed_at": _iso(completed), "duration_s": duration_s,
                 "delta_bytes": delta_bytes, "progress": {s["SnapshotId"]: s.get("Progress") for s in described}}
 
+    def _snapshot_round(self, context, *, index: int, after: str | None, saved_key: str,
+                        saved: Callable[[dict[str, str]], dict[str, Any]], method_name: str,
+                        **trigger_kwargs: Any) -> None:
+        """Snapshot round ``index`` and defer until its snapshots complete (the chain's rounds, the cutover's fresh one).
+
+        A retry reuses the round's tagged snapshots (create_round_snapshots), never a second CreateSnapshot.
+        ``after``: when the round before started; ``saved(snapshots)``: XCom ``saved_key`` for ``method_name``.
+        Needs the operator's ``min_create_interval_s`` and ``waiter_delay``.
+        """
+        import time
+
+        if after:  # EC2 refuses a second CreateSnapshot on a volume within 15 s
+            since_s = (_now() - datetime.fromisoformat(after)).total_seconds()
+            if since_s < self.min_create_interval_s:
+                time.sleep(self.min_create_interval_s - since_s)
+        pre = context["ti"].xcom_pull(task_ids="preflight")
+        snaps = create_round_snapshots(self.ec2(), migration=self.migration(context), round_name=str(index),
+                                       volume_ids=pre["volume_ids"], instance_id=pre["instance_id"], log=self.log)
+        context["ti"].xcom_push(key=saved_key, value=saved(snaps))
+        self.defer(trigger=_trigger(snapshot_ids=list(snaps.values()), aws_conn_id=self.aws_conn_id,
+                                    region_name=self.source_region, waiter_delay=self.waiter_delay, **trigger_kwargs),
+                   method_name=method_name, timeout=timedelta(days=2))
+
 
 class EbsMigrationValidateOperator(BaseOperator):
     """Cross-field param checks and the plan-time divergence check, before any AWS call."""
@@ -409,28 +432,17 @@ class EbsSnapshotChainOperator(EbsMigrationBaseOperator):
         return self._take_round(context, state, predicted_s)
 
     def _take_round(self, context, state: dict[str, Any], predicted_s: float | None) -> dict[str, Any]:
-        import time
-
-        pre = context["ti"].xcom_pull(task_ids="preflight")
         index = len(state["rounds"]) + 1
-        if state["rounds"]:  # EC2 refuses a second CreateSnapshot on a volume within 15 s
-            since_s = (_now() - datetime.fromisoformat(state["rounds"][-1]["started_at"])).total_seconds()
-            if since_s < self.min_create_interval_s:
-                time.sleep(self.min_create_interval_s - since_s)
-        mig = self.migration(context)
-        snaps = create_round_snapshots(self.ec2(), migration=mig, round_name=str(index), volume_ids=pre["volume_ids"],
-                                       instance_id=pre["instance_id"], log=self.log)
-        pending = {"index": index, "snapshots": snaps, "predicted_duration_s": predicted_s}
-        # The chain's state rides in XCom across deferrals (a resumed task is the same try).
-        context["ti"].xcom_push(key="chain_state", value={"state": state, "pending": pending})
         plan = context_spec(context).plan or {}
         progress = {"cluster": context["params"].get("cluster"), "run_id": context["run_id"],
                     "what": f"EBS chain round {index}", "round": index, "rounds_predicted": plan.get("rounds")}
-        self.defer(trigger=_trigger(snapshot_ids=list(snaps.values()), aws_conn_id=self.aws_conn_id,
-                                    region_name=self.source_region, waiter_delay=self.waiter_delay,
-                                    progress=progress),
-                   method_name="round_complete",
-                   timeout=timedelta(days=2))
+        # The chain's state rides in XCom across deferrals (a resumed task is the same try).
+        self._snapshot_round(
+            context, index=index, after=state["rounds"][-1]["started_at"] if state["rounds"] else None,
+            saved_key="chain_state",
+            saved=lambda snaps: {"state": state, "pending": {"index": index, "snapshots": snaps,
+                                                             "predicted_duration_s": predicted_s}},
+            method_name="round_complete", progress=progress)
         return state  # not reached: defer raises
 
     def round_complete(self, context, event: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -568,26 +580,17 @@ class EbsCutoverOperator(EbsMigrationBaseOperator):
         return fresh
 
     def _fresh_round(self, context, recorded: list[dict[str, Any]], taken: list[dict[str, Any]]) -> dict[str, Any]:
-        import time
-
-        spec = context_spec(context)
+        overhead_s = context_spec(context).chain_params().overhead_s
         pre = context["ti"].xcom_pull(task_ids="preflight")
         done = recorded + taken
-        since_s = (_now() - datetime.fromisoformat(done[-1]["started_at"])).total_seconds()
-        if since_s < self.min_create_interval_s:  # EC2 refuses a second CreateSnapshot on a volume within 15 s
-            time.sleep(self.min_create_interval_s - since_s)
         index = max(r["index"] for r in done) + 1
-        snaps = create_round_snapshots(self.ec2(), migration=self.migration(context), round_name=str(index),
-                                       volume_ids=pre["volume_ids"], instance_id=pre["instance_id"], log=self.log)
         obs = chain_rounds.observations(done, sum(v["size_gib"] for v in pre["volumes"]) * 1024**3)
-        pending = {"index": index, "snapshots": snaps, "taken_by": self.task_id,
-                   "predicted_duration_s": planner.predict_next(obs, _now(), spec.chain_params().overhead_s)}
-        context["ti"].xcom_push(key="fresh_rounds", value={"taken": taken, "pending": pending})
-        self.defer(trigger=_trigger(snapshot_ids=list(snaps.values()), aws_conn_id=self.aws_conn_id,
-                                    region_name=self.source_region, waiter_delay=self.waiter_delay,
-                                    waiter_max_attempts=attempts_for(self.waiter_delay)),
-                   method_name="fresh_round_complete",
-                   timeout=timedelta(days=2))
+        self._snapshot_round(
+            context, index=index, after=done[-1]["started_at"], saved_key="fresh_rounds",
+            saved=lambda snaps: {"taken": taken, "pending": {
+                "index": index, "snapshots": snaps, "taken_by": self.task_id,
+                "predicted_duration_s": planner.predict_next(obs, _now(), overhead_s)}},
+            method_name="fresh_round_complete", waiter_max_attempts=attempts_for(self.waiter_delay))
         return {}  # not reached: defer raises
 
     def fresh_round_complete(self, context, event: dict[str, Any] | None = None) -> dict[str, Any]:
