@@ -45,3 +45,104 @@ def without_deadlines(dag):
     proves the alerts there. Everything else a dag.test() shows is unchanged."""
     dag.deadline = None
     return dag
+
+
+def airflow_stack(home: Path, extra_env: dict[str, str], *, dag_id: str, pools: dict[str, int] | None = None):
+    """The body of a module fixture (``yield from``): the real scheduler, triggerer, dag-processor and api-server up
+    with dag_id parsed (and pools made); afterwards down, with every process they ran gone."""
+    from pgops.airflow_stack import AirflowStack
+    from pgops.lab import pid_alive
+
+    stack = AirflowStack(home, extra_env=extra_env)
+    st = stack.up()
+    try:
+        if pools:
+            stack.ensure_pools(pools)
+        stack.wait_for_dag(dag_id)
+        yield stack
+    finally:
+        stack.down()
+        assert not any(pid_alive(p) for p in st["pids"].values())
+
+
+def task_errors(stack, dag_id: str, run_id: str) -> str:
+    """The error lines of a run's task logs (the stack's log folder), for a failure message."""
+    import json
+
+    lines = []
+    for log in sorted((stack.home / "logs" / f"dag_id={dag_id}" / f"run_id={run_id}").glob("task_id=*/attempt=*.log")):
+        for raw in log.read_text(errors="replace").splitlines():
+            try:
+                entry = json.loads(raw)
+            except ValueError:
+                continue
+            if entry.get("level") == "error":
+                detail = "; ".join(f"{d.get('exc_type')}: {d.get('exc_value')}" for d in entry.get("error_detail") or [])
+                lines.append(f"{log.parent.name}/{log.name}: {entry.get('event')} {detail}"[:1500])
+    return "\n".join(lines) or "no error in the task logs"
+
+
+class GateRuns:
+    """Runs of one DAG with one approval gate, seen and answered through the REST API a person's client uses."""
+
+    def __init__(self, dag_id: str, gate: str, *, run_timeout_s: float, run_poll_s: float):
+        self.dag_id, self.gate = dag_id, gate
+        self.run_timeout_s, self.run_poll_s = run_timeout_s, run_poll_s
+
+    @staticmethod
+    def q(run_id: str) -> str:
+        import urllib.parse
+
+        return urllib.parse.quote(run_id, safe="")
+
+    def states(self, stack, run_id: str) -> dict[str, str | None]:
+        tis = stack._request("GET", f"/api/v2/dags/{self.dag_id}/dagRuns/{self.q(run_id)}/taskInstances")
+        return {t["task_id"]: t["state"] for t in tis["task_instances"]}
+
+    def run_state(self, stack, run_id: str) -> str:
+        return stack._request("GET", f"/api/v2/dags/{self.dag_id}/dagRuns/{self.q(run_id)}")["state"]
+
+    def wait_parked(self, stack, run_id: str, timeout_s: float = 240) -> None:
+        """The gate waits for an answer and the scheduler has processed the executor's event of the parked process.
+
+        Airflow 3.3.2 fails a gate answered before that: the answer re-queues the task, then the scheduler reads the
+        parked process's "success" against a queued task instance and marks it failed. A person takes longer than
+        the ~2 s this takes; a client answering at once must wait for it too.
+        """
+        import time
+
+        import pytest
+
+        gate = self.gate
+        ti = stack._request("GET", f"/api/v2/dags/{self.dag_id}/dagRuns/{self.q(run_id)}/taskInstances/{gate}")
+        line = f"task_id={gate}, run_id={run_id},"
+        log = stack.home / "logs" / "scheduler.out"
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if any(line in x and "state=awaiting_input" in x and f"try_number={ti['try_number']}," in x
+                   for x in log.read_text(errors="replace").splitlines() if "TaskInstance Finished" in x):
+                return
+            time.sleep(0.5)
+        pytest.fail(f"the scheduler did not note {gate} (try {ti['try_number']}) of run {run_id} as awaiting input "
+                    f"within {timeout_s:.0f} s (no 'TaskInstance Finished ... state=awaiting_input' line in {log})")
+
+    def wait_run(self, stack, run_id: str) -> str:
+        import time
+
+        import pytest
+
+        deadline = time.monotonic() + self.run_timeout_s
+        while time.monotonic() < deadline:
+            state = self.run_state(stack, run_id)
+            if state in ("success", "failed"):
+                return state
+            time.sleep(self.run_poll_s)
+        pytest.fail(f"run {run_id} did not finish within {self.run_timeout_s:.0f} s; tasks: "
+                    f"{self.states(stack, run_id)}\n{task_errors(stack, self.dag_id, run_id)}")
+
+    def answer(self, stack, run_id: str, option: str) -> dict:
+        status, body = stack.call("PATCH", f"/api/v2/dags/{self.dag_id}/dagRuns/{self.q(run_id)}/taskInstances/"
+                                           f"{self.gate}/-1/hitlDetails", {"chosen_options": [option]},
+                                  token=stack.token())
+        assert status == 200, (status, body)
+        return body

@@ -17,116 +17,43 @@ from __future__ import annotations
 import json
 import os
 import time
-import urllib.parse
 
 import pytest
-
-from pgops.airflow_stack import AirflowStack
-from pgops.lab import pid_alive
+from helpers import GateRuns, airflow_stack, task_errors
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
 DAG_ID = "pgops_ebs_migration__main"
 SOURCE_REGION, TARGET_REGION = "us-east-1", "us-west-2"
 GATE = "approve_cutover"
+runs = GateRuns(DAG_ID, GATE, run_timeout_s=300, run_poll_s=1)
 
 
 @pytest.fixture(scope="module")
 def stack(lab, tmp_path_factory):
-    home = tmp_path_factory.mktemp("airflow-approval-ebs")
     # the awaiting_input timeout sweep every 3 s instead of 15 s
-    the_stack = AirflowStack(home, extra_env={**lab.env(), "AIRFLOW__SCHEDULER__TRIGGER_TIMEOUT_CHECK_INTERVAL": "3"})
-    st = the_stack.up()
-    try:
-        the_stack.wait_for_dag(DAG_ID)
-        yield the_stack
-    finally:
-        the_stack.down()
-        assert not any(pid_alive(p) for p in st["pids"].values())
-
-
-def _q(run_id: str) -> str:
-    return urllib.parse.quote(run_id, safe="")
-
-
-def _states(stack, run_id: str) -> dict[str, str | None]:
-    tis = stack._request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{_q(run_id)}/taskInstances")["task_instances"]
-    return {t["task_id"]: t["state"] for t in tis}
+    yield from airflow_stack(tmp_path_factory.mktemp("airflow-approval-ebs"),
+                             {**lab.env(), "AIRFLOW__SCHEDULER__TRIGGER_TIMEOUT_CHECK_INTERVAL": "3"}, dag_id=DAG_ID)
 
 
 def wait_task(stack, run_id: str, task_id: str, state: str, timeout_s: float = 240) -> dict[str, str | None]:
     deadline = time.monotonic() + timeout_s
     states: dict[str, str | None] = {}
     while time.monotonic() < deadline:
-        states = _states(stack, run_id)
+        states = runs.states(stack, run_id)
         if states.get(task_id) == state:
             return states
-        if stack._request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{_q(run_id)}")["state"] in ("success", "failed"):
+        if runs.run_state(stack, run_id) in ("success", "failed"):
             break
         time.sleep(1)
     pytest.fail(f"task {task_id} of run {run_id} did not reach {state} within {timeout_s:.0f} s; tasks: {states}")
 
 
-def wait_parked(stack, run_id: str, timeout_s: float = 240) -> None:
-    """The gate waits for an answer and the scheduler has processed the executor's event of the parked process.
-
-    Airflow 3.3.2 fails a gate answered before that: the answer re-queues the task, then the scheduler reads the
-    parked process's "success" against a queued task instance and marks it failed. A person takes longer than the
-    ~2 s this takes; a client answering at once must wait for it too.
-    """
-    ti = stack._request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{_q(run_id)}/taskInstances/{GATE}")
-    line = f"task_id={GATE}, run_id={run_id},"
-    log = stack.home / "logs" / "scheduler.out"
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if any(line in x and "state=awaiting_input" in x and f"try_number={ti['try_number']}," in x
-               for x in log.read_text(errors="replace").splitlines() if "TaskInstance Finished" in x):
-            return
-        time.sleep(0.5)
-    pytest.fail(f"the scheduler did not note {GATE} (try {ti['try_number']}) of run {run_id} as awaiting input within "
-                f"{timeout_s:.0f} s (no 'TaskInstance Finished ... state=awaiting_input' line in {log})")
-
-
-def wait_run(stack, run_id: str, timeout_s: float = 300) -> str:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        state = stack._request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{_q(run_id)}")["state"]
-        if state in ("success", "failed"):
-            return state
-        time.sleep(1)
-    pytest.fail(f"run {run_id} did not finish within {timeout_s:.0f} s; tasks: {_states(stack, run_id)}\n"
-                f"{task_errors(stack, DAG_ID, run_id)}")
-
-
-def task_errors(stack, dag_id: str, run_id: str) -> str:
-    """The error lines of a run's task logs (the stack's log folder), for a failure message."""
-    import json as _json
-
-    lines = []
-    for log in sorted((stack.home / "logs" / f"dag_id={dag_id}" / f"run_id={run_id}").glob("task_id=*/attempt=*.log")):
-        for raw in log.read_text(errors="replace").splitlines():
-            try:
-                entry = _json.loads(raw)
-            except ValueError:
-                continue
-            if entry.get("level") == "error":
-                detail = "; ".join(f"{d.get('exc_type')}: {d.get('exc_value')}" for d in entry.get("error_detail") or [])
-                lines.append(f"{log.parent.name}/{log.name}: {entry.get('event')} {detail}"[:1500])
-    return "\n".join(lines) or "no error in the task logs"
-
-
 def hitl_detail(stack, run_id: str) -> dict:
-    details = stack._request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{_q(run_id)}/hitlDetails")["hitl_details"]
+    details = stack._request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{runs.q(run_id)}/hitlDetails")["hitl_details"]
     mine = [d for d in details if d["task_instance"]["task_id"] == GATE]
     assert len(mine) == 1, details
     return mine[0]
-
-
-def answer(stack, run_id: str, option: str) -> dict:
-    status, body = stack.call("PATCH", f"/api/v2/dags/{DAG_ID}/dagRuns/{_q(run_id)}/taskInstances/{GATE}/-1/"
-                                       "hitlDetails", {"chosen_options": [option]}, token=stack.token())
-    assert status == 200, (status, body)
-    return body
 
 
 def _snapshots(lab, region: str, migration: str) -> dict[str, str]:
@@ -137,7 +64,7 @@ def _snapshots(lab, region: str, migration: str) -> dict[str, str]:
 
 
 def _report(stack, run_id: str) -> dict:
-    return stack.xcom(DAG_ID, _q(run_id), "report")
+    return stack.xcom(DAG_ID, runs.q(run_id), "report")
 
 
 def _conf(volume_id: str, **changes) -> dict:
@@ -172,7 +99,7 @@ def test_the_cutover_waits_for_a_person_reject_keeps_the_chain_and_asking_again_
     migration = f"{DAG_ID}/{run_id}"
 
     states = wait_task(stack, run_id, GATE, "awaiting_input")
-    wait_parked(stack, run_id)
+    runs.wait_parked(stack, run_id)
     assert states["chain"] == "success" and states["cutover"] is None and states["fresh_round"] is None, states
     detail = hitl_detail(stack, run_id)
     assert detail["options"] == ["Approve", "Reject"] and detail["defaults"] == ["Reject"]
@@ -187,13 +114,13 @@ def test_the_cutover_waits_for_a_person_reject_keeps_the_chain_and_asking_again_
     assert [m.get("Subject") for m in sent] == ["pgops approval needed: main"], sent
     assert run_id in sent[0]["Message"] and "/required_actions" in sent[0]["Message"], sent[0]["Message"]
     time.sleep(5)  # nobody answers: nothing moves on its own
-    assert _states(stack, run_id)[GATE] == "awaiting_input"
+    assert runs.states(stack, run_id)[GATE] == "awaiting_input"
     assert "final" not in _snapshots(lab, SOURCE_REGION, migration).values()
 
-    rejected = answer(stack, run_id, "Reject")
+    rejected = runs.answer(stack, run_id, "Reject")
     assert rejected["responded_by"]["name"] == "admin" and rejected["chosen_options"] == ["Reject"]
-    assert wait_run(stack, run_id) == "success", (_states(stack, run_id), task_errors(stack, DAG_ID, run_id))
-    states = _states(stack, run_id)
+    assert runs.wait_run(stack, run_id) == "success", (runs.states(stack, run_id), task_errors(stack, DAG_ID, run_id))
+    states = runs.states(stack, run_id)
     assert states[GATE] == "success" and states["report"] == "success", states
     assert {states[t] for t in ("fresh_round", "cutover", "wait_final", "copy_final", "share", "create_volume")} \
         == {"skipped"}, states
@@ -215,10 +142,10 @@ def test_the_cutover_waits_for_a_person_reject_keeps_the_chain_and_asking_again_
                    {"dry_run": False, "dag_run_id": run_id, "task_ids": [GATE], "include_downstream": True,
                     "only_failed": False, "reset_dag_runs": True})
     wait_task(stack, run_id, GATE, "awaiting_input")
-    wait_parked(stack, run_id)
-    approved = answer(stack, run_id, "Approve")
-    assert wait_run(stack, run_id) == "success", (_states(stack, run_id), task_errors(stack, DAG_ID, run_id))
-    states = _states(stack, run_id)
+    runs.wait_parked(stack, run_id)
+    approved = runs.answer(stack, run_id, "Approve")
+    assert runs.wait_run(stack, run_id) == "success", (runs.states(stack, run_id), task_errors(stack, DAG_ID, run_id))
+    states = runs.states(stack, run_id)
     assert set(states.values()) == {"success"}, states
     rounds = _snapshots(lab, SOURCE_REGION, migration)
     assert "final" in rounds.values() and set(chain_rounds) <= set(rounds), rounds
@@ -228,7 +155,7 @@ def test_the_cutover_waits_for_a_person_reject_keeps_the_chain_and_asking_again_
     assert body["approval"]["at"].startswith(approved["responded_at"][:19]) and body["not_cut_over"] is None
     assert list(body["destination_volumes"]) == [volume_id]
     # the dashboard's rounds view of this run says who approved the cutover, and when
-    status, page = stack.call("GET", f"/pgops/migration?dag_id={DAG_ID}&run_id={_q(run_id)}", None,
+    status, page = stack.call("GET", f"/pgops/migration?dag_id={DAG_ID}&run_id={runs.q(run_id)}", None,
                               token=stack.token())
     assert status == 200, page
     page = page.decode() if isinstance(page, bytes) else str(page)
@@ -245,8 +172,8 @@ def test_no_answer_within_the_timeout_is_no_cutover_and_delete_cleans_up(stack, 
     made = _snapshots(lab, SOURCE_REGION, migration)
     assert made, "the chain took no round"
     # nobody answers: 6 s later the scheduler answers Reject
-    assert wait_run(stack, run_id) == "success", (_states(stack, run_id), task_errors(stack, DAG_ID, run_id))
-    states = _states(stack, run_id)
+    assert runs.wait_run(stack, run_id) == "success", (runs.states(stack, run_id), task_errors(stack, DAG_ID, run_id))
+    states = runs.states(stack, run_id)
     assert states[GATE] == "success" and states["cutover"] == "skipped" and states["report"] == "success", states
     detail = hitl_detail(stack, run_id)
     assert detail["chosen_options"] == ["Reject"] and detail["responded_by_user"] is None

@@ -11,18 +11,16 @@ from __future__ import annotations
 
 import os
 import time
-import urllib.parse
 from pathlib import Path
 
 import pytest
-
-from pgops.airflow_stack import AirflowStack
-from pgops.lab import pid_alive
+from helpers import GateRuns, airflow_stack, task_errors
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
 DAG_ID = "pgops_standby_rebuild__repl"
 GATE = "approve_rebuild"
+runs = GateRuns(DAG_ID, GATE, run_timeout_s=420, run_poll_s=2)
 
 
 @pytest.fixture(scope="module")
@@ -30,97 +28,22 @@ def stack(replicated_pair, lab, tmp_path_factory):
     pair = replicated_pair
     env = {**lab.env(), "PGOPS_INVENTORY": str(pair.inventory)}
     env.update({k: os.environ[k] for k in ("AIRFLOW_CONN_PGOPS_REPL_PG1", "AIRFLOW_CONN_PGOPS_REPL_PG2")})
-    the_stack = AirflowStack(tmp_path_factory.mktemp("airflow-approval-standby"), extra_env=env)
-    st = the_stack.up()
-    try:
-        the_stack.ensure_pools({pair.cluster().pool: 1})
-        the_stack.wait_for_dag(DAG_ID)
-        yield the_stack
-    finally:
-        the_stack.down()
-        assert not any(pid_alive(p) for p in st["pids"].values())
-
-
-def _q(run_id: str) -> str:
-    return urllib.parse.quote(run_id, safe="")
-
-
-def _states(stack, run_id: str) -> dict[str, str | None]:
-    tis = stack._request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{_q(run_id)}/taskInstances")["task_instances"]
-    return {t["task_id"]: t["state"] for t in tis}
-
-
-def _run_state(stack, run_id: str) -> str:
-    return stack._request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{_q(run_id)}")["state"]
+    yield from airflow_stack(tmp_path_factory.mktemp("airflow-approval-standby"), env, dag_id=DAG_ID,
+                             pools={pair.cluster().pool: 1})
 
 
 def wait_gate(stack, run_id: str, timeout_s: float = 180) -> dict[str, str | None]:
     deadline = time.monotonic() + timeout_s
     states: dict[str, str | None] = {}
     while time.monotonic() < deadline:
-        states = _states(stack, run_id)
-        if states.get(GATE) == "awaiting_input" or _run_state(stack, run_id) in ("success", "failed"):
+        states = runs.states(stack, run_id)
+        if states.get(GATE) == "awaiting_input" or runs.run_state(stack, run_id) in ("success", "failed"):
             break
         time.sleep(1)
     assert states.get(GATE) == "awaiting_input", (f"{GATE} of run {run_id} was not waiting for an answer within "
                                                   f"{timeout_s:.0f} s; tasks: {states}")
-    wait_parked(stack, run_id)
+    runs.wait_parked(stack, run_id)
     return states
-
-
-def wait_parked(stack, run_id: str, timeout_s: float = 240) -> None:
-    """The gate waits for an answer and the scheduler has processed the executor's event of the parked process.
-
-    Airflow 3.3.2 fails a gate answered before that: the answer re-queues the task, then the scheduler reads the
-    parked process's "success" against a queued task instance and marks it failed. A person takes longer than the
-    ~2 s this takes; a client answering at once must wait for it too.
-    """
-    ti = stack._request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{_q(run_id)}/taskInstances/{GATE}")
-    line = f"task_id={GATE}, run_id={run_id},"
-    log = stack.home / "logs" / "scheduler.out"
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if any(line in x and "state=awaiting_input" in x and f"try_number={ti['try_number']}," in x
-               for x in log.read_text(errors="replace").splitlines() if "TaskInstance Finished" in x):
-            return
-        time.sleep(0.5)
-    pytest.fail(f"the scheduler did not note {GATE} (try {ti['try_number']}) of run {run_id} as awaiting input within "
-                f"{timeout_s:.0f} s (no 'TaskInstance Finished ... state=awaiting_input' line in {log})")
-
-
-def wait_run(stack, run_id: str, timeout_s: float = 420) -> str:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        state = _run_state(stack, run_id)
-        if state in ("success", "failed"):
-            return state
-        time.sleep(2)
-    pytest.fail(f"run {run_id} did not finish within {timeout_s:.0f} s; tasks: {_states(stack, run_id)}\n"
-                f"{task_errors(stack, DAG_ID, run_id)}")
-
-
-def task_errors(stack, dag_id: str, run_id: str) -> str:
-    """The error lines of a run's task logs (the stack's log folder), for a failure message."""
-    import json as _json
-
-    lines = []
-    for log in sorted((stack.home / "logs" / f"dag_id={dag_id}" / f"run_id={run_id}").glob("task_id=*/attempt=*.log")):
-        for raw in log.read_text(errors="replace").splitlines():
-            try:
-                entry = _json.loads(raw)
-            except ValueError:
-                continue
-            if entry.get("level") == "error":
-                detail = "; ".join(f"{d.get('exc_type')}: {d.get('exc_value')}" for d in entry.get("error_detail") or [])
-                lines.append(f"{log.parent.name}/{log.name}: {entry.get('event')} {detail}"[:1500])
-    return "\n".join(lines) or "no error in the task logs"
-
-
-def answer(stack, run_id: str, option: str) -> dict:
-    status, body = stack.call("PATCH", f"/api/v2/dags/{DAG_ID}/dagRuns/{_q(run_id)}/taskInstances/{GATE}/-1/"
-                                       "hitlDetails", {"chosen_options": [option]}, token=stack.token())
-    assert status == 200, (status, body)
-    return body
 
 
 def _files(data_dir: str) -> dict[str, int]:
@@ -156,7 +79,7 @@ def test_a_node_wipe_waits_for_a_person_reject_leaves_it_and_approve_rebuilds_it
     run_id = stack.trigger(DAG_ID, conf)
     states = wait_gate(stack, run_id)
     assert states["preflight"] == "success" and states["restore"] is None, states
-    details = stack._request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{_q(run_id)}/hitlDetails")["hitl_details"]
+    details = stack._request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{runs.q(run_id)}/hitlDetails")["hitl_details"]
     (detail,) = [d for d in details if d["task_instance"]["task_id"] == GATE]
     assert detail["subject"].startswith("Standby rebuild of pg2 on ") and "remove the contents of" in detail["subject"]
     for row in ("| Node | `pg2` |", f"| Data directory | `{pg2.data_dir}` |", f"| System identifier (cluster) | `{sysid}` |",
@@ -164,15 +87,15 @@ def test_a_node_wipe_waits_for_a_person_reject_leaves_it_and_approve_rebuilds_it
                 f"| Backup | `{backup_id} (ended "):
         assert row in detail["body"], detail["body"]
     time.sleep(5)  # nobody answers: nothing moves on its own
-    assert _states(stack, run_id)[GATE] == "awaiting_input"
+    assert runs.states(stack, run_id)[GATE] == "awaiting_input"
     _untouched(pair, files_before, slots_before)
 
-    rejected = answer(stack, run_id, "Reject")
-    assert wait_run(stack, run_id) == "success", (_states(stack, run_id), task_errors(stack, DAG_ID, run_id))
-    states = _states(stack, run_id)
+    rejected = runs.answer(stack, run_id, "Reject")
+    assert runs.wait_run(stack, run_id) == "success", (runs.states(stack, run_id), task_errors(stack, DAG_ID, run_id))
+    states = runs.states(stack, run_id)
     assert [states[t] for t in ("restore", "wait_streaming", "register")] == ["skipped"] * 3, states
     _untouched(pair, files_before, slots_before)
-    report = stack.xcom(DAG_ID, _q(run_id), "report")
+    report = stack.xcom(DAG_ID, runs.q(run_id), "report")
     assert report["status"] == "warning" and report["approval"]["decision"] == "rejected", report
     assert report["approval"]["by"] == "admin" and report["approval"]["at"].startswith(rejected["responded_at"][:19])
     assert report["approval"]["facts"]["node"] == "pg2" and report["approval"]["facts"]["system_identifier"] == sysid
@@ -180,14 +103,14 @@ def test_a_node_wipe_waits_for_a_person_reject_leaves_it_and_approve_rebuilds_it
     run_id = stack.trigger(DAG_ID, conf)
     wait_gate(stack, run_id)
     _untouched(pair, files_before, slots_before)
-    answer(stack, run_id, "Approve")
+    runs.answer(stack, run_id, "Approve")
     try:
-        assert wait_run(stack, run_id) == "success", (_states(stack, run_id), task_errors(stack, DAG_ID, run_id))
+        assert runs.wait_run(stack, run_id) == "success", (runs.states(stack, run_id), task_errors(stack, DAG_ID, run_id))
     finally:
         if (Path(pg2.data_dir) / "postmaster.pid").exists():
             rl.refresh(pg2)  # the fixture stops it by its new pid
-    assert set(_states(stack, run_id).values()) == {"success"}
-    report = stack.xcom(DAG_ID, _q(run_id), "report")
+    assert set(runs.states(stack, run_id).values()) == {"success"}
+    report = stack.xcom(DAG_ID, runs.q(run_id), "report")
     assert report["status"] == "ok" and report["approval"]["decision"] == "approved" and report["approval"]["by"] == "admin"
     assert rl.psql(pg2, "SELECT pg_is_in_recovery()") == "t"
     rl.psql(pg1, "INSERT INTO approval_rows VALUES (1001)")
