@@ -146,3 +146,33 @@ class GateRuns:
                                   token=stack.token())
         assert status == 200, (status, body)
         return body
+
+
+def tree(root: Path, *, owners: bool = False, with_root: bool = False) -> dict[str, tuple]:
+    """Every path under root (a restored data directory): kind and mode; links their target; files also size, mtime
+    and sha256. ``owners``: uid (links) or uid and gid (dirs, files) after the mode or target. ``with_root``: root's
+    own mode as ".". Directory mtimes are left out."""
+    import hashlib
+    import os
+    import stat
+
+    out = {}
+    for dirpath, dirs, files in os.walk(root):
+        for name in dirs + files:
+            p = Path(dirpath) / name
+            st = p.lstat()
+            rel = str(p.relative_to(root))
+            own = (st.st_uid, st.st_gid) if owners else ()
+            if stat.S_ISLNK(st.st_mode):
+                out[rel] = ("link", os.readlink(p), *own[:1])
+            elif stat.S_ISDIR(st.st_mode):
+                out[rel] = ("dir", stat.S_IMODE(st.st_mode), *own)
+            else:
+                h = hashlib.sha256()
+                with open(p, "rb") as f:
+                    for chunk in iter(lambda: f.read(1 << 20), b""):
+                        h.update(chunk)
+                out[rel] = ("file", stat.S_IMODE(st.st_mode), *own, st.st_size, int(st.st_mtime), h.hexdigest())
+    if with_root:
+        out["."] = ("dir", stat.S_IMODE(root.stat().st_mode))
+    return out

@@ -10,10 +10,8 @@ run it (a postgres-readable copy behind a pgops-restore launcher in a bin direct
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import shutil
-import stat
 import subprocess
 import tempfile
 import time
@@ -21,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import REPO, load_dag, task_states
+from helpers import REPO, load_dag, task_states, tree
 
 from pgops.engines import barman_cloud
 from pgops.lab import as_db_user, dbhost_venv
@@ -120,28 +118,6 @@ def _restore(lab, cluster, backup_id: str, dest: Path, *, barman: bool = False, 
     return _run(lab, argv)
 
 
-def tree(root: Path) -> dict[str, tuple]:
-    """Every path under root: kind, mode, owner; files also size, mtime, sha256; links their target."""
-    out = {}
-    for dirpath, dirs, files in os.walk(root):
-        for name in dirs + files:
-            p = Path(dirpath) / name
-            st = p.lstat()
-            rel = str(p.relative_to(root))
-            if stat.S_ISLNK(st.st_mode):
-                out[rel] = ("link", os.readlink(p), st.st_uid)
-            elif stat.S_ISDIR(st.st_mode):
-                out[rel] = ("dir", stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid)
-            else:
-                h = hashlib.sha256()
-                with open(p, "rb") as f:
-                    for chunk in iter(lambda: f.read(1 << 20), b""):
-                        h.update(chunk)
-                out[rel] = ("file", stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_size, int(st.st_mtime),
-                            h.hexdigest())
-    return out
-
-
 @pytest.fixture(scope="class")
 def backups(lab, tools):
     """Data in the default tablespace and in one of its own, then two backups under this module's server name:
@@ -173,13 +149,13 @@ def backups(lab, tools):
 
 
 def _assert_same(ours: Path, theirs: Path, ours_ts: Path, theirs_ts: Path) -> None:
-    a, b = tree(ours), tree(theirs)
+    a, b = tree(ours, owners=True), tree(theirs, owners=True)
     links = [k for k in a if k.startswith("pg_tblspc/")]
     assert len(links) == 1, links
     assert a.pop(links[0])[1] == str(ours_ts) and b.pop(links[0])[1] == str(theirs_ts)
     dirs_a = {k: v for k, v in a.items() if v[0] == "dir"}
     assert a == b, {k: (a.get(k), b.get(k)) for k in set(a) | set(b) if a.get(k) != b.get(k)}
-    assert tree(ours_ts) == tree(theirs_ts)
+    assert tree(ours_ts, owners=True) == tree(theirs_ts, owners=True)
     assert len(a) > 900 and len(dirs_a) > 10 and "backup_label" in a and "global/pg_control" in a
     assert not (ours / "pgops_restore.incomplete").exists()
 

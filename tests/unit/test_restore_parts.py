@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 import lz4.frame
 import pytest
-from helpers import REPO
+from helpers import REPO, tree
 
 sys.path.insert(0, str(REPO / "include" / "dbhost"))
 import pgops_restore as pr  # noqa: E402
@@ -166,25 +166,6 @@ def barman_way(bucket: FakeBucket, dest: Path, *, tablespaces=()) -> None:
     (dest / "pg_wal").mkdir(exist_ok=True)
 
 
-def tree(root: Path) -> dict[str, tuple]:
-    """Every path: type, mode, and for files size, mtime and sha256; for links their target (dir mtimes: no)."""
-    out = {}
-    for dirpath, dirs, files in os.walk(root):
-        for name in dirs + files:
-            p = Path(dirpath) / name
-            st = p.lstat()
-            rel = str(p.relative_to(root))
-            if stat.S_ISLNK(st.st_mode):
-                out[rel] = ("link", os.readlink(p))
-            elif stat.S_ISDIR(st.st_mode):
-                out[rel] = ("dir", stat.S_IMODE(st.st_mode))
-            else:
-                out[rel] = ("file", stat.S_IMODE(st.st_mode), st.st_size, int(st.st_mtime),
-                            hashlib.sha256(p.read_bytes()).hexdigest())
-    out["."] = ("dir", stat.S_IMODE(root.stat().st_mode))
-    return out
-
-
 # -- the same data directory as barman's way -------------------------------------------------------------------
 @pytest.mark.parametrize("compression", ["lz4", "gzip", None])
 @pytest.mark.parametrize("jobs", [1, 3])
@@ -193,7 +174,7 @@ def test_parallel_restore_equals_barman_way(tmp_path, compression, jobs):
     ours, theirs = tmp_path / "ours", tmp_path / "theirs"
     summary = run_restore(bucket, ours, jobs=jobs)
     barman_way(bucket, theirs)
-    assert tree(ours) == tree(theirs)
+    assert tree(ours, with_root=True) == tree(theirs, with_root=True)
     assert summary["parts"] == 4 and summary["jobs"] == min(jobs, 4)
     assert summary["extracted_bytes"] > summary["downloaded_bytes"] or compression is None
     assert (ours / "global" / "pg_control").read_bytes() == _blob("ctl", 8192)
@@ -208,7 +189,7 @@ def test_one_part_backup_restores(tmp_path):
     assert [k.rsplit("/", 1)[1] for k in bucket.keys()] == ["data.tar.lz4"]
     summary = run_restore(bucket, tmp_path / "ours", jobs=4)
     barman_way(bucket, tmp_path / "theirs")
-    assert tree(tmp_path / "ours") == tree(tmp_path / "theirs")
+    assert tree(tmp_path / "ours", with_root=True) == tree(tmp_path / "theirs", with_root=True)
     assert summary["parts"] == 1
 
 
@@ -226,8 +207,8 @@ def test_tablespaces_are_extracted_and_linked_as_barman_does(tmp_path):
     pr.restore(plan, jobs=3, opener=lambda: bucket.open_object)
     barman_way(bucket, tmp_path / "theirs",
                tablespaces=[SimpleNamespace(name="tbs", oid=16399, location=str(theirs_ts))])
-    assert tree(ours_ts) == tree(theirs_ts)
-    ours, theirs = tree(tmp_path / "ours"), tree(tmp_path / "theirs")
+    assert tree(ours_ts, with_root=True) == tree(theirs_ts, with_root=True)
+    ours, theirs = tree(tmp_path / "ours", with_root=True), tree(tmp_path / "theirs", with_root=True)
     assert ours.pop("pg_tblspc/16399") == ("link", str(ours_ts))
     assert theirs.pop("pg_tblspc/16399") == ("link", str(theirs_ts))
     assert ours == theirs
@@ -253,7 +234,7 @@ def test_a_path_in_two_parts_is_the_later_parts(tmp_path):
     run_restore(bucket, tmp_path / "ours", jobs=4)
     barman_way(bucket, tmp_path / "theirs")
     assert (tmp_path / "ours" / "postgresql.conf").read_bytes() == b"new = 2\n"
-    assert tree(tmp_path / "ours") == tree(tmp_path / "theirs")
+    assert tree(tmp_path / "ours", with_root=True) == tree(tmp_path / "theirs", with_root=True)
 
 
 # -- broken parts fail naming the part; the target stays marked -----------------------------------------------
