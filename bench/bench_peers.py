@@ -61,6 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--scale", type=int, default=100, help="pgbench scale (100 = ~1.5 GiB)")
     p.add_argument("--repeats", type=int, default=3, help="samples of every compared figure (medians)")
+    p.add_argument("--backup-repeats", type=int, default=5, help="samples of each backup (the shortest figures, "
+                                                                 "so the noisiest)")
     p.add_argument("--load-s", type=float, default=40, help="seconds of write load per WAL archiving sample")
     p.add_argument("--long-load-s", type=float, default=120, help="seconds of the one long load (lag growth)")
     p.add_argument("--replay-load-s", type=float, default=30, help="seconds of write load replayed by restores")
@@ -302,12 +304,12 @@ class Bench:
         both = self.commands[PGOPS] + " && " + self.pgbr.archive_command(asynchronous=False)
         pl.set_archive_command(lab, both)  # both repositories get every segment from here on (restores need them)
         pl.switch_and_wait(lab, st)
-        runs = []
-        for rep in range(self.args.repeats):
+        runs, repeats = [], self.args.backup_repeats
+        for rep in range(repeats):
             for tool in self.order(["a", "b", "c", "d"], rep):
                 runs.append({"rep": rep, "tool": tool, **self.backup_once(tool, rep)})
-        best = self.backup_once("d_best", self.args.repeats)
-        by = [{r["tool"]: r["s"] for r in runs if r["rep"] == rep} for rep in range(self.args.repeats)]
+        best = self.backup_once("d_best", repeats)
+        by = [{r["tool"]: r["s"] for r in runs if r["rep"] == rep} for rep in range(repeats)]
         out = {"runs": runs, "pgbackrest_best": best,
                "stats": {t: summary([p[t] for p in by]) for t in "abcd"}}
         out["stats"]["c_run_s"] = summary([r["run_s"] for r in runs if r["tool"] == "c"])
@@ -525,10 +527,11 @@ def _mm(stat: dict, unit: str = "", fmt: str = ".2f") -> str:
 def table(r: dict) -> str:
     """The README's table: medians [min-max] of the repeats."""
     db, m, n = r["database"], r["machine"], r["params"]["repeats"]
+    nb = r["params"]["backup_repeats"]
     b, w, x = r["backup"]["stats"], r["wal"]["stats"], r["restore"]["stats"]
     rows: list[tuple[str, str, str]] = [
         ("database", f"pgbench scale {db['scale']}, {db['pgbench_db_bytes'] / 2**30:.1f} GiB",
-         f"{m.get('cpus')} cpus, {m.get('memory_gib')} GiB; medians [min-max] of {n}, tools interleaved"),
+         f"{m.get('cpus')} cpus, {m.get('memory_gib')} GiB; medians [min-max] of {n} ({nb} for backups), tools interleaved"),
         ("backup a: pg_basebackup -Ft to /dev/null", _mm(b["a"], " s", ".1f"), "read floor"),
         ("backup b: bare barman-cloud-backup (lz4)", _mm(b["b"], " s", ".1f"), ""),
         ("backup c: base-backup DAG, backup task / whole run", _mm(b["c"], " s", ".1f"), f"run {_mm(b['c_run_s'], ' s', '.1f')}"),

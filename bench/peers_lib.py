@@ -234,6 +234,7 @@ def replay(data_dir: Path, *, restore_command: str, env: dict[str, str], timeout
     run_dir.mkdir(mode=0o700, exist_ok=True)
     chown_db(run_dir)
     log = scratch / f"{data_dir.name}.log"
+    log.unlink(missing_ok=True)  # a log of an earlier replay here already says "ready to accept connections"
     settings = core.recovery_settings(restore_command=restore_command, target=core.RecoveryTarget(kind="latest"),
                                       port=free_port(), socket_dir=str(run_dir), hba_file=str(data_dir / "pg_hba.conf"))
     auto = data_dir / "postgresql.auto.conf"

@@ -120,12 +120,13 @@ class BarmanCloudBackupOperator(ClusterOperator):
         # A failed earlier attempt leaves its own (FAILED) entry; a new attempt gets its own name.
         name = next_attempt_name(base_name, [info.get("backup_name") or "" for _, info in existing])
         t = pg_target(cluster.postgres_conn_id)
+        size = cluster_size_bytes(cluster)
         # In parts sized from the database, so that a restore takes engine.jobs of them at a time.
         argv = barman_cloud.backup_argv(cluster, endpoint_url=s3_endpoint_url(cluster.engine_aws_conn_id), backup_name=name,
                                         pg_host=t.host, pg_port=t.port, pg_user=t.user, pg_dbname=t.dbname,
-                                        cluster_size_bytes=cluster_size_bytes(cluster))
+                                        cluster_size_bytes=size)
         try:
-            with self._progress(cluster, s3, context["run_id"]):
+            with self._progress(cluster, s3, context["run_id"], size):
                 self.run_engine(cluster, argv)
         except CommandFailed as exc:
             raise RuntimeError(f"cluster {cluster.name!r}: barman-cloud-backup failed: {exc}") from None
@@ -139,14 +140,10 @@ class BarmanCloudBackupOperator(ClusterOperator):
         return backup_id
 
 
-    def _progress(self, cluster: Cluster, s3, run_id: str) -> progress.ProgressTicker:
+    def _progress(self, cluster: Cluster, s3, run_id: str, total: int | None) -> progress.ProgressTicker:
         """Bytes uploaded under base/ since the start (finished objects and the parts of open multipart uploads)
-        against the cluster's size before compression."""
+        against the cluster's size before compression (``total``, None when unknown)."""
         since = datetime.now(UTC) - timedelta(seconds=2)  # S3 times have whole seconds
-        try:
-            total = int(pg_query(cluster.postgres_conn_id, CLUSTER_SIZE_SQL)[0]["size"] or 0) or None
-        except Exception:  # noqa: BLE001 - the size only scales the percentage
-            total = None
         prefix = f"{cluster.storage.server_prefix}/base/"
         return progress.ProgressTicker(
             kind="backup", what=f"base backup of {cluster.name}", run_id=run_id, log=self.log,
