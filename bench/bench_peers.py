@@ -524,8 +524,8 @@ def _mm(stat: dict, unit: str = "", fmt: str = ".2f") -> str:
     return f"{stat['median']:{fmt}}{unit} [{stat['min']:{fmt}}-{stat['max']:{fmt}}]"
 
 
-def table(r: dict) -> str:
-    """The README's table: medians [min-max] of the repeats."""
+def table(r: dict, *, markdown: bool = False) -> str:
+    """The README's table: medians [min-max] of the repeats (as text, or as Markdown for the README)."""
     db, m, n = r["database"], r["machine"], r["params"]["repeats"]
     nb = r["params"]["backup_repeats"]
     b, w, x = r["backup"]["stats"], r["wal"]["stats"], r["restore"]["stats"]
@@ -568,6 +568,13 @@ def table(r: dict) -> str:
         ("  DAG RTO / pgBackRest (goal <= 1.0)", _mm(x["dag_rto_over_pgbackrest"]), ""),
         (f"parse: DagBag fill, {r['parse']['clusters']} clusters", _mm(r["parse"]["fill_s"], " s"), "goal <= 1 s"),
     ]
+    if markdown:
+        lines = ["| | measured | |", "|---|---|---|"]
+        lines += [f"| {a.strip()} | {b_} | {c} |" for a, b_, c in rows]
+        lines += ["", "| goal | median [min-max] | goal | |", "|---|---|---|---|"]
+        lines += [f"| {g['name']} | {g['value']}" + (f" [{g['min']}-{g['max']}]" if g.get("n", 1) > 1 else "")
+                  + f" | {g['goal']} | {'ok' if g['ok'] else 'MISS'} |" for g in r.get("goals", [])]
+        return "\n".join(lines)
     w1 = max(len(a) for a, _, _ in rows)
     w2 = max(len(b_) for _, b_, _ in rows)
     lines = [f"{a:<{w1}}  {b_:>{w2}}  {c}" for a, b_, c in rows]
@@ -585,8 +592,9 @@ def main(argv: list[str] | None = None) -> int:
         pl.dump(Path(args.out).with_suffix(".failed.json"), bench.r)
         raise
     pl.dump(Path(args.out), r)
+    Path(args.out).with_suffix(".md").write_text(table(r, markdown=True) + "\n")
     print("\n" + table(r), flush=True)
-    print(f"\nwrote {args.out}", flush=True)
+    print(f"\nwrote {args.out} and {Path(args.out).with_suffix('.md')} (the README's table)", flush=True)
     missed = [g["name"] for g in r["goals"] if not g["ok"]]
     if missed:
         print(f"goals missed: {len(missed)} of {len(r['goals'])}", flush=True)
