@@ -237,10 +237,10 @@ class BarmanCloudRestoreOperator(RestoreStepOperator):
 
     template_fields: Sequence[str] = ("cluster_name", "wal_parallel")
 
-    def __init__(self, *, wal_parallel: int | str = 4, extra_settings: dict[str, str] | None = None,
+    def __init__(self, *, wal_parallel: int | str | None = None, extra_settings: dict[str, str] | None = None,
                  progress_interval_s: float = progress.DEFAULT_INTERVAL_S, **kwargs: Any):
         super().__init__(**kwargs)
-        self.wal_parallel = wal_parallel
+        self.wal_parallel = wal_parallel  # WAL prefetch downloads at a time; None: the cluster's engine.jobs
         self.extra_settings = extra_settings or {}
         self.progress_interval_s = progress_interval_s
 
@@ -264,7 +264,8 @@ class BarmanCloudRestoreOperator(RestoreStepOperator):
         self.log.info("backup %s downloaded in %.1f s (%s)", plan["backup_id"], download_s, restored["restorer"])
 
         target = core.RecoveryTarget(kind=plan["target"]["kind"], value=plan["target"]["value"])
-        wal_argv = barman_cloud.wal_restore_argv(cluster, endpoint_url=endpoint, parallel=int(self.wal_parallel),
+        wal_argv = barman_cloud.wal_restore_argv(cluster, endpoint_url=endpoint,
+                                                 parallel=int(self.wal_parallel or cluster.engine.jobs),
                                                  spool_dir=plan["spool_dir"])
         data = plan["data_dir"]
         settings = core.recovery_settings(restore_command=core.restore_command(wal_argv), target=target,
