@@ -89,6 +89,9 @@ class RecoveryEndedTrigger(BaseTrigger):
                 if probe.rows and probe.rows[0][0] == "f":
                     full = await asyncio.to_thread(host.read_tail, self.log_file, FULL_LOG_BYTES)
                     parsed = parse_server_log(full)
+                    if self.progress is not None:  # the last word: where replay ended, however short it was
+                        await asyncio.to_thread(self._report, probe.rows, len(parsed.restored_segments),
+                                                time.monotonic() - started, parsed.replay_lsn)
                     yield TriggerEvent({"status": "success", "ended_at": datetime.now(UTC).isoformat(),
                                         "started_at": parsed.started_at, "ready_at": parsed.ready_at,
                                         "restored_segments": len(parsed.restored_segments),
