@@ -86,3 +86,20 @@ def test_every_destination_argument_changes_the_hash(wrapper):
         dest(dataclasses.replace(cluster, engine=dataclasses.replace(cluster.engine, wal_compression="gzip"))),
     ]
     assert base not in others and len(set(others)) == len(others)
+
+
+def test_the_quick_option_parser_agrees_with_argparse_or_hands_over(wrapper):
+    argv = ["--parallel", "2", "--in-process", "--background", "--", "/bin/archive", "--lz4", "s3://b/p", "main", "x"]
+    opts, command, wal = wrapper._parse(argv)
+    assert type(opts).__name__ == "SimpleNamespace"  # the fast path took it, without argparse
+    assert (opts.parallel, opts.in_process, opts.background, opts.wait_s, opts.idle_s, opts.batch) == \
+           (2, True, True, 120.0, 60.0, 0)
+    assert command == ["/bin/archive", "--lz4", "s3://b/p", "main"] and wal == "x"
+    assert wrapper._parse(["--wait-s=5", "--", "a", "x"])[0].wait_s == 5.0
+    # an abbreviation is argparse's to expand, a bad value argparse's to refuse
+    opts, _, _ = wrapper._parse(["--par", "3", "--", "a", "x"])
+    assert type(opts).__name__ == "Namespace" and opts.parallel == 3
+    with pytest.raises(SystemExit):
+        wrapper._parse(["--parallel", "two", "--", "a", "x"])
+    with pytest.raises(SystemExit):
+        wrapper._parse(["--in-process=yes", "--", "a", "x"])
