@@ -230,6 +230,7 @@ class Lab:
                 raise LabError(f"SeaweedFS exited during start-up; see {log}: {_tail(log)}")
             try:
                 self.s3_client(st).list_buckets()
+                self.s3_client(st, https=True).list_buckets()  # pgBackRest and the bench speak TLS
                 return
             except Exception as exc:  # not up yet: connection refused, 503 while the filer starts
                 last = str(exc)
@@ -245,12 +246,13 @@ class Lab:
                                       env={"MOTO_EC2_LOAD_DEFAULT_AMIS": "false"})
         self._wait_http(f"{st.moto_endpoint}/moto-api/", st.pids["moto"], "moto server", log)
 
-    def s3_client(self, st: LabState | None = None):
+    def s3_client(self, st: LabState | None = None, *, https: bool = False):
         import boto3
         from botocore.config import Config
 
         st = st or self.load()
-        return boto3.client("s3", endpoint_url=st.s3_endpoint, aws_access_key_id=st.access_key,
+        return boto3.client("s3", endpoint_url=st.s3_https_endpoint if https else st.s3_endpoint,
+                            verify=st.tls_cert if https else None, aws_access_key_id=st.access_key,
                             aws_secret_access_key=st.secret_key, region_name=LAB_REGION,
                             config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 2}))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import time
@@ -12,24 +13,54 @@ from pathlib import Path
 PG_BIN = Path(os.environ.get("PGOPS_PG_BIN", "/usr/lib/postgresql/15/bin"))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        lo, hi = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(lo), int(hi)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def _listen_candidates() -> list[int]:
+    """Ports outside the kernel's ephemeral range, in random order.
+
+    A port the kernel handed out with bind(0) comes from the ephemeral range, the same range outgoing
+    connections take their local port from: between choosing it and the server binding it, a client
+    socket (SeaweedFS's own volume -> master connections at start-up, say) can take it, and the server's
+    listener then fails. Ports below (or above) that range are never given to client sockets.
+    """
+    lo, hi = _ephemeral_range()
+    pool = list(range(20000, lo)) if lo - 20000 >= 2000 else list(range(max(hi + 1, 1024), 65536))
+    if len(pool) < 2000:
+        pool = list(range(10000, 65536))
+    random.SystemRandom().shuffle(pool)
+    return pool
 
 
 def free_ports(n: int) -> list[int]:
-    """n distinct free ports (held open together so none repeats)."""
-    socks = []
+    """n distinct free loopback ports outside the ephemeral range (held open together so none repeats)."""
+    socks: list[socket.socket] = []
     try:
-        for _ in range(n):
+        for port in _listen_candidates():
+            if len(socks) == n:
+                break
             s = socket.socket()
-            s.bind(("127.0.0.1", 0))
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                s.close()
+                continue
             socks.append(s)
+        if len(socks) < n:
+            raise OSError(f"found only {len(socks)} of {n} free loopback ports")
         return [s.getsockname()[1] for s in socks]
     finally:
         for s in socks:
             s.close()
+
+
+def free_port() -> int:
+    return free_ports(1)[0]
 
 
 def pid_alive(pid: int | None) -> bool:

@@ -112,7 +112,27 @@ for p in /proc/[0-9]*; do
 done | sort -u
 exit 0
 """
-FREE_PORT_PY = ("import socket\ns = socket.socket()\ns.bind(('127.0.0.1', 0))\nprint(s.getsockname()[1])\n")
+# a free loopback port below the ephemeral range (outgoing connections cannot take it before the server binds it)
+FREE_PORT_PY = """import random, socket
+try:
+    lo = int(open('/proc/sys/net/ipv4/ip_local_port_range').read().split()[0])
+except (OSError, ValueError, IndexError):
+    lo = 32768
+pool = list(range(20000, lo)) if lo - 20000 >= 2000 else list(range(10000, 65536))
+random.SystemRandom().shuffle(pool)
+for port in pool:
+    s = socket.socket()
+    try:
+        s.bind(('127.0.0.1', port))
+    except OSError:
+        s.close()
+        continue
+    print(port)
+    s.close()
+    break
+else:
+    raise SystemExit('no free loopback port')
+"""
 # nearest existing ancestor of PATH, then its free bytes
 DF_SCRIPT = 'd=$1; while [ ! -d "$d" ]; do d=$(dirname -- "$d"); done; echo "$d"; df -B1 --output=avail -- "$d" | tail -n 1'
 
