@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -17,9 +18,116 @@ def aws_hook(conn_id: str, client_type: str, region_name: str | None = None):
 
 def s3_client(conn_id: str):
     """S3 client for the cluster's bucket (the connection's service_config.s3.endpoint_url wins for S3)."""
+    return _s3_hook_class()(aws_conn_id=conn_id).conn
+
+
+def __getattr__(name: str) -> Any:
+    # The Amazon provider's S3Hook imports boto3 (~0.6 s): its subclass is made on first use, never at DAG parse time.
+    if name == "PgopsS3Hook":
+        return _s3_hook_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+@functools.cache
+def _s3_hook_class() -> type:
     from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 
-    return S3Hook(aws_conn_id=conn_id).get_conn()
+    class PgopsS3Hook(S3Hook):
+        """The cluster's bucket: reports, progress records, barman-cloud's catalog and listings.
+
+        One boto3 client per hook (``conn`` is cached); the calls are the plain S3 API calls pgops's IAM policy
+        grants. The bucket layouts live in :mod:`pgops.reports`, :mod:`pgops.progress` and :mod:`pgops.audit`,
+        whose functions take a client; this hook gives them its own.
+
+        :param aws_conn_id: the Airflow AWS connection (its ``service_config.s3.endpoint_url`` wins for S3)
+        """
+
+        # --- reports (pgops.reports) ---
+
+        def write_report(self, cluster, report: dict[str, Any]) -> str:
+            """Write a report envelope under its timestamp and as latest.json; the timestamped key."""
+            from pgops import reports
+
+            return reports.write_report(self.conn, cluster, report)
+
+        def read_latest_report(self, cluster, kind: str) -> dict[str, Any] | None:
+            from pgops import reports
+
+            return reports.read_latest(self.conn, cluster, kind)
+
+        def list_reports(self, cluster, kind: str, *, limit: int = 200) -> list[dict[str, Any]]:
+            """The newest ``limit`` reports of a kind, oldest first."""
+            from pgops import reports
+
+            return reports.list_reports(self.conn, cluster, kind, limit=limit)
+
+        # --- progress records (pgops.progress) ---
+
+        def progress_publisher(self, cluster, kind: str):
+            """A callable writing a progress record of ``kind`` (for ProgressTicker's ``publish``)."""
+            from pgops import progress
+
+            return progress.bucket_publisher(self.conn, cluster, kind)
+
+        def read_progress(self, cluster, kind: str) -> dict[str, Any] | None:
+            from pgops import progress
+
+            return progress.read_progress(self.conn, cluster, kind)
+
+        def uploaded_since(self, bucket: str, prefix: str, since) -> int:
+            """Bytes written under ``prefix`` since ``since``, multipart uploads in progress included."""
+            from pgops import progress
+
+            return progress.uploaded_since(self.conn, bucket, prefix, since)
+
+        # --- listings and objects ---
+
+        def iter_objects(self, bucket: str, prefix: str, *, skip_prefixes: tuple[str, ...] = ()):
+            """(key, size_bytes, last_modified) of every object under ``prefix``, page by page."""
+            from pgops import audit
+
+            return audit.iter_listing(self.conn, bucket, prefix, skip_prefixes=skip_prefixes)
+
+        def find_key(self, bucket: str, prefix: str, match) -> str | None:
+            """The first key under ``prefix`` for which ``match(key)`` is true, or None."""
+            for key, _, _ in self.iter_objects(bucket, prefix):
+                if match(key):
+                    return key
+            return None
+
+        def stored_bytes(self, bucket: str, prefix: str) -> int:
+            """Bytes of every object under ``prefix``."""
+            return sum(size for _, size, _ in self.iter_objects(bucket, prefix))
+
+        def fetch_objects(self, bucket: str, keys: list[str]):
+            """({key: decompressed bytes}, {key: last modified}) of the named objects; a missing one is left out."""
+            from pgops import audit
+
+            return audit.fetch(self.conn, bucket, keys)
+
+        # --- barman-cloud's catalog ---
+
+        def backup_ids(self, cluster) -> list[str]:
+            """The backup ids under ``<server prefix>/base/`` (one delimited listing), sorted."""
+            base = f"{cluster.storage.server_prefix}/base/"
+            ids: list[str] = []
+            pages = self.conn.get_paginator("list_objects_v2").paginate(Bucket=cluster.storage.bucket, Prefix=base,
+                                                                        Delimiter="/")
+            for page in pages:
+                ids += [cp["Prefix"][len(base):].rstrip("/") for cp in page.get("CommonPrefixes", [])]
+            return sorted(ids)
+
+        def backup_infos(self, cluster, backup_ids: list[str]) -> dict[str, dict[str, str]]:
+            """{backup id: its parsed backup.info}; a backup still uploading has none and is left out."""
+            from pgops.layouts import parse_barman_backup_info
+
+            base = f"{cluster.storage.server_prefix}/base/"
+            found, _ = self.fetch_objects(cluster.storage.bucket, [f"{base}{i}/backup.info" for i in backup_ids])
+            return {i: parse_barman_backup_info(found[f"{base}{i}/backup.info"]) for i in backup_ids
+                    if f"{base}{i}/backup.info" in found}
+
+    PgopsS3Hook.__qualname__ = "PgopsS3Hook"
+    return PgopsS3Hook
 
 
 def s3_endpoint_url(conn_id: str) -> str | None:

@@ -153,10 +153,10 @@ def publish_for_cluster(cluster_name: str | None, kind: str, record: dict[str, A
     if not cluster_name:
         return
     try:
-        from pgops.hooks import s3_client
+        from pgops.hooks import PgopsS3Hook
         from pgops.inventory import load_inventory
 
         cluster = load_inventory().get(cluster_name)
-        bucket_publisher(s3_client(cluster.aws_conn_id), cluster, kind)(record)
+        PgopsS3Hook(aws_conn_id=cluster.aws_conn_id).progress_publisher(cluster, kind)(record)
     except Exception as exc:  # noqa: BLE001 - the dashboard's record must never stop the work
         log.info("progress not published (%s)", str(exc).splitlines()[0][:200] if str(exc) else exc)

@@ -7,15 +7,19 @@ from typing import Any
 
 from airflow.sdk.exceptions import AirflowFailException
 
-from pgops import audit, reports
-from pgops.hooks import s3_client
+from pgops import audit
 from pgops.operators.base import ClusterOperator
 
 
 class WalArchiveAuditOperator(ClusterOperator):
     """Run the audit, write the report to the bucket, log a summary; fail on a critical finding only.
 
-    apply_lifecycle: put the recommended bucket lifecycle configuration (templated, e.g. from a param).
+    The report (kind "wal-audit") goes to ``<prefix>/<server>/pgops/reports/wal-audit/``; the task returns its
+    summary (also pushed under XCom key "summary", there when the task fails).
+
+    :param cluster_name: the inventory cluster (templated)
+    :param apply_lifecycle: put the recommended bucket lifecycle configuration (templated: a bool, or the text a
+        param renders)
     """
 
     template_fields: Sequence[str] = ("cluster_name", "apply_lifecycle")
@@ -27,12 +31,14 @@ class WalArchiveAuditOperator(ClusterOperator):
     def execute(self, context) -> dict[str, Any]:
         cluster = self.cluster
         apply = str(self.apply_lifecycle).strip().lower() in ("true", "1", "yes")
-        s3 = s3_client(cluster.aws_conn_id)
+        from pgops.hooks import PgopsS3Hook
+
+        s3 = PgopsS3Hook(aws_conn_id=cluster.aws_conn_id)
         try:
-            report = audit.audit_cluster(cluster, s3=s3, run_id=context["run_id"], apply_lifecycle=apply)
+            report = audit.audit_cluster(cluster, s3=s3.conn, run_id=context["run_id"], apply_lifecycle=apply)
         except audit.AuditError as exc:
             raise AirflowFailException(str(exc)) from None
-        key = reports.write_report(s3, cluster, report)
+        key = s3.write_report(cluster, report)
         for line in audit.summary(report).splitlines():
             self.log.info("%s", line)
         self.log.info("report: s3://%s/%s", cluster.storage.bucket, key)

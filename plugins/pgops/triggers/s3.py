@@ -39,22 +39,17 @@ class WalSegmentArchivedTrigger(BaseTrigger):
                 {"aws_conn_id": self.aws_conn_id, "bucket": self.bucket, "key_prefix": self.key_prefix,
                  "poll_interval_s": self.poll_interval_s, "timeout_s": self.timeout_s})
 
-    def _find(self) -> str | None:
-        from pgops.hooks import s3_client
-
-        pages = s3_client(self.aws_conn_id).get_paginator("list_objects_v2").paginate(Bucket=self.bucket,
-                                                                                      Prefix=self.key_prefix)
-        for page in pages:
-            for obj in page.get("Contents", []):
-                if is_segment_key(obj["Key"], self.key_prefix):
-                    return obj["Key"]
-        return None
+    def _is_segment(self, key: str) -> bool:
+        return is_segment_key(key, self.key_prefix)
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
+        from pgops.hooks import PgopsS3Hook
+
+        hook = PgopsS3Hook(aws_conn_id=self.aws_conn_id)  # one client for every poll of this run
         deadline = time.monotonic() + self.timeout_s
         while True:
             try:
-                key = await asyncio.to_thread(self._find)
+                key = await asyncio.to_thread(hook.find_key, self.bucket, self.key_prefix, self._is_segment)
             except Exception as exc:  # transient S3 errors: keep polling until the deadline
                 self.log.warning("listing s3://%s/%s failed: %s", self.bucket, self.key_prefix, exc)
                 key = None
