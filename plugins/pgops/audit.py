@@ -439,35 +439,39 @@ def check_freshness(*, cluster: Cluster, backups: list[layouts.BackupRef], modif
 # --- the audit ------------------------------------------------------------------------------------
 
 
-def audit_cluster(
-    cluster: Cluster,
-    *,
-    s3=None,
-    sql: SqlRunner | None = None,
-    run_id: str = "adhoc",
-    now: datetime | None = None,
-    apply_lifecycle: bool = False,
-    check_live_primary: bool = True,
-    wal_segment_size_bytes: int | None = None,
-) -> dict[str, Any]:
-    """Audit one cluster and return the report envelope (kind wal-audit); write nothing but, when asked,
-    the recommended lifecycle configuration."""
+@dataclass
+class ArchiveListing:
+    """The list phase: the cluster's prefix read once, the primary asked, the last report's primary state."""
+
+    listing: layouts.ListingResult
+    rows: PrimaryRows | None
+    wal_segment_size_bytes: int | None
+    size_source: str | None
+    previous_primary: Mapping[str, Any] | None
+    findings: list[F.Finding]
+
+
+@dataclass
+class ResolvedArchive:
+    """The resolve phase: the backups and timelines the listing names, read from their metadata, and the WAL
+    continuity between them."""
+
+    backups: list[layouts.BackupRef]
+    modified: dict[str, datetime]
+    continuity: Any  # pgops.continuity's result, None without a recognised layout
+    continuity_dict: dict[str, Any] | None
+    body: dict[str, Any]
+    findings: list[F.Finding]
+
+
+def list_archive(cluster: Cluster, s3, sql: SqlRunner | None, *,
+                 wal_segment_size_bytes: int | None = None) -> ArchiveListing:
+    """Ask the primary, then list the cluster's prefix (skipping pgops's own records) with its segment size."""
     from botocore.exceptions import ClientError
 
-    from pgops import hooks
-
-    started_at = reports.utcnow()
-    now = now or started_at
-    if s3 is None:
-        s3 = hooks.s3_client(cluster.aws_conn_id)
-    if sql is None and check_live_primary:
-        def sql(statement: str) -> list[dict[str, Any]]:
-            return hooks.pg_query(cluster.postgres_conn_id, statement)
     storage = cluster.storage
     root = storage.server_prefix
     findings: list[F.Finding] = []
-
-    previous = None
     try:
         previous = reports.read_latest(s3, cluster, KIND)
     except ClientError:
@@ -510,7 +514,18 @@ def audit_cluster(
             evidence={"stanzas": sorted(listing.names)},
             fix="give each stanza its own inventory cluster with its own storage prefix",
         ))
+    return ArchiveListing(listing=listing, rows=rows, wal_segment_size_bytes=size, size_source=size_source,
+                          previous_primary=previous_primary, findings=findings)
 
+
+def resolve_archive(cluster: Cluster, s3, listed: ArchiveListing) -> ResolvedArchive:
+    """Fetch the metadata the listing names (backup.info, sentinels, .history), resolve the backups, the segment
+    size when the primary did not give it, the timelines and the WAL continuity; the report body so far."""
+    storage = cluster.storage
+    root = storage.server_prefix
+    listing = listed.listing
+    findings: list[F.Finding] = []
+    size, size_source = listed.wal_segment_size_bytes, listed.size_source
     backups: list[layouts.BackupRef] = []
     modified: dict[str, datetime] = {}
     fetched: dict[str, bytes] = {}
@@ -519,7 +534,7 @@ def audit_cluster(
         backups, problems = layouts.resolve_backups(listing, fetched)
         findings.extend(problems)
     if size is None:
-        size, size_source, size_findings = _segment_size_from_backups(cluster, backups, listing, rows)
+        size, size_source, size_findings = _segment_size_from_backups(cluster, backups, listing, listed.rows)
         findings.extend(size_findings)
         listing.resize_segments(size)
     if listing.key_count:
@@ -565,14 +580,26 @@ def audit_cluster(
         body["backups"] = [b.to_dict() for b in backups[-MAX_BACKUPS_IN_REPORT:]]
     body["continuity"] = continuity_dict
     body["recoverable_window"] = (continuity_dict or {}).get("window")
+    return ResolvedArchive(backups=backups, modified=modified, continuity=continuity, continuity_dict=continuity_dict,
+                           body=body, findings=findings)
+
+
+def check_archive(cluster: Cluster, s3, listed: ArchiveListing, resolved: ResolvedArchive, *, now: datetime,
+                  apply_lifecycle: bool, check_live_primary: bool) -> list[F.Finding]:
+    """Judge the primary, the standbys, freshness, the bucket lifecycle (applied when asked) and hardening; each
+    check's state goes into ``resolved.body``, its findings are returned."""
+    storage = cluster.storage
+    root = storage.server_prefix
+    listing, body = listed.listing, resolved.body
+    backups, modified, index = resolved.backups, resolved.modified, listing.wal
+    findings: list[F.Finding] = []
 
     primary: dict[str, Any] = {"reachable": None}
-    primary_findings: list[F.Finding] = []
-    if rows is not None:
+    if listed.rows is not None:
         primary, primary_findings = check_primary(
-            rows, cluster=cluster, now=now, newest_segment=(continuity_dict or {}).get("newest_segment"),
-            previous=previous_primary)
-    findings.extend(primary_findings)
+            listed.rows, cluster=cluster, now=now,
+            newest_segment=(resolved.continuity_dict or {}).get("newest_segment"), previous=listed.previous_primary)
+        findings.extend(primary_findings)
     body["primary"] = primary
 
     if check_live_primary and cluster.replication is not None and cluster.replication.standbys:
@@ -590,16 +617,52 @@ def audit_cluster(
     # which keys a rule reaches depends on the layout; an empty prefix will be written by our engine
     layout = listing.layout or (storage.layout if storage.layout != "auto" else
                                 layouts.BARMAN_CLOUD if listing.key_count == 0 else None)
-    newest_id, needs = (newest_backup_needs(backups, continuity, index, modified, root=root, layout=layout, now=now)
-                        if continuity_dict is not None else (None, None))
+    newest_id, needs = (newest_backup_needs(backups, resolved.continuity, index, modified, root=root, layout=layout,
+                                            now=now)
+                        if resolved.continuity_dict is not None else (None, None))
     body["lifecycle"], lifecycle_findings = _lifecycle(s3, cluster, backups=backups, modified=modified,
                                                        interval_s=interval, now=now, apply=apply_lifecycle,
                                                        layout=layout, newest_backup_id=newest_id, needs=needs)
     findings.extend(lifecycle_findings)
     body["hardening"], hardening_findings = check_hardening(s3, storage.bucket)
     findings.extend(hardening_findings)
+    return findings
 
-    ordered = F.worst_first(findings)
+
+def audit_cluster(
+    cluster: Cluster,
+    *,
+    s3=None,
+    sql: SqlRunner | None = None,
+    run_id: str = "adhoc",
+    now: datetime | None = None,
+    apply_lifecycle: bool = False,
+    check_live_primary: bool = True,
+    wal_segment_size_bytes: int | None = None,
+) -> dict[str, Any]:
+    """Audit one cluster and return the report envelope (kind wal-audit); write nothing but, when asked,
+    the recommended lifecycle configuration.
+
+    Three phases: :func:`list_archive` (the primary, then one listing of the prefix), :func:`resolve_archive`
+    (backups, timelines, WAL continuity) and :func:`check_archive` (primary, standbys, freshness, lifecycle,
+    hardening). ``s3`` is a boto3 S3 client (default: PgopsS3Hook's for the cluster's connection).
+    """
+    from pgops import hooks
+
+    started_at = reports.utcnow()
+    now = now or started_at
+    if s3 is None:
+        s3 = hooks.PgopsS3Hook(aws_conn_id=cluster.aws_conn_id).conn
+    if sql is None and check_live_primary:
+        def sql(statement: str) -> list[dict[str, Any]]:
+            return hooks.pg_query(cluster.postgres_conn_id, statement)
+
+    listed = list_archive(cluster, s3, sql, wal_segment_size_bytes=wal_segment_size_bytes)
+    resolved = resolve_archive(cluster, s3, listed)
+    checked = check_archive(cluster, s3, listed, resolved, now=now, apply_lifecycle=apply_lifecycle,
+                            check_live_primary=check_live_primary)
+    body = resolved.body
+    ordered = F.worst_first([*listed.findings, *resolved.findings, *checked])
     body["findings"] = [f.to_dict() for f in ordered]
     body["counts"] = {sev: sum(1 for f in ordered if f.severity == sev) for sev in F.SEVERITIES}
     return reports.envelope(kind=KIND, cluster=cluster.name, run_id=run_id, started_at=started_at,
