@@ -4,7 +4,9 @@
     archive_command = '<dbhost-venv>/bin/pgops-wal-archive --parallel 4 --in-process --background --
                        <dbhost-venv>/bin/barman-cloud-wal-archive ... %p'
 
-(the console script scripts/setup.sh installs into the DB-host tools venv from include/dbhost/pyproject.toml)
+(the console script scripts/setup.sh installs into the DB-host tools venv from include/dbhost/pyproject.toml);
+with engine.wal_archive_parallel: 1 the engine writes `--parallel 1 --in-process --batch 1 --`: each call
+archives its own segment (or history/backup file) in its own process, with the same overwrite check.
 
 barman-cloud-wal-archive starts one Python process per segment (about 1 s of CPU, most of it imports),
 so a busy primary outruns it. Called for segment N, this script also archives the next ready segments
@@ -34,9 +36,10 @@ command says, and never overwrite an archived file):
   archive_command every segment is archived again where the new command says before the call returns 0;
 - a marker is written (and fsynced) only after the file is in the bucket, with the segment file's inode,
   size and mtime: a marker that does not match the file in pg_wal is ignored and the file archived again;
-- no overwrite (--in-process): before an upload the keys of that file (its name, any compression suffix)
-  are listed; identical content (compared decompressed, by sha256) is success without an upload, different
-  content is a failure naming both checksums and the fix. The upload itself is conditional (If-None-Match),
+- no overwrite (--in-process, which the engine's archive_command always uses): before an upload the keys of
+  that file (a segment, a timeline .history or a .backup file: its name, any compression suffix) are listed;
+  identical content (compared decompressed, by sha256) is success without an upload, different content is a
+  failure naming both checksums, the key and the fix. The upload itself is conditional (If-None-Match),
   so a writer that raced the listing is caught the same way;
 - every file is handled on its own: an error (an orphan .ready, a vanished file) costs that file only; each
   writer of a marker has its own temporary name.

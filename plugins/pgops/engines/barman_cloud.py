@@ -101,16 +101,21 @@ def wal_archive_argv(cluster: Cluster, *, endpoint_url: str | None) -> list[str]
 
 
 def archive_command_argv(cluster: Cluster, *, endpoint_url: str | None) -> list[str]:
-    """The archive_command argv (PostgreSQL appends %p). With engine.wal_archive_parallel > 1, the pgops
-    wrapper (the DB-host venv's pgops-wal-archive, include/dbhost/pgops_wal_archive.py): a background pusher
-    archives every ready segment with barman-cloud-wal-archive's own uploader, N at a time, imported once;
-    the call for a segment returns when it is in the bucket."""
+    """The archive_command argv (PostgreSQL appends %p): always the pgops wrapper (the DB-host venv's
+    pgops-wal-archive, include/dbhost/pgops_wal_archive.py) in front of wal_archive_argv, because bare
+    barman-cloud-wal-archive overwrites whatever its key holds; the wrapper uploads with barman's own uploader
+    (--in-process) and never overwrites: the same content already there is success, other content a failure.
+
+    engine.wal_archive_parallel > 1: a background pusher archives every ready segment, N at a time, barman
+    imported once; the call for a segment returns when it is in the bucket.
+    engine.wal_archive_parallel == 1: each call archives its own segment in its own process (--batch 1, no
+    --background), like the bare CLI. No pusher with one thread: that would add a long-lived process, its lock,
+    call records and waits to get one upload at a time, which the calling process gives with none of them; its
+    exit status is that very upload's (or the overwrite check's)."""
     argv = wal_archive_argv(cluster, endpoint_url=endpoint_url)
-    n = cluster.engine.wal_archive_parallel
-    if n <= 1:
-        return argv
-    return [cluster.engine.bin(WAL_ARCHIVE_WRAPPER), "--parallel", str(n), "--in-process",
-            "--background", "--", *argv]
+    n = max(1, cluster.engine.wal_archive_parallel)
+    mode = ["--background"] if n > 1 else ["--batch", "1"]
+    return [cluster.engine.bin(WAL_ARCHIVE_WRAPPER), "--parallel", str(n), "--in-process", *mode, "--", *argv]
 
 
 def wal_archive_spool_dir(data_dir: str) -> str:
