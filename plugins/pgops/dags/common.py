@@ -74,6 +74,18 @@ def backup_asset(cluster: Cluster) -> Asset:
                  group="pgops-backups")
 
 
+def xcom(task: Any, key: str | None = None) -> str:
+    """A template of ``task``'s XCom (its return value, or ``key``), for an operator argument in a DAG with
+    render_template_as_native_obj: the operator gets the object itself, None when the task pushed nothing."""
+    key_arg = f", key={key!r}" if key else ""
+    return f"{{{{ ti.xcom_pull(task_ids={task.task_id!r}{key_arg}) }}}}"
+
+
+def outcomes(*tasks: Any) -> dict[str, dict[str, str]]:
+    """For a report: every task's return value and its XCom "error", by task id (templates, see xcom)."""
+    return {t.task_id: {"value": xcom(t), "error": xcom(t, "error")} for t in tasks}
+
+
 def dag_tags(cluster: Cluster, kind: str) -> list[str]:
     return ["pgops", kind, f"cluster:{cluster.name}", *cluster.tags]
 

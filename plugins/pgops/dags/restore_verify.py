@@ -1,7 +1,8 @@
 """DAG factory: pgops_restore_verify__<cluster>.
 
 canary → setup → restore → wait_recovery → checks → report, and a teardown that runs whatever happened
-upstream (a failed or killed setup included). Runs after each verified base backup (asset) and on its own
+upstream (a failed or killed setup included). Each step gets the values of the steps before it as templated
+arguments (rendered as native objects); the report gets every step's value and error. Runs after each verified base backup (asset) and on its own
 cron; a manual run takes a backup id, a target (latest, canary, timestamp, LSN), the checks and `keep`.
 """
 
@@ -13,7 +14,7 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import DAG, AssetOrTimeSchedule, CronTriggerTimetable, Param, TriggerRule
 
-from pgops.dags.common import backup_asset, dag_tags, default_args, pgops_dag
+from pgops.dags.common import backup_asset, dag_tags, default_args, outcomes, pgops_dag, xcom
 from pgops.deadlines import deadline_alerts
 from pgops.inventory import Cluster
 from pgops.operators.restore import (
@@ -82,21 +83,25 @@ def build_restore_verify_dag(cluster: Cluster) -> DAG:
                                        execution_timeout=timedelta(minutes=15))
         setup = RestoreSetupOperator(
             task_id="setup", cluster_name=cluster.name, queue=q, backup_id="{{ params.backup_id }}",
-            target="{{ params.target }}", scratch_root="{{ params.scratch_root }}",
+            target="{{ params.target }}", canary=xcom(canary), scratch_root="{{ params.scratch_root }}",
             required_bytes="{{ params.required_bytes }}", trigger_rule=TriggerRule.NONE_FAILED,
             execution_timeout=timedelta(minutes=30))
+        plan = xcom(setup)
         restore = BarmanCloudRestoreOperator(
-            task_id="restore", cluster_name=cluster.name, queue=q, pool=cluster.pool,
+            task_id="restore", cluster_name=cluster.name, queue=q, pool=cluster.pool, plan=plan,
             execution_timeout=timedelta(seconds=cluster.engine.timeout_s + 600))
-        wait = RecoveryEndedOperator(task_id="wait_recovery", cluster_name=cluster.name, queue=q,
-                                     timeout_s="{{ params.recovery_timeout_s }}")
-        checks = RestoreChecksOperator(task_id="checks", cluster_name=cluster.name, queue=q,
+        wait = RecoveryEndedOperator(task_id="wait_recovery", cluster_name=cluster.name, queue=q, plan=plan,
+                                     started=xcom(restore), timeout_s="{{ params.recovery_timeout_s }}")
+        checks = RestoreChecksOperator(task_id="checks", cluster_name=cluster.name, queue=q, plan=plan,
                                        checks="{{ params.checks }}", heapallindexed="{{ params.heapallindexed }}",
                                        execution_timeout=timedelta(seconds=cluster.engine.timeout_s))
-        report = RestoreReportOperator(task_id="report", cluster_name=cluster.name, keep="{{ params.keep }}",
-                                       horizon_days="{{ params.horizon_days }}", trigger_rule=TriggerRule.ALL_DONE,
-                                       execution_timeout=timedelta(minutes=10))
-        teardown = RestoreTeardownOperator(task_id="teardown", cluster_name=cluster.name, queue=q,
+        report = RestoreReportOperator(
+            task_id="report", cluster_name=cluster.name, steps=outcomes(canary, setup, restore, wait, checks),
+            optional_steps=(canary.task_id,), plan=plan, canary=xcom(canary), started=xcom(restore),
+            recovery=xcom(wait), checks=xcom(checks, "checks"), keep="{{ params.keep }}",
+            horizon_days="{{ params.horizon_days }}", trigger_rule=TriggerRule.ALL_DONE,
+            execution_timeout=timedelta(minutes=10))
+        teardown = RestoreTeardownOperator(task_id="teardown", cluster_name=cluster.name, queue=q, plan=plan,
                                            keep="{{ params.keep }}", scratch_root="{{ params.scratch_root }}",
                                            execution_timeout=timedelta(hours=1))
         canary >> setup >> restore >> wait >> checks >> [report, teardown.as_teardown(setups=setup)]

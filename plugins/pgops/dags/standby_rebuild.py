@@ -6,7 +6,9 @@ restore comes from the S3 backup plus archived WAL, so the primary only serves t
 slot. approve_rebuild asks a person (Required Actions) with the node, host, data directory and system identifier
 before anything is stopped, removed or created; Reject or no answer within approval_timeout_minutes leaves
 everything as it was, and skip_approval=true rebuilds without asking. The audit's failover findings link this DAG
-with the params filled in (they never set skip_approval).
+with the params filled in (they never set skip_approval). Each step gets the preflight's plan and the values of
+the steps before it as templated arguments (rendered as native objects); the report gets every step's value and
+error.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import DAG, Param, TriggerRule
 
-from pgops.dags.common import dag_tags, default_args, pgops_dag
+from pgops.dags.common import dag_tags, default_args, outcomes, pgops_dag, xcom
 from pgops.inventory import Cluster
 from pgops.operators.approval import MAX_TIMEOUT_MINUTES, REBUILD_GATE, StandbyRebuildApprovalOperator
 from pgops.operators.standby import (
@@ -100,18 +102,25 @@ def build_standby_rebuild_dag(cluster: Cluster) -> DAG:
             backup="{{ params.backup }}", socket_dir="{{ params.socket_dir }}",
             required_bytes="{{ params.required_bytes }}", settings="{{ params.settings }}",
             execution_timeout=timedelta(minutes=15))
+        plan = xcom(preflight)
         approve = StandbyRebuildApprovalOperator(task_id=REBUILD_GATE, cluster_name=cluster.name,
                                                  skip_approval="{{ params.skip_approval }}",
                                                  timeout_minutes="{{ params.approval_timeout_minutes }}")
         restore = StandbyRestoreOperator(
-            task_id="restore", cluster_name=cluster.name, queue=q, pool=cluster.pool,
+            task_id="restore", cluster_name=cluster.name, queue=q, pool=cluster.pool, plan=plan,
             wal_parallel="{{ params.wal_parallel }}", extra_settings="{{ params.settings }}",
             execution_timeout=timedelta(seconds=cluster.engine.timeout_s + 600))
-        wait = StandbyStreamingOperator(task_id="wait_streaming", cluster_name=cluster.name, queue=q,
+        slot_created = xcom(restore, "slot_created")
+        wait = StandbyStreamingOperator(task_id="wait_streaming", cluster_name=cluster.name, queue=q, plan=plan,
+                                        slot_created=slot_created, started=xcom(restore),
                                         timeout_s="{{ params.timeout_s }}", max_lag_bytes="{{ params.max_lag_bytes }}")
-        register = StandbyRegisterOperator(task_id="register", cluster_name=cluster.name, queue=q,
-                                           execution_timeout=timedelta(minutes=10))
-        report = StandbyReportOperator(task_id="report", cluster_name=cluster.name,
-                                       trigger_rule=TriggerRule.ALL_DONE, execution_timeout=timedelta(minutes=10))
+        register = StandbyRegisterOperator(task_id="register", cluster_name=cluster.name, queue=q, plan=plan,
+                                           slot_created=slot_created, execution_timeout=timedelta(minutes=10))
+        report = StandbyReportOperator(
+            task_id="report", cluster_name=cluster.name, steps=outcomes(preflight, restore, wait, register),
+            optional_steps=(register.task_id,), gated_steps=(restore.task_id, wait.task_id, register.task_id),
+            approval=xcom(approve), plan=plan, slot_created=slot_created, started=xcom(restore),
+            streaming=xcom(wait), registered=xcom(register), trigger_rule=TriggerRule.ALL_DONE,
+            execution_timeout=timedelta(minutes=10))
         preflight >> approve >> restore >> wait >> register >> report
     return dag

@@ -2,15 +2,19 @@
 
 Commands on the restore host go through the cluster's runner (as the postgres OS user in the lab); AWS
 credentials reach barman-cloud and the scratch PostgreSQL through the environment, never argv.
-Each step pushes its error under XCom key "error" so the report can say what broke.
+Each step pushes its error under XCom key "error" so the report can say what broke. A step gets what the steps
+before it returned as templated arguments (the DAG factory passes them; pgops.dags.common.xcom), never by pulling
+another task's XCom itself.
 """
 
 from __future__ import annotations
 
+import ast
 import asyncio
+import json
 import posixpath
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -23,7 +27,7 @@ from pgops.archiver import ARCHIVER_SQL, archiver_health
 from pgops.dbhost import DbHost, DbHostError
 from pgops.dbhost.host import node_runner
 from pgops.engines import barman_cloud
-from pgops.hooks import aws_child_env, pg_connect, pg_query, s3_client, s3_endpoint_url
+from pgops.hooks import aws_child_env, pg_connect, pg_query, s3_endpoint_url
 from pgops.inventory import REPO_ROOT, Cluster, ReplicaNode
 from pgops.operators.base import ClusterOperator, param_checked, pg_bin, stop_proven_postmaster, truthy
 from pgops.params import (
@@ -34,7 +38,7 @@ from pgops.params import (
     check_number,
     check_target_time,
 )
-from pgops.reports import envelope, list_reports, utcnow, write_report
+from pgops.reports import envelope, utcnow
 from pgops.runners import CommandFailed
 
 DEFAULT_SCRATCH_ROOT = "/var/tmp/pgops-restore"
@@ -56,14 +60,41 @@ def scratch_paths(root: str, dag_id: str, run_id: str) -> dict[str, str]:
             "spool_dir": f"{scratch}/spool", "log_file": f"{scratch}/postgres.log"}
 
 
+def as_mapping(value: Any, what: str = "value") -> dict[str, Any] | None:
+    """A templated mapping as a dict: the object itself (render_template_as_native_obj), or the text a plain
+    template renders (JSON or a Python literal); None when it is empty (the task that makes it pushed nothing)."""
+    if value is None:
+        return None
+    if isinstance(value, Mapping):
+        return dict(value)
+    if isinstance(value, str):
+        text = value.strip()
+        if text in ("", "None", "null"):
+            return None
+        try:
+            return as_mapping(json.loads(text), what)
+        except ValueError:
+            try:
+                return as_mapping(ast.literal_eval(text), what)
+            except (ValueError, SyntaxError):
+                pass
+    raise AirflowFailException(f"{what} {str(value)[:200]!r} is not a mapping. Fix: pass the upstream task's "
+                               "return value (pgops.dags.common.xcom) in a DAG with render_template_as_native_obj")
+
+
 class RestoreStepOperator(ClusterOperator):
-    """A step of the restore verification; its failure message is kept in XCom for the report."""
+    """A step of the restore verification; its failure message is kept in XCom (key "error") for the report.
 
-    template_fields: Sequence[str] = ("cluster_name",)
+    :param cluster_name: the inventory cluster (templated)
+    :param plan: the plan the step acts on, as the planning step returned it (restore: setup; standby rebuild:
+        preflight), templated; None for the steps before it
+    """
 
-    def __init__(self, *, setup_task_id: str = "setup", **kwargs: Any):
+    template_fields: Sequence[str] = ("cluster_name", "plan")
+
+    def __init__(self, *, plan: Mapping[str, Any] | str | None = None, **kwargs: Any):
         super().__init__(**kwargs)
-        self.setup_task_id = setup_task_id
+        self.plan = plan
 
     def execute(self, context) -> Any:
         return self._guard(context, self.run_step, context)
@@ -102,17 +133,28 @@ class RestoreStepOperator(ClusterOperator):
         """Run argv on the restore host (the cluster's runner) with only the environment it needs."""
         return self.dbhost(cluster).run(argv, env=env, timeout_s=timeout_s, capture=capture, check=check)
 
-    def plan(self, context) -> dict[str, Any]:
-        plan = context["ti"].xcom_pull(task_ids=self.setup_task_id)
+    def planned(self) -> dict[str, Any]:
+        """The plan; fails the step when there is none (the planning step did not finish)."""
+        plan = as_mapping(self.plan, "plan")
         if not plan:
-            raise AirflowFailException(f"no restore plan from task {self.setup_task_id!r}: it did not finish")
+            raise AirflowFailException(f"task {self.task_id}: no plan: the planning step before it did not finish")
         return plan
 
 
 class RestoreCanaryOperator(RestoreStepOperator):
-    """Write a canary row on the primary (own transaction), switch WAL (another), wait until it is archived."""
+    """Write a canary row on the primary (own transaction), switch WAL (another), wait until it is archived.
 
-    template_fields: Sequence[str] = ("cluster_name", "target")
+    Skipped for a target that is a fixed point in the past. Returns the canary: id, xid, committed_at, lsn,
+    segment, archived_at, archive_lag_s.
+
+    :param cluster_name: the inventory cluster (templated)
+    :param target: the restore target (templated): canary or latest write a canary, anything else skips
+    :param archive_timeout_s: how long to wait for the canary's segment to be archived (default: the RPO target,
+        at least 60 s)
+    :param poll_interval_s: seconds between two looks at pg_stat_archiver
+    """
+
+    template_fields: Sequence[str] = (*RestoreStepOperator.template_fields, "target")
 
     def __init__(self, *, target: str = "canary", archive_timeout_s: float | None = None, poll_interval_s: float = 1.0,
                  **kwargs: Any):
@@ -172,21 +214,33 @@ class RestoreCanaryOperator(RestoreStepOperator):
 
 
 class RestoreSetupOperator(RestoreStepOperator):
-    """Pick the backup and target, make the scratch area, check free space against the backup size, pick a port."""
+    """Pick the backup and target, make the scratch area, check free space against the backup size, pick a port.
 
-    template_fields: Sequence[str] = ("cluster_name", "backup_id", "target", "scratch_root", "required_bytes",
-                                      "canary_mode")
+    Returns the restore plan the later steps act on (paths, port, backup, target, canary, bytes needed and free).
 
-    def __init__(self, *, backup_id: str = "latest", target: str = "canary", scratch_root: str = DEFAULT_SCRATCH_ROOT,
-                 required_bytes: int | str = 0, canary_mode: str = "xid", canary_task_id: str = "canary",
-                 db_user: str = "postgres", **kwargs: Any):
+    :param cluster_name: the inventory cluster (templated)
+    :param backup_id: backup id or name from the catalog, or latest (templated)
+    :param target: latest, canary, an ISO timestamp with zone or an LSN (templated)
+    :param canary: the canary step's result (templated); used for the targets canary and latest
+    :param scratch_root: directory on the restore host for scratch areas (templated)
+    :param required_bytes: free bytes the restore needs, 0 for the backup's size plus a margin (templated)
+    :param canary_mode: how a canary target is expressed to recovery: xid or time (templated)
+    :param db_user: the scratch instance's database user
+    """
+
+    template_fields: Sequence[str] = (*RestoreStepOperator.template_fields, "backup_id", "target", "canary",
+                                      "scratch_root", "required_bytes", "canary_mode")
+
+    def __init__(self, *, backup_id: str = "latest", target: str = "canary",
+                 canary: Mapping[str, Any] | str | None = None, scratch_root: str = DEFAULT_SCRATCH_ROOT,
+                 required_bytes: int | str = 0, canary_mode: str = "xid", db_user: str = "postgres", **kwargs: Any):
         super().__init__(**kwargs)
         self.backup_id = backup_id
         self.target = target
+        self.canary = canary
         self.scratch_root = scratch_root
         self.required_bytes = required_bytes
         self.canary_mode = canary_mode
-        self.canary_task_id = canary_task_id
         self.db_user = db_user
 
     def run_step(self, context) -> dict[str, Any]:
@@ -198,7 +252,7 @@ class RestoreSetupOperator(RestoreStepOperator):
                       maximum=MAX_REQUIRED_BYTES, integer=True)
         try:
             kind, value = core.parse_target(str(self.target))
-            canary = context["ti"].xcom_pull(task_ids=self.canary_task_id) if kind in ("canary", "latest") else None
+            canary = as_mapping(self.canary, "canary") if kind in ("canary", "latest") else None
             target = core.resolve_target(kind, value, canary=canary, canary_mode=self.canary_mode)
             backup = core.choose_backup(self.catalog(cluster), str(self.backup_id or "latest"),
                                         before=core.target_time(target, canary))
@@ -233,9 +287,19 @@ class RestoreSetupOperator(RestoreStepOperator):
 
 class BarmanCloudRestoreOperator(RestoreStepOperator):
     """The base backup into the scratch area (restore_base_backup: parts in parallel), recovery settings, then
-    start PostgreSQL (no wait)."""
+    start PostgreSQL (no wait).
 
-    template_fields: Sequence[str] = ("cluster_name", "wal_parallel")
+    Returns the started instance: pid, download_s, restore_started_at, pg_started_at and the restorer's figures.
+
+    :param cluster_name: the inventory cluster (templated)
+    :param plan: the setup step's restore plan (templated)
+    :param wal_parallel: WAL prefetch downloads at a time in restore_command (templated; None: the cluster's
+        engine.jobs)
+    :param extra_settings: more settings appended to postgresql.auto.conf
+    :param progress_interval_s: seconds between two progress lines and bucket records
+    """
+
+    template_fields: Sequence[str] = (*RestoreStepOperator.template_fields, "wal_parallel")
 
     def __init__(self, *, wal_parallel: int | str | None = None, extra_settings: dict[str, str] | None = None,
                  progress_interval_s: float = progress.DEFAULT_INTERVAL_S, **kwargs: Any):
@@ -246,7 +310,7 @@ class BarmanCloudRestoreOperator(RestoreStepOperator):
 
     def run_step(self, context) -> dict[str, Any]:
         cluster = self.cluster
-        plan = self.plan(context)
+        plan = self.planned()
         endpoint = s3_endpoint_url(cluster.engine_aws_conn_id)
         aws_env = aws_child_env(cluster.engine_aws_conn_id)
         started_at = utcnow()
@@ -293,12 +357,14 @@ class BarmanCloudRestoreOperator(RestoreStepOperator):
     def _progress(self, cluster: Cluster, plan: dict[str, Any], run_id: str) -> progress.ProgressTicker:
         """Bytes in the data directory on the restore host (its own DbHost: the restore's runner is busy) against
         the backup's size."""
+        from pgops.hooks import PgopsS3Hook
+
         watcher = self.dbhost(cluster)
         total = plan.get("backup_size_bytes")
         return progress.ProgressTicker(
             kind="restore", what=f"restore of {cluster.name} backup {plan['backup_id']}", run_id=run_id, log=self.log,
             interval_s=self.progress_interval_s,
-            publish=progress.bucket_publisher(s3_client(cluster.aws_conn_id), cluster, "restore"),
+            publish=PgopsS3Hook(aws_conn_id=cluster.aws_conn_id).progress_publisher(cluster, "restore"),
             measure=lambda: {"done_bytes": watcher.used_bytes(plan["data_dir"]), "total_bytes": total,
                              "verb": "restored"})
 
@@ -364,15 +430,26 @@ async def _first_event(trigger) -> dict[str, Any]:
 
 
 class RecoveryEndedOperator(RestoreStepOperator):
-    """Deferrable wait until the scratch instance leaves recovery (no worker slot held through a long replay)."""
+    """Deferrable wait until the scratch instance leaves recovery (no worker slot held through a long replay).
 
-    template_fields: Sequence[str] = ("cluster_name", "timeout_s")
+    Returns replay_s, segments_replayed, last_restored_segment, recovery_stop, recovered_at and rto_s.
 
-    def __init__(self, *, restore_task_id: str = "restore", timeout_s: float | str = 6 * 3600,
+    :param cluster_name: the inventory cluster (templated)
+    :param plan: the setup step's restore plan (templated)
+    :param started: the restore step's result, the started instance (templated)
+    :param timeout_s: fail when recovery has not ended after this long (templated)
+    :param poll_interval_s: seconds between two looks at the instance
+    :param wait_before_defer_s: how long to wait in the worker before deferring (a short replay never defers)
+    :param progress_interval_s: seconds between two progress records of the replay
+    """
+
+    template_fields: Sequence[str] = (*RestoreStepOperator.template_fields, "started", "timeout_s")
+
+    def __init__(self, *, started: Mapping[str, Any] | str | None = None, timeout_s: float | str = 6 * 3600,
                  poll_interval_s: float = 2.0, wait_before_defer_s: float = 30.0,
                  progress_interval_s: float = progress.DEFAULT_INTERVAL_S, **kwargs: Any):
         super().__init__(**kwargs)
-        self.restore_task_id = restore_task_id
+        self.started = started
         self.timeout_s = timeout_s
         self.poll_interval_s = poll_interval_s
         self.wait_before_defer_s = wait_before_defer_s
@@ -381,10 +458,8 @@ class RecoveryEndedOperator(RestoreStepOperator):
     def run_step(self, context) -> dict[str, Any] | None:
         from pgops.triggers.restore import RecoveryEndedTrigger
 
-        plan = self.plan(context)
-        started = context["ti"].xcom_pull(task_ids=self.restore_task_id)
-        if not started:
-            raise AirflowFailException(f"no scratch instance from task {self.restore_task_id!r}")
+        plan = self.planned()
+        started = self.started_instance()
         timeout_s = param_checked(check_duration, "recovery_timeout_s", self.timeout_s, MAX_RECOVERY_TIMEOUT_S,
                                   min_s=1)
         watch = {"cluster_name": self.cluster.name, "data_dir": plan["data_dir"], "socket_dir": plan["socket_dir"],
@@ -405,17 +480,24 @@ class RecoveryEndedOperator(RestoreStepOperator):
         self.defer(trigger=RecoveryEndedTrigger(**watch, timeout_s=timeout_s),
                    method_name="execute_complete", timeout=timedelta(seconds=timeout_s + 120))
 
+    def started_instance(self) -> dict[str, Any]:
+        started = as_mapping(self.started, "started")
+        if not started:
+            raise AirflowFailException(f"task {self.task_id}: no scratch instance: the restore step did not finish")
+        return started
+
     def execute_complete(self, context, event: dict[str, Any]) -> dict[str, Any]:
         return self._guard(context, self._complete, context, event)
 
     def _complete(self, context, event: dict[str, Any]) -> dict[str, Any]:
-        plan = self.plan(context)
+        # after a deferral this is a fresh operator: plan and started are rendered again from the same XComs
+        plan = self.planned()
         if event.get("status") != "success":
             for line in event.get("log_tail") or []:
                 self.log.error("server log: %s", line)
             raise AirflowFailException(f"restore of backup {plan['backup_id']} to "
                                        f"{core.RecoveryTarget(**plan['target']).describe()} failed: {event.get('message')}")
-        started = context["ti"].xcom_pull(task_ids=self.restore_task_id)
+        started = self.started_instance()
         begin, ready = core.log_timestamp(event.get("started_at")), core.log_timestamp(event.get("ready_at"))
         ended_at = datetime.fromisoformat(event["ended_at"])
         replay_s = (ready - begin).total_seconds() if begin and ready else \
@@ -431,9 +513,19 @@ class RecoveryEndedOperator(RestoreStepOperator):
 
 
 class RestoreChecksOperator(RestoreStepOperator):
-    """Prove the data: canary row, system identifier, pg_amcheck, SQL checks (each must return no rows)."""
+    """Prove the data: canary row, system identifier, pg_amcheck, SQL checks (each must return no rows).
 
-    template_fields: Sequence[str] = ("cluster_name", "checks", "heapallindexed")
+    Returns (and pushes under XCom key "checks", there when a check fails) the results, the database size and
+    the databases.
+
+    :param cluster_name: the inventory cluster (templated)
+    :param plan: the setup step's restore plan (templated)
+    :param checks: the checks to run, a subset of pgops.restore.CHECKS (templated: a list or its JSON)
+    :param heapallindexed: pg_amcheck --heapallindexed (templated)
+    :param sql_dir: directory of the SQL checks (default include/sql/checks)
+    """
+
+    template_fields: Sequence[str] = (*RestoreStepOperator.template_fields, "checks", "heapallindexed")
 
     def __init__(self, *, checks: Sequence[str] | str = core.CHECKS, heapallindexed: bool | str = True,
                  sql_dir: str | None = None, **kwargs: Any):
@@ -449,7 +541,7 @@ class RestoreChecksOperator(RestoreStepOperator):
 
     def run_step(self, context) -> dict[str, Any]:
         cluster = self.cluster
-        plan = self.plan(context)
+        plan = self.planned()
         self._host = self.dbhost(cluster)
         wanted = _as_list(self.checks)
         unknown = sorted(set(wanted) - set(core.CHECKS))
@@ -534,30 +626,60 @@ class RestoreChecksOperator(RestoreStepOperator):
         return out
 
 
+def step_outcomes(steps: Any, optional: Sequence[str] = ()) -> tuple[dict[str, str], list[str]]:
+    """(errors by step, steps that did not finish) from the factory's mapping {task id: {"value", "error"}}: a step
+    not finished returned nothing and recorded no error; an optional one may return nothing."""
+    outcomes = {name: as_mapping(outcome, f"outcome of {name}") or {}
+                for name, outcome in (as_mapping(steps, "steps") or {}).items()}
+    errors = {name: str(o["error"]) for name, o in outcomes.items() if o.get("error")}
+    missing = [name for name, o in outcomes.items()
+               if name not in optional and o.get("value") is None and name not in errors]
+    return errors, missing
+
+
 class RestoreReportOperator(RestoreStepOperator):
-    """Measurements, RTO against the target and its trend, a durable JSON report; fails the run if any step failed."""
+    """Measurements, RTO against the target and its trend, a durable JSON report; fails the run if any step failed.
 
-    template_fields: Sequence[str] = ("cluster_name", "horizon_days", "keep")
+    :param cluster_name: the inventory cluster (templated)
+    :param steps: every step's outcome by task id, ``{task_id: {"value": <return value>, "error": <XCom
+        "error">}}`` (templated); a step that returned nothing and recorded no error did not finish
+    :param optional_steps: steps that may return nothing (the canary, skipped for a fixed target)
+    :param plan: the setup step's restore plan (templated)
+    :param canary: the canary step's result (templated)
+    :param started: the restore step's result (templated)
+    :param recovery: the recovery wait's result (templated)
+    :param checks: the checks step's results, its XCom "checks" (templated)
+    :param horizon_days: the RTO trend's warning horizon (templated)
+    :param keep: whether the scratch instance is kept, for the report (templated)
+    """
 
-    def __init__(self, *, steps: Sequence[str] = ("canary", "setup", "restore", "wait_recovery", "checks"),
+    template_fields: Sequence[str] = (*RestoreStepOperator.template_fields, "steps", "canary", "started", "recovery",
+                                      "checks", "horizon_days", "keep")
+
+    def __init__(self, *, steps: Mapping[str, Any] | str | None = None, optional_steps: Sequence[str] = ("canary",),
+                 canary: Mapping[str, Any] | str | None = None, started: Mapping[str, Any] | str | None = None,
+                 recovery: Mapping[str, Any] | str | None = None, checks: Mapping[str, Any] | str | None = None,
                  horizon_days: int | str = 90, keep: bool | str = False, **kwargs: Any):
         super().__init__(**kwargs)
-        self.steps = list(steps)
+        self.steps = steps
+        self.optional_steps = tuple(optional_steps)
+        self.canary = canary
+        self.started = started
+        self.recovery = recovery
+        self.checks = checks
         self.horizon_days = horizon_days
         self.keep = keep
 
     def run_step(self, context) -> dict[str, Any]:
+        from pgops.hooks import PgopsS3Hook
+
         cluster = self.cluster
-        ti = context["ti"]
-        errors = {s: ti.xcom_pull(task_ids=s, key="error") for s in self.steps}
-        errors = {k: v for k, v in errors.items() if v}
-        values = {s: ti.xcom_pull(task_ids=s) for s in self.steps}
-        checks = ti.xcom_pull(task_ids="checks", key="checks") or {}
-        missing = [s for s in self.steps if s != "canary" and values.get(s) is None and s not in errors]
+        errors, missing = step_outcomes(self.steps, self.optional_steps)
         failed = bool(errors or missing)
-        plan = values.get("setup") or {}
-        restore = values.get("restore") or {}
-        wait = values.get("wait_recovery") or {}
+        checks = as_mapping(self.checks, "checks") or {}
+        plan = as_mapping(self.plan, "plan") or {}
+        restore = as_mapping(self.started, "started") or {}
+        wait = as_mapping(self.recovery, "recovery") or {}
         measurements = {
             "database_size_bytes": checks.get("database_size_bytes"),
             "backup_size_bytes": plan.get("backup_size_bytes"),
@@ -565,10 +687,10 @@ class RestoreReportOperator(RestoreStepOperator):
             "restore_parts": restore.get("parts"), "replay_s": wait.get("replay_s"),
             "segments_replayed": wait.get("segments_replayed"), "rto_s": wait.get("rto_s") if not failed else None,
         }
-        s3 = s3_client(cluster.aws_conn_id)
+        s3 = PgopsS3Hook(aws_conn_id=cluster.aws_conn_id)
         trend = core.RtoTrend(points=0, horizon_days=int(self.horizon_days))
         if measurements["rto_s"] is not None and measurements["database_size_bytes"]:
-            history = core.history_points(list_reports(s3, cluster, "restore-verify"))
+            history = core.history_points(s3.list_reports(cluster, "restore-verify"))
             history.append({"at": utcnow(), "size_bytes": measurements["database_size_bytes"],
                             "rto_s": measurements["rto_s"]})
             trend = core.rto_trend(history, target_s=cluster.targets.rto_s, horizon_days=int(self.horizon_days))
@@ -578,7 +700,7 @@ class RestoreReportOperator(RestoreStepOperator):
                                                            getattr(context["dag_run"], "start_date", None))
         body = {
             "backup_id": plan.get("backup_id"), "backup_end_time": plan.get("backup_end_time"),
-            "target": plan.get("target"), "target_param": plan.get("target_param"), "canary": values.get("canary"),
+            "target": plan.get("target"), "target_param": plan.get("target_param"), "canary": as_mapping(self.canary, "canary"),
             "recovery_stop": wait.get("recovery_stop"), "last_restored_segment": wait.get("last_restored_segment"),
             "checks": checks.get("checks"), "measurements": measurements, "rto_target_s": cluster.targets.rto_s,
             "rto_trend": trend.to_dict(), "errors": errors, "steps_not_finished": missing,
@@ -587,7 +709,7 @@ class RestoreReportOperator(RestoreStepOperator):
         }
         report = envelope(kind="restore-verify", cluster=cluster.name, run_id=context["run_id"],
                           started_at=_as_dt(started_at) or utcnow(), status=status, body=body)
-        key = write_report(s3, cluster, report)
+        key = s3.write_report(cluster, report)
         self.log.info("restore verification of %s: %s | backup %s | target %s | size %s | download %s s | replay %s s "
                       "(%s segments) | RTO %s s (target %s s) | report s3://%s/%s", cluster.name, status.upper(),
                       plan.get("backup_id"), plan.get("target"), core.human_bytes(measurements["database_size_bytes"] or 0),
@@ -605,9 +727,18 @@ class RestoreReportOperator(RestoreStepOperator):
 
 
 class RestoreTeardownOperator(RestoreStepOperator):
-    """Stop the scratch PostgreSQL (pg_ctl -m immediate, then its pid) and remove the scratch area, unless keep."""
+    """Stop the scratch PostgreSQL (pg_ctl -m immediate, then its pid) and remove the scratch area, unless keep.
 
-    template_fields: Sequence[str] = ("cluster_name", "keep", "scratch_root")
+    Runs whatever happened upstream: without a plan (setup failed, was killed or never ran) it removes what a
+    partial setup made at the path setup derives from the run.
+
+    :param cluster_name: the inventory cluster (templated)
+    :param plan: the setup step's restore plan (templated; None when setup did not finish)
+    :param keep: leave the scratch instance running and log how to remove it (templated)
+    :param scratch_root: directory on the restore host for scratch areas (templated)
+    """
+
+    template_fields: Sequence[str] = (*RestoreStepOperator.template_fields, "keep", "scratch_root")
 
     def __init__(self, *, keep: bool | str = False, scratch_root: str = DEFAULT_SCRATCH_ROOT, **kwargs: Any):
         super().__init__(**kwargs)
@@ -616,7 +747,7 @@ class RestoreTeardownOperator(RestoreStepOperator):
 
     def run_step(self, context) -> dict[str, Any]:
         cluster = self.cluster
-        plan = context["ti"].xcom_pull(task_ids=self.setup_task_id)
+        plan = as_mapping(self.plan, "plan")
         if not plan:
             # Setup did not finish (failed, killed or never ran): there is no instance worth keeping, only
             # whatever a partial setup made. Same path as setup derives from the run.

@@ -9,13 +9,14 @@ node's or a standby's old contents. The preflight only reads; a person approves 
 gate, pgops.operators.approval) before the restore step changes anything. The primary is only read, plus its
 replication slot created when missing (by the restore step, dropped again when the rebuild fails) and one WAL
 switch. Any failure after the restore step began stops the target and names its data directory in the error.
+Each step gets what the steps before it returned as templated arguments from the DAG factory.
 """
 
 from __future__ import annotations
 
 import posixpath
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -26,16 +27,20 @@ from pgops import replication as repl_core
 from pgops import restore as core
 from pgops.dbhost import DbHost
 from pgops.engines import barman_cloud
-from pgops.hooks import aws_child_env, pg_query, s3_client, s3_endpoint_url
+from pgops.hooks import aws_child_env, pg_query, s3_endpoint_url
 from pgops.inventory import Cluster, ReplicaNode, Replication
-from pgops.operators.approval import NOT_APPROVED, REBUILD_GATE, describe
+from pgops.operators.approval import NOT_APPROVED, describe
 from pgops.operators.base import param_checked, pg_bin, stop_proven_postmaster, truthy
-from pgops.operators.restore import RestoreStepOperator, restore_base_backup, wait_started
+from pgops.operators.restore import (
+    RestoreStepOperator,
+    as_mapping,
+    restore_base_backup,
+    step_outcomes,
+    wait_started,
+)
 from pgops.params import MAX_STANDBY_TIMEOUT_S, check_abs_dir, check_duration
-from pgops.reports import envelope, utcnow, write_report
+from pgops.reports import envelope, utcnow
 from pgops.runners import CommandFailed
-
-STANDBY_STEPS = ("preflight", "restore", "wait_streaming", "register")
 
 
 def standby_paths(data_dir: str, node: str) -> dict[str, str]:
@@ -73,15 +78,24 @@ def standby_settings(*, restore_command: str, conninfo: str, slot: str, port: in
 
 
 class StandbyStepOperator(RestoreStepOperator):
-    template_fields: Sequence[str] = ("cluster_name",)
+    """A step of the standby rebuild; its failure message is kept in XCom (key "error") for the report.
 
-    def __init__(self, *, setup_task_id: str = "preflight", **kwargs: Any):
-        super().__init__(setup_task_id=setup_task_id, **kwargs)
+    :param cluster_name: the inventory cluster (templated)
+    :param plan: the preflight's plan (templated; None for the preflight itself)
+    :param slot_created: whether the restore step created the replication slot, its XCom "slot_created"
+        (templated): a failure after it drops the slot again
+    """
 
-    def plan(self, context) -> dict[str, Any]:
+    template_fields: Sequence[str] = (*RestoreStepOperator.template_fields, "slot_created")
+
+    def __init__(self, *, slot_created: bool | str | None = None, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.slot_created = slot_created
+
+    def planned(self) -> dict[str, Any]:
         """The preflight's plan, plus whether the restore step created the slot (the preflight only reads)."""
-        plan = super().plan(context)
-        if context["ti"].xcom_pull(task_ids="restore", key="slot_created"):
+        plan = super().planned()
+        if truthy(self.slot_created):
             plan = {**plan, "slot_created": True}
         return plan
 
@@ -154,7 +168,21 @@ def overlap(a: str, b: str) -> str | None:
 
 
 class StandbyPreflightOperator(StandbyStepOperator):
-    """Refuse a target that is the current primary; pick the backup; check disk and the slot. Reads only."""
+    """Refuse a target that is the current primary; pick the backup; check disk and the slot. Reads only.
+
+    Returns the rebuild plan the approval shows and the later steps act on.
+
+    :param cluster_name: the inventory cluster (templated)
+    :param target: the replication node to rebuild, never the current primary (templated)
+    :param data_directory: '' or exactly the node's data directory in the inventory (templated)
+    :param slot: '' or exactly the node's slot in the inventory (templated)
+    :param force: allow replacing a stopped node's or a running standby's contents (templated)
+    :param backup: backup id or name, or latest (templated)
+    :param socket_dir: unix_socket_directories of the rebuilt standby (templated)
+    :param required_bytes: free bytes needed, 0 for the backup's size plus a margin (templated)
+    :param db_user: the database user the checks on the standby use
+    :param settings: extra allowlisted settings for the standby (templated: a mapping or its JSON)
+    """
 
     template_fields: Sequence[str] = ("cluster_name", "target", "data_directory", "slot", "force", "backup",
                                       "socket_dir", "required_bytes", "settings")
@@ -336,9 +364,18 @@ class StandbyPreflightOperator(StandbyStepOperator):
 
 class StandbyRestoreOperator(StandbyStepOperator):
     """Slot and WAL switch on the primary; stop and clear the target (force), the base backup (restore_base_backup:
-    parts in parallel), standby settings, standby.signal, start."""
+    parts in parallel), standby settings, standby.signal, start.
 
-    template_fields: Sequence[str] = ("cluster_name", "wal_parallel", "extra_settings")
+    Pushes XCom "slot_created" when it creates the slot; returns the started standby: pid, download_s,
+    restore_started_at, slot_created and the restorer's figures.
+
+    :param cluster_name: the inventory cluster (templated)
+    :param plan: the preflight's plan (templated)
+    :param wal_parallel: WAL prefetch downloads at a time in restore_command (templated)
+    :param extra_settings: extra allowlisted settings for the standby (templated: a mapping or its JSON)
+    """
+
+    template_fields: Sequence[str] = ("cluster_name", "plan", "wal_parallel", "extra_settings")
 
     def __init__(self, *, wal_parallel: int | str = 4, extra_settings: dict[str, str] | str | None = None,
                  **kwargs: Any):
@@ -348,7 +385,7 @@ class StandbyRestoreOperator(StandbyStepOperator):
 
     def run_step(self, context) -> dict[str, Any]:
         cluster = self.cluster
-        plan = self.plan(context)
+        plan = self.planned()
         self._prepare_primary(context, cluster, plan)  # its failures leave the target as it was
         try:
             return {**self._restore(cluster, plan), "slot_created": bool(plan.get("slot_created"))}
@@ -471,24 +508,39 @@ class StandbyRestoreOperator(StandbyStepOperator):
 
 
 class StandbyStreamingOperator(StandbyStepOperator):
-    """Deferrable wait until the standby streams with replay lag under the threshold."""
+    """Deferrable wait until the standby streams with replay lag under the threshold.
 
-    template_fields: Sequence[str] = ("cluster_name", "timeout_s", "max_lag_bytes")
+    Returns ready_at, lag_bytes, timeline, replay_lsn and time_to_ready_s.
 
-    def __init__(self, *, restore_task_id: str = "restore", timeout_s: float | str = 6 * 3600,
+    :param cluster_name: the inventory cluster (templated)
+    :param plan: the preflight's plan (templated)
+    :param slot_created: the restore step's XCom "slot_created" (templated)
+    :param started: the restore step's result, the started standby (templated)
+    :param timeout_s: fail when the standby does not stream after this long (templated)
+    :param max_lag_bytes: ready when replay lag is at most this, 0 for the inventory's max_lag_bytes (templated)
+    :param poll_interval_s: seconds between two looks at the standby
+    """
+
+    template_fields: Sequence[str] = (*StandbyStepOperator.template_fields, "started", "timeout_s", "max_lag_bytes")
+
+    def __init__(self, *, started: Mapping[str, Any] | str | None = None, timeout_s: float | str = 6 * 3600,
                  max_lag_bytes: int | str = 0, poll_interval_s: float = 2.0, **kwargs: Any):
         super().__init__(**kwargs)
-        self.restore_task_id, self.timeout_s = restore_task_id, timeout_s
+        self.started, self.timeout_s = started, timeout_s
         self.max_lag_bytes, self.poll_interval_s = max_lag_bytes, poll_interval_s
+
+    def started_standby(self) -> dict[str, Any]:
+        started = as_mapping(self.started, "started")
+        if not started:
+            raise AirflowFailException(f"task {self.task_id}: no started standby: the restore step did not finish")
+        return started
 
     def run_step(self, context) -> None:
         from pgops.triggers.standby import StandbyStreamingTrigger
 
         cluster = self.cluster
-        plan = self.plan(context)
-        started = context["ti"].xcom_pull(task_ids=self.restore_task_id)
-        if not started:
-            raise AirflowFailException(f"no started standby from task {self.restore_task_id!r}")
+        plan = self.planned()
+        started = self.started_standby()
         max_lag = int(self.max_lag_bytes or 0) or self.replication(cluster).max_lag_bytes
         timeout_s = param_checked(check_duration, "timeout_s", self.timeout_s, MAX_STANDBY_TIMEOUT_S, min_s=60)
         self.defer(trigger=StandbyStreamingTrigger(cluster_name=cluster.name, node=plan["node"],
@@ -503,13 +555,14 @@ class StandbyStreamingOperator(StandbyStepOperator):
         return self._guard(context, self._complete, context, event)
 
     def _complete(self, context, event: dict[str, Any]) -> dict[str, Any]:
+        # after the deferral this is a fresh operator: its templated arguments are rendered again from the XComs
         cluster = self.cluster
-        plan = self.plan(context)
+        plan = self.planned()
         if event.get("status") != "success":
             for line in event.get("log_tail") or []:
                 self.log.error("server log: %s", line)
             self.fail_stopped(cluster, plan, str(event.get("message")))
-        started = context["ti"].xcom_pull(task_ids=self.restore_task_id)
+        started = self.started_standby()
         ready_at = datetime.fromisoformat(event["ready_at"])
         result = {"ready_at": event["ready_at"], "lag_bytes": event.get("lag_bytes"), "timeline": event.get("timeline"),
                   "replay_lsn": event.get("replay_lsn"),
@@ -520,11 +573,16 @@ class StandbyStreamingOperator(StandbyStepOperator):
 
 
 class StandbyRegisterOperator(StandbyStepOperator):
-    """repmgr standby register --force on the target, when the cluster uses repmgr."""
+    """repmgr standby register --force on the target, when the cluster uses repmgr (skipped otherwise).
+
+    :param cluster_name: the inventory cluster (templated)
+    :param plan: the preflight's plan (templated)
+    :param slot_created: the restore step's XCom "slot_created" (templated)
+    """
 
     def run_step(self, context) -> dict[str, Any]:
         cluster = self.cluster
-        plan = self.plan(context)
+        plan = self.planned()
         if not plan.get("repmgr"):
             raise AirflowSkipException(f"cluster {cluster.name!r} does not use repmgr")
         conf = plan.get("repmgr_conf") or "/etc/repmgr.conf"
@@ -539,28 +597,52 @@ class StandbyRegisterOperator(StandbyStepOperator):
 
 class StandbyReportOperator(StandbyStepOperator):
     """A durable report (kind "replication", action standby-rebuild) with the time to ready and the approval; fails
-    if a step failed (a rebuild that was not approved is a warning: nothing was changed)."""
+    if a step failed (a rebuild that was not approved is a warning: nothing was changed).
+
+    :param cluster_name: the inventory cluster (templated)
+    :param steps: every step's outcome by task id, ``{task_id: {"value": <return value>, "error": <XCom
+        "error">}}`` (templated); a step that returned nothing and recorded no error did not finish
+    :param optional_steps: steps that may return nothing (repmgr's register, skipped without repmgr)
+    :param gated_steps: steps that do not run when the approval is declined
+    :param approval: the approval gate's record (templated)
+    :param plan: the preflight's plan (templated)
+    :param slot_created: the restore step's XCom "slot_created" (templated)
+    :param started: the restore step's result (templated)
+    :param streaming: the streaming wait's result (templated)
+    :param registered: the register step's result (templated)
+    """
+
+    template_fields: Sequence[str] = (*StandbyStepOperator.template_fields, "steps", "approval", "started",
+                                      "streaming", "registered")
+
+    def __init__(self, *, steps: Mapping[str, Any] | str | None = None, optional_steps: Sequence[str] = ("register",),
+                 gated_steps: Sequence[str] = ("restore", "wait_streaming", "register"),
+                 approval: Mapping[str, Any] | str | None = None, started: Mapping[str, Any] | str | None = None,
+                 streaming: Mapping[str, Any] | str | None = None, registered: Mapping[str, Any] | str | None = None,
+                 **kwargs: Any):
+        super().__init__(**kwargs)
+        self.steps = steps
+        self.optional_steps, self.gated_steps = tuple(optional_steps), tuple(gated_steps)
+        self.approval, self.started, self.streaming, self.registered = approval, started, streaming, registered
 
     def run_step(self, context) -> dict[str, Any]:
+        from pgops.hooks import PgopsS3Hook
+
         cluster = self.cluster
-        ti = context["ti"]
-        errors = {s: ti.xcom_pull(task_ids=s, key="error") for s in STANDBY_STEPS}
-        errors = {k: v for k, v in errors.items() if v}
-        values = {s: ti.xcom_pull(task_ids=s) for s in STANDBY_STEPS}
-        approval = ti.xcom_pull(task_ids=REBUILD_GATE)
+        approval = as_mapping(self.approval, "approval")
         declined = isinstance(approval, dict) and approval.get("decision") in NOT_APPROVED
-        missing = [s for s in STANDBY_STEPS if s != "register" and values.get(s) is None and s not in errors
-                   and not (declined and s != "preflight")]
+        errors, missing = step_outcomes(self.steps, (*self.optional_steps, *(self.gated_steps if declined else ())))
         failed = bool(errors or missing)
-        plan, restore, wait = values.get("preflight") or {}, values.get("restore") or {}, values.get("wait_streaming") or {}
-        if ti.xcom_pull(task_ids="restore", key="slot_created"):
+        plan = as_mapping(self.plan, "plan") or {}
+        restore, wait = as_mapping(self.started, "started") or {}, as_mapping(self.streaming, "streaming") or {}
+        if truthy(self.slot_created):
             plan = {**plan, "slot_created": True}
         body = {"action": "standby-rebuild", "node": plan.get("node"), "primary": plan.get("primary"),
                 "data_directory": plan.get("data_dir"), "slot": plan.get("slot"), "slot_created": plan.get("slot_created"),
                 "backup_id": plan.get("backup_id"), "backup_end_time": plan.get("backup_end_time"),
                 "download_s": restore.get("download_s"), "time_to_ready_s": wait.get("time_to_ready_s"),
                 "lag_bytes": wait.get("lag_bytes"), "timeline": wait.get("timeline"),
-                "repmgr_registered": values.get("register") is not None, "errors": errors, "steps_not_finished": missing,
+                "repmgr_registered": self.registered is not None, "errors": errors, "steps_not_finished": missing,
                 "approval": approval, "approval_text": describe(approval)}
         from pgops.endpoint import report_state  # the client endpoint next to the replication state
         body["endpoint"] = report_state(cluster, primary=plan.get("primary"),
@@ -572,7 +654,7 @@ class StandbyReportOperator(StandbyStepOperator):
         status = "failed" if failed else ("warning" if declined else "ok")
         report = envelope(kind="replication", cluster=cluster.name, run_id=context["run_id"],
                           started_at=datetime.fromisoformat(started) if started else utcnow(), status=status, body=body)
-        key = write_report(s3_client(cluster.aws_conn_id), cluster, report)
+        key = PgopsS3Hook(aws_conn_id=cluster.aws_conn_id).write_report(cluster, report)
         self.log.info("standby rebuild of %s: %s | approval: %s | from backup %s | time to ready %s s | report "
                       "s3://%s/%s", body["node"], status.upper(), body["approval_text"], body["backup_id"],
                       body["time_to_ready_s"], cluster.storage.bucket, key)
