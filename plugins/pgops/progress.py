@@ -6,6 +6,8 @@ marks it ``done``). A record is only shown for the run that wrote it while that 
 
 The measuring is the caller's (a callable returning a dict); :func:`describe` turns a record into the log line.
 Nothing here ever fails the task: a measurement or a write that fails is logged and the work goes on.
+Tasks reach the bucket through PgopsS3Hook (progress_publisher, read_progress, uploaded_since); the functions
+here take its boto3 client.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Durable JSON reports in the bucket: one envelope for every kind, plus <kind>/latest.json.
 
 Key: <prefix>/<server>/pgops/reports/<kind>/<UTC timestamp>.json. They outlive the Airflow metadata DB
-and feed trends (RTO against size) and the dashboard.
+and feed trends (RTO against size) and the dashboard. Tasks read and write them through PgopsS3Hook
+(write_report, read_latest_report, list_reports); the functions here take its boto3 client.
 """
 
 from __future__ import annotations
