@@ -33,6 +33,19 @@ class RecoveryEndedTrigger(BaseTrigger):
 
     Failure: a FATAL/PANIC in the server log (e.g. "recovery ended before configured recovery target was
     reached"), the postmaster gone, or the timeout. The event carries the server's own words.
+
+    :param cluster_name: the inventory cluster
+    :param data_dir: the instance's data directory
+    :param socket_dir: the instance's unix socket directory
+    :param port: the instance's port
+    :param user: the database user the probe connects as
+    :param pid: the postmaster started by the restore step
+    :param log_file: the instance's server log
+    :param node: a replication node whose host runs the instance (None: the cluster's restore host)
+    :param poll_interval_s: seconds between two probes
+    :param timeout_s: fail (``timed_out`` in the event) when recovery has not ended after this long
+    :param progress: {"run_id", "what", "target"}: publish the replay position as progress records
+    :param progress_interval_s: seconds between two progress records
     """
 
     def __init__(self, *, cluster_name: str, data_dir: str, socket_dir: str, port: int, user: str, pid: int,

@@ -23,7 +23,14 @@ def is_segment_key(key: str, segment_key: str) -> bool:
 
 class WalSegmentArchivedTrigger(BaseTrigger):
     """Fires when the WAL segment whose key (without compression suffix) is ``key_prefix`` is archived: that key,
-    plain or compressed, exists (``is_segment_key``)."""
+    plain or compressed, exists (``is_segment_key``). Lists through one PgopsS3Hook (one client) per run.
+
+    :param aws_conn_id: the Airflow AWS connection of the bucket
+    :param bucket: the bucket
+    :param key_prefix: the segment's key without compression suffix
+    :param poll_interval_s: seconds between two listings
+    :param timeout_s: fail when the segment is not archived after this long
+    """
 
     def __init__(self, *, aws_conn_id: str, bucket: str, key_prefix: str, poll_interval_s: float = 5.0,
                  timeout_s: float = 900.0):

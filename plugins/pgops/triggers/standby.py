@@ -36,7 +36,20 @@ def streaming_state(row: list[str]) -> dict[str, Any]:
 
 class StandbyStreamingTrigger(BaseTrigger):
     """Fires when the standby is in recovery, its WAL receiver streams and replay is within ``max_lag_bytes`` of
-    what the primary last reported; fails when the postmaster is gone, the node left recovery, or the timeout."""
+    what the primary last reported; fails when the postmaster is gone, the node left recovery, or the timeout.
+
+    :param cluster_name: the inventory cluster
+    :param node: the replication node rebuilt (its DbHost observes it)
+    :param data_dir: the standby's data directory
+    :param socket_dir: the standby's unix socket directory
+    :param port: the standby's port
+    :param user: the database user the probe connects as
+    :param pid: the postmaster started by the restore step
+    :param log_file: the standby's server log
+    :param max_lag_bytes: ready when replay lag is at most this
+    :param poll_interval_s: seconds between two probes
+    :param timeout_s: fail when the standby does not stream after this long
+    """
 
     def __init__(self, *, cluster_name: str, node: str, data_dir: str, socket_dir: str, port: int, user: str,
                  pid: int, log_file: str, max_lag_bytes: int, poll_interval_s: float = 2.0,
