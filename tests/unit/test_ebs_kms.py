@@ -77,3 +77,14 @@ def test_client_token_is_stable_per_run_and_distinct_per_volume():
     assert a == client_token("dag/run1", "vol-1", "snap-1", "us-west-2b") and len(a) <= 64 and a.isascii()
     assert a != client_token("dag/run2", "vol-1", "snap-1", "us-west-2b")
     assert a != client_token("dag/run1", "vol-2", "snap-1", "us-west-2b")
+
+
+def test_a_refusal_names_the_key_the_account_what_denies_and_the_fix():
+    deny = {"Sid": "NoTarget", "Effect": "Deny", "Principal": {"AWS": f"arn:aws:iam::{ACCOUNT}:root"},
+            "Action": "kms:Decrypt", "Resource": "*"}
+    text = access(OWNER, SHARE, deny).refusal(KEY)
+    assert text.startswith(f"KMS key {KEY} does not let account {ACCOUNT} use it (the key policy denies it")
+    assert "kms:Decrypt (statement NoTarget)" in text and f"arn:aws:iam::{ACCOUNT}:root" in text
+    assert "Fix:" in text
+    missing = access(OWNER).refusal(KEY)
+    assert "neither an Allow statement of the key policy nor a grant gives it kms:DescribeKey" in missing

@@ -36,6 +36,22 @@ class KeyAccess:
     def ok(self) -> bool:
         return not self.missing and not self.denied_by
 
+    def refusal(self, key_arn: str) -> str:
+        """Why the account cannot use the key, and the fix (for a refused preflight)."""
+        why = []
+        if self.denied_by:
+            why.append("the key policy denies it " + ", ".join(f"{a} (statement {s})"
+                                                              for a, s in self.denied_by.items()))
+        if self.missing:
+            why.append("neither an Allow statement of the key policy nor a grant gives it " + ", ".join(self.missing))
+        if self.unreadable:
+            why.append("Allow statement(s) with conditions pgops cannot judge were not counted: "
+                       + ", ".join(self.unreadable))
+        return (f"KMS key {key_arn} does not let account {self.account} use it ({'; '.join(why)}), so a shared "
+                "snapshot would be unusable there. Fix: add an Allow statement with principal "
+                f"arn:aws:iam::{self.account}:root for {', '.join(REQUIRED_ACTIONS)} (Resource \"*\") to the key "
+                "policy, and remove any Deny that covers that account")
+
     def to_dict(self) -> dict[str, Any]:
         return {"account": self.account, "ok": self.ok, "allowed_by": self.allowed_by, "denied_by": self.denied_by,
                 "missing": self.missing, "conditions_not_judged": self.unreadable}
