@@ -66,9 +66,9 @@ def _slow_copies(monkeypatch, rounds_late: dict[int, int]):
                 item.pop("CompletionTime", None)
         return items
 
-    import pgops.operators.ebs as ebs_ops
+    from pgops.ebs.hooks import EbsEc2Hook
 
-    copy = ebs_ops.copy_snapshots
+    copy = EbsEc2Hook.copy_snapshots
 
     copied_rounds: set[int] = set()
 
@@ -81,7 +81,7 @@ def _slow_copies(monkeypatch, rounds_late: dict[int, int]):
         return copy(target, **kwargs)
 
     monkeypatch.setattr(rounds, "copy_records", shown)
-    monkeypatch.setattr(ebs_ops, "copy_snapshots", copying)
+    monkeypatch.setattr(EbsEc2Hook, "copy_snapshots", copying)
     return started
 
 
@@ -133,20 +133,19 @@ def test_one_copy_in_flight_and_the_copy_state_reaches_the_planner(moto, run_dag
 
 
 class _TI:
-    """A task instance's XCom as Airflow keeps it (JSON), with the upstream tasks' return values."""
+    """A task instance's own XCom as Airflow keeps it (JSON); upstream values come as the operator's arguments."""
 
     dag_id = "pgops_test"
 
-    def __init__(self, task_id: str, upstream: dict[str, Any]):
-        self.task_id, self.upstream, self.xcom = task_id, upstream, {}
+    def __init__(self, task_id: str):
+        self.task_id, self.xcom = task_id, {}
 
     def xcom_push(self, key: str, value: Any) -> None:
         self.xcom[key] = json.loads(json.dumps(value))
 
     def xcom_pull(self, task_ids: str, key: str | None = None) -> Any:
-        if task_ids == self.task_id:
-            return self.xcom.get(key or "return_value")
-        return None if key else self.upstream.get(task_ids)
+        assert task_ids == self.task_id, f"pulled XCom of {task_ids!r} instead of taking it as an argument"
+        return self.xcom.get(key or "return_value")
 
 
 def drive(op, context, *, max_steps: int = 30) -> tuple[Any, list[str]]:
@@ -175,12 +174,13 @@ def drive(op, context, *, max_steps: int = 30) -> tuple[Any, list[str]]:
     raise AssertionError(f"{op.task_id} still deferring after {max_steps} steps")
 
 
-def _chain_op(lab, **kwargs):
+def _chain_op(lab, volume_id: str, **kwargs):
     from pgops.operators.ebs import EbsSnapshotChainOperator
 
     # moto does not refuse snapshots of one volume 15 s apart
-    return EbsSnapshotChainOperator(task_id="chain", aws_conn_id=lab.cluster.aws_conn_id, min_create_interval_s=0,
-                                    waiter_delay=1, **kwargs)
+    return EbsSnapshotChainOperator(task_id="chain", preflight=_preflight(volume_id),
+                                    aws_conn_id=lab.cluster.aws_conn_id, min_create_interval_s=0, waiter_delay=1,
+                                    **kwargs)
 
 
 def _context(ti: _TI, conf: dict, run_id: str) -> dict:
@@ -212,8 +212,8 @@ def test_a_paced_round_waits_on_a_datetime_trigger_before_its_snapshot(moto, mon
         return dataclasses.replace(decision, wait_s=wait_s)
 
     monkeypatch.setattr(planner, "decide", paced)
-    ti = _TI("chain", {"preflight": _preflight(volume_id)})
-    state, deferred_on = drive(_chain_op(lab), _context(ti, _conf(volume_id), "paced"))
+    ti = _TI("chain")
+    state, deferred_on = drive(_chain_op(lab, volume_id), _context(ti, _conf(volume_id), "paced"))
     assert deferred_on == ["EbsSnapshotCompletedTrigger", "DateTimeTrigger", "EbsSnapshotCompletedTrigger"]
     assert [d["wait_s"] for d in state["decisions"]] == [0.0, wait_s, 0.0]
     by_round = {_tags(s)["pgops:round"]: s for s in _snapshots(lab, SOURCE_REGION,
@@ -227,13 +227,13 @@ def test_a_paced_round_waits_on_a_datetime_trigger_before_its_snapshot(moto, mon
 def test_a_retried_chain_makes_no_second_snapshot_or_copy(moto, monkeypatch):
     """A try dies right after starting round 2's copy; the retry (XCom cleared) walks the rounds again, reusing
     each snapshot and copy, adopts round 2's copy and goes on; then a whole second retry: nothing new at all."""
-    import pgops.operators.ebs as ebs_ops
+    from pgops.ebs.hooks import EbsEc2Hook
 
     lab = moto
     volume_id = _volume(lab)
     conf = _conf(volume_id, max_rounds=3)
     migration = "pgops_test/retry-chain"
-    copy = ebs_ops.copy_snapshots
+    copy = EbsEc2Hook.copy_snapshots
     calls: list[str] = []
 
     def dies_after_round_2_copy(target, **kwargs):
@@ -243,17 +243,17 @@ def test_a_retried_chain_makes_no_second_snapshot_or_copy(moto, monkeypatch):
             raise RuntimeError("the worker died after CopySnapshot of round 2")
         return copies
 
-    monkeypatch.setattr(ebs_ops, "copy_snapshots", dies_after_round_2_copy)
+    monkeypatch.setattr(EbsEc2Hook, "copy_snapshots", dies_after_round_2_copy)
     with pytest.raises(RuntimeError, match="worker died"):
-        drive(_chain_op(lab), _context(_TI("chain", {"preflight": _preflight(volume_id)}), conf, "retry-chain"))
+        drive(_chain_op(lab, volume_id), _context(_TI("chain"), conf, "retry-chain"))
     first_copies = _snapshots(lab, TARGET_REGION, **{MIGRATION_TAG: migration})
     assert sorted(_tags(c)["pgops:round"] for c in first_copies) == ["1", "2"]
 
-    retry, _ = drive(_chain_op(lab), _context(_TI("chain", {"preflight": _preflight(volume_id)}), conf, "retry-chain"))
+    retry, _ = drive(_chain_op(lab, volume_id), _context(_TI("chain"), conf, "retry-chain"))
     assert [r["index"] for r in retry["rounds"]] == [1, 2, 3] and retry["outcome"] == "max_rounds"
     by_id = {c["SnapshotId"]: _tags(c)["pgops:round"] for c in first_copies}
     assert {r["index"]: by_id.get(next(iter(r["copies"].values()))) for r in retry["rounds"][:2]} == {1: "1", 2: "2"}
-    again, _ = drive(_chain_op(lab), _context(_TI("chain", {"preflight": _preflight(volume_id)}), conf, "retry-chain"))
+    again, _ = drive(_chain_op(lab, volume_id), _context(_TI("chain"), conf, "retry-chain"))
     assert [r["snapshots"] for r in again["rounds"]] == [r["snapshots"] for r in retry["rounds"]]
     assert [r["copies"] for r in again["rounds"]] == [r["copies"] for r in retry["rounds"]]
 
@@ -267,23 +267,23 @@ def test_a_retried_chain_makes_no_second_snapshot_or_copy(moto, monkeypatch):
 def test_a_stale_chain_takes_one_more_round_before_the_cutover(moto):
     """The chain's last round ended 45 h ago (an approval that waited): the cutover takes round 3 first, measures it,
     and only then enters backup mode for the final snapshot; a fresh chain cuts over at once."""
-    from pgops.operators.ebs import EbsCutoverOperator, create_round_snapshots
+    from pgops.operators.ebs import EbsCutoverOperator
 
     lab = moto
     volume_id = _volume(lab)
     migration = "pgops_test/stale"
-    ec2 = EbsCutoverOperator(task_id="x", postgres_conn_id="-", aws_conn_id=lab.cluster.aws_conn_id).ec2()
+    ec2 = EbsCutoverOperator(task_id="x", preflight=_preflight(volume_id), postgres_conn_id="-",
+                             aws_conn_id=lab.cluster.aws_conn_id).ec2()
     now = datetime.now(UTC)
     recorded = []
     for index, started, duration_s in ((1, now - timedelta(hours=60), 14 * 3600), (2, now - timedelta(hours=46), 3600)):
-        snaps = create_round_snapshots(ec2, migration=migration, round_name=str(index), volume_ids=[volume_id])
+        snaps = ec2.create_round_snapshots(migration=migration, round_name=str(index), volume_ids=[volume_id])
         recorded.append({"index": index, "snapshots": snaps, "copies": {}, "started_at": started.isoformat(),
                          "duration_s": duration_s, "delta_bytes": None, "predicted_duration_s": None})
-    op = EbsCutoverOperator(task_id="cutover", postgres_conn_id=lab.cluster.postgres_conn_id,
-                            cluster_name=lab.cluster.name, aws_conn_id=lab.cluster.aws_conn_id, waiter_delay=1,
-                            min_create_interval_s=0)
-    ti = _TI("cutover", {"preflight": _preflight(volume_id), "fresh_round": {"rounds": recorded}})
-    result, deferred_on = drive(op, _context(ti, _conf(volume_id), "stale"))
+    op = EbsCutoverOperator(task_id="cutover", preflight=_preflight(volume_id), chain={"rounds": recorded},
+                            postgres_conn_id=lab.cluster.postgres_conn_id, cluster_name=lab.cluster.name,
+                            aws_conn_id=lab.cluster.aws_conn_id, waiter_delay=1, min_create_interval_s=0)
+    result, deferred_on = drive(op, _context(_TI("cutover"), _conf(volume_id), "stale"))
 
     assert deferred_on == ["EbsSnapshotCompletedTrigger"]  # one round, then the cutover
     assert [r["index"] for r in result["rounds"]] == [3] and result["rounds"][0]["taken_by"] == "cutover"
@@ -298,8 +298,8 @@ def test_a_stale_chain_takes_one_more_round_before_the_cutover(moto):
 
     # the same chain, its last round just over: no round, the final snapshot at once
     fresh = [dict(recorded[0]), dict(recorded[1], started_at=(datetime.now(UTC) - timedelta(seconds=3650)).isoformat())]
-    ti = _TI("cutover", {"preflight": _preflight(volume_id), "chain": {"rounds": fresh}})
-    fresh_result, deferred_on = drive(op, _context(ti, _conf(volume_id), "fresh"))
+    op.chain = {"rounds": fresh}
+    fresh_result, deferred_on = drive(op, _context(_TI("cutover"), _conf(volume_id), "fresh"))
     assert deferred_on == [] and "rounds" not in fresh_result
     assert {_tags(s)["pgops:round"] for s in _snapshots(lab, SOURCE_REGION, **{MIGRATION_TAG: "pgops_test/fresh"})} \
         == {"final"}

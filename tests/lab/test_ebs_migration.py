@@ -96,7 +96,6 @@ def test_whole_dag_snapshots_copies_and_creates_the_volume(moto, run_dag):
 
 def test_retried_create_snapshot_makes_no_duplicate(moto):
     from pgops.ebs.hooks import EbsEc2Hook
-    from pgops.operators.ebs import create_round_snapshots
 
     lab = moto
     ec2 = lab.aws_client("ec2", region=SOURCE_REGION)
@@ -104,7 +103,7 @@ def test_retried_create_snapshot_makes_no_duplicate(moto):
     hook = EbsEc2Hook(aws_conn_id=lab.cluster.aws_conn_id)
 
     def take() -> dict[str, str]:
-        return create_round_snapshots(hook, migration="pgops_test/retry", round_name="1", volume_ids=[volume_id])
+        return hook.create_round_snapshots(migration="pgops_test/retry", round_name="1", volume_ids=[volume_id])
 
     first = take()
     second = take()
@@ -114,7 +113,6 @@ def test_retried_create_snapshot_makes_no_duplicate(moto):
 
 def test_instance_snapshots_are_crash_consistent_and_idempotent(moto):
     from pgops.ebs.hooks import EbsEc2Hook
-    from pgops.operators.ebs import create_round_snapshots
 
     lab = moto
     ec2 = lab.aws_client("ec2", region=SOURCE_REGION)
@@ -126,8 +124,8 @@ def test_instance_snapshots_are_crash_consistent_and_idempotent(moto):
     hook = EbsEc2Hook(aws_conn_id=lab.cluster.aws_conn_id)
 
     def take() -> dict[str, str]:
-        return create_round_snapshots(hook, migration="pgops_test/instance", round_name="1", volume_ids=data,
-                                      instance_id=inst)
+        return hook.create_round_snapshots(migration="pgops_test/instance", round_name="1", volume_ids=data,
+                                           instance_id=inst)
 
     first = take()
     assert set(first) == set(data)
@@ -280,6 +278,7 @@ def test_stop_writes_whole_dag_from_an_instance_shared_and_cleaned_up(stoppable_
     """stop-writes cutover of an instance's data volumes, shared with another account (KMS preflight), intermediate
     snapshots deleted after success; the final snapshot is taken while PostgreSQL is down, which runs again after."""
     import pgops.operators.ebs as ebs_ops
+    from pgops.ebs.hooks import EbsEc2Hook
 
     lab = stoppable_primary
     ec2 = lab.aws_client("ec2", region=SOURCE_REGION)
@@ -297,14 +296,14 @@ def test_stop_writes_whole_dag_from_an_instance_shared_and_cleaned_up(stoppable_
 
     pid_before, started_before = _postmaster(lab)
     seen_at_final: list[tuple] = []
-    original = ebs_ops.create_round_snapshots
+    original = EbsEc2Hook.create_round_snapshots
 
     def observed(ec2_hook, **kwargs):
         if kwargs["round_name"] == ebs_ops.FINAL_ROUND:
             seen_at_final.append(_postmaster(lab))
         return original(ec2_hook, **kwargs)
 
-    monkeypatch.setattr(ebs_ops, "create_round_snapshots", observed)
+    monkeypatch.setattr(EbsEc2Hook, "create_round_snapshots", observed)
     conf = _conf("vol-0123456789abcdef0", volume_ids=[], instance_id=inst, cutover_mode="stop-writes",
                  kms_key_id=key_arn, target_account=TARGET_ACCOUNT, delete_intermediate_snapshots=True)
     dr = run_dag(load_dag(DAG_ID), conf=conf)
@@ -363,16 +362,12 @@ def test_kms_preflight_refuses_a_key_the_target_account_cannot_use(moto):
 
 
 class _TI:
+    """A task instance the operator pulls nothing from: its upstream values come as arguments."""
+
     dag_id = "pgops_test"
 
-    def __init__(self, preflight: dict):
-        self.preflight = preflight
-
     def xcom_pull(self, task_ids: str, key: str | None = None):
-        if task_ids in ("fresh_round", "chain"):
-            return None  # no chain before this cutover: no round for it to follow
-        assert task_ids == "preflight", task_ids
-        return self.preflight
+        raise AssertionError(f"pulled XCom of {task_ids!r} (key {key!r}) instead of taking it as an argument")
 
 
 def test_stop_writes_restarts_after_a_failure_between_stop_and_snapshot(stoppable_primary, moto):
@@ -380,11 +375,12 @@ def test_stop_writes_restarts_after_a_failure_between_stop_and_snapshot(stoppabl
 
     lab = stoppable_primary
     _pid, started_before = _postmaster(lab)
-    op = EbsCutoverOperator(task_id="cutover", postgres_conn_id=lab.cluster.postgres_conn_id,
-                            cluster_name=lab.cluster.name, aws_conn_id=lab.cluster.aws_conn_id)
     missing = "vol-0123456789abcdef0"  # not in moto: CreateSnapshot fails after the stop
-    context = {"params": _conf(missing, cutover_mode="stop-writes"), "run_id": "stop-fails",
-               "ti": _TI({"volume_ids": [missing], "instance_id": None})}
+    # no chain before this cutover: no round for it to follow
+    op = EbsCutoverOperator(task_id="cutover", preflight={"volume_ids": [missing], "instance_id": None}, chain=None,
+                            postgres_conn_id=lab.cluster.postgres_conn_id, cluster_name=lab.cluster.name,
+                            aws_conn_id=lab.cluster.aws_conn_id)
+    context = {"params": _conf(missing, cutover_mode="stop-writes"), "run_id": "stop-fails", "ti": _TI()}
     with pytest.raises(Exception, match="InvalidVolume"):
         op.execute(context)
     _pid, started_after = _postmaster(lab)  # up again when execute returns, not later
@@ -437,16 +433,17 @@ def test_stop_writes_watchdog_restarts_when_the_task_dies(stoppable_primary):
 def test_backup_cutover_stores_the_full_label_and_a_retry_without_it_takes_a_new_final_round(moto):
     """The full backup_label goes to the bucket before the backup session ends; a retry reuses final snapshots only
     with it, and supersedes final snapshots whose label was never stored (a try that died in between)."""
-    from pgops.operators.ebs import EbsCutoverOperator, backup_label_key, read_backup_label
+    from pgops.ebs.backup_label import backup_label_key, read_backup_label
+    from pgops.operators.ebs import EbsCutoverOperator
 
     lab = moto
     s3 = lab.s3_client()
     volume_id = lab.aws_client("ec2", region=SOURCE_REGION).create_volume(
         Size=8, AvailabilityZone=f"{SOURCE_REGION}a")["VolumeId"]
-    op = EbsCutoverOperator(task_id="cutover", postgres_conn_id=lab.cluster.postgres_conn_id,
-                            cluster_name=lab.cluster.name, aws_conn_id=lab.cluster.aws_conn_id)
-    context = {"params": _conf(volume_id), "run_id": "label-retry",
-               "ti": _TI({"volume_ids": [volume_id], "instance_id": None})}
+    op = EbsCutoverOperator(task_id="cutover", preflight={"volume_ids": [volume_id], "instance_id": None},
+                            postgres_conn_id=lab.cluster.postgres_conn_id, cluster_name=lab.cluster.name,
+                            aws_conn_id=lab.cluster.aws_conn_id)
+    context = {"params": _conf(volume_id), "run_id": "label-retry", "ti": _TI()}
     migration = "pgops_test/label-retry"
 
     first = op.execute(context)

@@ -120,17 +120,17 @@ class FakeTI:
         self.pushed[(self.task_id, key)] = value
 
 
-def _dag():
+def _dag(chain=CHAIN, preflight=None):
     from airflow.providers.standard.operators.empty import EmptyOperator
 
     with DAG("approval_unit", schedule=None, start_date=pendulum.datetime(2024, 1, 1, tz="UTC")) as dag:
-        chain = EmptyOperator(task_id="chain")
-        gate = A.EbsCutoverApprovalOperator(task_id=A.CUTOVER_GATE, cluster_name="main", skip_approval=False,
-                                            timeout_minutes=30)
+        chain_task = EmptyOperator(task_id="chain")
+        gate = A.EbsCutoverApprovalOperator(task_id=A.CUTOVER_GATE, cluster_name="main", chain=chain,
+                                            preflight=preflight, skip_approval=False, timeout_minutes=30)
         fresh = EmptyOperator(task_id="fresh_round")
         cutover = EmptyOperator(task_id="cutover")
         report = EmptyOperator(task_id="report", trigger_rule="all_done")
-        chain >> gate >> fresh >> cutover >> report
+        chain_task >> gate >> fresh >> cutover >> report
     return dag, gate
 
 
@@ -145,7 +145,7 @@ def test_skip_approval_answers_without_asking(monkeypatch):
     monkeypatch.setattr(hitl, "upsert_hitl_detail", lambda **kw: pytest.fail("asked although skip_approval"))
     _, gate = _dag()
     gate.skip_approval = True
-    record = gate.execute(_context(gate, FakeTI({("chain", "return_value"): CHAIN})))
+    record = gate.execute(_context(gate, FakeTI({})))
     assert record["decision"] == A.SKIPPED and record["by"] == "deploy-bot" and record["facts"]["rounds"] == 3
 
 
@@ -155,8 +155,8 @@ def test_the_gate_asks_with_the_built_question_and_parks_until_the_timeout(monke
     asked, notified = {}, []
     monkeypatch.setattr(hitl, "upsert_hitl_detail", lambda **kw: asked.update(kw))
     monkeypatch.setattr(A.PgopsApprovalOperator, "_notify", lambda self, *a: notified.append(a[1]))
-    _, gate = _dag()
-    ti = FakeTI({("chain", "return_value"): CHAIN, ("preflight", "return_value"): {"volume_ids": ["vol-1"]}})
+    _, gate = _dag(preflight={"volume_ids": ["vol-1"]})
+    ti = FakeTI({})
     with pytest.raises(TaskAwaitingInput) as parked:
         gate.execute(_context(gate, ti))
     assert parked.value.method_name == "execute_complete" and parked.value.timeout == timedelta(minutes=30)
@@ -168,8 +168,8 @@ def test_the_gate_asks_with_the_built_question_and_parks_until_the_timeout(monke
 
 
 def test_no_chain_state_means_nothing_to_approve(monkeypatch):
-    _, gate = _dag()
-    with pytest.raises(AirflowFailException, match="no chain state from task 'chain'"):
+    _, gate = _dag(chain=None)
+    with pytest.raises(AirflowFailException, match="no chain state"):
         gate.execute(_context(gate, FakeTI({})))
 
 

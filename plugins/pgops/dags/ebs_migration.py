@@ -22,7 +22,7 @@ import pendulum
 from airflow.providers.standard.operators.python import ShortCircuitOperator
 from airflow.sdk import DAG, Param
 
-from pgops.dags.common import dag_tags, default_args, pgops_dag
+from pgops.dags.common import dag_tags, default_args, pgops_dag, xcom
 from pgops.ebs.spec import (
     ACCOUNT_PATTERN,
     AZ_PATTERN,
@@ -63,6 +63,12 @@ from pgops.params import (
 from pgops.sensors.ebs import EbsSnapshotCompletedSensor
 
 DAG_ID_PREFIX = "pgops_ebs_migration__"
+
+
+def first_of(*tasks) -> str:
+    """A template of the first of these tasks' return values that is not empty (see xcom)."""
+    pulls = " or ".join(f"ti.xcom_pull(task_ids={t.task_id!r})" for t in tasks)
+    return f"{{{{ {pulls} }}}}"
 
 
 def migration_params(cluster: Cluster) -> dict[str, Param]:
@@ -129,15 +135,19 @@ def build_ebs_migration_dag(cluster: Cluster) -> DAG:
         preflight = EbsMigrationPreflightOperator(task_id="preflight", execution_timeout=timedelta(minutes=10), **aws)
         not_dry_run = ShortCircuitOperator(task_id="not_dry_run", python_callable=lambda params: not params["dry_run"],
                                            ignore_downstream_trigger_rules=False)
-        chain = EbsSnapshotChainOperator(task_id="chain", **aws)
-        approve = EbsCutoverApprovalOperator(task_id=CUTOVER_GATE, cluster_name=cluster.name,
-                                             skip_approval="{{ params.skip_approval }}",
+        chain = EbsSnapshotChainOperator(task_id="chain", preflight=xcom(preflight), **aws)
+        approve = EbsCutoverApprovalOperator(task_id=CUTOVER_GATE, cluster_name=cluster.name, chain=xcom(chain),
+                                             preflight=xcom(preflight), skip_approval="{{ params.skip_approval }}",
                                              timeout_minutes="{{ params.approval_timeout_minutes }}")
-        fresh_round = EbsSnapshotChainOperator(task_id="fresh_round", resume_from="chain", **aws)
+        # the chain's rounds decided again after the gate: a late answer takes a fresh round
+        fresh_round = EbsSnapshotChainOperator(task_id="fresh_round", preflight=xcom(preflight),
+                                               resume_chain=xcom(chain), **aws)
+        # the chain's rounds as last decided: the re-decision after the gate, else the chain's own
+        newest_chain = first_of(fresh_round, chain)
         # On the DB host's queue: stop-writes stops and restarts PostgreSQL through the cluster's runner.
-        cutover = EbsCutoverOperator(task_id="cutover", postgres_conn_id=cluster.postgres_conn_id,
-                                     cluster_name=cluster.name, queue=cluster.runner.queue,
-                                     execution_timeout=timedelta(minutes=30), **aws)
+        cutover = EbsCutoverOperator(task_id="cutover", preflight=xcom(preflight), chain=newest_chain,
+                                     postgres_conn_id=cluster.postgres_conn_id, cluster_name=cluster.name,
+                                     queue=cluster.runner.queue, execution_timeout=timedelta(minutes=30), **aws)
         wait_final = EbsSnapshotCompletedSensor(task_id="wait_final",
                                                 snapshot_ids="{{ ti.xcom_pull(task_ids='cutover')['snapshots'] }}",
                                                 aws_conn_id=cluster.aws_conn_id, timeout=48 * 3600,
@@ -155,8 +165,10 @@ def build_ebs_migration_dag(cluster: Cluster) -> DAG:
                                                 region="{{ params.target_region }}",
                                                 availability_zone="{{ params.target_az }}",
                                                 execution_timeout=timedelta(hours=2), **aws)
-        report = EbsMigrationReportOperator(task_id="report", cluster_name=cluster.name, trigger_rule="all_done",
-                                            retries=0, **aws)
+        report = EbsMigrationReportOperator(task_id="report", cluster_name=cluster.name, spec=xcom(validate),
+                                            preflight=xcom(preflight), chain=newest_chain, approval=xcom(approve),
+                                            cutover=xcom(cutover), final_copy=xcom(copy_final), shared=xcom(share),
+                                            volumes=xcom(create_volume), trigger_rule="all_done", retries=0, **aws)
         validate >> preflight >> not_dry_run >> chain >> approve >> fresh_round >> cutover >> wait_final
         wait_final >> copy_final >> share
         share >> create_volume >> report

@@ -103,7 +103,7 @@ def build_standby_rebuild_dag(cluster: Cluster) -> DAG:
             required_bytes="{{ params.required_bytes }}", settings="{{ params.settings }}",
             execution_timeout=timedelta(minutes=15))
         plan = xcom(preflight)
-        approve = StandbyRebuildApprovalOperator(task_id=REBUILD_GATE, cluster_name=cluster.name,
+        approve = StandbyRebuildApprovalOperator(task_id=REBUILD_GATE, cluster_name=cluster.name, plan=plan,
                                                  skip_approval="{{ params.skip_approval }}",
                                                  timeout_minutes="{{ params.approval_timeout_minutes }}")
         restore = StandbyRestoreOperator(

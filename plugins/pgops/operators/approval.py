@@ -209,7 +209,13 @@ def rebuild_question(cluster: str, plan: Mapping[str, Any], *, timeout_minutes: 
 
 # -- the operators -------------------------------------------------------------------------------------------------
 class PgopsApprovalOperator(ApprovalOperator):
-    """An approval gate whose question is built at run time (`question`); Reject is the answer at timeout."""
+    """
+    An approval gate whose question is built at run time (`question`); Reject is the answer at timeout.
+
+    :param cluster_name: The inventory cluster (the question's subject; its SNS topic is told) (templated).
+    :param skip_approval: Answer without asking (automation); the record says so (templated).
+    :param timeout_minutes: No answer within this long counts as Reject (templated).
+    """
 
     template_fields: Sequence[str] = (*ApprovalOperator.template_fields, "cluster_name", "skip_approval",
                                       "timeout_minutes")
@@ -284,29 +290,49 @@ class PgopsApprovalOperator(ApprovalOperator):
 
 
 class EbsCutoverApprovalOperator(PgopsApprovalOperator):
-    """Before the EBS cutover: predicted downtime, rounds so far, floor and target, from the chain's state."""
+    """
+    Before the EBS cutover: predicted downtime, rounds so far, floor and target, from the chain's state.
 
-    def __init__(self, *, chain_task_id: str = "chain", preflight_task_id: str = "preflight", **kwargs: Any):
+    :param chain: The chain's result: its rounds and the planner's decisions (templated).
+    :param preflight: The preflight's result: the source volumes shown in the question (templated).
+    :param cluster_name: The inventory cluster (the question's subject; its SNS topic is told) (templated).
+    :param skip_approval: Answer without asking (automation); the record says so (templated).
+    :param timeout_minutes: No answer within this long counts as Reject (templated).
+    """
+
+    template_fields: Sequence[str] = (*PgopsApprovalOperator.template_fields, "chain", "preflight")
+
+    def __init__(self, *, chain: Mapping[str, Any] | str | None, preflight: Mapping[str, Any] | str | None = None,
+                 **kwargs: Any):
         super().__init__(**kwargs)
-        self.chain_task_id, self.preflight_task_id = chain_task_id, preflight_task_id
+        self.chain, self.preflight = chain, preflight
 
     def question(self, context, timeout_minutes: float) -> tuple[str, str, dict[str, Any]]:
-        chain = context["ti"].xcom_pull(task_ids=self.chain_task_id)
-        if not chain:
-            raise AirflowFailException(f"no chain state from task {self.chain_task_id!r}: nothing to approve")
-        return cutover_question(self.cluster_name, chain, context["ti"].xcom_pull(task_ids=self.preflight_task_id),
-                                dict(context["params"]), timeout_minutes=timeout_minutes)
+        if not self.chain:
+            raise AirflowFailException(f"{self.task_id}: no chain state (the chain task's result is empty): "
+                                       "nothing to approve")
+        return cutover_question(self.cluster_name, self.chain, self.preflight, dict(context["params"]),
+                                timeout_minutes=timeout_minutes)
 
 
 class StandbyRebuildApprovalOperator(PgopsApprovalOperator):
-    """Before a standby rebuild stops and removes a node: node, host, data directory, system identifier."""
+    """
+    Before a standby rebuild stops and removes a node: node, host, data directory, system identifier.
 
-    def __init__(self, *, preflight_task_id: str = "preflight", **kwargs: Any):
+    :param plan: The rebuild preflight's plan (templated).
+    :param cluster_name: The inventory cluster (the question's subject; its SNS topic is told) (templated).
+    :param skip_approval: Answer without asking (automation); the record says so (templated).
+    :param timeout_minutes: No answer within this long counts as Reject (templated).
+    """
+
+    template_fields: Sequence[str] = (*PgopsApprovalOperator.template_fields, "plan")
+
+    def __init__(self, *, plan: Mapping[str, Any] | str | None, **kwargs: Any):
         super().__init__(**kwargs)
-        self.preflight_task_id = preflight_task_id
+        self.plan = plan
 
     def question(self, context, timeout_minutes: float) -> tuple[str, str, dict[str, Any]]:
-        plan = context["ti"].xcom_pull(task_ids=self.preflight_task_id)
-        if not plan:
-            raise AirflowFailException(f"no rebuild plan from task {self.preflight_task_id!r}: nothing to approve")
-        return rebuild_question(self.cluster_name, plan, timeout_minutes=timeout_minutes)
+        if not self.plan:
+            raise AirflowFailException(f"{self.task_id}: no rebuild plan (the preflight's result is empty): "
+                                       "nothing to approve")
+        return rebuild_question(self.cluster_name, self.plan, timeout_minutes=timeout_minutes)

@@ -17,6 +17,7 @@ from airflow.sdk.exceptions import AirflowFailException
 
 from pgops.ebs import planner
 from pgops.ebs import rounds as chain_rounds
+from pgops.ebs.backup_label import backup_label_key, read_backup_label, write_backup_label
 from pgops.ebs.spec import (
     TAG_BACKUP_LABEL,
     TAG_MIGRATION,
@@ -33,17 +34,14 @@ from pgops.ebs.spec import (
 FINAL_ROUND = "final"
 MIN_CREATE_INTERVAL_S = 15.0  # EC2: SnapshotCreationPerVolumeRateExceeded under 15 s on one volume
 MAX_COPIES_IN_FLIGHT = 20  # EC2: concurrent snapshot copies per destination region
-# Tasks whose XCom holds the chain's rounds, newest first: the re-decision after the approval gate, the chain.
-CHAIN_TASKS = ("fresh_round", "chain")
 # Polls on the cutover path (writes paused until the final copy completes: every second of poll lag is downtime).
 CUTOVER_POLL_S = 5
 # A snapshot or copy wait gives up after this long, whatever its poll interval.
 WAIT_BUDGET_S = 24 * 3600
-DESCRIBE_IDS_MAX = 200  # values of one DescribeSnapshots filter
 
 
 if TYPE_CHECKING:
-    from pgops.ebs.hooks import EbsEc2Hook
+    from pgops.ebs.hooks import EbsDirectHook, EbsEc2Hook
 
 
 def _hooks():
@@ -68,16 +66,6 @@ def _at(moment: datetime):
 def attempts_for(waiter_delay: float, budget_s: float = WAIT_BUDGET_S) -> int:
     """Polls at waiter_delay seconds that cover budget_s (a faster poll must not shorten the wait)."""
     return max(1, math.ceil(budget_s / max(waiter_delay, 1)))
-
-
-def _pages(call, **kwargs: Any):
-    """Every page of a KMS list call (Marker/NextMarker paging)."""
-    while True:
-        page = call(**kwargs)
-        yield page
-        if not page.get("Truncated") or not page.get("NextMarker"):
-            return
-        kwargs["Marker"] = page["NextMarker"]
 
 
 def _now() -> datetime:
@@ -112,116 +100,17 @@ def context_spec(context) -> MigrationSpec:
         raise AirflowFailException(str(exc)) from None
 
 
-def create_round_snapshots(ec2: EbsEc2Hook, *, migration: str, round_name: str, volume_ids: Sequence[str],
-                           instance_id: str | None = None, extra_tags: dict[str, str] | None = None,
-                           log=None) -> dict[str, str]:
-    """Snapshots of a round, {source volume: snapshot}; reuses the round's tagged snapshots on a retry.
-
-    With an instance id, CreateSnapshots takes all its data volumes at one instant (crash-consistent).
-    """
-    tags = {TAG_MIGRATION: migration, TAG_ROUND: round_name}
-    found = {s["VolumeId"]: s["SnapshotId"] for s in ec2.find_snapshots(tags)}
-    missing = [v for v in volume_ids if v not in found]
-    if found and log:
-        log.info("round %s: reusing snapshot(s) already taken by an earlier try: %s", round_name, found)
-    if not missing:
-        return {v: found[v] for v in volume_ids}
-    all_tags = {**tags, **(extra_tags or {})}
-    if instance_id:
-        if found:
-            raise AirflowFailException(f"round {round_name}: instance {instance_id} has snapshots of only some "
-                                       f"volumes ({found}); delete them or retry the run from scratch")
-        resp = ec2.call_with_backoff(ec2.conn.create_snapshots, what=f"CreateSnapshots {instance_id}", log=log,
-                                     InstanceSpecification={"InstanceId": instance_id, "ExcludeBootVolume": True},
-                                     Description=f"pgops migration {migration} round {round_name}",
-                                     TagSpecifications=_hooks().tag_spec("snapshot", all_tags))
-        for snap in resp["Snapshots"]:
-            found[snap["VolumeId"]] = snap["SnapshotId"]
-            ec2.conn.create_tags(Resources=[snap["SnapshotId"]],
-                                 Tags=[{"Key": TAG_SOURCE_VOLUME, "Value": snap["VolumeId"]}])
-    else:
-        for volume_id in missing:
-            snap = ec2.call_with_backoff(ec2.conn.create_snapshot, what=f"CreateSnapshot {volume_id}", log=log,
-                                         VolumeId=volume_id,
-                                         Description=f"pgops migration {migration} round {round_name}",
-                                         TagSpecifications=_hooks().tag_spec("snapshot", {**all_tags,
-                                                                                 TAG_SOURCE_VOLUME: volume_id}))
-            found[volume_id] = snap["SnapshotId"]
-    if log:
-        log.info("round %s: snapshot(s) %s", round_name, found)
-    absent = [v for v in volume_ids if v not in found]
-    if absent:
-        raise AirflowFailException(f"round {round_name}: no snapshot was made of {absent}")
-    return {v: found[v] for v in volume_ids}
-
-
-def copy_snapshots(ec2_target: EbsEc2Hook, *, migration: str, round_name: str, snapshots: dict[str, str],
-                   source_region: str, kms_key_id: str | None, completion_minutes: int | None = None,
-                   log=None) -> dict[str, str]:
-    """Copy {volume: snapshot} into the target region (re-encrypted with one KMS key); reuse tagged copies."""
-    copies: dict[str, str] = {}
-    for volume_id, snapshot_id in snapshots.items():
-        existing = ec2_target.find_snapshots({TAG_MIGRATION: migration, TAG_SOURCE_SNAPSHOT: snapshot_id})
-        if existing:
-            copies[volume_id] = existing[0]["SnapshotId"]
-            continue
-        kwargs: dict[str, Any] = {
-            "SourceRegion": source_region, "SourceSnapshotId": snapshot_id,
-            "Description": f"pgops migration {migration} round {round_name} copy of {snapshot_id}",
-            "TagSpecifications": _hooks().tag_spec("snapshot", {TAG_MIGRATION: migration, TAG_ROUND: round_name,
-                                                       TAG_SOURCE_SNAPSHOT: snapshot_id,
-                                                       TAG_SOURCE_VOLUME: volume_id}),
-        }
-        if kms_key_id:
-            kwargs.update(Encrypted=True, KmsKeyId=kms_key_id)
-        if completion_minutes:
-            kwargs["CompletionDurationMinutes"] = completion_minutes
-        resp = ec2_target.call_with_backoff(ec2_target.conn.copy_snapshot, what=f"CopySnapshot {snapshot_id}",
-                                            log=log, **kwargs)
-        copies[volume_id] = resp["SnapshotId"]
-    if log:
-        log.info("round %s: copies in %s: %s", round_name, ec2_target.region_name, copies)
-    return copies
-
-
-LABEL_KIND = "ebs-migration-labels"  # beside the ebs-migration reports, not inside their listing
-
-
-def backup_label_key(cluster, migration: str) -> str:
-    """<prefix>/<server>/pgops/reports/ebs-migration-labels/<run, readable>-<hash>.json"""
-    import hashlib
-
-    readable = re.sub(r"[^A-Za-z0-9._-]+", "_", migration.rsplit("/", 1)[-1])[:80]
-    return cluster.storage.report_key(LABEL_KIND, f"{readable}-{hashlib.sha256(migration.encode()).hexdigest()[:16]}.json")
-
-
-def write_backup_label(s3, cluster, migration: str, *, snapshots: dict[str, str], backup: dict[str, Any]) -> str:
-    import json
-
-    key = backup_label_key(cluster, migration)
-    body = {"migration_id": migration, "snapshots": snapshots, "backup": backup, "stored_at": _iso(_now())}
-    s3.put_object(Bucket=cluster.storage.bucket, Key=key, Body=json.dumps(body, indent=2, sort_keys=True).encode(),
-                  ContentType="application/json")
-    return key
-
-
-def read_backup_label(s3, cluster, migration: str) -> dict[str, Any] | None:
-    """The stored label of a migration's final round, or None when there is none (or it is not ours)."""
-    import json
-
-    try:
-        obj = s3.get_object(Bucket=cluster.storage.bucket, Key=backup_label_key(cluster, migration))
-    except s3.exceptions.NoSuchKey:
-        return None
-    data = json.loads(obj["Body"].read())
-    label = (data.get("backup") or {}).get("backup_label") if isinstance(data, dict) else None
-    if data.get("migration_id") != migration or not isinstance(label, str) or "START WAL LOCATION" not in label:
-        return None
-    return data
+def _volume_bytes(preflight: dict[str, Any]) -> int:
+    return sum(v["size_gib"] for v in preflight["volumes"]) * 1024**3
 
 
 class EbsMigrationBaseOperator(BaseOperator):
-    """Reads the run's params (validated) and builds hooks for the source and target regions."""
+    """
+    Base of the EBS migration's AWS operators: the run's params (validated) and one hook per region.
+
+    :param aws_conn_id: The Airflow connection used for AWS credentials (templated).
+    :param source_region: The source volumes' region; the connection's region when not given.
+    """
 
     template_fields: Sequence[str] = ("aws_conn_id",)
 
@@ -229,12 +118,23 @@ class EbsMigrationBaseOperator(BaseOperator):
         super().__init__(**kwargs)
         self.aws_conn_id = aws_conn_id
         self.source_region = source_region
+        self._ec2_hooks: dict[str | None, EbsEc2Hook] = {}
+        self._direct_hook: EbsDirectHook | None = None
 
     def ec2(self, region: str | None = None) -> EbsEc2Hook:
-        return _hooks().EbsEc2Hook(aws_conn_id=self.aws_conn_id, region_name=region or self.source_region)
+        """The EC2 hook of ``region`` (the source region when not given): one per region, one client each."""
+        key = region or self.source_region
+        if key not in self._ec2_hooks:
+            self._ec2_hooks[key] = _hooks().EbsEc2Hook(aws_conn_id=self.aws_conn_id, region_name=key)
+        return self._ec2_hooks[key]
 
     def src_region(self) -> str:
-        return self.source_region or self.ec2().conn.meta.region_name
+        return self.source_region or self.ec2().conn_region_name
+
+    def _direct(self) -> EbsDirectHook:
+        if self._direct_hook is None:
+            self._direct_hook = _hooks().EbsDirectHook(aws_conn_id=self.aws_conn_id, region_name=self.source_region)
+        return self._direct_hook
 
     @staticmethod
     def migration(context) -> str:
@@ -243,12 +143,11 @@ class EbsMigrationBaseOperator(BaseOperator):
     def _measure_round(self, pending: dict[str, Any], previous: dict[str, str]) -> dict[str, Any]:
         """The record of a completed round: its times from DescribeSnapshots, its delta from ListChangedBlocks."""
         done_at = _now()
-        described = self.ec2().conn.describe_snapshots(SnapshotIds=list(pending["snapshots"].values()))["Snapshots"]
+        described = self.ec2().describe_snapshots(pending["snapshots"].values())
         started = min(s["StartTime"] for s in described)
         completed = max(s.get("CompletionTime") or done_at for s in described)
         duration_s = max((completed - started).total_seconds(), 1.0)  # the lab completes snapshots at once
-        direct = _hooks().EbsDirectHook(aws_conn_id=self.aws_conn_id, region_name=self.source_region)
-        deltas = [direct.changed_bytes(previous.get(v), s) for v, s in pending["snapshots"].items()]
+        deltas = [self._direct().changed_bytes(previous.get(v), s) for v, s in pending["snapshots"].items()]
         delta_bytes = None if any(d is None for d in deltas) else sum(deltas)
         return {**pending, "started_at": _iso(started), "completed_at": _iso(completed), "duration_s": duration_s,
                 "delta_bytes": delta_bytes, "progress": {s["SnapshotId"]: s.get("Progress") for s in described}}
@@ -260,7 +159,7 @@ class EbsMigrationBaseOperator(BaseOperator):
 
         A retry reuses the round's tagged snapshots (create_round_snapshots), never a second CreateSnapshot.
         ``after``: when the round before started; ``saved(snapshots)``: XCom ``saved_key`` for ``method_name``.
-        Needs the operator's ``min_create_interval_s`` and ``waiter_delay``.
+        Needs the operator's ``preflight``, ``min_create_interval_s`` and ``waiter_delay``.
         """
         import time
 
@@ -268,9 +167,9 @@ class EbsMigrationBaseOperator(BaseOperator):
             since_s = (_now() - datetime.fromisoformat(after)).total_seconds()
             if since_s < self.min_create_interval_s:
                 time.sleep(self.min_create_interval_s - since_s)
-        pre = context["ti"].xcom_pull(task_ids="preflight")
-        snaps = create_round_snapshots(self.ec2(), migration=self.migration(context), round_name=str(index),
-                                       volume_ids=pre["volume_ids"], instance_id=pre["instance_id"], log=self.log)
+        pre = self.preflight
+        snaps = self.ec2().create_round_snapshots(migration=self.migration(context), round_name=str(index),
+                                                  volume_ids=pre["volume_ids"], instance_id=pre["instance_id"])
         context["ti"].xcom_push(key=saved_key, value=saved(snaps))
         self.defer(trigger=_trigger(snapshot_ids=list(snaps.values()), aws_conn_id=self.aws_conn_id,
                                     region_name=self.source_region, waiter_delay=self.waiter_delay, **trigger_kwargs),
@@ -278,7 +177,11 @@ class EbsMigrationBaseOperator(BaseOperator):
 
 
 class EbsMigrationValidateOperator(BaseOperator):
-    """Cross-field param checks and the plan-time divergence check, before any AWS call."""
+    """
+    Check the run's params across fields and, with the expected sizes and rates, the plan before round 1.
+
+    Makes no AWS call; the run's params are its only input. Returns the validated params (the report's ``params``).
+    """
 
     def execute(self, context) -> dict[str, Any]:
         spec = context_spec(context)
@@ -289,30 +192,34 @@ class EbsMigrationValidateOperator(BaseOperator):
 
 
 class EbsMigrationPreflightOperator(EbsMigrationBaseOperator):
-    """Resolve the source volumes, check the target AZ exists and the KMS key lets the target account in."""
+    """
+    Resolve the source volumes, check the target AZ exists and the KMS key lets the target account in.
+
+    Reads the run's params (volume_ids or instance_id, target_region, target_az, kms_key_id, target_account).
+    Returns ``{"volume_ids", "volumes", "instance_id", "source_region", "kms"}`` for the tasks after it.
+
+    :param aws_conn_id: The Airflow connection used for AWS credentials (templated).
+    :param source_region: The source volumes' region; the connection's region when not given.
+    """
 
     def execute(self, context) -> dict[str, Any]:
         spec = context_spec(context)
         ec2 = self.ec2()
         if spec.instance_id:
-            inst = ec2.conn.describe_instances(InstanceIds=[spec.instance_id])["Reservations"][0]["Instances"][0]
-            root = inst.get("RootDeviceName")
-            volume_ids = [m["Ebs"]["VolumeId"] for m in inst.get("BlockDeviceMappings", [])
-                          if "Ebs" in m and m["DeviceName"] != root]
+            volume_ids, root = ec2.data_volume_ids(spec.instance_id)
             if not volume_ids:
                 raise AirflowFailException(f"instance {spec.instance_id} has no data volume besides its root "
                                            f"device {root}. Fix: attach the data volumes or name them in volume_ids")
         else:
             volume_ids = list(spec.volume_ids)
         try:
-            volumes = ec2.conn.describe_volumes(VolumeIds=volume_ids)["Volumes"]
+            volumes = ec2.describe_volumes(volume_ids)
         except Exception as exc:
             if _hooks().error_code(exc).startswith("InvalidVolume"):
                 raise AirflowFailException(f"volume(s) {volume_ids} not found in {self.src_region()}: "
                                            f"{exc}. Fix: check the ids and the connection's region") from None
             raise
-        target = self.ec2(spec.target_region)
-        zones = [z["ZoneName"] for z in target.conn.describe_availability_zones()["AvailabilityZones"]]
+        zones = self.ec2(spec.target_region).availability_zones()
         if spec.target_az not in zones:
             raise AirflowFailException(f"target_az {spec.target_az} is not offered in {spec.target_region} "
                                        f"(zones: {', '.join(zones)}). Fix: pick one of those")
@@ -325,9 +232,9 @@ class EbsMigrationPreflightOperator(EbsMigrationBaseOperator):
                 "source_region": self.src_region(), "kms": kms}
 
     def _kms_preflight(self, spec: MigrationSpec) -> dict[str, Any]:
-        kms = _hooks().kms_client(self.aws_conn_id, spec.target_region)
+        kms = _hooks().EbsKmsHook(aws_conn_id=self.aws_conn_id, region_name=spec.target_region)
         try:
-            meta = kms.describe_key(KeyId=spec.kms_key_id)["KeyMetadata"]
+            meta = kms.describe_key(spec.kms_key_id)
         except Exception as exc:
             raise AirflowFailException(f"kms_key_id {spec.kms_key_id} is not usable in {spec.target_region}: "
                                        f"{exc}. Fix: create the key there or grant this role kms:DescribeKey") from None
@@ -335,35 +242,21 @@ class EbsMigrationPreflightOperator(EbsMigrationBaseOperator):
             raise AirflowFailException(f"KMS key {meta['Arn']} is {meta.get('KeyState')}. Fix: enable it")
         result: dict[str, Any] = {"key_arn": meta["Arn"], "target_account_allowed": None}
         if spec.target_account:
-            from pgops.ebs.kms import REQUIRED_ACTIONS, key_access
+            from pgops.ebs.kms import key_access
 
-            policy = kms.get_key_policy(KeyId=meta["KeyId"], PolicyName="default")["Policy"]
-            grants = [g for page in _pages(kms.list_grants, KeyId=meta["KeyId"]) for g in page.get("Grants", [])]
-            access = key_access(policy, grants, account=spec.target_account, key_arn=meta["Arn"])
+            access = key_access(kms.key_policy(meta["KeyId"]), kms.grants(meta["KeyId"]), account=spec.target_account,
+                                key_arn=meta["Arn"])
             result["target_account_access"] = access.to_dict()
             if not access.ok:
-                why = []
-                if access.denied_by:
-                    why.append("the key policy denies it " + ", ".join(f"{a} (statement {s})"
-                                                                      for a, s in access.denied_by.items()))
-                if access.missing:
-                    why.append("neither an Allow statement of the key policy nor a grant gives it "
-                               + ", ".join(access.missing))
-                if access.unreadable:
-                    why.append("Allow statement(s) with conditions pgops cannot judge were not counted: "
-                               + ", ".join(access.unreadable))
-                raise AirflowFailException(
-                    f"KMS key {meta['Arn']} does not let account {spec.target_account} use it ({'; '.join(why)}), "
-                    "so a shared snapshot would be unusable there. Fix: add an Allow statement with principal "
-                    f"arn:aws:iam::{spec.target_account}:root for {', '.join(REQUIRED_ACTIONS)} (Resource \"*\") "
-                    "to the key policy, and remove any Deny that covers that account")
+                raise AirflowFailException(access.refusal(meta["Arn"]))
             result["target_account_allowed"] = True
         self.log.info("KMS preflight: %s", result)
         return result
 
 
 class EbsSnapshotChainOperator(EbsMigrationBaseOperator):
-    """The round loop: snapshot, defer until complete, measure, copy, ask the planner, repeat or stop.
+    """
+    The round loop: snapshot, defer until complete, measure, copy, ask the planner, repeat or stop.
 
     One task re-deferring per round (no cyclic DAG). Each round is logged, pushed to XCom as
     ``round_<n>`` and its planner decision as ``decision_<n>``; the return value lists them all.
@@ -371,35 +264,46 @@ class EbsSnapshotChainOperator(EbsMigrationBaseOperator):
     `planner.next_copy` names (the newest, once no copy is in flight) is copied to the target region,
     and the planner decides with the copies' state (it holds the chain while they lag, and may pace
     the next round to the copy in flight with a wait). Copies are never deleted here.
+
+    :param preflight: The preflight's result: the source volume ids, their sizes and the instance (templated).
+    :param resume_chain: A chain's result (rounds, decisions) to decide again, after the approval gate: a late
+        answer takes a fresh round (templated). Given (even as a template), the task resumes that chain and
+        fails when it renders empty; not given, it starts a chain.
+    :param waiter_delay: Seconds between polls of a round's snapshots.
+    :param min_create_interval_s: Seconds between two rounds' CreateSnapshot on one volume at least.
+    :param aws_conn_id: The Airflow connection used for AWS credentials (templated).
+    :param source_region: The source volumes' region; the connection's region when not given.
     """
 
-    def __init__(self, *, waiter_delay: int = 30, min_create_interval_s: float = MIN_CREATE_INTERVAL_S,
-                 resume_from: str | None = None, **kwargs: Any):
+    template_fields: Sequence[str] = ("aws_conn_id", "preflight", "resume_chain")
+
+    def __init__(self, *, preflight: dict[str, Any] | str, resume_chain: dict[str, Any] | str | None = None,
+                 waiter_delay: int = 30, min_create_interval_s: float = MIN_CREATE_INTERVAL_S, **kwargs: Any):
         super().__init__(**kwargs)
+        self.preflight = preflight
+        self.resume_chain = resume_chain
+        self.resumes = resume_chain is not None
         self.waiter_delay = waiter_delay
         self.min_create_interval_s = min_create_interval_s
-        # After the approval gate: the chain task's rounds, decided again now (a late answer takes a fresh round).
-        self.resume_from = resume_from
 
     def execute(self, context) -> dict[str, Any]:
-        if not self.resume_from:
+        if not self.resumes:
             return self._next(context, {"rounds": [], "decisions": []})
-        prior = context["ti"].xcom_pull(task_ids=self.resume_from)
+        prior = self.resume_chain
         if not prior:
-            raise AirflowFailException(f"no chain state from task {self.resume_from!r} to resume")
+            raise AirflowFailException(f"{self.task_id}: no chain state to resume (resume_chain is empty: did the "
+                                       "chain task return its rounds?)")
         # the decision after the last round is taken again, in its place (decisions[i] follows round i)
         return self._next(context, {"rounds": prior["rounds"], "decisions": prior["decisions"][:-1]})
 
-    @staticmethod
-    def _size_bytes(context) -> int:
-        pre = context["ti"].xcom_pull(task_ids="preflight")
-        return sum(v["size_gib"] for v in pre["volumes"]) * 1024**3
+    def _size_bytes(self) -> int:
+        return _volume_bytes(self.preflight)
 
     def _next(self, context, state: dict[str, Any]) -> dict[str, Any]:
         spec = context_spec(context)
         params = spec.chain_params()
         copies = self._copy_state(spec, state["rounds"])
-        obs = chain_rounds.observations(state["rounds"], self._size_bytes(context))
+        obs = chain_rounds.observations(state["rounds"], self._size_bytes())
         decision = planner.decide(obs, params, _now(), copies=copies)
         index = len(state["rounds"]) + 1
         self.log.info("planner after %d round(s): %s — %s", index - 1, decision.action, decision.reason)
@@ -427,7 +331,7 @@ class EbsSnapshotChainOperator(EbsMigrationBaseOperator):
         """The paced wait is over: take the round the planner asked for (its prediction made for now)."""
         state = context["ti"].xcom_pull(task_ids=self.task_id, key="chain_state")["state"]
         params = context_spec(context).chain_params()
-        obs = chain_rounds.observations(state["rounds"], self._size_bytes(context))
+        obs = chain_rounds.observations(state["rounds"], self._size_bytes())
         predicted_s = planner.predict_next(obs, _now(), params.overhead_s) if obs else None
         return self._take_round(context, state, predicted_s)
 
@@ -471,13 +375,7 @@ class EbsSnapshotChainOperator(EbsMigrationBaseOperator):
         ids = chain_rounds.copy_ids(recorded)
         described: list[dict[str, Any]] = []
         if ids:
-            target = target or self.ec2(spec.target_region)
-            wanted = sorted(ids)
-            for at in range(0, len(wanted), DESCRIBE_IDS_MAX):
-                # a filter, not SnapshotIds: a copy deleted by hand is missing from the answer instead of failing it
-                described += target.conn.describe_snapshots(
-                    OwnerIds=["self"], Filters=[{"Name": "snapshot-id", "Values": wanted[at:at + DESCRIBE_IDS_MAX]}],
-                )["Snapshots"]
+            described = (target or self.ec2(spec.target_region)).describe_existing_snapshots(ids)
             missing = sorted(set(ids) - {s["SnapshotId"] for s in described})
             failed = sorted(s["SnapshotId"] for s in described if s.get("State") == "error")
             if missing or failed:
@@ -511,15 +409,15 @@ class EbsSnapshotChainOperator(EbsMigrationBaseOperator):
                              "the final copy carries every block", index, len(chosen["snapshots"]),
                              MAX_COPIES_IN_FLIGHT, spec.target_region)
             return
-        chosen["copies"] = copy_snapshots(target, migration=mig, round_name=str(index), snapshots=chosen["snapshots"],
-                                          source_region=self.src_region(), kms_key_id=spec.kms_key_id, log=self.log)
+        chosen["copies"] = target.copy_snapshots(migration=mig, round_name=str(index), snapshots=chosen["snapshots"],
+                                                 source_region=self.src_region(), kms_key_id=spec.kms_key_id)
 
 
 class EbsCutoverOperator(EbsMigrationBaseOperator):
     """Quiesce by the chosen mode, take the final snapshot(s), release at once (the point in time is fixed).
 
     The cutover follows a round: before quiescing, `planner.fresh_for_cutover` judges the chain's last round
-    (from the XCom of `chain_tasks`, the first that has one); when time has passed since it (an approval that
+    (from ``chain``); when time has passed since it (an approval that
     waited, a queue), a final snapshot now would carry those writes too, so one more round is taken first
     (deferred, polled every `waiter_delay` seconds, not copied: the final copy carries its blocks), then the
     cutover. A retry that finds final snapshots reuses them (their point in time is fixed) without a round.
@@ -527,22 +425,39 @@ class EbsCutoverOperator(EbsMigrationBaseOperator):
     stop-writes: `pg_ctl stop -m fast` through the cluster's runner, snapshot(s) while the server is down, then
     `pg_ctl start` with the runner's environment, always, and a DB-host watchdog that starts it after
     `quiesce_timeout_s` if this task dies. A server managed by systemd is started outside systemd's unit here.
+
+    :param preflight: The preflight's result: the source volume ids, their sizes and the instance (templated).
+    :param chain: The chain's result (its rounds), the newest decision's: the re-decision after the approval
+        gate when it ran, else the chain task's (templated). None: no round to follow.
+    :param postgres_conn_id: The cluster's PostgreSQL connection (backup mode; stop-writes reads the data
+        directory through it).
+    :param cluster_name: The inventory cluster: its bucket keeps the backup_label, its runner stops and starts
+        PostgreSQL (stop-writes).
+    :param quiesce_timeout_s: Seconds the quiesce may last at most (backup session, server stopped).
+    :param pg_log_file: The server log for ``pg_ctl start`` (stop-writes); beside the data directory when not given.
+    :param waiter_delay: Seconds between polls of a fresh round's snapshots.
+    :param min_create_interval_s: Seconds between two rounds' CreateSnapshot on one volume at least.
+    :param aws_conn_id: The Airflow connection used for AWS credentials (templated).
+    :param source_region: The source volumes' region; the connection's region when not given.
     """
+
+    template_fields: Sequence[str] = ("aws_conn_id", "preflight", "chain")
 
     # Rounds taken here before the cutover at most: one normally; more only when a retry reuses an old one.
     MAX_FRESH_ROUNDS = 3
 
-    def __init__(self, *, postgres_conn_id: str, cluster_name: str | None = None, quiesce_timeout_s: float = 600.0,
+    def __init__(self, *, preflight: dict[str, Any] | str, chain: dict[str, Any] | str | None = None,
+                 postgres_conn_id: str, cluster_name: str | None = None, quiesce_timeout_s: float = 600.0,
                  pg_log_file: str | None = None, waiter_delay: int = CUTOVER_POLL_S,
-                 chain_tasks: Sequence[str] = CHAIN_TASKS, min_create_interval_s: float = MIN_CREATE_INTERVAL_S,
-                 **kwargs: Any):
+                 min_create_interval_s: float = MIN_CREATE_INTERVAL_S, **kwargs: Any):
         super().__init__(**kwargs)
+        self.preflight = preflight
+        self.chain = chain
         self.postgres_conn_id = postgres_conn_id
         self.cluster_name = cluster_name
         self.quiesce_timeout_s = quiesce_timeout_s
         self.pg_log_file = pg_log_file
         self.waiter_delay = waiter_delay
-        self.chain_tasks = tuple(chain_tasks)
         self.min_create_interval_s = min_create_interval_s
         self._runner = None
 
@@ -554,22 +469,17 @@ class EbsCutoverOperator(EbsMigrationBaseOperator):
     def execute(self, context) -> dict[str, Any]:
         mig = self.migration(context)
         if not self.ec2().find_snapshots({TAG_MIGRATION: mig, TAG_ROUND: FINAL_ROUND}):
-            recorded = self._chain_rounds(context)
+            recorded = self._chain_rounds()
             if recorded and not self._fresh(context, recorded):
                 return self._fresh_round(context, recorded, [])
         return self._cut_over(context, [])
 
-    def _chain_rounds(self, context) -> list[dict[str, Any]]:
-        for task_id in self.chain_tasks:
-            chain = context["ti"].xcom_pull(task_ids=task_id)
-            if chain:
-                return list(chain.get("rounds") or [])
-        return []
+    def _chain_rounds(self) -> list[dict[str, Any]]:
+        return list((self.chain or {}).get("rounds") or [])
 
     def _fresh(self, context, recorded: list[dict[str, Any]]) -> bool:
         spec = context_spec(context)
-        pre = context["ti"].xcom_pull(task_ids="preflight")
-        obs = chain_rounds.observations(recorded, sum(v["size_gib"] for v in pre["volumes"]) * 1024**3)
+        obs = chain_rounds.observations(recorded, _volume_bytes(self.preflight))
         now = _now()
         fresh = planner.fresh_for_cutover(obs, now, spec.chain_params().overhead_s)
         last = obs[-1]
@@ -581,10 +491,9 @@ class EbsCutoverOperator(EbsMigrationBaseOperator):
 
     def _fresh_round(self, context, recorded: list[dict[str, Any]], taken: list[dict[str, Any]]) -> dict[str, Any]:
         overhead_s = context_spec(context).chain_params().overhead_s
-        pre = context["ti"].xcom_pull(task_ids="preflight")
         done = recorded + taken
         index = max(r["index"] for r in done) + 1
-        obs = chain_rounds.observations(done, sum(v["size_gib"] for v in pre["volumes"]) * 1024**3)
+        obs = chain_rounds.observations(done, _volume_bytes(self.preflight))
         self._snapshot_round(
             context, index=index, after=done[-1]["started_at"], saved_key="fresh_rounds",
             saved=lambda snaps: {"taken": taken, "pending": {
@@ -599,7 +508,7 @@ class EbsCutoverOperator(EbsMigrationBaseOperator):
         event = event or {}
         if event.get("status") != "success":
             raise AirflowFailException(f"round {pending['index']} before the cutover: {event.get('message')}")
-        recorded = self._chain_rounds(context)
+        recorded = self._chain_rounds()
         record = self._measure_round(pending, (recorded + taken)[-1]["snapshots"]) | {"copies": {}}
         taken.append(record)
         context["ti"].xcom_push(key=f"round_{record['index']}", value=record)
@@ -613,7 +522,7 @@ class EbsCutoverOperator(EbsMigrationBaseOperator):
 
     def _cut_over(self, context, taken: list[dict[str, Any]]) -> dict[str, Any]:
         spec = context_spec(context)
-        pre = context["ti"].xcom_pull(task_ids="preflight")
+        pre = self.preflight
         mig = self.migration(context)
         ec2 = self.ec2()
         result: dict[str, Any] = {"mode": spec.cutover_mode, "quiesced_at": _iso(_now()), "backup": None}
@@ -621,8 +530,8 @@ class EbsCutoverOperator(EbsMigrationBaseOperator):
             result["rounds"] = taken  # taken here because the chain's last round was stale; in the report's rounds
 
         def take(extra_tags: dict[str, str] | None = None) -> dict[str, str]:
-            return create_round_snapshots(ec2, migration=mig, round_name=FINAL_ROUND, volume_ids=pre["volume_ids"],
-                                          instance_id=pre["instance_id"], extra_tags=extra_tags, log=self.log)
+            return ec2.create_round_snapshots(migration=mig, round_name=FINAL_ROUND, volume_ids=pre["volume_ids"],
+                                              instance_id=pre["instance_id"], extra_tags=extra_tags)
 
         if spec.cutover_mode == "crash-consistent":
             result["snapshots"] = take()
@@ -666,7 +575,7 @@ class EbsCutoverOperator(EbsMigrationBaseOperator):
                 return take(), stored["backup"], []
             superseded = sorted(ids)
             tag = f"{FINAL_ROUND}-superseded"
-            ec2.conn.create_tags(Resources=superseded, Tags=[{"Key": TAG_ROUND, "Value": tag}])
+            ec2.tag_resources(superseded, {TAG_ROUND: tag})
             self.log.warning("final snapshot(s) %s exist from an earlier try but no backup_label was stored for them "
                              "(s3://%s/%s), so they cannot be restored consistently: tagged %s=%s and kept; taking "
                              "a new final round", superseded, cluster.storage.bucket, backup_label_key(cluster, mig),
@@ -683,7 +592,7 @@ class EbsCutoverOperator(EbsMigrationBaseOperator):
             taken.update(take())
         label = held.backup_label or ""
         for snapshot_id in taken.values():  # for a human in the console; the stored copy is the one to use
-            ec2.conn.create_tags(Resources=[snapshot_id], Tags=[{"Key": TAG_BACKUP_LABEL, "Value": tag_value(label)}])
+            ec2.tag_resources([snapshot_id], {TAG_BACKUP_LABEL: tag_value(label)})
         self.log.info("backup_label (write it as PGDATA/backup_label on the new volume before starting):\n%s", label)
         return dict(taken), held.to_dict(), superseded
 
@@ -736,7 +645,22 @@ class EbsCutoverOperator(EbsMigrationBaseOperator):
 
 
 class EbsCopySnapshotOperator(EbsMigrationBaseOperator):
-    """Copy snapshots to the target region with one KMS key, then defer until the copies complete."""
+    """
+    Copy snapshots to the target region with one KMS key, then defer until the copies complete.
+
+    A retry reuses the copies an earlier try made (found by their tags). Returns ``{"copies", "region",
+    "started_at", "completed_at"}``.
+
+    :param snapshot_ids: ``{source volume: snapshot id}`` to copy (templated).
+    :param target_region: The region to copy into (templated).
+    :param kms_key_id: The destination KMS key; without one a copy keeps its source's encryption (templated).
+    :param round_name: The round the copies belong to, as tagged (templated).
+    :param completion_duration_minutes: A time-based copy's duration (CompletionDurationMinutes), if any.
+    :param waiter_delay: Seconds between polls of the copies.
+    :param waiter_max_attempts: Polls at most; 24 h of polls at ``waiter_delay`` when not given.
+    :param aws_conn_id: The Airflow connection used for AWS credentials (templated).
+    :param source_region: The source snapshots' region; the connection's region when not given.
+    """
 
     template_fields: Sequence[str] = ("aws_conn_id", "snapshot_ids", "target_region", "kms_key_id", "round_name")
 
@@ -756,10 +680,10 @@ class EbsCopySnapshotOperator(EbsMigrationBaseOperator):
     def execute(self, context) -> None:
         target = self.ec2(self.target_region)
         started_at = _iso(_now())
-        copies = copy_snapshots(target, migration=self.migration(context), round_name=str(self.round_name),
-                                snapshots=dict(self.snapshot_ids), source_region=self.src_region(),
-                                kms_key_id=self.kms_key_id or None,
-                                completion_minutes=self.completion_duration_minutes, log=self.log)
+        copies = target.copy_snapshots(migration=self.migration(context), round_name=str(self.round_name),
+                                       snapshots=dict(self.snapshot_ids), source_region=self.src_region(),
+                                       kms_key_id=self.kms_key_id or None,
+                                       completion_minutes=self.completion_duration_minutes)
         context["ti"].xcom_push(key="copy_state", value={"copies": copies, "started_at": started_at})
         self.defer(trigger=_trigger(snapshot_ids=list(copies.values()), aws_conn_id=self.aws_conn_id,
                                     region_name=self.target_region, waiter_delay=self.waiter_delay,
@@ -779,7 +703,14 @@ class EbsCopySnapshotOperator(EbsMigrationBaseOperator):
 
 
 class EbsShareSnapshotOperator(EbsMigrationBaseOperator):
-    """ModifySnapshotAttribute createVolumePermission for the target account (a no-op without one)."""
+    """
+    Share snapshots with the target account (createVolumePermission); a no-op without an account.
+
+    :param snapshot_ids: ``{source volume: snapshot id}`` to share (templated).
+    :param region: The snapshots' region (templated).
+    :param account_id: The account to share with; None or empty: nothing is shared (templated).
+    :param aws_conn_id: The Airflow connection used for AWS credentials (templated).
+    """
 
     template_fields: Sequence[str] = ("aws_conn_id", "snapshot_ids", "region", "account_id")
 
@@ -797,14 +728,26 @@ class EbsShareSnapshotOperator(EbsMigrationBaseOperator):
             return {"shared_with": None}
         ec2 = self.ec2(self.region)
         for snapshot_id in dict(self.snapshot_ids).values():
-            ec2.conn.modify_snapshot_attribute(SnapshotId=snapshot_id, Attribute="createVolumePermission",
-                                              OperationType="add", UserIds=[account])
+            ec2.share_snapshot(snapshot_id, account)
             self.log.info("snapshot %s shared with account %s", snapshot_id, account)
         return {"shared_with": account, "snapshots": dict(self.snapshot_ids)}
 
 
 class EbsCreateVolumeOperator(EbsMigrationBaseOperator):
-    """Create a volume per copied snapshot in the target AZ, wait until available, report initialization."""
+    """
+    Create a volume per copied snapshot in the target AZ, wait until available, report initialization.
+
+    A retry finds the volumes an earlier try made (tags), or EC2 answers the same volume (client token).
+    In a migration run, the run's params volume_type, volume_initialization and its rate win over the arguments.
+
+    :param snapshot_ids: ``{source volume: snapshot id}`` to make volumes of (templated).
+    :param region: The snapshots' region (templated).
+    :param availability_zone: The new volumes' availability zone (templated).
+    :param volume_type: The EBS volume type (gp3, io2, ...).
+    :param initialization: ``none``, ``fast-snapshot-restore`` or ``rate`` (Provisioned initialization rate).
+    :param initialization_rate_mib_s: The initialization rate in MiB/s, with ``rate``.
+    :param aws_conn_id: The Airflow connection used for AWS credentials (templated).
+    """
 
     template_fields: Sequence[str] = ("aws_conn_id", "snapshot_ids", "region", "availability_zone")
 
@@ -835,59 +778,72 @@ class EbsCreateVolumeOperator(EbsMigrationBaseOperator):
                               source_volume)
                 continue
             if self.initialization == "fast-snapshot-restore":
-                ec2.conn.enable_fast_snapshot_restores(AvailabilityZones=[self.availability_zone],
-                                                       SourceSnapshotIds=[snapshot_id])
-            kwargs: dict[str, Any] = {
+                ec2.enable_fast_snapshot_restore(snapshot_id, self.availability_zone)
+            volumes[source_volume] = ec2.create_volume(
+                snapshot_id=snapshot_id, availability_zone=self.availability_zone, volume_type=self.volume_type,
+                tags={TAG_MIGRATION: mig, TAG_SOURCE_VOLUME: source_volume, TAG_SOURCE_SNAPSHOT: snapshot_id,
+                      "Name": f"pgops-migrated-{source_volume}"},
                 # a retry whose first CreateVolume succeeded unseen (lost response, tags not yet listed) gets the
                 # same volume back instead of a second one
-                "ClientToken": _hooks().client_token(mig, source_volume, snapshot_id, self.availability_zone),
-                "SnapshotId": snapshot_id, "AvailabilityZone": self.availability_zone, "VolumeType": self.volume_type,
-                "TagSpecifications": _hooks().tag_spec("volume", {TAG_MIGRATION: mig, TAG_SOURCE_VOLUME: source_volume,
-                                                         TAG_SOURCE_SNAPSHOT: snapshot_id,
-                                                         "Name": f"pgops-migrated-{source_volume}"}),
-            }
-            if self.initialization == "rate" and self.initialization_rate_mib_s:
-                kwargs["VolumeInitializationRate"] = int(self.initialization_rate_mib_s)
-            volumes[source_volume] = ec2.conn.create_volume(**kwargs)["VolumeId"]
+                token=_hooks().client_token(mig, source_volume, snapshot_id, self.availability_zone),
+                initialization_rate_mib_s=self.initialization_rate_mib_s if self.initialization == "rate" else None)
             self.log.info("volume %s from %s in %s (%s, initialization %s)", volumes[source_volume], snapshot_id,
                           self.availability_zone, self.volume_type, self.initialization)
-        ec2.get_waiter("volume_available").wait(VolumeIds=list(volumes.values()),
-                                                WaiterConfig={"Delay": 5, "MaxAttempts": 720})
+        ec2.wait_volumes_available(volumes.values())
         available_at = _iso(_now())
-        init = {v: self._initialization(ec2, v) for v in volumes.values()}
+        init = {v: ec2.volume_initialization(v) for v in volumes.values()}
         self.log.info("volumes available at %s: %s; initialization %s", available_at, volumes, init)
         return {"volumes": volumes, "region": self.region, "availability_zone": self.availability_zone,
                 "available_at": available_at, "initialization": init}
 
-    def _initialization(self, ec2: EbsEc2Hook, volume_id: str) -> Any:
-        try:
-            status = ec2.conn.describe_volume_status(VolumeIds=[volume_id])["VolumeStatuses"]
-        except Exception as exc:  # noqa: BLE001 - a lab without DescribeVolumeStatus gives "unknown"
-            self.log.info("DescribeVolumeStatus %s not available (%s): initialization unknown", volume_id,
-                          str(exc).splitlines()[0][:120])
-            return "unknown"
-        details = status[0].get("InitializationStatusDetails") if status else None
-        return details or "unknown"
-
 
 class EbsMigrationReportOperator(EbsMigrationBaseOperator):
-    """Write the ebs-migration report (bucket + XCom); delete intermediate snapshots after a success if asked."""
+    """
+    Write the ebs-migration report (bucket + XCom); delete intermediate snapshots after a success if asked.
 
-    def __init__(self, *, cluster_name: str, **kwargs: Any):
+    Runs whatever happened before it: each step's result is None when the step did not run or failed, and the
+    report's status says how far the migration got (ok, warning for a dry run or a declined cutover, failed).
+
+    :param cluster_name: The inventory cluster whose bucket keeps the report.
+    :param spec: The validated params (the validate task's result) (templated).
+    :param preflight: The preflight's result (templated).
+    :param chain: The chain's result, the newest decision's (templated).
+    :param approval: The cutover gate's decision record (templated).
+    :param cutover: The cutover's result (templated).
+    :param final_copy: The final copy's result (templated).
+    :param shared: The share task's result (templated).
+    :param volumes: The create-volume task's result (templated).
+    :param aws_conn_id: The Airflow connection used for AWS credentials (templated).
+    :param source_region: The source volumes' region; the connection's region when not given.
+    """
+
+    template_fields: Sequence[str] = ("aws_conn_id", "spec", "preflight", "chain", "approval", "cutover",
+                                      "final_copy", "shared", "volumes")
+
+    def __init__(self, *, cluster_name: str, spec: dict[str, Any] | str | None = None,
+                 preflight: dict[str, Any] | str | None = None, chain: dict[str, Any] | str | None = None,
+                 approval: dict[str, Any] | str | None = None, cutover: dict[str, Any] | str | None = None,
+                 final_copy: dict[str, Any] | str | None = None, shared: dict[str, Any] | str | None = None,
+                 volumes: dict[str, Any] | str | None = None, **kwargs: Any):
         super().__init__(**kwargs)
         self.cluster_name = cluster_name
+        self.spec = spec
+        self.preflight = preflight
+        self.chain = chain
+        self.approval = approval
+        self.cutover = cutover
+        self.final_copy = final_copy
+        self.shared = shared
+        self.volumes = volumes
 
     def execute(self, context) -> dict[str, Any]:
         from pgops.hooks import s3_client
         from pgops.inventory import load_inventory
-        from pgops.operators.approval import CUTOVER_GATE, NOT_APPROVED, describe
+        from pgops.operators.approval import NOT_APPROVED, describe
         from pgops.reports import envelope, utcnow, write_report
 
-        ti = context["ti"]
-        pull = lambda task: ti.xcom_pull(task_ids=task)  # noqa: E731
-        spec, chain, cutover = pull("validate"), pull("fresh_round") or pull("chain"), pull("cutover")
-        copy, share, volume = pull("copy_final"), pull("share"), pull("create_volume")
-        approval = pull(CUTOVER_GATE)
+        spec, chain, cutover, approval = self.spec, self.chain, self.cutover, self.approval
+        copy, share, volume = self.final_copy, self.shared, self.volumes
         declined = isinstance(approval, dict) and approval.get("decision") in NOT_APPROVED and not cutover
         dry_run = bool(spec and spec.get("dry_run"))
         status = "ok" if volume else ("warning" if dry_run or declined else "failed")
@@ -907,7 +863,7 @@ class EbsMigrationReportOperator(EbsMigrationBaseOperator):
                                                  superseded=(cutover or {}).get("superseded_snapshots") or [])
         body = {
             "migration_id": self.migration(context), "dry_run": dry_run, "params": spec,
-            "source": pull("preflight"), "plan": (spec or {}).get("plan"),
+            "source": self.preflight, "plan": (spec or {}).get("plan"),
             "rounds": [{"index": r["index"], "started_at": r["started_at"], "duration_s": r["duration_s"],
                         "delta_bytes": r["delta_bytes"], "predicted_duration_s": r["predicted_duration_s"],
                         "snapshots": r["snapshots"], "copies": r.get("copies")} for r in rounds],
@@ -945,7 +901,7 @@ class EbsMigrationReportOperator(EbsMigrationBaseOperator):
         deleted, not_deleted = [], {}
         for region, snapshot_id in owned:
             try:
-                self.ec2(region).conn.delete_snapshot(SnapshotId=snapshot_id)
+                self.ec2(region).delete_snapshot(snapshot_id)
                 deleted.append(snapshot_id)
             except Exception as exc:  # noqa: BLE001 - the report names what is left and why
                 not_deleted[snapshot_id] = str(exc)[:300]
@@ -958,7 +914,7 @@ class EbsMigrationReportOperator(EbsMigrationBaseOperator):
         keep = set((copy or {}).get("copies", {}).values())
         deleted = []
         for snapshot_id in superseded:  # final snapshots of an earlier try without their backup_label
-            self.ec2().conn.delete_snapshot(SnapshotId=snapshot_id)
+            self.ec2().delete_snapshot(snapshot_id)
             deleted.append(snapshot_id)
         for region, key in ((self.src_region(), "snapshots"), (spec["target_region"], "copies")):
             ec2 = self.ec2(region)
@@ -966,7 +922,7 @@ class EbsMigrationReportOperator(EbsMigrationBaseOperator):
                 for snapshot_id in (r.get(key) or {}).values():
                     if snapshot_id in keep:
                         continue
-                    ec2.conn.delete_snapshot(SnapshotId=snapshot_id)
+                    ec2.delete_snapshot(snapshot_id)
                     deleted.append(snapshot_id)
         self.log.info("deleted intermediate snapshots: %s", deleted)
         return deleted

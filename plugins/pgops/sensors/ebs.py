@@ -5,18 +5,16 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from datetime import timedelta
-from typing import Any
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseSensorOperator
 from airflow.sdk.exceptions import AirflowFailException
 
 WAIT_BUDGET_S = 24 * 3600  # the trigger's default: 2880 polls of 30 s
 
-
-def _ec2_hook(**kwargs: Any):
-    from pgops.ebs.hooks import EbsEc2Hook  # boto3 + provider: load at run time, not at DAG parse time
-
-    return EbsEc2Hook(**kwargs)
+if TYPE_CHECKING:
+    from pgops.ebs.hooks import EbsEc2Hook
 
 
 def _trigger(**kwargs: Any):
@@ -26,7 +24,16 @@ def _trigger(**kwargs: Any):
 
 
 class EbsSnapshotCompletedSensor(BaseSensorOperator):
-    """Wait until every snapshot in ``snapshot_ids`` is completed; fail when one ends in state error."""
+    """
+    Wait until every snapshot in ``snapshot_ids`` is completed; fail when one ends in state error.
+
+    :param snapshot_ids: The snapshots: a list, one id, or ``{source volume: snapshot id}`` (templated).
+    :param aws_conn_id: The Airflow connection used for AWS credentials (templated).
+    :param region_name: The snapshots' region; the connection's region when not given (templated).
+    :param deferrable: Wait in the triggerer (no worker slot) instead of poking.
+    :param waiter_delay: Seconds between polls.
+    :param waiter_max_attempts: Polls at most; 24 h of polls at ``waiter_delay`` when not given.
+    """
 
     template_fields: Sequence[str] = ("snapshot_ids", "aws_conn_id", "region_name")
 
@@ -43,6 +50,12 @@ class EbsSnapshotCompletedSensor(BaseSensorOperator):
         # 24 h of polls whatever the interval (a 5 s poll on the cutover path must not shorten the wait)
         self.waiter_max_attempts = waiter_max_attempts or max(1, math.ceil(WAIT_BUDGET_S / max(waiter_delay, 1)))
 
+    @cached_property
+    def hook(self) -> EbsEc2Hook:
+        from pgops.ebs.hooks import EbsEc2Hook  # boto3 + provider: load at run time, not at DAG parse time
+
+        return EbsEc2Hook(aws_conn_id=self.aws_conn_id, region_name=self.region_name)
+
     def _ids(self) -> list[str]:
         ids = self.snapshot_ids
         if isinstance(ids, dict):
@@ -52,8 +65,7 @@ class EbsSnapshotCompletedSensor(BaseSensorOperator):
         return list(ids)
 
     def poke(self, context) -> bool:
-        snaps = _ec2_hook(aws_conn_id=self.aws_conn_id, region_name=self.region_name).conn.describe_snapshots(
-            SnapshotIds=self._ids())["Snapshots"]
+        snaps = self.hook.describe_snapshots(self._ids())
         for s in snaps:
             self.log.info("snapshot %s: %s %s", s["SnapshotId"], s["State"], s.get("Progress"))
             if s["State"] == "error":

@@ -23,15 +23,23 @@ MAX_BACKOFF_S = 300
 
 
 class EbsSnapshotCompletedTrigger(AwsBaseWaiterTrigger):
-    """Fires when every snapshot in ``snapshot_ids`` is completed (or one ends in state error)."""
+    """
+    Fires when every snapshot in ``snapshot_ids`` is completed (or one ends in state error).
+
+    :param snapshot_ids: The snapshots to wait for.
+    :param waiter_delay: Seconds between polls (doubled, up to 300 s, while EC2 answers a limit error).
+    :param waiter_max_attempts: Polls at most.
+    :param aws_conn_id: The Airflow connection used for AWS credentials.
+    :param region_name: The snapshots' region; the connection's region when not given.
+    :param progress: ``{"cluster", "run_id", "what", "round", "rounds_predicted"}``: each poll's percent per
+        snapshot goes to the log and, for a cluster, to its progress record for the dashboard.
+    """
 
     aws_hook_class = EbsEc2Hook
 
     def __init__(self, *, snapshot_ids: list[str], waiter_delay: int = 30, waiter_max_attempts: int = 2880,
                  aws_conn_id: str | None = "aws_default", region_name: str | None = None,
                  progress: dict[str, Any] | None = None, **kwargs: Any):
-        # progress: {"cluster", "run_id", "what", "round", "rounds_predicted"}: each poll's per-snapshot percent
-        # goes to the log and, for a cluster, to its progress record (pgops.progress) for the dashboard
         super().__init__(
             serialized_fields={"snapshot_ids": list(snapshot_ids), "progress": progress},
             waiter_name="snapshot_completed",
