@@ -32,7 +32,7 @@ class FakeTI:
 
 
 def _rendered(dag, task_id: str, xcom: dict, **params):
-    task = dag.get_task(task_id)
+    task = dag.get_task(task_id).prepare_for_execution()  # a copy, as a task instance renders
     ti = FakeTI(xcom)
     task.render_template_fields({"ti": ti, "task_instance": ti, "params": {**dag.params, **params}})
     return task, ti
@@ -204,3 +204,52 @@ def test_no_raw_clients_and_no_upstream_pulls_in_the_restore_and_standby_tasks(m
     assert not [line for line in code if re.search(r"\bboto3\b|s3_client\(|aws_hook\(|\.get_paginator\(", line)]
     pulls = [line.strip() for line in code if "xcom_pull(" in line]
     assert all("task_ids=self.task_id" in line for line in pulls), pulls
+
+
+class ReportBucket:
+    """PgopsS3Hook's report methods, in memory."""
+
+    written: list[dict] = []
+
+    def __init__(self, **kwargs):
+        pass
+
+    def list_reports(self, cluster, kind, *, limit=200):
+        return []
+
+    def write_report(self, cluster, report):
+        self.written.append(report)
+        return f"reports/{report['kind']}/latest.json"
+
+
+def test_the_reports_are_built_from_the_rendered_values(monkeypatch):
+    import pgops.hooks
+
+    monkeypatch.setattr(pgops.hooks, "_s3_hook_class", lambda: ReportBucket)
+    ReportBucket.written = []
+    dag = build_restore_verify_dag(load_inventory().get("main"))
+    recovery = {"replay_s": 2.0, "segments_replayed": 3, "rto_s": 30.0, "recovery_stop": None}
+    xcom = {("canary", "return_value"): None, ("setup", "return_value"): {**PLAN, "backup_size_bytes": 10},
+            ("restore", "return_value"): {**STARTED, "download_s": 1.5, "restorer": "pgops-restore"},
+            ("wait_recovery", "return_value"): recovery,
+            ("checks", "return_value"): {"checks": {}}, ("checks", "checks"): {"checks": {}, "database_size_bytes": 5}}
+    report, ti = _rendered(dag, "report", xcom)
+    out = report.run_step({"ti": ti, "run_id": "r"})
+    body = ReportBucket.written[-1]["body"]
+    assert out["status"] == "ok" and body["errors"] == {} and body["steps_not_finished"] == []
+    assert body["measurements"]["rto_s"] == 30.0 and body["measurements"]["download_s"] == 1.5
+    assert body["backup_id"] == PLAN["backup_id"]
+
+    failed, ti = _rendered(dag, "report", {**xcom, ("wait_recovery", "return_value"): None,
+                                           ("wait_recovery", "error"): "recovery did not end within 60 s"})
+    with pytest.raises(AirflowFailException, match="wait_recovery: recovery did not end within 60 s"):
+        failed.run_step({"ti": ti, "run_id": "r"})
+    assert ReportBucket.written[-1]["status"] == "failed"
+
+    rebuild = build_standby_rebuild_dag(load_inventory().get("main"))
+    monkeypatch.setattr("pgops.endpoint.report_state", lambda cluster, primary, standby: None)
+    declined, ti = _rendered(rebuild, "report", {("preflight", "return_value"): {"node": "pg2", "primary": "pg1"},
+                                                 ("approve_rebuild", "return_value"): {"decision": "rejected"}})
+    monkeypatch.setattr("pgops.operators.standby.NOT_APPROVED", ("rejected",))
+    assert declined.run_step({"ti": ti, "run_id": "r"})["status"] == "warning"
+    assert ReportBucket.written[-1]["body"]["repmgr_registered"] is False
