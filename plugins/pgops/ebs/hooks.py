@@ -178,17 +178,21 @@ class EbsEc2Hook(EC2Hook):
                                             OperationType="add", UserIds=[account_id])
 
     def delete_snapshot(self, snapshot_id: str) -> None:
+        """Delete one snapshot (an intermediate round's, or a declined migration's)."""
         self.conn.delete_snapshot(SnapshotId=snapshot_id)
 
     def tag_resources(self, resource_ids: Sequence[str], tags: dict[str, str]) -> None:
+        """Add or overwrite these tags on snapshots or volumes."""
         self.conn.create_tags(Resources=list(resource_ids), Tags=[{"Key": k, "Value": v} for k, v in tags.items()])
 
     # -- volumes and the source --------------------------------------------------------------------------------
     def find_volumes(self, tags: dict[str, str]) -> list[dict[str, Any]]:
+        """Volumes carrying all these tags (not deleting, deleted or in state error)."""
         pages = self.conn.get_paginator("describe_volumes").paginate(Filters=tag_filters(tags))
         return [v for page in pages for v in page["Volumes"] if v.get("State") not in ("deleting", "deleted", "error")]
 
     def describe_volumes(self, volume_ids: Sequence[str]) -> list[dict[str, Any]]:
+        """The volumes by id (EC2 refuses the call when one does not exist: InvalidVolume.NotFound)."""
         return self.conn.describe_volumes(VolumeIds=list(volume_ids))["Volumes"]
 
     def data_volume_ids(self, instance_id: str) -> tuple[list[str], str | None]:
@@ -199,9 +203,11 @@ class EbsEc2Hook(EC2Hook):
                 if "Ebs" in m and m["DeviceName"] != root], root
 
     def availability_zones(self) -> list[str]:
+        """The names of the zones this hook's region offers."""
         return [z["ZoneName"] for z in self.conn.describe_availability_zones()["AvailabilityZones"]]
 
     def enable_fast_snapshot_restore(self, snapshot_id: str, availability_zone: str) -> None:
+        """Fast snapshot restore for the snapshot in one zone: its volumes are fully initialized at creation."""
         self.conn.enable_fast_snapshot_restores(AvailabilityZones=[availability_zone], SourceSnapshotIds=[snapshot_id])
 
     def create_volume(self, *, snapshot_id: str, availability_zone: str, volume_type: str, tags: dict[str, str],
@@ -215,6 +221,7 @@ class EbsEc2Hook(EC2Hook):
         return self.conn.create_volume(**kwargs)["VolumeId"]
 
     def wait_volumes_available(self, volume_ids: Sequence[str], *, delay_s: int = 5, max_attempts: int = 720) -> None:
+        """Wait (our volume_available waiter, 1 h by default) until every volume is available; fail on error."""
         self.get_waiter("volume_available").wait(VolumeIds=list(volume_ids),
                                                  WaiterConfig={"Delay": delay_s, "MaxAttempts": max_attempts})
 
