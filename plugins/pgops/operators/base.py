@@ -37,10 +37,11 @@ class ClusterOperator(BaseOperator):
         return {**aws_child_env(cluster.engine_aws_conn_id), **pg_target(cluster.postgres_conn_id).child_env()}
 
     def run_engine(self, cluster: Cluster, argv: list[str], *, capture: bool = False, check: bool = True,
-                   timeout_s: float | None = None):
+                   timeout_s: float | None = None, env: dict[str, str] | None = None):
+        """Run an engine command on the cluster's runner; ``env``: engine_env(cluster), when already made."""
         self._runner = get_runner(cluster)
         try:
-            return self._runner.run(argv, env=self.engine_env(cluster), capture=capture, check=check,
+            return self._runner.run(argv, env=self.engine_env(cluster) if env is None else env, capture=capture, check=check,
                                     timeout_s=timeout_s or cluster.engine.timeout_s, on_line=self.log.info)
         finally:
             self._runner = None
