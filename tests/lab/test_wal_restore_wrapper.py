@@ -72,6 +72,13 @@ def restore(lab, archive):
                              capture_output=True, text=True, timeout=600)
         return res, dest.read_bytes() if res.returncode == 0 else None
 
+    def warm(start: str, *, endpoint: str | None = None) -> subprocess.CompletedProcess:
+        """The restore step's call before PostgreSQL starts: the prefetcher begins at the recovery's first segment."""
+        argv = barman_cloud.wal_prefetch_start_argv(cluster, endpoint_url=endpoint or st.s3_endpoint, parallel=2,
+                                                    spool_dir=str(spool), start_segment=start)
+        return subprocess.run(as_db_user(argv, env=lab.db_env(st)), capture_output=True, text=True, timeout=60)
+
+    run.warm = warm
     yield area, spool, run
     pid = _pid(spool)
     shutil.rmtree(area, ignore_errors=True)
@@ -143,3 +150,27 @@ def test_prefetcher_stops_by_pid_and_cleans_up(restore):
     assert not any(n.startswith("0000") for n in os.listdir(spool)), sorted(os.listdir(spool))
     assert run(TL1[3])[0].returncode == 0
     assert _pid(spool) not in (None, pid)
+
+
+def test_warm_start_fills_the_spool_before_the_first_call(restore, archive):
+    area, spool, run = restore
+    res = run.warm(TL1[1])
+    assert res.returncode == 0, res.stderr
+    pid = _pid(spool)
+    assert pid and pid_alive(pid)
+    # the first segment and the ones after it arrive without any restore_command call
+    assert wait_for(lambda: all((spool / n).exists() for n in TL1[1:6])), sorted(os.listdir(spool))
+    # PostgreSQL's first call is a move out of the spool: it works with barman's bucket unreachable
+    res, body = run(TL1[1], endpoint="http://127.0.0.1:9")
+    assert res.returncode == 0 and body == archive[TL1[1]]
+    assert run.warm(TL1[1]).returncode == 0 and _pid(spool) == pid  # a second warm start: the same prefetcher
+    # recovery asking for an earlier segment (a backup that starts sooner) still gets it
+    res, body = run(TL1[0])
+    assert res.returncode == 0 and body == archive[TL1[0]]
+
+
+def test_warm_start_refuses_a_name_that_is_not_a_segment(restore):
+    area, spool, run = restore
+    res = run.warm("../../etc/passwd")
+    assert res.returncode != 0 and "is not a WAL segment name" in res.stderr
+    assert not spool.exists() or not os.listdir(spool)

@@ -92,6 +92,19 @@ def test_wal_restore_argv_puts_the_prefetcher_in_front_of_barman(cluster):
     assert command.startswith("[ -f /s/spool/%f ] && mv -f /s/spool/%f %p || ") and command.endswith(" main %f %p")
 
 
+def test_wal_prefetch_start_argv_starts_the_same_prefetcher_the_restore_command_uses(cluster):
+    ours = barman_cloud.wal_restore_argv(cluster, endpoint_url="https://s3", parallel=2, spool_dir="/s/spool")
+    start = barman_cloud.wal_prefetch_start_argv(cluster, endpoint_url="https://s3", parallel=2, spool_dir="/s/spool",
+                                                 start_segment="000000010000000000000007")
+    cut = start.index("--")
+    assert start[:cut] == [*ours[:ours.index("--")], "--start", "000000010000000000000007"]
+    assert start[cut:] == ours[ours.index("--"):]  # same spool, same barman arguments: the same prefetcher
+    assert barman_cloud.wal_prefetch_start_argv(cluster, endpoint_url=None, parallel=0, spool_dir="/s/spool",
+                                                start_segment="000000010000000000000007") is None
+    assert barman_cloud.wal_prefetch_start_argv(cluster, endpoint_url=None, parallel=2, spool_dir="/s/spool",
+                                                start_segment="") is None
+
+
 def test_cli_prints_the_archive_settings(capsys):
     import shlex
 

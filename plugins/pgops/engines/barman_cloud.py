@@ -194,6 +194,18 @@ def wal_restore_argv(cluster: Cluster, *, endpoint_url: str | None, parallel: in
     return argv + tail
 
 
+def wal_prefetch_start_argv(cluster: Cluster, *, endpoint_url: str | None, parallel: int, spool_dir: str,
+                            start_segment: str) -> list[str] | None:
+    """Start the prefetcher of a restore_command (wal_restore_argv with the same parallel and spool) at the
+    recovery's first segment, before PostgreSQL starts, so its first calls find their segments in the spool.
+    None when that restore_command has no prefetcher."""
+    argv = wal_restore_argv(cluster, endpoint_url=endpoint_url, parallel=parallel, spool_dir=spool_dir)
+    if argv[0] != cluster.engine.bin(WAL_RESTORE_WRAPPER) or not start_segment:
+        return None
+    cut = argv.index("--")
+    return [*argv[:cut], "--start", start_segment, *argv[cut:]]
+
+
 @dataclass(frozen=True, kw_only=True)
 class BackupInfo:
     """What pgops needs of one barman-cloud catalog entry."""
