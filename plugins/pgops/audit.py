@@ -124,25 +124,42 @@ def iter_listing(s3, bucket: str, prefix: str, *,
             yield key, obj.get("Size", 0), obj.get("LastModified")
 
 
+FETCH_THREADS = 8
+
+
 def fetch(s3, bucket: str, keys: list[str]) -> tuple[dict[str, bytes], dict[str, datetime]]:
-    """Fetch and decompress the named objects; a missing or undecodable one is simply not returned."""
+    """Fetch and decompress the named objects, up to FETCH_THREADS at once (each is one small GET: a catalog of a
+    month of nightly backups is thirty); a missing or undecodable one is simply not returned."""
     from botocore.exceptions import ClientError
 
-    out: dict[str, bytes] = {}
-    modified: dict[str, datetime] = {}
-    for key in dict.fromkeys(keys):
+    def one(key: str) -> tuple[bytes, datetime | None] | None:
         try:
             obj = s3.get_object(Bucket=bucket, Key=key)
         except ClientError as exc:
             if _error_code(exc) in ("NoSuchKey", "404"):
-                continue
+                return None
             raise
         try:
-            out[key] = decompress(key, obj["Body"].read())
+            return decompress(key, obj["Body"].read()), obj.get("LastModified")
         except (OSError, ValueError, ImportError, EOFError, lzma.LZMAError):
+            return None
+
+    unique = list(dict.fromkeys(keys))
+    if len(unique) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=min(FETCH_THREADS, len(unique)), thread_name_prefix="pgops-fetch") as pool:
+            got = list(pool.map(one, unique))  # boto3 clients are thread-safe; an error is raised here
+    else:
+        got = [one(key) for key in unique]
+    out: dict[str, bytes] = {}
+    modified: dict[str, datetime] = {}
+    for key, item in zip(unique, got, strict=True):
+        if item is None:
             continue
-        if obj.get("LastModified") is not None:
-            modified[key] = obj["LastModified"]
+        out[key] = item[0]
+        if item[1] is not None:
+            modified[key] = item[1]
     return out, modified
 
 
