@@ -1,6 +1,8 @@
 """The endpoint check on the real lab: the replicated pair (pg1 primary, pg2 streaming standby, repmgr) stands on two
 moto EC2 instances with an Elastic IP (and a Route 53 record) as the clients' endpoint. Tests run in file order:
-healthy, then a failover that leaves the endpoint behind, then the old primary back writable, then fenced.
+healthy, then a failover that leaves the endpoint behind, then the old primary back writable, then fenced, then the
+old primary rebuilt as a standby by the standby-rebuild DAG, whose report carries the endpoint's state. Every check
+goes through the audit's entry point (pgops.audit.audit_cluster), as the hourly audit runs it.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import time
 
 import pytest
 import yaml
+from helpers import load_dag, task_states
 
 from pgops import endpoint as E
 from pgops import findings as F
@@ -19,6 +22,7 @@ from pgops import replication as R
 from pgops.inventory import load_inventory
 
 pytestmark = [pytest.mark.lab]
+DAG_ID = "pgops_standby_rebuild__repl"
 
 
 class Aws:
@@ -53,6 +57,10 @@ class Aws:
 
     def cluster(self, kind: str = "elastic_ip"):
         """The pair's cluster from an inventory file with instance ids and the endpoint (parsed, validated)."""
+        return load_inventory(self.inventory(kind)).get(self.pair.cluster_name)
+
+    def inventory(self, kind: str = "elastic_ip"):
+        """That inventory file (for $PGOPS_INVENTORY)."""
         data = yaml.safe_load(self.pair.inventory.read_text())
         c = copy.deepcopy(data["clusters"][0])
         c["replication"]["primary"]["instance_id"] = self.instance["pg1"]
@@ -61,7 +69,7 @@ class Aws:
                          {"dns": {"hosted_zone_id": self.zone_id, "record_name": self.record}})
         path = self.tmp / f"clusters-{kind}.yaml"
         path.write_text(yaml.safe_dump({"clusters": [c]}))
-        return load_inventory(path).get(self.pair.cluster_name)
+        return path
 
 
 @pytest.fixture(scope="module")
@@ -69,9 +77,21 @@ def aws(replicated_pair, lab, tmp_path_factory):
     return Aws(replicated_pair, lab, tmp_path_factory.mktemp("endpoint"))
 
 
-def _check(cluster):
-    body, found = R.check_cluster(cluster, base_url="http://airflow.test")
-    return body, {f.id: f for f in found}
+@pytest.fixture(scope="module")
+def backup(replicated_pair):
+    """A base backup of pg1 before the failover: the last test rebuilds the old primary from it."""
+    from pgops.operators.backup import BarmanCloudBackupOperator
+
+    return BarmanCloudBackupOperator(task_id="backup", cluster_name=replicated_pair.cluster_name).execute(
+        {"run_id": f"endpoint-{os.getpid()}"})
+
+
+def _audit(cluster):
+    """The audit report's replication section and its findings by id (pgops.audit, as the hourly audit runs)."""
+    from pgops import audit
+
+    report = audit.audit_cluster(cluster, run_id="endpoint-test")
+    return report["body"]["replication"], {f["id"]: F.Finding(**f) for f in report["body"]["findings"]}
 
 
 def _wait_for(what: str, fn, timeout_s: float = 60):
@@ -85,7 +105,9 @@ def _wait_for(what: str, fn, timeout_s: float = 60):
 
 
 def _problems(found: dict) -> dict:
-    return {k: f for k, f in found.items() if f.severity != F.OK}
+    """The replication check's findings that are not OK (the audit's archive findings are other tests' subject)."""
+    return {k: f for k, f in found.items() if f.severity != F.OK
+            and k.startswith(("ENDPOINT_", "OLD_PRIMARY_", "REPLICATION_", "REPMGR_"))}
 
 
 def _endpoint_calls(aws_calls) -> dict[str, int]:
@@ -118,7 +140,7 @@ def test_endpoint_on_the_primary_is_ok(replicated_pair, aws, aws_calls):
                 and f["severity"] != F.OK]
 
     before = _endpoint_calls(aws_calls)
-    body, found = _check(aws.cluster("dns"))
+    body, found = _audit(aws.cluster("dns"))
     after = _endpoint_calls(aws_calls)
     assert _delta(before, after) == {"route53:ListResourceRecordSets": 1, "ec2:DescribeInstances": 1}
     assert body["endpoint"]["state"] == "on_primary" and body["endpoint"]["values"] == [aws.private_ip("pg1")]
@@ -128,12 +150,12 @@ def test_endpoint_on_the_primary_is_ok(replicated_pair, aws, aws_calls):
     assert state["state"] == "on_primary" and state["findings"] == [{"id": E.ENDPOINT_OK, "severity": F.OK}]
 
 
-def test_promote_with_the_endpoint_left_on_the_old_primary_is_critical_with_the_fix(replicated_pair, aws):
+def test_promote_with_the_endpoint_left_on_the_old_primary_is_critical_with_the_fix(replicated_pair, aws, backup):
     rl, pg1, pg2 = replicated_pair.rl, replicated_pair.primary, replicated_pair.standby
     rl.stop(pg1, mode="immediate")  # the primary dies ...
     rl.promote(pg2)  # ... and the standby takes over, but nobody moved the Elastic IP or the record
 
-    body, found = _check(aws.cluster())
+    body, found = _audit(aws.cluster())
     assert body["current_primary"] == "pg2"
     f = found[E.ENDPOINT_NOT_ON_PRIMARY]
     assert f.severity == F.CRITICAL
@@ -148,14 +170,14 @@ def test_promote_with_the_endpoint_left_on_the_old_primary_is_critical_with_the_
 
     # the DNS variant: the change batch in the finding, sent as it is, puts the record on the primary
     dns = aws.cluster("dns")
-    _, found = _check(dns)
+    _, found = _audit(dns)
     f = found[E.ENDPOINT_NOT_ON_PRIMARY]
     rrset = f.evidence["change_batch"]["Changes"][0]["ResourceRecordSet"]
     assert rrset["ResourceRecords"] == [{"Value": aws.private_ip("pg2")}] and rrset["Type"] == "A"
     argv = shlex.split(f.fix)
     assert argv[:5] == ["aws", "route53", "change-resource-record-sets", "--hosted-zone-id", aws.zone_id]
     aws.route53.change_resource_record_sets(HostedZoneId=aws.zone_id, ChangeBatch=f.evidence["change_batch"])
-    _, found = _check(dns)
+    _, found = _audit(dns)
     assert E.ENDPOINT_OK in found and E.ENDPOINT_NOT_ON_PRIMARY not in found
 
 
@@ -165,7 +187,7 @@ def test_both_nodes_writable_the_split_brain_finding_names_the_node_the_endpoint
     assert rl.psql(pg1, "SELECT pg_is_in_recovery()") == "f"
 
     cluster = aws.cluster()
-    _, found = _check(cluster)
+    _, found = _audit(cluster)
     split = found[R.REPLICATION_MULTIPLE_PRIMARIES]
     assert split.evidence["current_primary"] == "pg2" and split.evidence["endpoint_reaches"] == ["pg1"]
     assert f"Clients reach pg1 through Elastic IP {aws.allocation_id}" in split.message, split.message
@@ -177,7 +199,7 @@ def test_both_nodes_writable_the_split_brain_finding_names_the_node_the_endpoint
     argv = shlex.split(found[E.ENDPOINT_NOT_ON_PRIMARY].fix)
     aws.ec2.associate_address(AllocationId=argv[argv.index("--allocation-id") + 1],
                               InstanceId=argv[argv.index("--instance-id") + 1], AllowReassociation=True)
-    _, found = _check(cluster)
+    _, found = _audit(cluster)
     split = found[R.REPLICATION_MULTIPLE_PRIMARIES]
     assert split.evidence["endpoint_reaches"] == ["pg2"] and "Clients reach pg2 through" in split.message
     assert E.ENDPOINT_OK in found and found[E.OLD_PRIMARY_NOT_FENCED].severity == F.CRITICAL
@@ -190,7 +212,7 @@ def test_old_primary_instance_stopped_is_fenced(replicated_pair, aws):
     aws.ec2.stop_instances(InstanceIds=[aws.instance["pg1"]])
 
     cluster = aws.cluster()
-    body, found = _check(cluster)
+    body, found = _audit(cluster)
     fenced = found[E.OLD_PRIMARY_FENCED]
     assert fenced.severity == F.OK and fenced.evidence["instance_id"] == aws.instance["pg1"]
     assert fenced.evidence["instance_state"] in ("stopping", "stopped")
@@ -202,3 +224,64 @@ def test_old_primary_instance_stopped_is_fenced(replicated_pair, aws):
     state = E.report_state(cluster, primary="pg2")
     assert state["state"] == "on_primary" and state["points_at_nodes"] == ["pg2"]
     assert {x["id"] for x in state["findings"]} == {E.ENDPOINT_OK, E.OLD_PRIMARY_FENCED}
+
+
+def _latest_rebuild_report(cluster) -> dict:
+    from pgops import hooks, reports
+
+    report = reports.read_latest(hooks.s3_client(cluster.aws_conn_id), cluster, "replication")
+    assert report is not None and report["body"]["action"] == "standby-rebuild", report
+    return report
+
+
+def _endpoint_findings(ep: dict) -> list[tuple[str, str]]:
+    return sorted((f["id"], f["severity"]) for f in ep["findings"])
+
+
+@pytest.mark.airflow
+def test_the_rebuild_report_says_where_the_endpoint_points_and_that_the_old_primary_is_fenced(
+        replicated_pair, aws, backup, run_dag, monkeypatch):
+    """pg2 is the primary behind the Elastic IP, pg1 (the old primary) and its instance are stopped. The rebuild DAG
+    of pg1, with the endpoint in the inventory, stores its report in the bucket: a run that fails after its preflight
+    leaves pg1 an old primary, and the report says the endpoint reaches pg2 and pg1 is fenced; the run that rebuilds
+    pg1 reports the endpoint on pg2 and no old primary left (pg1 streams from pg2 as a standby)."""
+    rl, pg1, pg2 = replicated_pair.rl, replicated_pair.primary, replicated_pair.standby
+    cluster = aws.cluster()
+    monkeypatch.setenv("PGOPS_INVENTORY", str(aws.inventory()))
+    dag = load_dag(DAG_ID)
+
+    # a socket directory the postgres OS user cannot create: the restore step fails after the preflight planned it
+    dr = run_dag(dag, {"target": "pg1", "force": True, "socket_dir": f"/root/pgops-nope-{os.getpid()}",
+                       "skip_approval": True})
+    states = task_states(dr)
+    assert states["preflight"] == "success" and states["restore"] == "failed" and states["report"] == "failed", states
+    report = _latest_rebuild_report(cluster)
+    assert report["run_id"] == dr.run_id and report["status"] == "failed" and report["body"]["primary"] == "pg2"
+    ep = report["body"]["endpoint"]
+    assert aws.allocation_id in ep["endpoint"] and ep["state"] == "on_primary", ep
+    assert ep["current_primary"] == "pg2" and ep["points_at_instances"] == [aws.instance["pg2"]], ep
+    old = ep["old_primaries"]["pg1"]
+    assert old["fenced"] is True and old["instance_id"] == aws.instance["pg1"], old
+    assert old["instance_state"] in ("stopping", "stopped") and old["writable"] is False, old
+    assert _endpoint_findings(ep) == [(E.ENDPOINT_OK, F.OK), (E.OLD_PRIMARY_FENCED, F.OK)], ep["findings"]
+
+    try:
+        dr = run_dag(dag, {"target": "pg1", "force": True, "socket_dir": pg1.socket_dir, "skip_approval": True})
+    finally:
+        rl.refresh(pg1)  # the fixture stops it by its new pid
+    states = task_states(dr)
+    assert set(states.values()) == {"success"}, states
+    report = _latest_rebuild_report(cluster)
+    body = report["body"]
+    assert report["run_id"] == dr.run_id and report["status"] == "ok", report
+    assert body["node"] == "pg1" and body["primary"] == "pg2" and body["backup_id"] == backup, body
+    ep = body["endpoint"]
+    assert ep["state"] == "on_primary" and ep["points_at_nodes"] == ["pg2"] and ep["fix"] is None, ep
+    assert ep["old_primaries"] == {} and _endpoint_findings(ep) == [(E.ENDPOINT_OK, F.OK)], ep
+
+    # the hourly audit agrees: pg1 streams from pg2 and is no old primary any more
+    _wait_for("pg1 streams from pg2", lambda: rl.psql(
+        pg2, "SELECT count(*) FROM pg_stat_replication WHERE application_name = 'pg1' AND state = 'streaming'") == "1")
+    replication, found = _audit(cluster)
+    assert replication["nodes"]["pg1"]["role"] == "standby" and replication["endpoint"]["old_primaries"] == {}
+    assert E.ENDPOINT_OK in found and not [k for k in found if k.startswith("OLD_PRIMARY_")], sorted(found)
