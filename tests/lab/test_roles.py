@@ -1,22 +1,29 @@
 """The production login: the REAL api-server with Airflow's FAB auth manager, the pgops roles synced from an
 inventory of two clusters (alpha, beta), and one user per role, created through FAB's own REST API by the admin.
+beta is the lab's replicated pair (its primary, storage and replication nodes), so its standby-rebuild DAG exists.
 
-What each may and may not do is asked of the api-server itself: triggering DAGs, answering approvals, reading
-task logs, the dashboard's reports, users and connections; and a user whose role names only alpha's DAGs does not
-see beta, neither in Airflow nor on the dashboard.
+What each may and may not do is asked of the api-server itself: triggering DAGs (the standby rebuild too),
+answering a real approval that waits for a person, reading task logs, the dashboard's reports, users and
+connections; and a user whose role names only alpha's DAGs does not see beta, neither in Airflow nor on the
+dashboard.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import secrets
+import time
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
+import yaml
+from helpers import GateRuns, task_errors
 from test_ui_api import _inventory, _write_fixtures
 
 from pgops.airflow_stack import AirflowStack
-from pgops.fab_roles import cluster_dag_ids
+from pgops.fab_roles import REBUILD_PREFIX, cluster_dag_ids
 from pgops.inventory import load_inventory
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
@@ -26,21 +33,29 @@ USERS = {  # user -> FAB roles
     "operator": ["pgops_operator"],
     "alpha_viewer": ["pgops_viewer__alpha"],
     "alpha_operator": ["pgops_operator__alpha"],
+    "beta_operator": ["pgops_operator__beta"],
     "norole": ["Public"],  # FAB's role without permissions
 }
+REBUILD = f"{REBUILD_PREFIX}beta"
+REBUILD_GATE = "approve_rebuild"
+rebuild_runs = GateRuns(REBUILD, REBUILD_GATE, run_timeout_s=300, run_poll_s=2)
 
 
 @pytest.fixture(scope="module")
-def fab(lab, tmp_path_factory):
+def fab(lab, replicated_pair, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("roles")
-    inventory_path = _inventory(tmp)
+    pair = yaml.safe_load(replicated_pair.inventory.read_text())["clusters"][0]
+    # beta's reports land in the pair's prefix: _write_fixtures empties it first (the pair has no backup yet)
+    inventory_path = _inventory(tmp, {"beta": {k: pair[k] for k in ("postgres_conn_id", "storage", "replication")}})
     _write_fixtures(inventory_path, datetime.now(UTC))
-    stack = AirflowStack(tmp / "airflow", auth="fab",
-                         extra_env={**lab.env(), "PGOPS_INVENTORY": str(inventory_path), "PGOPS_UI_CACHE_TTL_S": "2"})
+    conns = {k: os.environ[k] for k in ("AIRFLOW_CONN_PGOPS_REPL_PG1", "AIRFLOW_CONN_PGOPS_REPL_PG2")}
+    stack = AirflowStack(tmp / "airflow", auth="fab", extra_env={
+        **lab.env(), **conns, "PGOPS_INVENTORY": str(inventory_path), "PGOPS_UI_CACHE_TTL_S": "2"})
     try:
         stack.up()
         stack.wait_for_dag("pgops_ebs_migration__beta")
         stack.wait_for_dag("pgops_wal_audit__alpha")
+        stack.wait_for_dag(REBUILD)
         tokens = {"admin": stack.token()}
         for user, roles in USERS.items():
             password = secrets.token_urlsafe(16)
@@ -91,6 +106,7 @@ def test_roles_exist_with_per_dag_access_only(fab):
     roles = {r["name"]: {(a["action"]["name"], a["resource"]["name"]) for a in r["actions"]} for r in body["roles"]}
     assert {"Admin", "pgops_viewer", "pgops_operator", "pgops_viewer__alpha", "pgops_operator__beta"} <= set(roles)
     alpha, beta = (cluster_dag_ids(c) for c in inv.clusters)
+    assert REBUILD in beta and not any(d.startswith(REBUILD_PREFIX) for d in alpha)
     for name in ("pgops_viewer", "pgops_operator", "pgops_viewer__alpha", "pgops_operator__alpha"):
         assert ("can_read", "DAGs") not in roles[name] and ("can_edit", "DAGs") not in roles[name], name
         assert {("can_read", f"DAG:{d}") for d in alpha} <= roles[name]
@@ -147,6 +163,27 @@ def test_a_one_cluster_role_does_not_see_the_other_cluster(fab):
     assert answer_approval(stack, tokens["alpha_operator"], "pgops_ebs_migration__alpha") == 404
 
 
+def test_the_standby_rebuild_may_be_started_by_its_clusters_operators_only(fab):
+    """A rebuild replaces a node's data directory: pgops_operator and beta's own operator role may start one, the
+    viewer and alpha's roles may not. The DAG stays paused, so the accepted runs wait queued and are removed."""
+    stack, tokens, _ = fab
+    assert REBUILD in visible_dags(stack, tokens["viewer"])
+    assert stack._request("GET", f"/api/v2/dags/{REBUILD}")["is_paused"] is True
+    made = []
+    for user, want in (("operator", 200), ("beta_operator", 200), ("viewer", 403), ("alpha_operator", 403),
+                       ("alpha_viewer", 403), ("norole", 403)):
+        status, body = stack.call("POST", f"/api/v2/dags/{REBUILD}/dagRuns",
+                                  {"logical_date": None, "conf": {"target": "pg2"}}, token=tokens[user])
+        assert status == want, (user, status, body)
+        if status == 200:
+            assert body["state"] == "queued" and body["triggering_user_name"] == user, body
+            made.append(body["dag_run_id"])
+    assert stack.run_ids(REBUILD) == set(made) and len(made) == 2
+    for run_id in made:  # the approval test starts the DAG: its run must be the only one
+        stack._request("DELETE", f"/api/v2/dags/{REBUILD}/dagRuns/{GateRuns.q(run_id)}")
+    assert stack.run_ids(REBUILD) == set()
+
+
 def test_a_user_without_a_role_sees_no_cluster(fab):
     stack, tokens, _ = fab
     t = tokens["norole"]
@@ -170,3 +207,63 @@ def test_admin_sees_all_and_task_logs_follow_dag_read(fab):
         assert status == want, (user, status, body if status != 200 else "")
         if status == 200:
             assert ti["task_id"] in json.dumps(body), user
+
+
+def _files(data_dir: str) -> dict[str, int]:
+    root = Path(data_dir)
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+
+
+def _wait_gate(stack, run_id: str, timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
+    states: dict[str, str | None] = {}
+    while time.monotonic() < deadline:
+        states = rebuild_runs.states(stack, run_id)
+        if states.get(REBUILD_GATE) == "awaiting_input" or rebuild_runs.run_state(stack, run_id) in ("success", "failed"):
+            break
+        time.sleep(1)
+    assert states.get(REBUILD_GATE) == "awaiting_input", (states, task_errors(stack, REBUILD, run_id))
+    rebuild_runs.wait_parked(stack, run_id)
+
+
+def test_a_waiting_rebuild_approval_is_answered_by_the_operator_and_refused_to_the_viewer(fab, replicated_pair):
+    """The operator starts a real rebuild of beta's pg2; it waits at its gate for a person. The viewer's and alpha's
+    roles' answers are refused and the gate keeps waiting; the operator's Reject resolves it: nothing is restored,
+    pg2's files are as they were, and the report says the operator rejected it."""
+    from pgops.operators.backup import BarmanCloudBackupOperator
+
+    stack, tokens, _ = fab
+    rl, pg2 = replicated_pair.rl, replicated_pair.standby
+    BarmanCloudBackupOperator(task_id="backup", cluster_name=replicated_pair.cluster_name).execute(
+        {"run_id": f"roles-{os.getpid()}"})
+    rl.stop(pg2)  # its slot is free: the preflight plans the rebuild
+    files_before = _files(pg2.data_dir)
+    op = tokens["operator"]
+    assert stack.call("PATCH", f"/api/v2/dags/{REBUILD}", {"is_paused": False}, token=op)[0] == 200
+    status, run = stack.call("POST", f"/api/v2/dags/{REBUILD}/dagRuns", {"logical_date": None, "conf": {
+        "target": "pg2", "force": True, "socket_dir": pg2.socket_dir, "approval_timeout_minutes": 30}}, token=op)
+    assert status == 200, run
+    run_id = run["dag_run_id"]
+    _wait_gate(stack, run_id)
+    states = rebuild_runs.states(stack, run_id)
+    assert states["preflight"] == "success" and states["restore"] is None, states
+
+    answer = f"/api/v2/dags/{REBUILD}/dagRuns/{GateRuns.q(run_id)}/taskInstances/{REBUILD_GATE}/-1/hitlDetails"
+    for user in ("viewer", "alpha_operator", "alpha_viewer", "norole"):
+        status, body = stack.call("PATCH", answer, {"chosen_options": ["Reject"]}, token=tokens[user])
+        assert status == 403, (user, status, body)
+    time.sleep(2)
+    assert rebuild_runs.states(stack, run_id)[REBUILD_GATE] == "awaiting_input"
+
+    status, answered = stack.call("PATCH", answer, {"chosen_options": ["Reject"]}, token=op)
+    assert status == 200, answered
+    assert answered["responded_by"]["name"] == "operator" and answered["chosen_options"] == ["Reject"], answered
+    assert rebuild_runs.wait_run(stack, run_id) == "success", (rebuild_runs.states(stack, run_id),
+                                                               task_errors(stack, REBUILD, run_id))
+    states = rebuild_runs.states(stack, run_id)
+    assert states[REBUILD_GATE] == "success" and states["report"] == "success", states
+    assert [states[t] for t in ("restore", "wait_streaming", "register")] == ["skipped"] * 3, states
+    report = stack.xcom(REBUILD, GateRuns.q(run_id), "report")
+    assert report["status"] == "warning" and report["approval"]["decision"] == "rejected", report
+    assert report["approval"]["by"] == "operator" and report["approval"]["facts"]["node"] == "pg2", report
+    assert not (Path(pg2.data_dir) / "postmaster.pid").exists() and _files(pg2.data_dir) == files_before

@@ -64,7 +64,9 @@ def get(stack: AirflowStack, path: str, token: str | None) -> tuple[int, bytes]:
         return exc.code, exc.read()
 
 
-def _inventory(tmp: Path) -> Path:
+def _inventory(tmp: Path, overrides: dict[str, dict] | None = None) -> Path:
+    """Clusters alpha and beta: the example's cluster with their own prefix and queue. ``overrides``: top-level keys
+    that replace a cluster's, by cluster name (test_roles gives beta a replication section)."""
     data = yaml.safe_load((REPO_ROOT / "include" / "clusters.example.yaml").read_text())
     base = data["clusters"][0]
     clusters = []
@@ -73,6 +75,7 @@ def _inventory(tmp: Path) -> Path:
         c["name"] = name
         c["storage"].update(prefix="ui-tests", server_name=name)
         c["runner"]["queue"] = f"dbhost_{name}"
+        c.update(json.loads(json.dumps((overrides or {}).get(name, {}))))
         clusters.append(c)
     path = tmp / "clusters.yaml"
     path.write_text(yaml.safe_dump({"clusters": clusters}))
