@@ -2,7 +2,8 @@
 lab): a moved archive_command is obeyed at once, even with the pusher busy; the pusher stops with PostgreSQL when
 pg_wal is a symlink; an archived file is never overwritten (other content fails, the same content is one upload);
 an orphan .ready does not stall archiving; the spool is not in a base backup, and one others can write is not
-trusted; the pusher's log is capped.
+trusted; the pusher's log is capped. With wal_archive_parallel 1 (no pusher) and for timeline history files the
+overwrite check is the same, and PostgreSQL sees the refusal as an archive failure.
 
 Scratch PostgreSQL clusters (1 MiB WAL segments, pg_wal a symlink to its own directory) archive under server
 names of their own; stand-in data directories go to a versioned bucket, so S3 itself counts the uploads."""
@@ -69,6 +70,23 @@ def _versions(lab, bucket: str, server: str) -> dict[str, list[dict]]:
         for v in page.get("Versions", []):
             out.setdefault(v["Key"], []).append(v)
     return out
+
+
+def _versions_of(lab, bucket: str, server: str, name: str) -> dict[str, list[dict]]:
+    """The versions of one WAL file's keys (its name, any compression suffix)."""
+    return {k: v for k, v in _versions(lab, bucket, server).items()
+            if k.rsplit("/", 1)[-1] == name or k.rsplit("/", 1)[-1].startswith(name + ".")}
+
+
+def _peer_archive(lab, server: str, bucket: str, path: Path, *, compression: str | None = None) -> None:
+    """Archive a file with the bare barman-cloud-wal-archive (a peer, e.g. another primary)."""
+    from pgops.engines import barman_cloud
+    from pgops.lab import as_db_user
+
+    st = lab.load()
+    argv = barman_cloud.wal_archive_argv(_cluster(lab, server, bucket=bucket, compression=compression),
+                                         endpoint_url=st.s3_endpoint)
+    subprocess.run(as_db_user([*argv, str(path)], env=lab.db_env(st)), check=True, capture_output=True)
 
 
 def _spool(data: Path) -> Path:
@@ -267,6 +285,51 @@ def test_spool_is_not_in_a_base_backup(lab, scratch_pg, db_tmp_path):
     assert not [p for p in restored if "pgops" in p or p.endswith((".archived", ".pusher.log"))], restored
 
 
+def test_parallel_1_refuses_other_content_and_postgres_sees_the_failure(lab, scratch_pg, versioned_bucket):
+    server = _server("p1")
+    pg = scratch_pg(_cluster(lab, server, bucket=versioned_bucket, parallel=1))
+    command = pg.psql("SHOW archive_command")
+    assert "pgops-wal-archive" in command and "--in-process" in command and "--background" not in command
+    pg.psql("CREATE TABLE fill (x int)")
+    pg.psql("INSERT INTO fill SELECT generate_series(1, 200)")
+    seg = pg.psql("SELECT pg_walfile_name(pg_current_wal_lsn())")  # the next switch makes it ready
+    peer = pg.root / "peer"
+    peer.mkdir()
+    (peer / seg).write_bytes(b"another history " * (SEGMENT_BYTES // 16))  # a split brain's segment of that name
+    subprocess.run(["chown", "-R", "postgres:postgres", str(peer)], check=True)
+    _peer_archive(lab, server, versioned_bucket, peer / seg)
+    before = _versions_of(lab, versioned_bucket, server, seg)
+    assert len(before) == 1
+
+    pg.psql("SELECT pg_switch_wal()")
+    # PostgreSQL tries three times in a row: all refused, no upload
+    assert wait_for(lambda: int(pg.psql("SELECT failed_count FROM pg_stat_archiver")) >= 3, 60), \
+        pg.psql("SELECT * FROM pg_stat_archiver")
+    assert pg.psql("SELECT last_failed_wal FROM pg_stat_archiver") == seg
+    assert pg.psql("SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver")[:24] < seg
+    assert (pg.data / "pg_wal" / "archive_status" / f"{seg}.ready").exists()
+    assert _versions_of(lab, versioned_bucket, server, seg) == before
+    log = (pg.root / "pg.log").read_text()
+    line = next(x for x in log.splitlines() if "refusing to overwrite" in x)
+    assert seg in line and next(iter(before)) in line and "Fix:" in line
+    assert f"archive command failed for WAL segment {seg}" in log
+    assert not (_spool(pg.data) / ".pusher.pid").exists()  # no pusher at parallel 1
+
+    # The fix: the other copy is moved aside, and this segment's own bytes were archived meanwhile (e.g. by a
+    # call that died before PostgreSQL heard of it): PostgreSQL's next call succeeds without another upload.
+    s3 = lab.s3_client()
+    s3.delete_object(Bucket=versioned_bucket, Key=next(iter(before)))
+    shutil.copyfile(pg.data / "pg_wal" / seg, peer / seg)
+    subprocess.run(["chown", "postgres:postgres", str(peer / seg)], check=True)
+    _peer_archive(lab, server, versioned_bucket, peer / seg)
+    archived_once = _versions_of(lab, versioned_bucket, server, seg)
+    pg.psql("INSERT INTO fill SELECT generate_series(1, 200)")
+    pg.psql("SELECT pg_switch_wal()")  # wakes the archiver
+    pg.wait_archived(pg.last_switched())
+    assert _versions_of(lab, versioned_bucket, server, seg) == archived_once
+    assert f"{seg} is already archived with the same content" in (pg.root / "pg.log").read_text()
+
+
 # -- stand-in data directories --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def versioned_bucket(lab):
@@ -282,29 +345,25 @@ class StandIn:
     data: Path
     bucket: str
 
-    def run(self, server: str, segment: str, *, background: bool, env=None,
-            compression: str | None = None) -> subprocess.CompletedProcess:
+    def run(self, server: str, segment: str, *, background: bool, env=None, compression: str | None = None,
+            parallel: int = 2) -> subprocess.CompletedProcess:
+        """The engine's archive_command for ``segment``; background=False without its pusher (parallel 1 has
+        none anyway)."""
         from pgops.engines import barman_cloud
         from pgops.lab import as_db_user
 
         st = self.lab.load()
-        argv = barman_cloud.archive_command_argv(_cluster(self.lab, server, bucket=self.bucket, parallel=2,
+        argv = barman_cloud.archive_command_argv(_cluster(self.lab, server, bucket=self.bucket, parallel=parallel,
                                                           compression=compression), endpoint_url=st.s3_endpoint)
-        if not background:
+        assert ("--background" in argv) == (parallel > 1)
+        if not background and "--background" in argv:
             argv.remove("--background")
         cmd = f"cd {shlex.quote(str(self.data))} && {shlex.join(argv)} pg_wal/{segment}"
         return subprocess.run(as_db_user(["sh", "-c", cmd], env=env or self.lab.db_env(st)), capture_output=True,
                               text=True, timeout=300)
 
     def peer_archive(self, server: str, path: Path, *, compression: str | None = None) -> None:
-        """Archive a file with the bare barman-cloud-wal-archive (a peer, e.g. another primary)."""
-        from pgops.engines import barman_cloud
-        from pgops.lab import as_db_user
-
-        st = self.lab.load()
-        argv = barman_cloud.wal_archive_argv(_cluster(self.lab, server, bucket=self.bucket, compression=compression),
-                                             endpoint_url=st.s3_endpoint)
-        subprocess.run(as_db_user([*argv, str(path)], env=self.lab.db_env(st)), check=True, capture_output=True)
+        _peer_archive(self.lab, server, self.bucket, path, compression=compression)
 
 
 @pytest.fixture
@@ -330,8 +389,13 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-@pytest.mark.parametrize("background", [False, True])
-def test_different_content_is_never_overwritten(lab, stand_in, background):
+# (wal_archive_parallel, pusher): the engine's parallel-1 command, a call archiving a batch itself, the pusher
+MODES = [pytest.param(1, False, id="parallel-1"), pytest.param(2, False, id="batch"),
+         pytest.param(2, True, id="pusher")]
+
+
+@pytest.mark.parametrize(("parallel", "background"), MODES)
+def test_different_content_is_never_overwritten(lab, stand_in, parallel, background):
     server = _server("conflict")
     seg = SEGMENTS[0]
     other = stand_in.data.parent / "peer" / seg
@@ -346,7 +410,7 @@ def test_different_content_is_never_overwritten(lab, stand_in, background):
 
     before = of_seg()
     assert len(before) == 1
-    res = stand_in.run(server, seg, background=background)
+    res = stand_in.run(server, seg, background=background, parallel=parallel)
     assert res.returncode != 0
     line = next(x for x in res.stderr.splitlines() if "refusing to overwrite" in x)
     assert _sha256(other) in line and _sha256(stand_in.data / "pg_wal" / seg) in line
@@ -355,20 +419,55 @@ def test_different_content_is_never_overwritten(lab, stand_in, background):
     assert not list(_spool(stand_in.data).glob(f"{seg}.archived"))
     if background:  # the pusher found it first and logged it the same way
         assert wait_for(lambda: "refusing to overwrite" in (_spool(stand_in.data) / ".pusher.log").read_text(), 10)
+    if parallel == 1:  # the call archived its own segment only, without a pusher
+        assert not (_spool(stand_in.data) / ".pusher.pid").exists()
+        assert {n for n in _keys(lab, server, stand_in.bucket) if n in SEGMENTS} == {seg}
 
 
-@pytest.mark.parametrize("background", [False, True])
-def test_the_same_content_is_success_with_one_upload(lab, stand_in, background):
+@pytest.mark.parametrize(("parallel", "background"), MODES)
+def test_the_same_content_is_success_with_one_upload(lab, stand_in, parallel, background):
     server = _server("same")
     seg = SEGMENTS[0]
     stand_in.peer_archive(server, stand_in.data / "pg_wal" / seg, compression="lz4")  # e.g. archived before a crash
-    res = stand_in.run(server, seg, background=background)
+    res = stand_in.run(server, seg, background=background, parallel=parallel)
     assert res.returncode == 0, res.stderr
     versions = _versions(lab, stand_in.bucket, server)
     key = next(k for k in versions if k.endswith(f"{seg}.lz4"))
     assert len(versions[key]) == 1  # one upload only
     said = res.stderr if not background else (_spool(stand_in.data) / ".pusher.log").read_text()
     assert f"{seg} is already archived with the same content" in said
+
+
+HISTORY = "00000002.history"
+
+
+@pytest.mark.parametrize(("parallel", "background"), [MODES[0], MODES[2]])
+@pytest.mark.parametrize("same", [False, True], ids=["other-content", "same-content"])
+def test_a_timeline_history_file_is_never_overwritten(lab, stand_in, parallel, background, same):
+    """A history file (never a pusher's: the call archives it itself) takes the same check as a segment: after a
+    split brain both primaries may have chosen timeline 2, with histories that differ."""
+    server = _server("history")
+    ours = stand_in.data / "pg_wal" / HISTORY
+    ours.write_text("1\t0/3000000\tno recovery target specified\n")
+    peer = stand_in.data.parent / "peer" / HISTORY
+    peer.write_text(ours.read_text() if same else "1\t0/5000000\tno recovery target specified\n")
+    subprocess.run(["chown", "postgres:postgres", str(ours), str(peer)], check=True)
+    stand_in.peer_archive(server, peer)
+    before = _versions_of(lab, stand_in.bucket, server, HISTORY)
+    assert len(before) == 1 and len(next(iter(before.values()))) == 1
+    key = next(iter(before))
+
+    res = stand_in.run(server, HISTORY, background=background, parallel=parallel)
+    assert _versions_of(lab, stand_in.bucket, server, HISTORY) == before  # no upload either way (same version, ETag)
+    if same:
+        assert res.returncode == 0, res.stderr
+        assert f"{HISTORY} is already archived with the same content" in res.stderr
+    else:
+        assert res.returncode != 0
+        line = next(x for x in res.stderr.splitlines() if "refusing to overwrite" in x)
+        assert HISTORY in line and key in line and "Fix:" in line
+        assert _sha256(peer) in line and _sha256(ours) in line
+        assert f"archive command failed for WAL segment {HISTORY}" in res.stderr
 
 
 @pytest.mark.parametrize("background", [False, True])

@@ -194,12 +194,15 @@ def test_a_failure_records_nothing(lab, fake_pg_wal, background):
     assert not list(_spool(data).glob("*.archived"))
 
 
-def test_primary_archives_through_the_wrapper(lab):
+@pytest.mark.parametrize("parallel", [1, 4])
+def test_primary_archives_through_the_wrapper(lab, parallel):
     from pgops import wal
     from pgops.engines import barman_cloud
 
     st = lab.load()
-    command = shlex.join(barman_cloud.archive_command_argv(_cluster(lab, 4), endpoint_url=st.s3_endpoint)) + " %p"
+    argv = barman_cloud.archive_command_argv(_cluster(lab, parallel), endpoint_url=st.s3_endpoint)
+    assert argv[0].endswith("/pgops-wal-archive")  # at parallel 1 too: never the bare CLI, which overwrites
+    command = shlex.join(argv) + " %p"
     lab.psql("ALTER SYSTEM SET archive_command = '" + command.replace("'", "''") + "'")
     lab.psql("SELECT pg_reload_conf()")
     try:
