@@ -141,7 +141,7 @@ class Bench:
         self.pgbr_best = pl.PgBackRest(self.lab, st, self.work / "pgbackrest-best", process_max=2 * jobs)
         self.pgbr.run("stanza-create")
         self.commands = {
-            "barman-cloud-wal-archive": self._ours(1),
+            "barman-cloud-wal-archive": self._ours(1, bare=True),
             PGOPS: self._ours(jobs),
             PGBR: self.pgbr.archive_command(asynchronous=True),
             f"{PGOPS}, best ({2 * jobs} uploads)": self._ours(2 * jobs),
@@ -151,8 +151,10 @@ class Bench:
     def _cluster(self, **engine) -> object:
         return dataclasses.replace(self.cluster, engine=dataclasses.replace(self.cluster.engine, **engine))
 
-    def _ours(self, parallel: int) -> str:
-        argv = barman_cloud.archive_command_argv(self._cluster(wal_archive_parallel=parallel), endpoint_url=self.s3)
+    def _ours(self, parallel: int, *, bare: bool = False) -> str:
+        """pgops' archive_command at ``parallel``; bare: barman-cloud-wal-archive alone (the peer baseline)."""
+        cluster = self._cluster(wal_archive_parallel=parallel)
+        argv = (barman_cloud.wal_archive_argv if bare else barman_cloud.archive_command_argv)(cluster, endpoint_url=self.s3)
         prefix = ["env", *(f"{k}={v}" for k, v in self.tls_env.items())] if self.tls_env else []
         return shlex.join([*prefix, *argv]) + " %p"
 
