@@ -92,10 +92,19 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def _start_prefetcher(spool: Path, argv: list[str]) -> None:
-    with open(spool / LOG, "ab") as log:
-        subprocess.Popen([sys.executable, os.path.abspath(__file__), "--prefetcher", *argv],
-                         stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, close_fds=True)
+def _ask(spool: Path, segment: str, argv: list[str]) -> None:
+    """Name ``segment`` as the one recovery wants; start the spool's prefetcher (``argv``: its options, then
+    ``--`` and the command) when none runs, and wait up to 10 s for it to hold the spool. OSError when the spool
+    cannot be written or the prefetcher not started."""
+    spool.mkdir(parents=True, exist_ok=True)
+    _write_atomic(spool / WANTED, segment)
+    if not _prefetcher_alive(spool):
+        with open(spool / LOG, "ab") as log:
+            subprocess.Popen([sys.executable, os.path.abspath(__file__), "--prefetcher", *argv],
+                             stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, close_fds=True)
+        started = time.monotonic()
+        while not _prefetcher_alive(spool) and time.monotonic() - started < 10:
+            time.sleep(0.01)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,14 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     if opts.parallel < 1 or not SEGMENT_RE.match(wal_name):
         _fallback(command, wal_name, wal_dest)
     try:
-        spool.mkdir(parents=True, exist_ok=True)
         (spool / f"{wal_name}.missing").unlink(missing_ok=True)  # before asking: the answer must be this call's
-        _write_atomic(spool / WANTED, wal_name)
-        if not _prefetcher_alive(spool):
-            _start_prefetcher(spool, argv)
-            started = time.monotonic()
-            while not _prefetcher_alive(spool) and time.monotonic() - started < 10:
-                time.sleep(0.01)
+        _ask(spool, wal_name, argv)
     except OSError as exc:
         print(f"pgops_wal_restore: no prefetcher ({exc}); asking barman-cloud-wal-restore", file=sys.stderr)
         _fallback(command, wal_name, wal_dest)
@@ -152,17 +155,11 @@ def _warm_start(opts: argparse.Namespace, command: list[str], spool: Path) -> in
     """
     if opts.parallel < 1:
         return 0
+    # the prefetcher parses the same options, with a segment and a destination it never uses
+    argv = ["--parallel", str(opts.parallel), "--depth", str(opts.depth), "--spool-dir", str(spool),
+            "--wait-s", str(opts.wait_s), "--idle-s", str(opts.idle_s), "--", *command, opts.start, os.devnull]
     try:
-        spool.mkdir(parents=True, exist_ok=True)
-        _write_atomic(spool / WANTED, opts.start)
-        if not _prefetcher_alive(spool):
-            # the prefetcher parses the same options, with a segment and a destination it never uses
-            argv = ["--parallel", str(opts.parallel), "--depth", str(opts.depth), "--spool-dir", str(spool),
-                    "--wait-s", str(opts.wait_s), "--idle-s", str(opts.idle_s), "--", *command, opts.start, os.devnull]
-            _start_prefetcher(spool, argv)
-            started = time.monotonic()
-            while not _prefetcher_alive(spool) and time.monotonic() - started < 10:
-                time.sleep(0.01)
+        _ask(spool, opts.start, argv)
     except OSError as exc:
         print(f"pgops_wal_restore: no prefetcher for {spool} ({exc})", file=sys.stderr)
         return 1
