@@ -14,7 +14,7 @@ import configparser
 import itertools
 import json
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -35,21 +35,23 @@ DETECT_SAMPLE_KEYS = 1000
 UNRECOGNISED_SAMPLE_KEYS = 20
 
 _COMP = "|".join(wal.COMPRESSION_SUFFIXES)
-_SEG = r"([0-9A-F]{8})([0-9A-F]{8})([0-9A-F]{8})"
+_SEG = r"(?P<tli>[0-9A-F]{8})(?P<log>[0-9A-F]{8})(?P<seg>[0-9A-F]{8})"
 _SHA1 = r"-[0-9a-f]{40}"
 
-# Fast paths: plain (possibly compressed) segments, the bulk of every listing.
-_BARMAN_SEGMENT_RE = re.compile(rf"^(?:([^/]+)/)?wals/[0-9A-F]{{16}}/{_SEG}(?:\.(?:{_COMP}))?$")
-_PGBR_SEGMENT_RE = re.compile(rf"^archive/([^/]+)/([^/]+-\d+)/[0-9A-F]{{16}}/{_SEG}{_SHA1}(?:\.(?:{_COMP}))?$")
+# Fast paths: plain (possibly compressed) segments, the bulk of every listing. Named groups: owner
+# (barman server, pgBackRest stanza), stream (pgBackRest archive id), tli/log/seg, base (WAL file name).
+_BARMAN_SEGMENT_RE = re.compile(rf"^(?:(?P<owner>[^/]+)/)?wals/[0-9A-F]{{16}}/{_SEG}(?:\.(?:{_COMP}))?$")
+_PGBR_SEGMENT_RE = re.compile(
+    rf"^archive/(?P<owner>[^/]+)/(?P<stream>[^/]+-\d+)/[0-9A-F]{{16}}/{_SEG}{_SHA1}(?:\.(?:{_COMP}))?$")
 _WALG_SEGMENT_RE = re.compile(rf"^wal_005/{_SEG}(?:\.(?:{_COMP}))?$")
 
-_BARMAN_WAL_RE = re.compile(r"^(?:([^/]+)/)?wals/(?:[0-9A-F]{16}/)?([^/]+)$")
+_BARMAN_WAL_RE = re.compile(r"^(?:(?P<owner>[^/]+)/)?wals/(?:[0-9A-F]{16}/)?(?P<base>[^/]+)$")
 _BARMAN_BASE_RE = re.compile(r"^(?:([^/]+)/)?base/([^/]+)/(.+)$")
-_PGBR_WAL_RE = re.compile(r"^archive/([^/]+)/([^/]+-\d+)/(?:[0-9A-F]{16}/)?([^/]+)$")
+_PGBR_WAL_RE = re.compile(r"^archive/(?P<owner>[^/]+)/(?P<stream>[^/]+-\d+)/(?:[0-9A-F]{16}/)?(?P<base>[^/]+)$")
 _PGBR_ARCHIVE_INFO_RE = re.compile(r"^archive/([^/]+)/archive\.info(?:\.copy)?$")
 _PGBR_BACKUP_INFO_RE = re.compile(r"^backup/([^/]+)/backup\.info$")
 _PGBR_BACKUP_OTHER_RE = re.compile(r"^backup/([^/]+)/(.+)$")
-_XLOG_WAL_RE = re.compile(r"^wal_005/([^/]+)$")
+_XLOG_WAL_RE = re.compile(r"^wal_005/(?P<base>[^/]+)$")
 _WALG_SENTINEL_RE = re.compile(r"^basebackups_005/(base_([0-9A-F]{24})(?:_D_[0-9A-F]{24})?)_backup_stop_sentinel\.json$")
 _WALE_SENTINEL_RE = re.compile(r"^basebackups_005/(base_([0-9A-F]{24})_([0-9A-F]{8}))_backup_stop_sentinel\.json$")
 _WALG_BASE_RE = re.compile(r"^basebackups_005/base_[0-9A-F]{24}(?:_D_[0-9A-F]{24})?/")
@@ -535,111 +537,95 @@ class _Sink:
             self.result.unrecognised_sample.append(key)
 
 
-def _parse_barman(stream: Iterable[tuple[str, int, datetime | None]], result: ListingResult, name: str | None) -> None:
+_Listing = Iterable[tuple[str, int, datetime | None]]
+
+
+def _walk_listing(stream: _Listing, result: ListingResult, name: str | None, *, segment_re: re.Pattern[str],
+                  wal_re: re.Pattern[str], other: Callable[[str, str], bool]) -> None:
+    """The loop every layout shares: count each key, file WAL segments and other WAL files (named groups
+    of segment_re and wal_re), and hand the rest to other(key, rel), which says whether it knew the key.
+
+    A key owned by another barman server or pgBackRest stanza than name is counted and skipped.
+    """
     sink = _Sink(result)
     prefix = result.prefix
-    backups: dict[str, list[str]] = {}
-    segment_match = _BARMAN_SEGMENT_RE.match
+    segment_match, wal_match = segment_re.match, wal_re.match
+    owned = "owner" in segment_re.groupindex
+    streamed = "stream" in segment_re.groupindex
     for key, size_bytes, last_modified in stream:
         result.key_count += 1
-        rel = key[len(prefix):] if key.startswith(prefix) else None
-        if rel is None:
+        if not key.startswith(prefix):
             sink.unrecognised(key)
             continue
+        rel = key[len(prefix):]
         match = segment_match(rel)
         if match is not None:
-            server = match.group(1)
-            if name is None or server == name:
-                if server:
-                    result.names.add(server)
-                sink.segment("", match.group(2), match.group(3), match.group(4), key, size_bytes, last_modified)
+            owner = match["owner"] if owned else None
+            if not owned or name is None or owner == name:
+                if owner:
+                    result.names.add(owner)
+                sink.segment(match["stream"] if streamed else "", match["tli"], match["log"], match["seg"], key,
+                             size_bytes, last_modified)
             continue
-        match = _BARMAN_WAL_RE.match(rel)
+        match = wal_match(rel)
         if match is not None:
-            if name is None or match.group(1) == name:
-                if not sink.wal_file("", match.group(2), key, size_bytes, last_modified):
+            if not owned or name is None or match["owner"] == name:
+                if not sink.wal_file(match["stream"] if streamed else "", match["base"], key, size_bytes,
+                                     last_modified):
                     sink.unrecognised(key)
             continue
+        if not other(key, rel):
+            sink.unrecognised(key)
+
+
+def _parse_barman(stream: _Listing, result: ListingResult, name: str | None) -> None:
+    backups: dict[str, list[str]] = {}
+
+    def base_backup(key: str, rel: str) -> bool:
         match = _BARMAN_BASE_RE.match(rel)
-        if match is not None:
-            server, backup_id, rest = match.groups()
-            if name is None or server == name:
-                if server:
-                    result.names.add(server)
-                keys = backups.setdefault(backup_id, [])
-                if rest == "backup.info":
-                    keys.append(key)
-            continue
-        sink.unrecognised(key)
+        if match is None:
+            return False
+        server, backup_id, rest = match.groups()
+        if name is None or server == name:
+            if server:
+                result.names.add(server)
+            keys = backups.setdefault(backup_id, [])
+            if rest == "backup.info":
+                keys.append(key)
+        return True
+
+    _walk_listing(stream, result, name, segment_re=_BARMAN_SEGMENT_RE, wal_re=_BARMAN_WAL_RE, other=base_backup)
     # a backup directory without backup.info is an upload that never finished
     result.backups = [BackupRef(backup_id=backup_id, metadata_keys=tuple(keys),
                                 status=UNKNOWN_STATUS if keys else "INCOMPLETE")
                       for backup_id, keys in sorted(backups.items())]
 
 
-def _parse_pgbackrest(stream: Iterable[tuple[str, int, datetime | None]], result: ListingResult,
-                      name: str | None) -> None:
-    sink = _Sink(result)
-    prefix = result.prefix
-    segment_match = _PGBR_SEGMENT_RE.match
-    for key, size_bytes, last_modified in stream:
-        result.key_count += 1
-        rel = key[len(prefix):] if key.startswith(prefix) else None
-        if rel is None:
-            sink.unrecognised(key)
-            continue
-        match = segment_match(rel)
-        if match is not None:
-            if name is None or match.group(1) == name:
-                result.names.add(match.group(1))
-                sink.segment(match.group(2), match.group(3), match.group(4), match.group(5), key, size_bytes,
-                             last_modified)
-            continue
-        match = _PGBR_WAL_RE.match(rel)
-        if match is not None:
-            if name is None or match.group(1) == name:
-                if not sink.wal_file(match.group(2), match.group(3), key, size_bytes, last_modified):
-                    sink.unrecognised(key)
-            continue
+def _parse_pgbackrest(stream: _Listing, result: ListingResult, name: str | None) -> None:
+    def backup_or_info(key: str, rel: str) -> bool:
         match = _PGBR_BACKUP_INFO_RE.match(rel)
         if match is not None:
             if name is None or match.group(1) == name:
                 result.names.add(match.group(1))
                 result.extra_metadata_keys.append(key)
-            continue
-        if _PGBR_ARCHIVE_INFO_RE.match(rel) or _PGBR_BACKUP_OTHER_RE.match(rel):
-            continue
-        sink.unrecognised(key)
+            return True
+        return bool(_PGBR_ARCHIVE_INFO_RE.match(rel) or _PGBR_BACKUP_OTHER_RE.match(rel))
+
+    _walk_listing(stream, result, name, segment_re=_PGBR_SEGMENT_RE, wal_re=_PGBR_WAL_RE, other=backup_or_info)
 
 
-def _parse_xlog(stream: Iterable[tuple[str, int, datetime | None]], result: ListingResult, name: str | None) -> None:
+def _parse_xlog(stream: _Listing, result: ListingResult, name: str | None) -> None:
     """WAL-G and WAL-E: wal_005/ and basebackups_005/ (no server level)."""
-    sink = _Sink(result)
-    prefix = result.prefix
-    segment_match = _WALG_SEGMENT_RE.match
     backups: dict[str, str] = {}
-    for key, size_bytes, last_modified in stream:
-        result.key_count += 1
-        rel = key[len(prefix):] if key.startswith(prefix) else None
-        if rel is None:
-            sink.unrecognised(key)
-            continue
-        match = segment_match(rel)
-        if match is not None:
-            sink.segment("", match.group(1), match.group(2), match.group(3), key, size_bytes, last_modified)
-            continue
-        match = _XLOG_WAL_RE.match(rel)
-        if match is not None:
-            if not sink.wal_file("", match.group(1), key, size_bytes, last_modified):
-                sink.unrecognised(key)
-            continue
+
+    def base_backup(key: str, rel: str) -> bool:
         match = _WALE_SENTINEL_RE.match(rel) or _WALG_SENTINEL_RE.match(rel)
         if match is not None:
             backups[match.group(1)] = key
-            continue
-        if _BASEBACKUPS_RE.match(rel):
-            continue
-        sink.unrecognised(key)
+            return True
+        return bool(_BASEBACKUPS_RE.match(rel))
+
+    _walk_listing(stream, result, name, segment_re=_WALG_SEGMENT_RE, wal_re=_XLOG_WAL_RE, other=base_backup)
     result.backups = [BackupRef(backup_id=backup_id, metadata_keys=(key,)) for backup_id, key in sorted(backups.items())]
 
 
