@@ -236,6 +236,22 @@ class LayoutPaths:
                 for cls, templates in getattr(self, table).items()}
 
 
+def _xlog_layout_paths(tool: str, *, history_ext: str, metadata: str, backup_files: tuple[str, ...] = ()) -> LayoutPaths:
+    """WAL-G and WAL-E: wal_005/ and basebackups_005/; backup_files are metadata inside a backup's directory."""
+    sentinel = "basebackups_005/base_{xlog_name}_backup_stop_sentinel.json"
+    return LayoutPaths(
+        tool=tool, retention=f"{tool.lower()} delete retain",
+        reach={WAL: ("wal_005/{seg}{*}",), HISTORY: ("wal_005/{h8}.history{*}",),
+               BASE: ("basebackups_005/base_{xlog_name}/{*}",), BACKUP_METADATA: (sentinel, *backup_files)},
+        not_reach={BASE: backup_files} if backup_files else {},
+        history=f"wal_005/<timeline>.history.{history_ext}",
+        metadata=metadata,
+        base="basebackups_005/<backup>/",
+        no_wal_rule=f"{tool} cannot tag objects and keeps .history files in wal_005/ with the WAL, so no "
+                    "lifecycle filter selects WAL alone",
+    )
+
+
 UNKNOWN_LAYOUT = None
 LAYOUT_PATHS: dict[str | None, LayoutPaths] = {
     layouts.BARMAN_CLOUD: LayoutPaths(
@@ -261,29 +277,11 @@ LAYOUT_PATHS: dict[str | None, LayoutPaths] = {
         no_wal_rule="pgBackRest cannot tag WAL apart from its other objects and keeps .history files next to "
                     "the WAL directories, so no lifecycle filter selects WAL alone",
     ),
-    layouts.WAL_G: LayoutPaths(
-        tool="WAL-G", retention="wal-g delete retain",
-        reach={WAL: ("wal_005/{seg}{*}",), HISTORY: ("wal_005/{h8}.history{*}",),
-               BASE: ("basebackups_005/base_{xlog_name}/{*}",),
-               BACKUP_METADATA: ("basebackups_005/base_{xlog_name}_backup_stop_sentinel.json",
-                                 "basebackups_005/base_{xlog_name}/metadata.json")},
-        not_reach={BASE: ("basebackups_005/base_{xlog_name}/metadata.json",)},
-        history="wal_005/<timeline>.history.<ext>",
-        metadata="basebackups_005/<backup>_backup_stop_sentinel.json and <backup>/metadata.json",
-        base="basebackups_005/<backup>/",
-        no_wal_rule="WAL-G cannot tag objects and keeps .history files in wal_005/ with the WAL, so no "
-                    "lifecycle filter selects WAL alone",
-    ),
-    layouts.WAL_E: LayoutPaths(
-        tool="WAL-E", retention="wal-e delete retain",
-        reach={WAL: ("wal_005/{seg}{*}",), HISTORY: ("wal_005/{h8}.history{*}",),
-               BASE: ("basebackups_005/base_{xlog_name}/{*}",),
-               BACKUP_METADATA: ("basebackups_005/base_{xlog_name}_backup_stop_sentinel.json",)},
-        history="wal_005/<timeline>.history.lzo", metadata="basebackups_005/<backup>_backup_stop_sentinel.json",
-        base="basebackups_005/<backup>/",
-        no_wal_rule="WAL-E cannot tag objects and keeps .history files in wal_005/ with the WAL, so no "
-                    "lifecycle filter selects WAL alone",
-    ),
+    layouts.WAL_G: _xlog_layout_paths(
+        "WAL-G", history_ext="<ext>", backup_files=("basebackups_005/base_{xlog_name}/metadata.json",),
+        metadata="basebackups_005/<backup>_backup_stop_sentinel.json and <backup>/metadata.json"),
+    layouts.WAL_E: _xlog_layout_paths(
+        "WAL-E", history_ext="lzo", metadata="basebackups_005/<backup>_backup_stop_sentinel.json"),
     # not recognised: any key under the root may be anything (but pgops' own reports)
     UNKNOWN_LAYOUT: LayoutPaths(
         tool="the archiver", retention="the archiver's own retention",
@@ -407,6 +405,37 @@ def loss_countdown(
     return sorted(out, key=lambda c: (c.days_until_loss, c.rule_id))
 
 
+def _class_expiry_findings(scope: RuleScope, *, days: float, needed: int, evidence: dict[str, Any],
+                           paths: LayoutPaths, cluster_prefix: str, policy: RetentionPolicy,
+                           backup_interval_days: float, history_fix: str) -> list[F.Finding]:
+    """One finding for each object class an expiring rule reaches that must outlive it."""
+    short = days < needed
+    rule_id = scope.rule_id
+    expiring = (  # (applies, id, severity, message, fix)
+        (short and WAL in scope.classes, F.LIFECYCLE_EXPIRES_NEEDED_WAL, F.CRITICAL,
+         f"lifecycle rule {rule_id} expires WAL of {cluster_prefix} after {days:.0f} days; "
+         f"retention {policy} with a {backup_interval_days:g}-day backup interval needs {needed}",
+         f"raise the rule's Expiration Days to at least {needed} (see the recommended configuration)"),
+        (short and BASE in scope.classes, F.LIFECYCLE_EXPIRES_NEEDED_BASE, F.CRITICAL,
+         f"lifecycle rule {rule_id} expires base backups of {cluster_prefix} after {days:.0f} "
+         f"days; retention {policy} needs {needed}",
+         f"remove expiration from {paths.base} ({paths.retention} owns retention) or raise it to "
+         f"at least {needed} days"),
+        (HISTORY in scope.classes, F.LIFECYCLE_EXPIRES_HISTORY, F.WARNING,
+         f"lifecycle rule {rule_id} expires .history files ({cluster_prefix}/{paths.history}) "
+         f"after {days:.0f} days; they are written once and recovery across a timeline switch "
+         f"needs them",
+         history_fix),
+        (BACKUP_METADATA in scope.classes, F.LIFECYCLE_EXPIRES_BACKUP_METADATA, F.WARNING,
+         f"lifecycle rule {rule_id} expires backup metadata ({paths.metadata} under "
+         f"{cluster_prefix}) after {days:.0f} days; {paths.tool} then no longer knows the backup: "
+         f"it can neither restore it nor delete its data",
+         f"remove that expiration; {paths.retention} deletes backups with their metadata"),
+    )
+    return [F.Finding(id=finding_id, severity=severity, message=message, evidence=evidence, fix=fix)
+            for applies, finding_id, severity, message, fix in expiring if applies]
+
+
 def evaluate_lifecycle(
     rules: list[Mapping[str, Any]] | None,
     *,
@@ -501,42 +530,9 @@ def evaluate_lifecycle(
                 evidence=evidence,
                 fix=f"replace the Date with Days >= {needed} or delete the rule",
             ))
-        short = days < needed
-        if short and WAL in scope.classes:
-            out.append(F.Finding(
-                id=F.LIFECYCLE_EXPIRES_NEEDED_WAL, severity=F.CRITICAL,
-                message=f"lifecycle rule {scope.rule_id} expires WAL of {cluster_prefix} after {days:.0f} days; "
-                        f"retention {policy} with a {backup_interval_days:g}-day backup interval needs {needed}",
-                evidence=evidence,
-                fix=f"raise the rule's Expiration Days to at least {needed} (see the recommended configuration)",
-            ))
-        if short and BASE in scope.classes:
-            out.append(F.Finding(
-                id=F.LIFECYCLE_EXPIRES_NEEDED_BASE, severity=F.CRITICAL,
-                message=f"lifecycle rule {scope.rule_id} expires base backups of {cluster_prefix} after {days:.0f} "
-                        f"days; retention {policy} needs {needed}",
-                evidence=evidence,
-                fix=f"remove expiration from {paths.base} ({paths.retention} owns retention) or raise it to "
-                    f"at least {needed} days",
-            ))
-        if HISTORY in scope.classes:
-            out.append(F.Finding(
-                id=F.LIFECYCLE_EXPIRES_HISTORY, severity=F.WARNING,
-                message=f"lifecycle rule {scope.rule_id} expires .history files ({cluster_prefix}/{paths.history}) "
-                        f"after {days:.0f} days; they are written once and recovery across a timeline switch "
-                        f"needs them",
-                evidence=evidence,
-                fix=history_fix,
-            ))
-        if BACKUP_METADATA in scope.classes:
-            out.append(F.Finding(
-                id=F.LIFECYCLE_EXPIRES_BACKUP_METADATA, severity=F.WARNING,
-                message=f"lifecycle rule {scope.rule_id} expires backup metadata ({paths.metadata} under "
-                        f"{cluster_prefix}) after {days:.0f} days; {paths.tool} then no longer knows the backup: "
-                        f"it can neither restore it nor delete its data",
-                evidence=evidence,
-                fix=f"remove that expiration; {paths.retention} deletes backups with their metadata",
-            ))
+        out.extend(_class_expiry_findings(scope, days=days, needed=needed, evidence=evidence, paths=paths,
+                                          cluster_prefix=cluster_prefix, policy=policy,
+                                          backup_interval_days=backup_interval_days, history_fix=history_fix))
     left = assessment.days_until_last_backup_expires
     backup = f"the newest recoverable backup{f' {newest_backup_id}' if newest_backup_id else ''}"
     if soonest is not None:
