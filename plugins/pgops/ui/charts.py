@@ -10,7 +10,7 @@ currentColor, so a chart reads in Airflow's light and dark themes alike. Every m
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from html import escape
 from typing import Any
@@ -249,11 +249,34 @@ def timeline_svg(tl: dict[str, Any], *, width: int = 960) -> str:
     return "".join(out)
 
 
+# --- x/y charts: frame ------------------------------------------------------------------------------------
+
+_XY_MARGINS = (64, 20, 30, 62)  # left, right, top, bottom of the RTO and rounds charts
+
+
+def _xy_frame(label: str, *, width: int, height: int, y: Callable[[float], float], y_ticks: Sequence[float],
+              x_ticks: Sequence[tuple[float, float]], x_title: str, y_title: str) -> list[str]:
+    """Title, horizontal grid lines, both axes, tick labels (x_ticks: position, value) and axis titles."""
+    left, right, top, bottom = _XY_MARGINS
+    plot_w, plot_h = width - left - right, height - top - bottom
+    out = [f'<text x="{left}" y="16" font-weight="600">{_e(label)}</text>',
+           '<g class="grid">' + "".join(f'<line x1="{left}" y1="{y(v):.1f}" x2="{width - right}" y2="{y(v):.1f}"/>'
+                                        for v in y_ticks) + "</g>",
+           f'<g class="axis"><line x1="{left}" y1="{top + plot_h}" x2="{width - right}" y2="{top + plot_h}"/>'
+           f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + plot_h}"/>']
+    out.extend(f'<text x="{at:.1f}" y="{top + plot_h + 16}" text-anchor="middle">{v:g}</text>' for at, v in x_ticks)
+    out.extend(f'<text x="{left - 6}" y="{y(v) + 4:.1f}" text-anchor="end">{v:g}</text>' for v in y_ticks)
+    out.append(f'<text x="{left + plot_w / 2:.1f}" y="{top + plot_h + 32}" text-anchor="middle">{x_title}</text>'
+               f'<text x="14" y="{top + plot_h / 2:.1f}" text-anchor="middle" '
+               f'transform="rotate(-90 14 {top + plot_h / 2:.1f})">{y_title}</text></g>')
+    return out
+
+
 # --- RTO against size -------------------------------------------------------------------------------------
 
 
 def rto_svg(series: dict[str, Any], *, width: int = 640, height: int = 340) -> str:
-    left, right, top, bottom = 64, 20, 30, 62
+    left, right, top, bottom = _XY_MARGINS
     pts = series.get("points", [])
     target = float(series.get("target_s") or 0)
     fit = series.get("fit")
@@ -276,18 +299,8 @@ def rto_svg(series: dict[str, Any], *, width: int = 640, height: int = 340) -> s
 
     label = "RTO against database size"
     out = _open(width, height, label, "pg-rto")
-    out.append(f'<text x="{left}" y="16" font-weight="600">{_e(label)}</text>')
-    out.append('<g class="grid">' + "".join(f'<line x1="{left}" y1="{y(v):.1f}" x2="{width - right}" y2="{y(v):.1f}"/>'
-                                            for v in yt) + "</g>")
-    out.append(f'<g class="axis"><line x1="{left}" y1="{top + plot_h}" x2="{width - right}" y2="{top + plot_h}"/>'
-               f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + plot_h}"/>')
-    for v in xt:
-        out.append(f'<text x="{x(v * gib):.1f}" y="{top + plot_h + 16}" text-anchor="middle">{v:g}</text>')
-    for v in yt:
-        out.append(f'<text x="{left - 6}" y="{y(v) + 4:.1f}" text-anchor="end">{v:g}</text>')
-    out.append(f'<text x="{left + plot_w / 2:.1f}" y="{top + plot_h + 32}" text-anchor="middle">database size (GiB)</text>'
-               f'<text x="14" y="{top + plot_h / 2:.1f}" text-anchor="middle" '
-               f'transform="rotate(-90 14 {top + plot_h / 2:.1f})">RTO (s)</text></g>')
+    out.extend(_xy_frame(label, width=width, height=height, y=y, y_ticks=yt, x_ticks=[(x(v * gib), v) for v in xt],
+                         x_title="database size (GiB)", y_title="RTO (s)"))
     if target:
         out.append(f'<line class="target" x1="{left}" y1="{y(target):.1f}" x2="{width - right}" y2="{y(target):.1f}">'
                    f'<title>RTO target {human_duration(target)}</title></line>')
@@ -327,7 +340,7 @@ def rto_svg(series: dict[str, Any], *, width: int = 640, height: int = 340) -> s
 
 
 def rounds_svg(view: dict[str, Any], *, width: int = 640, height: int = 340) -> str:
-    left, right, top, bottom = 64, 20, 30, 62
+    left, right, top, bottom = _XY_MARGINS
     rounds = view.get("rounds", [])
     values = [r["duration_s"] or 0 for r in rounds] + [r["predicted_duration_s"] or 0 for r in rounds]
     for key in ("floor_s", "downtime_target_s", "downtime_s"):
@@ -343,16 +356,8 @@ def rounds_svg(view: dict[str, Any], *, width: int = 640, height: int = 340) -> 
 
     label = "Snapshot rounds: duration per round"
     out = _open(width, height, label, "pg-rounds")
-    out.append(f'<text x="{left}" y="16" font-weight="600">{_e(label)}</text>')
-    out.append('<g class="grid">' + "".join(f'<line x1="{left}" y1="{y(v):.1f}" x2="{width - right}" y2="{y(v):.1f}"/>'
-                                            for v in yt) + "</g>")
-    out.append(f'<g class="axis"><line x1="{left}" y1="{top + plot_h}" x2="{width - right}" y2="{top + plot_h}"/>'
-               f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + plot_h}"/>')
-    for v in yt:
-        out.append(f'<text x="{left - 6}" y="{y(v) + 4:.1f}" text-anchor="end">{v:g}</text>')
-    out.append(f'<text x="{left + plot_w / 2:.1f}" y="{top + plot_h + 32}" text-anchor="middle">round (delta size)</text>'
-               f'<text x="14" y="{top + plot_h / 2:.1f}" text-anchor="middle" '
-               f'transform="rotate(-90 14 {top + plot_h / 2:.1f})">duration (s)</text></g>')
+    out.extend(_xy_frame(label, width=width, height=height, y=y, y_ticks=yt, x_ticks=(),
+                         x_title="round (delta size)", y_title="duration (s)"))
     bad = view.get("colour") == "red"
     for i, r in enumerate(rounds):
         cx = left + slot * (i + 0.5)
