@@ -64,6 +64,15 @@ def create_app(source: ReportSource | None = None) -> FastAPI:
     app = FastAPI(title="pgops recoverability", docs_url=None, redoc_url=None, openapi_url=None)
     ttl_s = float(os.environ.get("PGOPS_UI_CACHE_TTL_S", "60"))
     app.state.source = source or ReportSource(ttl_s=ttl_s)
+    _add_security(app)
+    clusters = _Clusters(app)
+    _add_json_routes(app, clusters)
+    _add_html_routes(app, clusters)
+    return app
+
+
+def _add_security(app: FastAPI) -> None:
+    """Security headers on every response; a missing or refused login on a page links to Airflow's login."""
 
     @app.middleware("http")
     async def _security_headers(request: Request, call_next):
@@ -81,36 +90,50 @@ def create_app(source: ReportSource | None = None) -> FastAPI:
                 "to see the recoverability dashboard.</p>")
         return HTMLResponse(_page("Recoverability: log in", body, base=""), status_code=exc.status_code)
 
-    def src() -> ReportSource:
-        return app.state.source
+
+class _Clusters:
+    """Who may see which cluster, and the views built over the app's report source."""
+
+    def __init__(self, app: FastAPI) -> None:
+        self._app = app
+
+    @property
+    def source(self) -> ReportSource:
+        return self._app.state.source
 
     # --- who may see what ---------------------------------------------------------------------------------
-    def visible(user: Any) -> list[Cluster]:
-        clusters = src().inventory().clusters
+    def visible(self, user: Any) -> list[Cluster]:
+        clusters = self.source.inventory().clusters
         wanted = {d for c in clusters for d in dag_ids(c).values()}
         readable = _readable_dag_ids(user, wanted)
         return [c for c in clusters if readable & set(dag_ids(c).values())]
 
-    def one(user: Any, name: str) -> Cluster:
-        for c in visible(user):
+    def one(self, user: Any, name: str) -> Cluster:
+        for c in self.visible(user):
             if c.name == name:
                 return c
-        if any(c.name == name for c in src().inventory().clusters):
+        if any(c.name == name for c in self.source.inventory().clusters):
             raise HTTPException(403, f"you may not read the DAGs of cluster {name}")
         raise HTTPException(404, f"cluster {name} is not in the inventory")
 
+    def migration_cluster(self, user: Any, name: str) -> Cluster:
+        c = self.one(user, name)
+        if not _readable_dag_ids(user, {dag_ids(c)["migration"]}):
+            raise HTTPException(403, f"you may not read DAG {dag_ids(c)['migration']}")
+        return c
+
     # --- builders over the sources --------------------------------------------------------------------------
-    def row(c: Cluster, now: datetime) -> dict[str, Any]:
+    def row(self, c: Cluster, now: datetime) -> dict[str, Any]:
         try:
-            return _row(c, now)
+            return self._row(c, now)
         except Exception as exc:  # one cluster's malformed report must not hide the fleet
             log.warning("cluster %s: its reports cannot be summarised: %r", c.name, exc)
             return _unreadable_row(c.name, exc) | {"runs": {}, "dag_ids": dag_ids(c)}
 
-    def _row(c: Cluster, now: datetime) -> dict[str, Any]:
+    def _row(self, c: Cluster, now: datetime) -> dict[str, Any]:
         from pgops.audit import interval_s
 
-        s = src()
+        s = self.source
         events = _safe_db(lambda: backup_events(c.name, limit=1), [])
         r = summary.fleet_row(
             c.name, now=now, audit=s.latest(c, "wal-audit"), restore=s.latest(c, "restore-verify"),
@@ -128,17 +151,17 @@ def create_app(source: ReportSource | None = None) -> FastAPI:
                     run["progress"] = progress.describe(rec)
         return r
 
-    def timeline_of(c: Cluster, now: datetime, days: int) -> dict[str, Any]:
-        s = src()
+    def timeline(self, c: Cluster, now: datetime, days: int) -> dict[str, Any]:
+        s = self.source
         return summary.timeline(s.latest(c, "wal-audit"), now=now, days=days,
                                 restores=s.history(c, "restore-verify", RESTORE_HISTORY),
                                 backup_events=_safe_db(lambda: backup_events(c.name), []))
 
-    def rto_of(c: Cluster) -> dict[str, Any]:
-        return summary.rto_series(src().history(c, "restore-verify", RESTORE_HISTORY), target_s=c.targets.rto_s)
+    def rto(self, c: Cluster) -> dict[str, Any]:
+        return summary.rto_series(self.source.history(c, "restore-verify", RESTORE_HISTORY), target_s=c.targets.rto_s)
 
-    def migration_of(c: Cluster, run_id: str | None) -> dict[str, Any] | None:
-        s = src()
+    def migration(self, c: Cluster, run_id: str | None) -> dict[str, Any] | None:
+        s = self.source
         latest = s.latest(c, "ebs-migration")
         if run_id is None or (latest and latest.get("run_id") == run_id):
             return latest
@@ -147,62 +170,58 @@ def create_app(source: ReportSource | None = None) -> FastAPI:
                 return rep
         return None
 
-    def migrations_of(c: Cluster) -> list[dict[str, Any]]:
-        reps = src().history(c, "ebs-migration", MIGRATION_HISTORY)
+    def migrations(self, c: Cluster) -> list[dict[str, Any]]:
+        reps = self.source.history(c, "ebs-migration", MIGRATION_HISTORY)
         return [{"run_id": r.get("run_id"), "status": r.get("status"), "finished_at": r.get("finished_at"),
                  "outcome": (r.get("body") or {}).get("outcome")} for r in reversed(reps)]
 
-    # --- JSON -------------------------------------------------------------------------------------------------
+
+def _add_json_routes(app: FastAPI, clusters: _Clusters) -> None:
     @app.get("/api/fleet")
     def api_fleet(user=Depends(current_user)) -> dict[str, Any]:  # noqa: B008
         now = datetime.now(UTC)
-        return {"generated_at": now.isoformat(), "clusters": [row(c, now) for c in visible(user)]}
+        return {"generated_at": now.isoformat(), "clusters": [clusters.row(c, now) for c in clusters.visible(user)]}
 
     @app.get("/api/clusters/{name}/timeline")
     def api_timeline(name: str, days: int = Query(DEFAULT_DAYS, ge=1, le=90), user=Depends(current_user)):  # noqa: B008
-        return timeline_of(one(user, name), datetime.now(UTC), days)
+        return clusters.timeline(clusters.one(user, name), datetime.now(UTC), days)
 
     @app.get("/api/clusters/{name}/rto")
     def api_rto(name: str, user=Depends(current_user)):  # noqa: B008
-        return rto_of(one(user, name))
+        return clusters.rto(clusters.one(user, name))
 
     @app.get("/api/clusters/{name}/migrations")
     def api_migrations(name: str, user=Depends(current_user)):  # noqa: B008
-        return {"cluster": name, "runs": migrations_of(_migration_cluster(user, name))}
+        return {"cluster": name, "runs": clusters.migrations(clusters.migration_cluster(user, name))}
 
     @app.get("/api/clusters/{name}/migration")
     def api_migration(name: str, run_id: str | None = None, user=Depends(current_user)):  # noqa: B008
-        rep = migration_of(_migration_cluster(user, name), run_id)
+        rep = clusters.migration(clusters.migration_cluster(user, name), run_id)
         if rep is None:
             raise HTTPException(404, f"no ebs-migration report for cluster {name}"
                                      + (f" and run {run_id}" if run_id else ""))
         return summary.migration_view(rep)
 
-    def _migration_cluster(user: Any, name: str) -> Cluster:
-        c = one(user, name)
-        if not _readable_dag_ids(user, {dag_ids(c)["migration"]}):
-            raise HTTPException(403, f"you may not read DAG {dag_ids(c)['migration']}")
-        return c
 
-    # --- HTML ---------------------------------------------------------------------------------------------------
+def _add_html_routes(app: FastAPI, clusters: _Clusters) -> None:
     @app.get("/", response_class=HTMLResponse)
     def fleet_page(request: Request, user=Depends(current_user)):  # noqa: B008
         base = request.scope.get("root_path", "")
         now = datetime.now(UTC)
-        rows = [row(c, now) for c in visible(user)]
+        rows = [clusters.row(c, now) for c in clusters.visible(user)]
         return _page("Recoverability", _fleet_html(rows, base), base=base)
 
     @app.get("/clusters/{name}", response_class=HTMLResponse)
     def cluster_page(request: Request, name: str, days: int = Query(DEFAULT_DAYS, ge=1, le=90),
                      user=Depends(current_user)):  # noqa: B008
         base = request.scope.get("root_path", "")
-        c = one(user, name)
+        c = clusters.one(user, name)
         now = datetime.now(UTC)
-        r = row(c, now)
+        r = clusters.row(c, now)
         may_migrate = bool(_readable_dag_ids(user, {dag_ids(c)["migration"]}))
         try:
-            body = _cluster_html(r, timeline_of(c, now, days), rto_of(c), migrations_of(c) if may_migrate else [],
-                                 base, days)
+            body = _cluster_html(r, clusters.timeline(c, now, days), clusters.rto(c),
+                                 clusters.migrations(c) if may_migrate else [], base, days)
         except Exception as exc:  # a malformed report: say so, escaped, instead of a 500
             log.warning("cluster %s: its reports cannot be drawn: %r", name, exc)
             body = _unreadable_html(name, exc, base)
@@ -220,8 +239,8 @@ def create_app(source: ReportSource | None = None) -> FastAPI:
             cluster = dag_id[len(prefix):]
         if not cluster:
             raise HTTPException(400, "name a cluster (?cluster=) or a migration DAG (?dag_id=)")
-        c = _migration_cluster(user, cluster)
-        rep = migration_of(c, run_id)
+        c = clusters.migration_cluster(user, cluster)
+        rep = clusters.migration(c, run_id)
         if rep is None:
             return _page("EBS migration", f"<p class='muted'>No ebs-migration report for cluster {escape(cluster)}"
                                           f"{' and run ' + escape(run_id) if run_id else ''} yet (the report is written "
@@ -237,15 +256,14 @@ def create_app(source: ReportSource | None = None) -> FastAPI:
     def widget_page(request: Request, user=Depends(current_user)):  # noqa: B008
         base = request.scope.get("root_path", "")
         now = datetime.now(UTC)
-        return _page("Recoverability", _widget_html([row(c, now) for c in visible(user)], base), base=base, compact=True)
+        rows = [clusters.row(c, now) for c in clusters.visible(user)]
+        return _page("Recoverability", _widget_html(rows, base), base=base, compact=True)
 
     @app.get("/static/widget.js")
     def widget_js() -> Response:
         # code only, no data: the dashboard widget frames /widget, which checks the login
         return Response(WIDGET_JS.read_text(), media_type="text/javascript",
                         headers={"Cache-Control": "no-cache"})
-
-    return app
 
 
 def _safe_db(fn, default):

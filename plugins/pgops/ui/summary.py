@@ -14,7 +14,7 @@ by a run that failed half-way, must still render.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -88,6 +88,9 @@ def _age_s(ts: datetime | None, now: datetime) -> float | None:
 # --- fleet row ----------------------------------------------------------------------------------------
 
 
+_Say = Callable[[str, str], None]  # say(colour, reason)
+
+
 def fleet_row(
     cluster: str,
     *,
@@ -115,7 +118,47 @@ def fleet_row(
         reasons.append({"colour": colour, "text": text})
 
     a = _body(audit)
-    # newest backup: the audit's view, unless a later backup event says more
+    newest_backup = _newest_backup(a, backup_event, now)
+    backup_age = newest_backup["age_s"] if newest_backup else None
+    audit_age = _age_s(parse_ts((audit or {}).get("finished_at")), now)
+    days_until_loss, loss_by = _audit_reasons(audit, a, audit_age=audit_age, audit_interval_s=audit_interval_s,
+                                              say=say)
+    _backup_reasons(audit, backup_age=backup_age, backup_interval_s=backup_interval_s,
+                    days_until_loss=days_until_loss, loss_by=loss_by, say=say)
+    restore_row = _restore_row(restore, now=now, rto_target_s=rto_target_s, rpo_target_s=rpo_target_s,
+                               restore_interval_s=restore_interval_s, say=say)
+    forecast = rto_forecast(restores if restores is not None else [restore] if restore is not None else [],
+                            target_s=rto_target_s)
+    if forecast["over_target"] and restore_row and restore_row["passed"]:
+        when = (f" in about {forecast['days_until_target']:.0f} days"
+                if forecast.get("days_until_target") is not None else "")
+        say(AMBER, f"RTO forecast {human_duration(forecast['projected_rto_s'])} within "
+                   f"{forecast['horizon_days']} days crosses the target {human_duration(rto_target_s)}{when}")
+
+    colour = worst(x["colour"] for x in reasons)
+    reasons.sort(key=lambda x: -_RANK[x["colour"]])
+    if not reasons:
+        reasons.append({"colour": GREEN, "text": _all_clear(backup_age, restore_row)})
+    window = a.get("recoverable_window")
+    counts = a.get("counts") or {}
+    return {
+        "cluster": cluster, "colour": colour, "reason": reasons[0]["text"], "reasons": reasons,
+        "newest_backup": newest_backup,
+        "window": ({"earliest_time": window.get("earliest_time"), "latest_time": window.get("latest_time"),
+                    "earliest_backup_id": window.get("earliest_backup_id"),
+                    "latest_segment": window.get("latest_segment"), "latest_lsn": window.get("latest_lsn")}
+                   if window else None),
+        "findings": {"critical": int(counts.get("critical", 0)), "warning": int(counts.get("warning", 0))},
+        "audit": ({"finished_at": audit.get("finished_at"), "age_s": audit_age, "status": audit.get("status"),
+                   "run_id": audit.get("run_id")} if audit else None),
+        "restore": restore_row, "rto_forecast": forecast, "days_until_loss": days_until_loss,
+        "migration": _migration_row(migration), "replication": replication_view(a),
+    }
+
+
+def _newest_backup(a: Mapping[str, Any], backup_event: Mapping[str, Any] | None,
+                   now: datetime) -> dict[str, Any] | None:
+    """The audit's newest finished backup, unless a later backup event says more; with its age."""
     backups = [b for b in a.get("backups") or [] if b.get("end_time")]
     done = [b for b in backups if str(b.get("status", "DONE")).upper() == "DONE"]
     newest = max(done, key=lambda b: parse_ts(b["end_time"]), default=None)
@@ -132,50 +175,55 @@ def fleet_row(
             newest_backup = {"backup_id": backup_event.get("backup_id"), "time": backup_event["end_time"],
                              "status": backup_event.get("status"),
                              "size_bytes": backup_event.get("cluster_size_bytes") or backup_event.get("stored_bytes")}
-    backup_t = parse_ts(newest_backup["time"]) if newest_backup else None
-    backup_age = _age_s(backup_t, now)
     if newest_backup:
-        newest_backup["age_s"] = backup_age
+        newest_backup["age_s"] = _age_s(parse_ts(newest_backup["time"]), now)
+    return newest_backup
 
-    # the audit: is it there and fresh, what does it find, what window does it prove
-    audit_t = parse_ts((audit or {}).get("finished_at"))
-    audit_age = _age_s(audit_t, now)
-    counts = a.get("counts") or {}
-    window = a.get("recoverable_window")
-    days_until_loss = None
+
+def _audit_reasons(audit: Mapping[str, Any] | None, a: Mapping[str, Any], *, audit_age: float | None,
+                   audit_interval_s: float | None, say: _Say) -> tuple[float | None, str | None]:
+    """Is the audit there and fresh, what does it find, what window does it prove.
+
+    Returns the days until the newest recoverable backup is lost (counted on since the audit) and by what.
+    """
     if audit is None:
         say(AMBER, "no WAL audit report yet: recoverability is unknown (run the pgops_wal_audit DAG)")
-    else:
-        if audit_interval_s and audit_age is not None and audit_age > 2 * audit_interval_s + 600:
-            say(AMBER, f"the WAL audit report is {human_duration(audit_age)} old (audit every "
-                       f"{human_duration(audit_interval_s)}): the figures below may be out of date")
-        findings = a.get("findings") or []
+        return None, None
+    if audit_interval_s and audit_age is not None and audit_age > 2 * audit_interval_s + 600:
+        say(AMBER, f"the WAL audit report is {human_duration(audit_age)} old (audit every "
+                   f"{human_duration(audit_interval_s)}): the figures below may be out of date")
+    findings = a.get("findings") or []
+    for f in findings:
+        if f.get("severity") == "critical":
+            say(RED, f"{f.get('id')}: {f.get('message')}")
+    for f in findings:
+        if f.get("severity") == "warning":
+            say(AMBER, f"{f.get('id')}: {f.get('message')}")
+    if audit.get("status") == "failed":
+        say(RED, "the last WAL audit failed to run: recoverability is unknown")
+    if not a.get("recoverable_window") and audit.get("status") != "failed":
+        say(RED, "no recoverable window: no backup can be restored and rolled forward")
+    lifecycle = a.get("lifecycle") or {}
+    left = num(lifecycle.get("days_until_last_backup_expires"))
+    if left is None:
         for f in findings:
-            if f.get("severity") == "critical":
-                say(RED, f"{f.get('id')}: {f.get('message')}")
-        for f in findings:
-            if f.get("severity") == "warning":
-                say(AMBER, f"{f.get('id')}: {f.get('message')}")
-        if audit.get("status") == "failed":
-            say(RED, "the last WAL audit failed to run: recoverability is unknown")
-        if not window and audit.get("status") != "failed":
-            say(RED, "no recoverable window: no backup can be restored and rolled forward")
-        lifecycle = a.get("lifecycle") or {}
-        left = num(lifecycle.get("days_until_last_backup_expires"))
-        if left is None:
-            for f in findings:
-                if f.get("id") in ("BACKUPS_STOPPED", "LIFECYCLE_DAYS_UNTIL_LOSS"):
-                    left = num((f.get("evidence") or {}).get("days_until_last_backup_expires"))
-                    if left is not None:
-                        break
-        if left is not None and audit_age is not None:
-            days_until_loss = max(left - audit_age / DAY_S, 0.0)  # the countdown went on since the audit
-            loss = lifecycle.get("days_until_loss") if isinstance(lifecycle.get("days_until_loss"), Mapping) else {}
-            rules = [x for x in loss.get("rules") or [] if isinstance(x, Mapping)]
-            loss_by = (f"lifecycle rule {rules[0].get('rule_id')} expires "
-                       f"{' and '.join(str(e) for e in rules[0].get('expires') or [])}" if rules else "by lifecycle")
+            if f.get("id") in ("BACKUPS_STOPPED", "LIFECYCLE_DAYS_UNTIL_LOSS"):
+                left = num((f.get("evidence") or {}).get("days_until_last_backup_expires"))
+                if left is not None:
+                    break
+    if left is None or audit_age is None:
+        return None, None
+    days_until_loss = max(left - audit_age / DAY_S, 0.0)  # the countdown went on since the audit
+    loss = lifecycle.get("days_until_loss") if isinstance(lifecycle.get("days_until_loss"), Mapping) else {}
+    rules = [x for x in loss.get("rules") or [] if isinstance(x, Mapping)]
+    loss_by = (f"lifecycle rule {rules[0].get('rule_id')} expires "
+               f"{' and '.join(str(e) for e in rules[0].get('expires') or [])}" if rules else "by lifecycle")
+    return days_until_loss, loss_by
 
-    # backups stopped or overdue, judged now (the audit may be hours old)
+
+def _backup_reasons(audit: Mapping[str, Any] | None, *, backup_age: float | None, backup_interval_s: float | None,
+                    days_until_loss: float | None, loss_by: str | None, say: _Say) -> None:
+    """Backups stopped or overdue, judged now (the audit may be hours old)."""
     if backup_age is None:
         if audit is not None:
             say(RED, "no finished base backup: nothing can be restored")
@@ -189,77 +237,62 @@ def fleet_row(
             say(AMBER, f"base backup overdue: the newest is {human_duration(backup_age)} old "
                        f"(one every {human_duration(backup_interval_s)})")
 
-    # the last restore verification: when was recoverability last proven, and how fast
-    r = _body(restore)
-    restore_row = None
+
+def _restore_row(restore: Mapping[str, Any] | None, *, now: datetime, rto_target_s: float, rpo_target_s: float,
+                 restore_interval_s: float | None, say: _Say) -> dict[str, Any] | None:
+    """The last restore verification: when was recoverability last proven, and how fast."""
     if restore is None:
         say(AMBER, "never proven restorable: no restore verification report yet (run pgops_restore_verify)")
-    else:
-        m = r.get("measurements") or {}
-        canary = r.get("canary") or {}
-        restore_t = parse_ts(restore.get("finished_at"))
-        passed = restore.get("status") != "failed"
-        restore_row = {
-            "finished_at": restore.get("finished_at"), "age_s": _age_s(restore_t, now), "run_id": restore.get("run_id"),
-            "status": restore.get("status"), "passed": passed, "backup_id": r.get("backup_id"),
-            "rto_s": m.get("rto_s"), "rto_target_s": r.get("rto_target_s") or rto_target_s,
-            "rpo_s": canary.get("archive_lag_s"), "rpo_target_s": rpo_target_s,
-            "database_size_bytes": m.get("database_size_bytes"),
-        }
-        target = restore_row["rto_target_s"]
-        if not passed:
-            errors = "; ".join(f"{k}: {v}" for k, v in (r.get("errors") or {}).items())
-            not_finished = ", ".join(r.get("steps_not_finished") or [])
-            detail = errors or (f"step(s) {not_finished} did not finish" if not_finished else "see the run's logs")
-            say(RED, f"the last restore verification failed ({human_duration(restore_row['age_s'])} ago, run "
-                     f"{restore.get('run_id')}): {detail}")
-        elif m.get("rto_s") is not None and m["rto_s"] > target:
-            say(RED, f"measured RTO {human_duration(m['rto_s'])} is over the target {human_duration(target)}")
-        if restore_interval_s and restore_row["age_s"] is not None and restore_row["age_s"] > 2 * restore_interval_s + 3600:
-            say(AMBER, f"last proven restorable {human_duration(restore_row['age_s'])} ago "
-                       f"(verification every {human_duration(restore_interval_s)})")
-        if restore_row["rpo_s"] is not None and restore_row["rpo_s"] > rpo_target_s:
-            say(AMBER, f"measured RPO {human_duration(restore_row['rpo_s'])} (canary commit to archived) is over "
-                       f"the target {human_duration(rpo_target_s)}")
-    forecast = rto_forecast(restores if restores is not None else [restore] if restore is not None else [],
-                            target_s=rto_target_s)
-    if forecast["over_target"] and restore_row and restore_row["passed"]:
-        when = (f" in about {forecast['days_until_target']:.0f} days"
-                if forecast.get("days_until_target") is not None else "")
-        say(AMBER, f"RTO forecast {human_duration(forecast['projected_rto_s'])} within "
-                   f"{forecast['horizon_days']} days crosses the target {human_duration(rto_target_s)}{when}")
-
-    mig = None
-    if migration is not None:
-        view = migration_view(migration)
-        mig = {"run_id": migration.get("run_id"), "status": migration.get("status"), "colour": view["colour"],
-               "outcome": view["outcome"], "rounds": len(view["rounds"]), "downtime_s": view["downtime_s"],
-               "finished_at": migration.get("finished_at")}
-
-    colour = worst(x["colour"] for x in reasons)
-    reasons.sort(key=lambda x: -_RANK[x["colour"]])
-    if not reasons:
-        bits = ["WAL continuous"]
-        if backup_age is not None:
-            bits.append(f"newest backup {human_duration(backup_age)} old")
-        if restore_row:
-            bits.append(f"restore proven {human_duration(restore_row['age_s'])} ago"
-                        + (f" (RTO {human_duration(restore_row['rto_s'])}, target "
-                           f"{human_duration(restore_row['rto_target_s'])})" if restore_row["rto_s"] is not None else ""))
-        reasons.append({"colour": GREEN, "text": ", ".join(bits)})
-    return {
-        "cluster": cluster, "colour": colour, "reason": reasons[0]["text"], "reasons": reasons,
-        "newest_backup": newest_backup,
-        "window": ({"earliest_time": window.get("earliest_time"), "latest_time": window.get("latest_time"),
-                    "earliest_backup_id": window.get("earliest_backup_id"),
-                    "latest_segment": window.get("latest_segment"), "latest_lsn": window.get("latest_lsn")}
-                   if window else None),
-        "findings": {"critical": int(counts.get("critical", 0)), "warning": int(counts.get("warning", 0))},
-        "audit": ({"finished_at": audit.get("finished_at"), "age_s": audit_age, "status": audit.get("status"),
-                   "run_id": audit.get("run_id")} if audit else None),
-        "restore": restore_row, "rto_forecast": forecast, "days_until_loss": days_until_loss, "migration": mig,
-        "replication": replication_view(a),
+        return None
+    r = _body(restore)
+    m = r.get("measurements") or {}
+    canary = r.get("canary") or {}
+    restore_t = parse_ts(restore.get("finished_at"))
+    passed = restore.get("status") != "failed"
+    restore_row = {
+        "finished_at": restore.get("finished_at"), "age_s": _age_s(restore_t, now), "run_id": restore.get("run_id"),
+        "status": restore.get("status"), "passed": passed, "backup_id": r.get("backup_id"),
+        "rto_s": m.get("rto_s"), "rto_target_s": r.get("rto_target_s") or rto_target_s,
+        "rpo_s": canary.get("archive_lag_s"), "rpo_target_s": rpo_target_s,
+        "database_size_bytes": m.get("database_size_bytes"),
     }
+    target = restore_row["rto_target_s"]
+    if not passed:
+        errors = "; ".join(f"{k}: {v}" for k, v in (r.get("errors") or {}).items())
+        not_finished = ", ".join(r.get("steps_not_finished") or [])
+        detail = errors or (f"step(s) {not_finished} did not finish" if not_finished else "see the run's logs")
+        say(RED, f"the last restore verification failed ({human_duration(restore_row['age_s'])} ago, run "
+                 f"{restore.get('run_id')}): {detail}")
+    elif m.get("rto_s") is not None and m["rto_s"] > target:
+        say(RED, f"measured RTO {human_duration(m['rto_s'])} is over the target {human_duration(target)}")
+    if restore_interval_s and restore_row["age_s"] is not None and restore_row["age_s"] > 2 * restore_interval_s + 3600:
+        say(AMBER, f"last proven restorable {human_duration(restore_row['age_s'])} ago "
+                   f"(verification every {human_duration(restore_interval_s)})")
+    if restore_row["rpo_s"] is not None and restore_row["rpo_s"] > rpo_target_s:
+        say(AMBER, f"measured RPO {human_duration(restore_row['rpo_s'])} (canary commit to archived) is over "
+                   f"the target {human_duration(rpo_target_s)}")
+    return restore_row
+
+
+def _migration_row(migration: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    if migration is None:
+        return None
+    view = migration_view(migration)
+    return {"run_id": migration.get("run_id"), "status": migration.get("status"), "colour": view["colour"],
+            "outcome": view["outcome"], "rounds": len(view["rounds"]), "downtime_s": view["downtime_s"],
+            "finished_at": migration.get("finished_at")}
+
+
+def _all_clear(backup_age: float | None, restore_row: Mapping[str, Any] | None) -> str:
+    """The one green reason: what was checked and found well."""
+    bits = ["WAL continuous"]
+    if backup_age is not None:
+        bits.append(f"newest backup {human_duration(backup_age)} old")
+    if restore_row:
+        bits.append(f"restore proven {human_duration(restore_row['age_s'])} ago"
+                    + (f" (RTO {human_duration(restore_row['rto_s'])}, target "
+                       f"{human_duration(restore_row['rto_target_s'])})" if restore_row["rto_s"] is not None else ""))
+    return ", ".join(bits)
 
 
 # --- replication and the client endpoint --------------------------------------------------------------------
