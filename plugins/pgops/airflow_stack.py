@@ -226,20 +226,28 @@ class AirflowStack:
     def password(self) -> str:
         return json.loads((self.home / "passwords.json").read_text())[ADMIN_USER]
 
-    def _request(self, method: str, path: str, body: Any = None, *, auth: bool = True) -> Any:
+    def _send(self, method: str, path: str, body: Any, *, token: str | None, timeout_s: float) -> tuple[int, bytes]:
+        """(HTTP status, raw body) of one request as the holder of `token` (None: anonymous)."""
         st = self.load()
         if st is None:
             raise StackError("Airflow is not running")
         headers = {"Content-Type": "application/json"}
-        if auth:
-            headers["Authorization"] = f"Bearer {self.token()}"
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
         data = json.dumps(body).encode() if body is not None else None
         req = urllib.request.Request(f"{st['url']}{path}", data=data, method=method, headers=headers)  # noqa: S310
         try:
-            with urllib.request.urlopen(req, timeout=30) as resp:  # noqa: S310
-                raw = resp.read()
-        except urllib.error.HTTPError as exc:
-            raise StackError(f"{method} {path}: HTTP {exc.code}: {exc.read()[:500]!r}") from None
+            with urllib.request.urlopen(req, timeout=timeout_s) as resp:  # noqa: S310
+                return resp.status, resp.read()
+        except urllib.error.HTTPError as exc:  # any status but 2xx, after redirects
+            return exc.code, exc.read()
+
+    def _request(self, method: str, path: str, body: Any = None, *, auth: bool = True) -> Any:
+        if auth and self.load() is None:  # said before the login needs a password file
+            raise StackError("Airflow is not running")
+        status, raw = self._send(method, path, body, token=self.token() if auth else None, timeout_s=30)
+        if not 200 <= status < 300:
+            raise StackError(f"{method} {path}: HTTP {status}: {raw[:500]!r}")
         return json.loads(raw) if raw else None
 
     def token(self) -> str:
@@ -254,19 +262,7 @@ class AirflowStack:
 
     def call(self, method: str, path: str, body: Any = None, *, token: str | None) -> tuple[int, Any]:
         """(HTTP status, parsed body or raw bytes) of one request as the holder of `token` (None: anonymous)."""
-        st = self.load()
-        if st is None:
-            raise StackError("Airflow is not running")
-        headers = {"Content-Type": "application/json"}
-        if token:
-            headers["Authorization"] = f"Bearer {token}"
-        data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(f"{st['url']}{path}", data=data, method=method, headers=headers)  # noqa: S310
-        try:
-            with urllib.request.urlopen(req, timeout=60) as resp:  # noqa: S310
-                status, raw = resp.status, resp.read()
-        except urllib.error.HTTPError as exc:
-            status, raw = exc.code, exc.read()
+        status, raw = self._send(method, path, body, token=token, timeout_s=60)
         try:
             return status, json.loads(raw) if raw else None
         except ValueError:

@@ -86,6 +86,22 @@ class ReplicaLab:
                     port=free_port(), log_file=str(base / "postgres.log"), repmgr_conf=str(base / "repmgr.conf"),
                     slot=slot)
 
+    def _empty_node(self, name: str, node_id: int, slot: str | None) -> Node:
+        """A new node's paths, its directory emptied of any node of that name before."""
+        self._prepare_root()
+        node = self._node_paths(name, node_id, slot)
+        base = Path(node.data_dir).parent
+        if base.exists():
+            shutil.rmtree(base)
+        Path(node.socket_dir).mkdir(parents=True)
+        return node
+
+    def _add_and_start(self, node: Node) -> Node:
+        self.nodes[node.name] = node
+        self._save()
+        self.start(node)
+        return node
+
     def lab_primary(self, name: str = "pg1", node_id: int = 1) -> Node:
         """The lab's own primary as a node (never started or stopped here)."""
         self._prepare_root()
@@ -106,12 +122,8 @@ class ReplicaLab:
 
         from pgops.engines import barman_cloud
 
-        self._prepare_root()
-        node = self._node_paths(name, node_id, None)
+        node = self._empty_node(name, node_id, None)
         base = Path(node.data_dir).parent
-        if base.exists():
-            shutil.rmtree(base)
-        Path(node.socket_dir).mkdir(parents=True)
         pwfile = base / "pwfile"
         pwfile.write_text(self.st.pg_password + "\n")
         os.chmod(pwfile, 0o600)
@@ -128,29 +140,18 @@ class ReplicaLab:
             "max_wal_senders": "10", "max_replication_slots": "10", "wal_keep_size": "64MB", "hot_standby": "on",
             "shared_buffers": "32MB", "log_line_prefix": "%m [%p] ", "logging_collector": "off",
         })
-        self.nodes[name] = node
-        self._save()
-        self.start(node)
-        return node
+        return self._add_and_start(node)
 
     def create_standby(self, name: str, node_id: int, upstream: Node, *, slot: str) -> Node:
         """pg_basebackup -R of ``upstream`` through a new physical slot, then start streaming."""
-        self._prepare_root()
-        node = self._node_paths(name, node_id, slot)
-        base = Path(node.data_dir).parent
-        if base.exists():
-            shutil.rmtree(base)
-        Path(node.socket_dir).mkdir(parents=True)
-        _chown_db_user(base)
+        node = self._empty_node(name, node_id, slot)
+        _chown_db_user(Path(node.data_dir).parent)
         _run(as_db_user([str(PG_BIN / "pg_basebackup"), "-h", upstream.socket_dir, "-p", str(upstream.port),
                          "-U", "postgres", "-D", node.data_dir, "-X", "stream", "-R", "-C", "-S", slot,
                          "--checkpoint=fast", "--no-password"]), "pg_basebackup")
         self._append_conf(node, {"primary_conninfo": self.primary_conninfo(upstream, application_name=name),
                                  "primary_slot_name": slot})
-        self.nodes[name] = node
-        self._save()
-        self.start(node)
-        return node
+        return self._add_and_start(node)
 
     def primary_conninfo(self, upstream: Node, *, application_name: str) -> str:
         return (f"host=127.0.0.1 port={upstream.port} user=postgres passfile={self.passfile} "
