@@ -1,7 +1,8 @@
 """The standby rebuild never stops or deletes the primary's data: each way of pointing it at the primary (or at
 something that is not the target's own directory) is refused through the real DAG on the lab's replicated pair,
-before any side effect, force or not. The primary keeps its files, its postmaster and its writes; the standby is
-left streaming; no slot is created.
+before any side effect, force or not. The primary, once idle, is left byte for byte as it was by the measure of
+every file of its data directory and pg_wal (path, size, mtime) and writes no WAL record of a client's; it still
+takes writes afterwards. The standby is left streaming; no slot is created.
 """
 
 from __future__ import annotations
@@ -19,27 +20,133 @@ pytestmark = [pytest.mark.lab, pytest.mark.airflow]
 DAG_ID = "pgops_standby_rebuild__repl"
 
 
-def _snapshot(data_dir: str) -> dict[str, object]:
-    """What must not change on a node a refused rebuild looked at."""
+# What a refusal may leave changed on the primary: nothing, except what PostgreSQL's own background processes
+# write on an idle server. _settle() waits those out first (VACUUM ANALYZE and VACUUM so no reader sets a hint bit
+# or prunes, CHECKPOINT, then the archive_timeout segment switch, its archiving and the bgwriter's running-xacts
+# record), so in practice the data directory, pg_wal included, is identical file for file (path, size, mtime).
+# The one allowance left: WAL records PostgreSQL writes without any client, and the WAL segment file that holds
+# them. Any other record (a client's write, a slot, a pg_switch_wal) fails the test, and so does any other file.
+BACKGROUND_WAL_RECORDS = {("Standby", "RUNNING_XACTS")}  # the bgwriter's snapshot for hot standby, every 15 s
+# what an idle primary writes after its last real record: the bgwriter's snapshot and archive_timeout's switch
+IDLE_WAL_RECORDS = BACKGROUND_WAL_RECORDS | {("XLOG", "SWITCH")}
+QUIET_ARCHIVE_TIMEOUT_S = 2  # the lab's 60 s would make every settle wait up to a minute for the timeout switch
+
+
+def _files(data_dir: str) -> dict[str, tuple[int, int]]:
+    """Every file under the data directory and under pg_wal (followed if it is a link): {path: (size, mtime_ns)}."""
+    root = Path(data_dir)
+    out: dict[str, tuple[int, int]] = {}
+    for top, prefix in ((root, ""), ((root / "pg_wal").resolve(), "pg_wal/")):
+        for dirpath, dirnames, filenames in os.walk(top):
+            if dirpath == str(root):
+                dirnames[:] = [d for d in dirnames if d != "pg_wal"]  # walked on its own: it may be a link
+            links = [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]  # pg_tblspc entries
+            for name in filenames + links:
+                path = os.path.join(dirpath, name)
+                st = os.lstat(path)
+                out[prefix + os.path.relpath(path, top)] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+def _wal_records(pair, since_lsn: str) -> list[tuple[str, str, str]]:
+    """(start_lsn, resource manager, record type) of every WAL record the primary wrote from since_lsn on."""
+    rows = pair.rl.psql(pair.primary, "SELECT string_agg(start_lsn || ' ' || resource_manager || ' ' || record_type, "
+                                      f"E'\\n' ORDER BY start_lsn) FROM pg_get_wal_records_info_till_end_of_wal("
+                                      f"'{since_lsn}')")
+    return [tuple(line.split(" ", 2)) for line in rows.splitlines() if line]
+
+
+def _state(pair) -> dict[str, object]:
+    """The primary as a refusal must leave it: its files, its WAL insert position, its postmaster."""
+    data = Path(pair.primary.data_dir)
+    return {"files": _files(pair.primary.data_dir), "pid_file": (data / "postmaster.pid").read_bytes(),
+            "wal_lsn": pair.rl.psql(pair.primary, "SELECT pg_current_wal_insert_lsn()")}
+
+
+def _settle(pair, timeout_s: float = 120) -> dict[str, object]:
+    """Let the primary go idle, then return its state: after this PostgreSQL has nothing of its own left to write."""
+    import time
+
+    rl, pg1 = pair.rl, pair.primary
+    dbs = rl.psql(pg1, "SELECT string_agg(datname, ',') FROM pg_database WHERE datallowconn").split(",")
+    for db in dbs:
+        rl.psql(pg1, "VACUUM ANALYZE", db=db)  # autovacuum finds nothing to do during the test
+        rl.psql(pg1, "VACUUM", db=db)  # hint bits on ANALYZE's own new pg_statistic rows: no reader dirties a page
+        rl.psql(pg1, "SELECT 1", db=db)  # a new backend rewrites the relcache init files VACUUM invalidated
+    rl.psql(pg1, "CHECKPOINT")
+    since = rl.psql(pg1, "SELECT checkpoint_lsn FROM pg_control_checkpoint()")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        records = _wal_records(pair, since)
+        # the last record that makes the bgwriter and archive_timeout act again (the CHECKPOINT's at the least)
+        important = [i for i, r in enumerate(records) if (r[1], r[2]) not in IDLE_WAL_RECORDS]
+        kinds = {(r[1], r[2]) for r in records[important[-1] + 1:]} if important else set()
+        # idle: after it the bgwriter logged its snapshot and archive_timeout switched the segment, and the
+        # archiver has nothing left to do
+        ready = list((Path(pg1.data_dir) / "pg_wal" / "archive_status").glob("*.ready"))
+        if kinds == IDLE_WAL_RECORDS and not ready:
+            first = _state(pair)
+            time.sleep(1)
+            second = _state(pair)
+            if first == second:
+                return second
+        if time.monotonic() > deadline:
+            pytest.fail(f"pg1 did not go idle within {timeout_s} s: WAL since {since}: {records[-10:]}, "
+                        f"not archived: {ready}")
+        time.sleep(0.5)
+
+
+def _assert_primary_untouched(pair, before: dict[str, object]) -> None:
+    after = _state(pair)
+    records = _wal_records(pair, before["wal_lsn"]) if after["wal_lsn"] != before["wal_lsn"] else []
+    foreign = [r for r in records if (r[1], r[2]) not in BACKGROUND_WAL_RECORDS]
+    assert not foreign, f"WAL written on pg1 during the refusal (from {before['wal_lsn']}): {foreign}"
+    # the segments that hold only PostgreSQL's own background records may have a new mtime; nothing else may
+    allowed = {"pg_wal/" + pair.rl.psql(pair.primary, f"SELECT pg_walfile_name('{r[0]}')") for r in records}
+    was, now = before["files"], after["files"]
+    created, deleted = set(now) - set(was), set(was) - set(now)
+    changed = {k: (was[k], now[k]) for k in set(was) & set(now) if was[k] != now[k] and k not in allowed}
+    assert not created and not deleted and not changed, (
+        f"pg1's data directory changed during the refusal: created {sorted(created)}, deleted {sorted(deleted)}, "
+        f"changed (size, mtime_ns) {changed}")
+    assert after["pid_file"] == before["pid_file"]
+
+
+def _standby_snapshot(data_dir: str) -> dict[str, object]:
+    """A streaming standby writes on its own all the time: a refusal removes none of its files, keeps its postmaster."""
     root = Path(data_dir)
     files = {str(p.relative_to(root)) for p in root.rglob("*") if "pg_stat_tmp" not in p.parts}
     pid = root / "postmaster.pid"
     return {"files": files, "pid_file": pid.read_bytes(), "pid_mtime": pid.stat().st_mtime_ns}
 
 
-def _assert_untouched(pair, before: dict[str, dict[str, object]]) -> None:
-    rl = pair.rl
-    for node in (pair.primary, pair.standby):
-        now = _snapshot(node.data_dir)
-        was = before[node.name]
-        missing = was["files"] - now["files"]  # a running server adds files (WAL, stats) but a refusal removes none
-        assert not {m for m in missing if not m.startswith(("pg_wal/", "base/pgsql_tmp", "pg_logical/"))}, missing
-        assert now["pid_file"] == was["pid_file"] and now["pid_mtime"] == was["pid_mtime"], node.name
-    # the primary still takes writes, the standby still replays them
-    rl.psql(pair.primary, "CREATE TABLE IF NOT EXISTS guard_probe (id serial PRIMARY KEY, at timestamptz "
-                          "DEFAULT now()); INSERT INTO guard_probe DEFAULT VALUES")
-    assert rl.psql(pair.primary, "SELECT pg_is_in_recovery()") == "f"
-    assert rl.psql(pair.standby, "SELECT pg_is_in_recovery()") == "t"
+def _assert_standby_untouched(pair, was: dict[str, object]) -> None:
+    now = _standby_snapshot(pair.standby.data_dir)
+    missing = was["files"] - now["files"]  # a standby adds files (WAL, stats) on its own but a refusal removes none
+    assert not {m for m in missing if not m.startswith(("pg_wal/", "base/pgsql_tmp", "pg_logical/"))}, missing
+    assert now["pid_file"] == was["pid_file"] and now["pid_mtime"] == was["pid_mtime"]
+
+
+def _assert_still_serving(pair) -> None:
+    """The primary still takes writes and serves them back; the standby still replays them."""
+    import time
+    import uuid
+
+    rl, pg1, pg2 = pair.rl, pair.primary, pair.standby
+    marker = uuid.uuid4().hex
+    rl.psql(pg1, "CREATE TABLE IF NOT EXISTS guard_probe (id serial PRIMARY KEY, marker text NOT NULL, "
+                 "at timestamptz DEFAULT now())")
+    rl.psql(pg1, f"INSERT INTO guard_probe (marker) VALUES ('{marker}')")
+    assert rl.psql(pg1, f"SELECT count(*) FROM guard_probe WHERE marker = '{marker}'") == "1"
+    assert rl.psql(pg1, "SELECT pg_is_in_recovery()") == "f"
+    assert rl.psql(pg2, "SELECT pg_is_in_recovery()") == "t"
+    lsn = rl.psql(pg1, "SELECT pg_current_wal_lsn()")
+    deadline = time.monotonic() + 60
+    while rl.psql(pg2, f"SELECT pg_last_wal_replay_lsn() >= '{lsn}'::pg_lsn") != "t":
+        if time.monotonic() > deadline:
+            pytest.fail(f"pg2 did not replay pg1's write (up to {lsn}) within 60 s")
+        time.sleep(0.3)
+    assert rl.psql(pg2, f"SELECT count(*) FROM guard_probe WHERE marker = '{marker}'") == "1"
 
 
 def _slots(pair) -> str:
@@ -65,20 +172,49 @@ def _refused(run_dag, conf: dict) -> str:
     return dr.get_task_instance("preflight").xcom_pull(task_ids="preflight", key="error")
 
 
+@pytest.fixture(scope="module")
+def quiet_primary(replicated_pair):
+    """pg1 with pg_walinspect (to read what was written) and a short archive_timeout (so it goes idle quickly)."""
+    rl, pg1 = replicated_pair.rl, replicated_pair.primary
+    rl.psql(pg1, "CREATE EXTENSION IF NOT EXISTS pg_walinspect")
+    rl.psql(pg1, f"ALTER SYSTEM SET archive_timeout = '{QUIET_ARCHIVE_TIMEOUT_S}s'")
+    rl.psql(pg1, "SELECT pg_reload_conf()")
+    yield replicated_pair
+    rl.psql(pg1, "ALTER SYSTEM RESET archive_timeout")
+    rl.psql(pg1, "SELECT pg_reload_conf()")
+
+
+class Guard:
+    """The primary's state before a refusal (taken once it is idle), checked again after it."""
+
+    def __init__(self, pair):
+        self.pair = pair
+        self.arm()
+
+    def arm(self) -> None:
+        """Take the "before" state now: a test that changes pg1 itself (a role, a grant) arms again afterwards."""
+        self.primary = _settle(self.pair)
+        self.standby = _standby_snapshot(self.pair.standby.data_dir)
+        self.slots = _slots(self.pair)
+
+    def check(self) -> None:
+        _assert_primary_untouched(self.pair, self.primary)
+        _assert_standby_untouched(self.pair, self.standby)
+        assert _slots(self.pair) == self.slots
+        _assert_still_serving(self.pair)
+
+
 @pytest.fixture
-def guarded(replicated_pair):
-    pair = replicated_pair
-    before = {n.name: _snapshot(n.data_dir) for n in (pair.primary, pair.standby)}
-    slots = _slots(pair)
-    yield pair
-    _assert_untouched(pair, before)
-    assert _slots(pair) == slots
+def guarded(quiet_primary):
+    guard = Guard(quiet_primary)
+    yield guard
+    guard.check()
 
 
 @pytest.mark.parametrize("how", ["primary_path", "doubled_slash", "parent", "symlink"])
 def test_a_target_directory_that_is_the_primarys_is_refused_even_with_force(guarded, run_dag, tmp_path, monkeypatch,
                                                                               db_tmp_path, how):
-    pair = guarded
+    pair = guarded.pair
     pg1_dir = pair.primary.data_dir
     target = {"primary_path": pg1_dir,
               "doubled_slash": pg1_dir.replace("/data", "//data"),
@@ -98,20 +234,27 @@ def test_a_target_directory_that_is_the_primarys_is_refused_even_with_force(guar
     assert ("of pg1" in error or "running PostgreSQL" in error) and "force" not in error.split("Fix")[0], error
 
 
-def test_refused_without_pg_read_all_settings_and_without_the_primarys_dir_in_the_inventory(
-        guarded, run_dag, tmp_path, monkeypatch):
-    """The monitoring role cannot read data_directory and the inventory does not name the primary's: the host's own
-    process table (a postmaster runs in that directory) still refuses it."""
-    pair = guarded
-    rl = pair.rl
-    rl.psql(pair.primary, "DO $$BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'pgops_monitor') THEN "
+@pytest.fixture(scope="module")
+def monitor_role(quiet_primary):
+    """A monitoring login without pg_read_all_settings, made before a guard takes pg1's "before" state."""
+    quiet_primary.rl.psql(quiet_primary.primary,
+                          "DO $$BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'pgops_monitor') THEN "
                           "CREATE ROLE pgops_monitor LOGIN PASSWORD 'monitor-pw'; END IF; END$$; "
                           "GRANT pg_read_all_stats TO pgops_monitor; "
                           "GRANT EXECUTE ON FUNCTION pg_control_system(), pg_control_checkpoint() TO pgops_monitor; "
                           "GRANT USAGE ON SCHEMA repmgr TO pgops_monitor; "
                           "GRANT SELECT ON ALL TABLES IN SCHEMA repmgr TO pgops_monitor")
+    return "pgops_monitor"
+
+
+def test_refused_without_pg_read_all_settings_and_without_the_primarys_dir_in_the_inventory(
+        monitor_role, guarded, run_dag, tmp_path, monkeypatch):
+    """The monitoring role cannot read data_directory and the inventory does not name the primary's: the host's own
+    process table (a postmaster runs in that directory) still refuses it."""
+    pair = guarded.pair
+    rl = pair.rl
     conn = rl.connection(pair.primary)
-    monkeypatch.setenv("AIRFLOW_CONN_PGOPS_REPL_PG1", json.dumps({**conn, "login": "pgops_monitor",
+    monkeypatch.setenv("AIRFLOW_CONN_PGOPS_REPL_PG1", json.dumps({**conn, "login": monitor_role,
                                                                     "password": "monitor-pw"}))
     from pgops import replication as R
     from pgops.hooks import pg_query
@@ -129,7 +272,7 @@ def test_refused_without_pg_read_all_settings_and_without_the_primarys_dir_in_th
 def test_the_old_primary_running_writable_is_refused_even_with_force(guarded, run_dag):
     """A node that answers as a primary is never stopped by a rebuild: the connection says so, and so does
     pg_controldata on its host."""
-    pair = guarded
+    pair = guarded.pair
     from pgops.dbhost import DbHost
 
     cluster = pair.cluster()
@@ -145,7 +288,7 @@ def test_hostile_params_are_refused_by_the_form_and_at_run_time(guarded, run_dag
 
     from pgops.operators.standby import StandbyPreflightOperator, StandbyRestoreOperator
 
-    pair = guarded
+    pair = guarded.pair
     dag = load_dag(DAG_ID)
     hostile = [{"data_directory": pair.standby.data_dir.replace("/data", "//data")},
                {"data_directory": str(Path(pair.standby.data_dir).parent)},
