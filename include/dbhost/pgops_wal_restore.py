@@ -17,9 +17,13 @@ fetched and nobody took.
 Correctness:
 - a segment appears in the spool only complete: downloaded and decompressed to a hidden temporary file,
   fsynced, then renamed;
-- anything else (a history file, a partial segment, a segment the bucket does not have, a download error,
-  no prefetcher) goes to barman-cloud-wal-restore itself with the given arguments: its answer and exit
-  status are what PostgreSQL gets, exactly as without this wrapper.
+- a timeline history file is fetched by the prefetcher too (recovery asks for the next timeline's at its start
+  and at its end, and a barman-cloud-wal-restore start for each cost a second); when a listing made after the
+  call asked has no such file (barman's own test: the name under wals/, compression suffix aside), the call
+  exits 1 as barman-cloud-wal-restore does for a file that does not exist;
+- anything else (a partial segment, a segment the bucket does not have, a download error, no prefetcher)
+  goes to barman-cloud-wal-restore itself with the given arguments: its answer and exit status are what
+  PostgreSQL gets, exactly as without this wrapper.
 Standard library only in the calling process; the prefetcher needs the DB-host venv's python (barman
 importable), as barman-cloud-wal-restore does.
 """
@@ -38,6 +42,7 @@ from pathlib import Path
 from pgops_spool import SpoolOwner, held_by_someone
 
 SEGMENT_RE = re.compile(r"^[0-9A-F]{24}$")
+HISTORY_RE = re.compile(r"^[0-9A-F]{8}\.history$")
 LOCK = ".prefetcher.lock"
 PID = ".prefetcher.pid"
 LOG = ".prefetcher.log"
@@ -115,16 +120,18 @@ def main(argv: list[str] | None = None) -> int:
         return Prefetcher(opts, command, spool).run()
     if opts.start:
         return _warm_start(opts, command, spool)
-    if opts.parallel < 1 or not SEGMENT_RE.match(wal_name):
+    history = bool(HISTORY_RE.match(wal_name))
+    if opts.parallel < 1 or not (SEGMENT_RE.match(wal_name) or history):
         _fallback(command, wal_name, wal_dest)
+    ready, missing, absent = spool / wal_name, spool / f"{wal_name}.missing", spool / f"{wal_name}.absent"
     try:
-        (spool / f"{wal_name}.missing").unlink(missing_ok=True)  # before asking: the answer must be this call's
+        for answer in (missing, absent):  # before asking: the answer must be this call's
+            answer.unlink(missing_ok=True)
         _ask(spool, wal_name, argv)
     except OSError as exc:
         print(f"pgops_wal_restore: no prefetcher ({exc}); asking barman-cloud-wal-restore", file=sys.stderr)
         _fallback(command, wal_name, wal_dest)
     deadline = time.monotonic() + opts.wait_s
-    ready, missing = spool / wal_name, spool / f"{wal_name}.missing"
     checked = 0.0
     while time.monotonic() < deadline:
         if ready.exists():
@@ -134,6 +141,12 @@ def main(argv: list[str] | None = None) -> int:
             except OSError as exc:
                 print(f"pgops_wal_restore: moving {ready} to {wal_dest} failed: {exc}", file=sys.stderr)
                 break
+        if history and absent.exists():
+            # A listing made after this call asked, with barman's own test (the name under wals/, compression
+            # suffix aside), found none: barman-cloud-wal-restore's answer, without its start. Recovery asks for
+            # the next timeline's history at its start and again when it ends; mostly it does not exist.
+            print(f"pgops_wal_restore: WAL file {wal_name} does not exist in the archive", file=sys.stderr)
+            return 1
         if missing.exists():
             break  # not in the bucket (yet): barman-cloud-wal-restore gives PostgreSQL the authoritative answer
         if time.monotonic() - checked > 1:
@@ -218,7 +231,16 @@ class Prefetcher:
                         stamp = (self.spool / WANTED).stat().st_mtime_ns
                     except OSError:
                         wanted, stamp = "", None
-                    if (wanted, stamp) != wanted_seen and SEGMENT_RE.match(wanted):
+                    if (wanted, stamp) != wanted_seen and HISTORY_RE.match(wanted):
+                        wanted_seen, activity = (wanted, stamp), True
+                        if wanted not in self.inflight and not (self.spool / wanted).exists():
+                            key = self._history_key(wanted)
+                            if key is None:
+                                _write_atomic(self.spool / f"{wanted}.absent", "")
+                            else:
+                                self.fetched.discard(wanted)
+                                self.inflight[wanted] = pool.submit(self._download, wanted, key)
+                    elif (wanted, stamp) != wanted_seen and SEGMENT_RE.match(wanted):
                         # asked for by PostgreSQL: needed now, so everything before it was taken
                         wanted_seen, activity = (wanted, stamp), True
                         self._advance(wanted, asked=True)
@@ -232,7 +254,8 @@ class Prefetcher:
                                 self.inflight[wanted] = pool.submit(self._download, wanted, key)
                     for name in [n for n in self.fetched if not (self.spool / n).exists()]:
                         self.fetched.discard(name)  # taken by PostgreSQL
-                        self._advance(name)
+                        if SEGMENT_RE.match(name):
+                            self._advance(name)
                         activity = True
                     for name, fut in list(self.inflight.items()):
                         if fut.done():
@@ -288,6 +311,18 @@ class Prefetcher:
             self.listed[directory] = (time.monotonic(), keys)
         return keys
 
+    def _history_key(self, name: str) -> str | None:
+        """The key of a timeline history file, from a listing made now (history files sit in wals/ itself)."""
+        for key in self.interface.list_bucket(self.wals + name):
+            base = os.path.basename(key)
+            for ext in self.compressions:
+                if base.endswith(ext):
+                    base = base[:-len(ext)]
+                    break
+            if base == name:
+                return key
+        return None
+
     def _key(self, name: str, fresh: bool) -> str | None:
         return self._dir_keys(name[:16], fresh).get(name)
 
@@ -327,7 +362,7 @@ class Prefetcher:
             (self.spool / name).unlink(missing_ok=True)
         try:
             for entry in os.listdir(self.spool):
-                if entry.startswith(TMP_PREFIX) or entry.endswith(".missing"):
+                if entry.startswith(TMP_PREFIX) or entry.endswith((".missing", ".absent")):
                     (self.spool / entry).unlink(missing_ok=True)
         except OSError:
             pass

@@ -1,6 +1,7 @@
 """include/dbhost/pgops_wal_restore.py on the real lab S3 with barman's own code: segments come out of the
 spool ahead of PostgreSQL's calls, whole and in order; whatever the prefetcher cannot deliver (not in the
-bucket, a broken object, a history file) gets barman-cloud-wal-restore's own answer; it stops when its spool goes."""
+bucket, a broken object) gets barman-cloud-wal-restore's own answer; timeline history files come from the
+prefetcher, a missing one answered from a fresh listing; it stops when its spool goes."""
 
 from __future__ import annotations
 
@@ -120,10 +121,15 @@ def test_segments_come_from_the_spool_whole_and_in_order(restore, archive):
     res, _ = run("000000010000000100000010")
     assert res.returncode != 0 and "does not exist" in res.stderr
 
-    # a history file goes to barman-cloud-wal-restore directly
-    res, body = run("00000002.history")
+    # a history file comes from the prefetcher too (barman's bucket is unreachable for this call)
+    res, body = run("00000002.history", endpoint=dead)
     assert res.returncode == 0, res.stderr
     assert body.startswith(b"1\t1/2000000")
+    # a history file the archive does not have: exit 1, as barman-cloud-wal-restore's "does not exist" (with the
+    # unreachable bucket barman itself would have failed otherwise, with exit 4)
+    res, body = run("00000003.history", endpoint=dead)
+    assert res.returncode == 1 and "does not exist" in res.stderr and body is None
+    assert not (spool / "00000003.history").exists()
 
     # a new timeline: the prefetcher follows it
     res, body = run(TL2[0])
