@@ -42,6 +42,32 @@ def _streaming(pair, primary, standby) -> bool:
                                  f"'{standby.name}' AND state = 'streaming'") == "1"
 
 
+# In the worker's environment during the rebuild; none may reach the standby's postmaster (a superuser reads its
+# environment with pg_read_file('/proc/self/environ')).
+WORKER_SECRETS = {"AIRFLOW__CORE__FERNET_KEY": "fernet-secret-2c8e", "AIRFLOW__API_AUTH__JWT_SECRET": "jwt-secret-6a1f",
+                  "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": "postgresql://airflow:db-secret-93b0@db/airflow",
+                  "AIRFLOW_CONN_SOMETHING_ELSE": "postgres://u:conn-secret-47d5@h/db",
+                  "PGOPS_UNRELATED": "pgops-unrelated-0e9c"}
+# What a postmaster pgops starts may hold: PATH, the locale, the user's HOME and login names, what PostgreSQL sets
+# itself, and the AWS credentials its restore_command needs.
+POSTMASTER_ENV = {"PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "TZ", "PGDATA", "PG_GRANDPARENT_PID",
+                  "PGSYSCONFDIR", "PGLOCALEDIR", "PWD", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                  "AWS_DEFAULT_REGION", "AWS_CA_BUNDLE", "MAIL", "TERM", "XDG_SESSION_ID", "XDG_RUNTIME_DIR"}
+
+
+def _assert_no_worker_secrets(pid: int, aws_env: dict[str, str]) -> None:
+    """/proc/<postmaster>/environ (read as root) holds no AIRFLOW*/PGOPS* variable, none of the worker's secrets, and
+    of AWS exactly the engine connection's credentials (``aws_env``)."""
+    with open(f"/proc/{pid}/environ", "rb") as fh:
+        env = dict(item.split("=", 1) for item in fh.read().decode().split("\0") if "=" in item)
+    assert not [k for k in env if k.startswith(("AIRFLOW", "PGOPS"))], sorted(env)
+    text = "\0".join(f"{k}={v}" for k, v in env.items())
+    assert not [v for v in WORKER_SECRETS.values() if v in text]
+    assert env.get("PATH") and env.get("AWS_ACCESS_KEY_ID")  # what restore_command needs is there
+    assert {k: v for k, v in env.items() if k.startswith("AWS_")} == aws_env
+    assert set(env) <= POSTMASTER_ENV | {k for k in env if k.startswith("LC_")}, sorted(env)
+
+
 @pytest.fixture(scope="module")
 def backup(replicated_pair):
     """Some data on pg1, one base backup of it, its WAL archived."""
@@ -101,7 +127,8 @@ def test_stopped_standby_shows_lag_and_inactive_slot_then_critical(replicated_pa
     assert problems == {}, problems
 
 
-def test_failover_is_found_and_the_old_primary_is_rebuilt_from_the_backup(replicated_pair, backup, run_dag):
+def test_failover_is_found_and_the_old_primary_is_rebuilt_from_the_backup(replicated_pair, backup, run_dag,
+                                                                          monkeypatch):
     pair = replicated_pair
     rl, pg1, pg2 = pair.rl, pair.primary, pair.standby
     rl.psql(pg1, "INSERT INTO repl_data SELECT g, 'before failover' FROM generate_series(20001, 21000) g")
@@ -141,7 +168,10 @@ def test_failover_is_found_and_the_old_primary_is_rebuilt_from_the_backup(replic
     error = dr.get_task_instance("preflight").xcom_pull(task_ids="preflight", key="error")
     assert "is not empty (it was a primary" in error and "force=true" in error, error
 
-    # Rebuild the old primary in its own data directory as a standby of pg2 from the backup (timeline 1 → 2).
+    # Rebuild the old primary in its own data directory as a standby of pg2 from the backup (timeline 1 → 2), from
+    # a worker whose environment holds Airflow's secrets: the standby it starts must not inherit them.
+    for key, value in WORKER_SECRETS.items():
+        monkeypatch.setenv(key, value)
     dr = run_dag(load_dag(DAG_ID), {"target": "pg1", "force": True, "socket_dir": pg1.socket_dir,
                                     "skip_approval": True})
     states = task_states(dr)
@@ -153,6 +183,10 @@ def test_failover_is_found_and_the_old_primary_is_rebuilt_from_the_backup(replic
     assert dr.get_task_instance("restore").xcom_pull(task_ids="restore")["slot_created"] is True  # after approval
     rl.refresh(pg1)
     try:
+        assert dr.get_task_instance("restore").xcom_pull(task_ids="restore")["pid"] == pg1.pid
+        from pgops.hooks import aws_child_env
+
+        _assert_no_worker_secrets(pg1.pid, aws_child_env(pair.cluster().engine_aws_conn_id))
         assert rl.psql(pg1, "SELECT pg_is_in_recovery()") == "t"
         _wait_for("pg1 streams from pg2", lambda: _streaming(pair, pg2, pg1))
         nodes = {n["node_name"]: n for n in rl.repmgr_nodes(pg2)}
