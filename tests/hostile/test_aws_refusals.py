@@ -70,8 +70,13 @@ def test_kms_preflight_refuses_keys_the_target_account_cannot_use(moto, run_dag,
 
 
 def test_a_retried_create_volume_sends_the_same_client_token_and_makes_one_volume(moto, monkeypatch):
-    """The first try's CreateVolume went through; the retry finds it (tags) or EC2 answers the same volume (token)."""
+    """The first try's CreateVolume went through; the retry finds it (tags) or EC2 answers the same volume (token).
+
+    moto 5.2.5 ignores ClientToken on CreateVolume (the same token twice makes two volumes), so for the retry that
+    cannot see the first volume's tags, CreateVolume answers here as EC2 documents it: a repeated token with the same
+    parameters returns the first call's volume, with other parameters IdempotentParameterMismatch."""
     import botocore.client
+    from botocore.exceptions import ClientError
 
     from pgops.operators.ebs import EbsCreateVolumeOperator
 
@@ -80,25 +85,47 @@ def test_a_retried_create_volume_sends_the_same_client_token_and_makes_one_volum
     vol = ec2.create_volume(Size=8, AvailabilityZone=f"{TARGET_REGION}a")["VolumeId"]
     snap = ec2.create_snapshot(VolumeId=vol)["SnapshotId"]
     sent: list[dict] = []
+    answered: dict[str, tuple[dict, dict]] = {}  # token -> (the first call's parameters, its response)
     original = botocore.client.BaseClient._make_api_call
 
-    def observe(self, operation_name, api_params):  # records what the real call carries, then makes it
-        if operation_name == "CreateVolume":
-            sent.append(dict(api_params))
-        return original(self, operation_name, api_params)
+    def ec2_idempotent(self, operation_name, api_params):  # records what the real call carries, then makes it
+        if operation_name != "CreateVolume":
+            return original(self, operation_name, api_params)
+        sent.append(dict(api_params))
+        token = api_params.get("ClientToken")
+        if token in answered:
+            first_params, response = answered[token]
+            if first_params != api_params:
+                raise ClientError({"Error": {"Code": "IdempotentParameterMismatch", "Message": token}}, operation_name)
+            return response
+        response = original(self, operation_name, api_params)
+        if token:
+            answered[token] = (dict(api_params), response)
+        return response
 
-    monkeypatch.setattr(botocore.client.BaseClient, "_make_api_call", observe)
+    def volumes_from_snapshot() -> list[str]:
+        return sorted(v["VolumeId"] for v in ec2.describe_volumes(
+            Filters=[{"Name": "snapshot-id", "Values": [snap]}])["Volumes"])
+
+    monkeypatch.setattr(botocore.client.BaseClient, "_make_api_call", ec2_idempotent)
     op = EbsCreateVolumeOperator(task_id="create_volume", aws_conn_id=lab.cluster.aws_conn_id,
                                  snapshot_ids={"vol-src": snap}, region=TARGET_REGION,
                                  availability_zone=f"{TARGET_REGION}b")
     context = {"run_id": "retry-volume", "ti": type("TI", (), {"dag_id": "pgops_test"})()}
     first = op.execute(context)
-    # the retry of a try whose volume is not (yet) listed: remove our tag, so only the token can prevent a duplicate
+    created = first["volumes"]["vol-src"]
     tokens = [c["ClientToken"] for c in sent]
     assert len(tokens) == 1 and 0 < len(tokens[0]) <= 64
-    second = op.execute(context)
+    assert volumes_from_snapshot() == [created]
+
+    second = op.execute(context)  # a retry that sees the first volume's tags
     assert second["volumes"] == first["volumes"]
     assert len(sent) == 1  # found by its tags: no second CreateVolume at all
-    ec2.delete_tags(Resources=list(first["volumes"].values()), Tags=[{"Key": "pgops:migration-id"}])
-    op.execute(context)
-    assert [c["ClientToken"] for c in sent] == [tokens[0], tokens[0]]  # the same token, so EC2 returns the same volume
+    assert volumes_from_snapshot() == [created]  # moto itself holds one volume: the product's lookup found it
+
+    # a retry whose first volume is not (yet) listed under our tag: only the token can prevent a duplicate
+    ec2.delete_tags(Resources=[created], Tags=[{"Key": "pgops:migration-id"}])
+    third = op.execute(context)
+    assert len(sent) == 2 and sent[1] == sent[0]  # the same token and the same parameters: EC2 returns the volume
+    assert third["volumes"] == first["volumes"]
+    assert volumes_from_snapshot() == [created]

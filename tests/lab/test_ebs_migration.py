@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -235,6 +236,13 @@ def _postmaster(lab) -> tuple[int | None, str | None]:
         return None, None
 
 
+def _environ(pid: int) -> tuple[dict[str, str], bytes]:
+    """/proc/<pid>/environ of a process (read as root: the postmaster runs as postgres), parsed and raw."""
+    with open(f"/proc/{pid}/environ", "rb") as fh:
+        raw = fh.read()
+    return dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item), raw
+
+
 def _wait_up(lab, within_s: float) -> tuple[int, str]:
     deadline = time.monotonic() + within_s
     while time.monotonic() < deadline:
@@ -295,6 +303,13 @@ def test_stop_writes_whole_dag_from_an_instance_shared_and_cleaned_up(stoppable_
         Description="pgops migration", Policy=json.dumps(key_policy))["KeyMetadata"]["Arn"]
 
     pid_before, started_before = _postmaster(lab)
+    env_before, _raw = _environ(pid_before)
+    # The worker holds secrets the restarted server must not get (any superuser reads /proc/self/environ).
+    # (a valid Fernet key: the run's deferrals encrypt their trigger kwargs with it)
+    sentinels = {"AIRFLOW__CORE__FERNET_KEY": base64.urlsafe_b64encode(b"sentinel-fernet-key-" + os.urandom(12)).decode(),
+                 "DB_ADMIN_PASSWORD": f"sentinel-db-admin-{os.urandom(6).hex()}"}
+    for name, value in sentinels.items():
+        monkeypatch.setenv(name, value)
     seen_at_final: list[tuple] = []
     original = EbsEc2Hook.create_round_snapshots
 
@@ -316,6 +331,15 @@ def test_stop_writes_whole_dag_from_an_instance_shared_and_cleaned_up(stoppable_
     pid_after, started_after = _wait_up(lab, 30)
     assert pid_after != pid_before and started_after != started_before
     assert _canary(lab) == "before the stop"
+    # Restarted with the environment it ran with (read from /proc before the stop), none of the worker's.
+    env_after, raw_after = _environ(pid_after)
+    assert not [k for k in env_after if k.startswith("AIRFLOW")], sorted(env_after)
+    assert not [v for v in sentinels.values() if v.encode() in raw_after] and "DB_ADMIN_PASSWORD" not in env_after
+    assert env_before and not [k for k in env_before if k.startswith("AIRFLOW")], sorted(env_before)
+    assert set(env_after) == set(env_before), (sorted(env_before), sorted(env_after))
+    per_start = {"PG_GRANDPARENT_PID", "PWD"}  # pg_ctl's own pid and its shell's cwd: new at every start
+    assert {k: v for k, v in env_after.items() if k not in per_start} == {
+        k: v for k, v in env_before.items() if k not in per_start}
     cutover = dr.get_task_instance("cutover").xcom_pull(task_ids="cutover")
     stop = cutover["stop"]
     assert cutover["mode"] == "stop-writes" and stop["restarted_by"] == "task" and 0 < stop["down_s"] < 120
