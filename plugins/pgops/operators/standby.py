@@ -229,24 +229,26 @@ class StandbyPreflightOperator(StandbyStepOperator):
                 f"{primary_name} is on {repl_core.node_timeline(prow)}): it is not stopped or replaced by a rebuild, "
                 "force or not. Fix: fence it (stop PostgreSQL there, e.g. pg_ctl -D <data_directory> -m fast stop, "
                 "or stop its instance), save what you need, then run again with force=true")
+        sysid = str(prow.get("system_identifier") or "")
         host = self.dbhost(cluster, node)
         real = host.realpath(data_dir)
         self._refuse_other_nodes_dirs(cluster, repl, node, host, real, obs.nodes)
+        target = self._refuse_unsafe_contents(node, host, data_dir, real, sysid, force)
+        running, non_empty = target["running"], target["non_empty"]
+        paths = standby_paths(data_dir, node.name)
         try:
             backup = core.choose_backup(self.catalog(cluster), str(self.backup or "latest"))
         except core.RestorePlanError as exc:
             raise AirflowFailException(f"cluster {cluster.name!r}: {exc}") from None
-        sysid = str(prow.get("system_identifier") or "")
         if backup.systemid and sysid and str(backup.systemid) != sysid:
             raise AirflowFailException(f"backup {backup.backup_id} has system identifier {backup.systemid} but the "
                                        f"primary {primary_name} has {sysid}: it is another cluster's backup. Fix: "
                                        "check storage in the inventory")
         # The cluster's identity: the primary's answer, else (a role that may not call pg_control_system()) the
-        # backup's own, which the restore brings; unknown only when neither says it.
+        # backup's own, which the restore brings; a cluster in the target must be proven to be this one.
         sysid = sysid or str(backup.systemid or "")
-        target = self._refuse_unsafe_contents(node, host, data_dir, real, sysid, force)
-        running, non_empty = target["running"], target["non_empty"]
-        paths = standby_paths(data_dir, node.name)
+        _refuse_unproven_identity(host, real, target["system_identifier"], sysid, has_control=target["has_control"],
+                                  what=f"data_directory of {node.name}")
         existing, avail = host.free_bytes(posixpath.dirname(real))
         reclaim = host.used_bytes(real) if non_empty else 0
         needed = int(self.required_bytes or 0) or core.required_bytes(backup.cluster_size_bytes)
@@ -341,7 +343,9 @@ class StandbyPreflightOperator(StandbyStepOperator):
         control = host.controldata(real)
         state = control.get("Database cluster state", "")
         their = control.get("Database system identifier", "")
-        _refuse_unproven_identity(host, real, their, sysid, what=f"data_directory of {node.name}")
+        has_control = host.exists(posixpath.join(real, "global", "pg_control"))
+        if has_control and not their:
+            _refuse_unproven_identity(host, real, their, sysid, has_control=True, what=f"data_directory of {node.name}")
         if their and sysid and their != sysid:
             raise AirflowFailException(
                 f"REFUSED: {real} on {host.where} holds a PostgreSQL cluster with system identifier {their}, not "
@@ -363,14 +367,15 @@ class StandbyPreflightOperator(StandbyStepOperator):
             raise AirflowFailException(f"data directory {data_dir} of {node.name} is not empty{was}. Fix: run again "
                                        "with force=true to replace its contents")
         return {"running": pm.running, "non_empty": non_empty, "pid": pm.pid if pm.running else None,
-                "state": state, "system_identifier": their}
+                "state": state, "system_identifier": their, "has_control": has_control}
 
 
-def _refuse_unproven_identity(host: DbHost, real: str, their: str, sysid: str, *, what: str) -> None:
-    """Fail closed: a directory holding a PostgreSQL cluster (global/pg_control) is replaced only when its system
-    identifier was read and the cluster's own is known (then the caller compares them). A partial restore of an
-    earlier rebuild has no pg_control and stays replaceable with force."""
-    if not host.exists(posixpath.join(real, "global", "pg_control")):
+def _refuse_unproven_identity(host: DbHost, real: str, their: str, sysid: str, *, has_control: bool,
+                              what: str) -> None:
+    """Fail closed: a directory holding a PostgreSQL cluster (``has_control``: global/pg_control is there) is
+    replaced only when its system identifier ``their`` was read and equals the cluster's own ``sysid``, which
+    must be known. A partial restore of an earlier rebuild has no pg_control and stays replaceable with force."""
+    if not has_control:
         return
     if not their:
         raise AirflowFailException(
@@ -384,6 +389,10 @@ def _refuse_unproven_identity(host: DbHost, real: str, their: str, sysid: str, *
             "cluster's own is unknown (the primary did not give it and the backup does not name one), so it cannot "
             "be proven to be this cluster's; nothing is stopped or removed, force or not. Fix: let the monitoring "
             "role call pg_control_system() (GRANT EXECUTE ON FUNCTION pg_control_system() TO <role>)")
+    if their != sysid:
+        raise AirflowFailException(
+            f"REFUSED: {real} on {host.where} holds a PostgreSQL cluster with system identifier {their}, not "
+            f"{sysid} (this cluster's): it is another cluster's data, force or not. Fix: check the inventory's {what}")
 
 
 class StandbyRestoreOperator(StandbyStepOperator):
@@ -488,6 +497,7 @@ class StandbyRestoreOperator(StandbyStepOperator):
                                        f"{plan['data_realpath']} as in the preflight; nothing was changed")
         their = host.controldata(data).get("Database system identifier", "")
         _refuse_unproven_identity(host, data, their, str(plan.get("system_identifier") or ""),
+                                  has_control=host.exists(posixpath.join(data, "global", "pg_control")),
                                   what=f"data_directory of {plan['node']}")
         if their and plan.get("system_identifier") and their != plan["system_identifier"]:
             raise AirflowFailException(f"REFUSED: {data} on {host.where} now holds system identifier {their}, not "
