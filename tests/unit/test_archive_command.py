@@ -4,26 +4,13 @@ engine.wal_archive_parallel is; at 1 each call archives its own file, in its own
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from helpers import REPO
 
 from pgops.engines import barman_cloud
 from pgops.inventory import load_inventory
-
-
-@pytest.fixture(scope="module")
-def wrapper():
-    """include/dbhost/pgops_wal_archive.py as the DB host imports it (its directory first on sys.path)."""
-    sys.path.insert(0, str(REPO / "include" / "dbhost"))
-    try:
-        yield importlib.import_module("pgops_wal_archive")
-    finally:
-        sys.path.remove(str(REPO / "include" / "dbhost"))
 
 
 def _cluster(parallel: int):

@@ -4,8 +4,6 @@ segment's own key only, and the archive wrapper's records name the destination t
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import sys
 
 import pytest
 from helpers import REPO
@@ -14,16 +12,6 @@ from pgops.engines import barman_cloud
 from pgops.inventory import load_inventory
 from pgops.operators.backup import backup_name_for_run, is_own_backup_name, next_attempt_name
 from pgops.triggers.s3 import is_segment_key
-
-
-@pytest.fixture(scope="module")
-def wrapper():
-    """include/dbhost/pgops_wal_archive.py as the DB host imports it (its directory first on sys.path)."""
-    sys.path.insert(0, str(REPO / "include" / "dbhost"))
-    try:
-        yield importlib.import_module("pgops_wal_archive")
-    finally:
-        sys.path.remove(str(REPO / "include" / "dbhost"))
 
 
 def test_runs_sharing_a_beginning_get_names_of_their_own():
