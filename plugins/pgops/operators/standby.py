@@ -499,9 +499,6 @@ class StandbyRestoreOperator(StandbyStepOperator):
         _refuse_unproven_identity(host, data, their, str(plan.get("system_identifier") or ""),
                                   has_control=host.exists(posixpath.join(data, "global", "pg_control")),
                                   what=f"data_directory of {plan['node']}")
-        if their and plan.get("system_identifier") and their != plan["system_identifier"]:
-            raise AirflowFailException(f"REFUSED: {data} on {host.where} now holds system identifier {their}, not "
-                                       f"{plan['system_identifier']}; nothing was changed")
         if plan["was_running"] or plan["was_non_empty"] or not host.is_empty_dir(data):
             if not plan.get("force"):
                 raise AirflowFailException(f"data directory {data} of {plan['node']} is not empty any more. Fix: run "
