@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import threading
@@ -30,6 +31,8 @@ log = logging.getLogger(__name__)
 # names (AWS credentials for barman-cloud, PGPASSWORD ...). Never the worker's own environment: in a
 # deployment that holds Airflow's Fernet key, JWT secret and database URLs, and a PostgreSQL started with it
 # would hand them to any superuser through pg_read_file('/proc/self/environ').
+# A server that pgops starts again (the stop-writes restart) is the exception: it gets exactly the environment it
+# ran with before (exact_env=True), nothing of this one added, not even the locale.
 CHILD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _PASSED_THROUGH = ("LANG", "LANGUAGE", "TZ")
 
@@ -84,8 +87,13 @@ class Runner:
     """Base class: run an argv list on the DB host."""
 
     def run(self, argv: Sequence[str], *, env: dict[str, str] | None = None, timeout_s: float = 3600,
-            capture: bool = False, check: bool = True, on_line: Callable[[str], None] | None = None) -> CommandResult:
-        """Run argv with exactly ``env`` (plus PATH and the locale: child_env) on the DB host."""
+            capture: bool = False, check: bool = True, on_line: Callable[[str], None] | None = None,
+            exact_env: bool = False) -> CommandResult:
+        """Run argv with exactly ``env`` (plus PATH and the locale: child_env) on the DB host.
+
+        exact_env=True: ``env`` is the whole environment, with nothing added (no PATH, locale or HOME of ours; a
+        user switch keeps it as it is): what a restarted server must get, the environment it ran with before.
+        """
         raise NotImplementedError
 
     def kill(self) -> None:
@@ -98,16 +106,21 @@ class LocalRunner(Runner):
         self._proc: subprocess.Popen | None = None
         self._lock = threading.Lock()
 
-    def _argv(self, argv: Sequence[str]) -> list[str]:
+    def _argv(self, argv: Sequence[str], *, exact_env: bool = False) -> list[str]:
         argv = [str(a) for a in argv]
         if self.run_as and os.geteuid() == 0 and _current_user() != self.run_as:
-            # runuser passes our environment through (secrets stay out of argv) and sets HOME to the user's own.
-            return ["runuser", "-u", self.run_as, "--", *argv]
+            # runuser passes our environment through (secrets stay out of argv) and sets HOME to the user's own;
+            # with -m it sets nothing (an exact environment stays exact). Found on our PATH, not on the child's.
+            runuser = shutil.which("runuser", path=CHILD_PATH) or "runuser"
+            return [runuser, "-u", self.run_as, *(["-m"] if exact_env else []), "--", *argv]
         return argv
 
-    def run(self, argv, *, env=None, timeout_s=3600, capture=False, check=True, on_line=None) -> CommandResult:
-        cmd = self._argv(argv)
-        full_env = child_env(env, user=self.run_as if cmd[:1] == ["runuser"] else _current_user())
+    def run(self, argv, *, env=None, timeout_s=3600, capture=False, check=True, on_line=None,
+            exact_env=False) -> CommandResult:
+        cmd = self._argv(argv, exact_env=exact_env)
+        switched = len(cmd) > len(argv)  # runuser in front
+        full_env = ({k: str(v) for k, v in (env or {}).items()} if exact_env
+                    else child_env(env, user=self.run_as if switched else _current_user()))
         log.info("running: %s", _shown(argv))
         started = time.monotonic()
         tail: deque[str] = deque(maxlen=40)
@@ -229,13 +242,15 @@ PID_MARKER = "pgops-remote-pid "
 KILL_GRACE_S = 10
 # Runs on the DB host: environment from stdin (never argv: the remote process list is public), then
 # `timeout` (which makes its own process group, pgid = $$) so the timeout and a kill reach the whole tree.
-REMOTE_SCRIPT = (
-    'while IFS= read -r line; do [ -z "$line" ] && break; export "$line"; done; '
-    'cd / || exit 125; '
-    'printf "%s%s\\n" "' + PID_MARKER + '" "$$"; '
-    'secs=$1; shift; '
-    'exec timeout --kill-after=' + str(KILL_GRACE_S) + ' "$secs" "$@" </dev/null'
-)
+_READ_ENV = 'while IFS= read -r line; do [ -z "$line" ] && break; export "$line"; done; '
+_EXEC = ('printf "%s%s\\n" "' + PID_MARKER + '" "$$"; '
+         'secs=$1; shift; '
+         'exec timeout --kill-after=' + str(KILL_GRACE_S) + ' "$secs" "$@" </dev/null')
+REMOTE_SCRIPT = _READ_ENV + 'cd / || exit 125; ' + _EXEC
+# exact_env: started by `env -i`, the script leaves for / before it reads the environment and drops the shell's own
+# PWD/OLDPWD, so the command gets the given environment and nothing else (no variable of the login session; no PATH
+# unless given: the shell's default search path finds timeout).
+REMOTE_SCRIPT_EXACT = 'cd / || exit 125; unset OLDPWD PWD; ' + _READ_ENV + _EXEC
 
 
 class SshRunner(Runner):
@@ -302,12 +317,15 @@ class SshRunner(Runner):
                                     "Fix: check that sshd runs there and the worker can reach the port") from None
 
     # -- running ---------------------------------------------------------------------------------------------
-    def remote_command(self, argv: Sequence[str], timeout_s: float) -> str:
-        """The command line sshd hands to the login shell: every word quoted by shlex.join."""
+    def remote_command(self, argv: Sequence[str], timeout_s: float, *, exact_env: bool = False) -> str:
+        """The command line sshd hands to the login shell: every word quoted by shlex.join. exact_env: the script
+        starts from an empty environment (env -i), so the login session's variables do not reach the command."""
         secs = max(1, int(round(timeout_s)))
-        return shlex.join(["sh", "-c", REMOTE_SCRIPT, "pgops-runner", f"{secs}s", *map(str, argv)])
+        head = ["env", "-i", "sh", "-c", REMOTE_SCRIPT_EXACT] if exact_env else ["sh", "-c", REMOTE_SCRIPT]
+        return shlex.join([*head, "pgops-runner", f"{secs}s", *map(str, argv)])
 
-    def run(self, argv, *, env=None, timeout_s=3600, capture=False, check=True, on_line=None) -> CommandResult:
+    def run(self, argv, *, env=None, timeout_s=3600, capture=False, check=True, on_line=None,
+            exact_env=False) -> CommandResult:
         argv = [str(a) for a in argv]
         env_block = _env_block(env or {})
         emit = on_line or log.info
@@ -323,7 +341,7 @@ class SshRunner(Runner):
             chan = client.get_transport().open_session(timeout=self.connect_timeout_s)
             if not capture:
                 chan.set_combine_stderr(True)
-            chan.exec_command(self.remote_command(argv, timeout_s))
+            chan.exec_command(self.remote_command(argv, timeout_s, exact_env=exact_env))
             chan.sendall(env_block)
             chan.shutdown_write()
             with self._lock:

@@ -310,6 +310,12 @@ def test_stop_writes_whole_dag_from_an_instance_shared_and_cleaned_up(stoppable_
                  "DB_ADMIN_PASSWORD": f"sentinel-db-admin-{os.urandom(6).hex()}"}
     for name, value in sentinels.items():
         monkeypatch.setenv(name, value)
+    # ... nor the worker's locale and TZ where it ran without them (every other child gets those from the worker)
+    worker_locale = {k: v for k, v in {"LC_ALL": "C.UTF-8", "LC_MONETARY": "C", "TZ": "Pacific/Chatham"}.items()
+                     if k not in env_before}
+    assert worker_locale, sorted(env_before)
+    for name, value in worker_locale.items():
+        monkeypatch.setenv(name, value)
     seen_at_final: list[tuple] = []
     original = EbsEc2Hook.create_round_snapshots
 
@@ -335,6 +341,7 @@ def test_stop_writes_whole_dag_from_an_instance_shared_and_cleaned_up(stoppable_
     env_after, raw_after = _environ(pid_after)
     assert not [k for k in env_after if k.startswith("AIRFLOW")], sorted(env_after)
     assert not [v for v in sentinels.values() if v.encode() in raw_after] and "DB_ADMIN_PASSWORD" not in env_after
+    assert not set(worker_locale) & set(env_after), (sorted(worker_locale), sorted(env_after))
     assert env_before and not [k for k in env_before if k.startswith("AIRFLOW")], sorted(env_before)
     # what pg_ctl itself puts in the environment of the server it starts (its own pid, its shell's cwd, and the
     # locale and service-file directories it derives from its binary), whoever started the server before

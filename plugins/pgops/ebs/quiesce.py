@@ -143,8 +143,8 @@ def server_stopped(runner: Any, *, pg_ctl: str, data_dir: str, log_file: str, co
     Before stopping, a watchdog on the DB host is armed to start the server after `restart_within_s` even if this
     process dies. On exit (success or error) the server is started here unless it runs already; the watchdog is
     cancelled only once the server is up, so a failed start here still leaves the watchdog to try.
-    The server is started again with the environment it ran with (read from /proc on the DB host before the stop),
-    never with the worker's.
+    The server is started again with exactly the environment it ran with (read from /proc on the DB host before the
+    stop): nothing of the worker's, not even its locale.
     """
     start_argv = pg_ctl_start_argv(pg_ctl, data_dir, log_file=log_file, config_file=config_file)
     state = StoppedServer(data_dir=data_dir, restart_within_s=restart_within_s)
@@ -155,8 +155,9 @@ def server_stopped(runner: Any, *, pg_ctl: str, data_dir: str, log_file: str, co
     if server_env is None:
         raise QuiesceError(f"no running PostgreSQL in {data_dir} on the DB host (postmaster.pid missing, stale or "
                            "not that directory's): nothing to stop. Fix: check the data directory in the inventory")
+    # exact_env: the runner adds nothing (a worker's LANG/LC_*/TZ the server did not have would change its locale)
     spawned = runner.run(["sh", "-c", WATCHDOG_SPAWN, "sh", str(int(restart_within_s)), *start_argv], env=server_env,
-                         capture=True, timeout_s=60)
+                         exact_env=True, capture=True, timeout_s=60)
     state.watchdog_pid = int(spawned.stdout.strip().splitlines()[-1])
     state.deadline_monotonic = time.monotonic() + restart_within_s
     log(f"restart watchdog armed on the DB host (pid {state.watchdog_pid}): it starts PostgreSQL after "
@@ -178,7 +179,7 @@ def server_stopped(runner: Any, *, pg_ctl: str, data_dir: str, log_file: str, co
         try:
             status = runner.run([pg_ctl, "-D", data_dir, "status"], check=False, capture=True, timeout_s=60)
             if status.returncode == PG_CTL_NOT_RUNNING:
-                runner.run(start_argv, env=server_env, timeout_s=360)
+                runner.run(start_argv, env=server_env, exact_env=True, timeout_s=360)
                 state.restarted_by = "task"
             else:
                 state.restarted_by = "already running"
