@@ -207,6 +207,24 @@ def check_future_time(name: str, value: Any, *, max_ahead_s: float, now: datetim
 # An absolute directory: plain path components, no '.' or '..', no doubled slash, no control characters.
 ABS_DIR_PATTERN = whole(r"^(?!.*/\.{1,2}(/|$))(/[A-Za-z0-9._+@=,-]+)+/?$")
 _ABS_DIR_RE = re.compile(ABS_DIR_PATTERN)
+# A backup id (barman-cloud's 20250105T020000), a backup name, or latest.
+BACKUP_ID_PATTERN = whole(r"^[A-Za-z0-9_.:-]{1,100}$")
+_BACKUP_ID_RE = re.compile(BACKUP_ID_PATTERN)
+
+# -- trigger-form help --------------------------------------------------------------------------------------
+# Airflow refuses a value that fails a Param's `pattern` with jsonschema's own words ("'x' does not match
+# '^...'"): jsonschema has no custom messages (no errorMessage keyword) and the form shows the Param's
+# description under the field. So a regex-checked param's description says what it accepts and the fix, and the
+# run-time checks here say it again with the param and the value.
+ABS_DIR_HELP = ("an absolute directory of plain components (letters, digits and ._+@=,- between single slashes; "
+                "no '.', '..', '//', spaces or control characters). Fix: give a path like /var/tmp/pgops-restore")
+BACKUP_ID_HELP = ("a backup id or name from the catalog (up to 100 letters, digits and _.:-), or latest for the "
+                  "newest DONE backup. Fix: copy an id from barman-cloud-backup-list, e.g. 20250105T020000, or "
+                  "give latest")
+SETTINGS_HELP = ('{"name": "value", ...}: recovery and resource settings only (hot_standby_feedback, '
+                 "shared_buffers, work_mem, max_connections ...; never a command, library, file or connection), "
+                 "each value one line without quotes or backslashes. Fix: drop other names; give values as "
+                 "PostgreSQL writes them, e.g. '256MB', 'on' or 4")
 
 
 def check_abs_dir(name: str, value: Any) -> str:
@@ -215,3 +233,11 @@ def check_abs_dir(name: str, value: Any) -> str:
         raise refusal(name, value, "is not a plain absolute directory (no '..', '.', '//', spaces or control "
                       "characters)", "give a path like /var/tmp/pgops-restore")
     return value.rstrip("/") or "/"
+
+
+def check_backup_id(name: str, value: Any) -> str:
+    """A backup id or name from the catalog, or latest (refuses paths, spaces, newlines, over 100 characters)."""
+    if not isinstance(value, str) or not _BACKUP_ID_RE.fullmatch(value):
+        raise refusal(name, value, "is not a backup id, a backup name or latest (up to 100 letters, digits and "
+                      "_.:-)", "copy an id from barman-cloud-backup-list, e.g. 20250105T020000, or give latest")
+    return value

@@ -71,48 +71,94 @@ def first_of(*tasks) -> str:
     return f"{{{{ {pulls} }}}}"
 
 
+def _one_of(values) -> str:
+    return ", ".join(values)
+
+
 def migration_params(cluster: Cluster) -> dict[str, Param]:
+    """The trigger form. A regex-checked param's description says what it accepts and the fix (Airflow's refusal
+    shows only the regex); an enum's lists its values. The validate task checks them all again (pgops.ebs.spec)."""
     return {
         "cluster": Param(cluster.name, type="string", const=cluster.name, description="Inventory cluster"),
         "volume_ids": Param([], type="array", items={"type": "string", "pattern": VOLUME_ID_PATTERN},
-                            uniqueItems=True, description="Source EBS volumes (or give instance_id)"),
+                            uniqueItems=True,
+                            description="Source EBS volumes, each 'vol-' and 8 to 17 lowercase hex digits, listed "
+                                        "once (or leave empty and give instance_id). Fix: copy the ids from the "
+                                        "EC2 console or `aws ec2 describe-volumes`, e.g. vol-0123456789abcdef0"),
         "instance_id": Param(None, type=["null", "string"], pattern=INSTANCE_ID_PATTERN,
-                             description="Source instance: all its data volumes, crash-consistent (CreateSnapshots)"),
-        "target_region": Param("us-west-2", type="string", pattern=REGION_PATTERN),
+                             description="Source instance: all its data volumes, crash-consistent (CreateSnapshots); "
+                                         "'i-' and 8 to 17 lowercase hex digits, or empty with volume_ids. Fix: copy "
+                                         "the id from the EC2 console, e.g. i-0123456789abcdef0"),
+        "target_region": Param("us-west-2", type="string", pattern=REGION_PATTERN,
+                               description="Region of the copies and the new volume: an AWS region code. Fix: use "
+                                           "the lowercase code, e.g. us-west-2 or eu-central-1, not the region's "
+                                           "display name"),
         "target_az": Param("us-west-2a", type="string", pattern=AZ_PATTERN,
-                           description="Availability zone of the new volume (in target_region)"),
+                           description="Availability zone of the new volume (in target_region): the region code "
+                                       "and a letter. Fix: pick a zone of target_region, e.g. us-west-2a"),
         "target_account": Param(None, type=["null", "string"], pattern=ACCOUNT_PATTERN,
-                                description="Share the destination snapshot with this account"),
+                                description="Share the destination snapshot with this account: 12 digits (empty: "
+                                            "not shared). Fix: give the account id without dashes or spaces, "
+                                            "e.g. 123456789012"),
         "kms_key_id": Param(None, type=["null", "string"], pattern=KMS_KEY_PATTERN,
-                            description="Destination KMS key (one key for every round keeps copies incremental)"),
-        "downtime_target_minutes": Param(10, type="number", exclusiveMinimum=0, maximum=MAX_DOWNTIME_TARGET_MINUTES),
+                            description="Destination KMS key in target_region (one key for every round keeps copies "
+                                        "incremental): a key ARN, key id, mrk- id or alias/<name> (empty: the "
+                                        "AWS-managed key). Fix: copy the key ARN from the KMS console, e.g. "
+                                        "arn:aws:kms:us-west-2:123456789012:key/<key-id>"),
+        "downtime_target_minutes": Param(10, type="number", exclusiveMinimum=0, maximum=MAX_DOWNTIME_TARGET_MINUTES,
+                                         description="Longest acceptable write pause at cutover, in minutes (above "
+                                                     f"0, at most {MAX_DOWNTIME_TARGET_MINUTES}): the chain takes "
+                                                     "rounds until the final snapshot and copy fit it"),
         "copy_time_minutes": Param(5, type="number", minimum=0, maximum=MAX_COPY_TIME_MINUTES,
-                                   description="Expected final copy time"),
-        "max_rounds": Param(10, type="integer", minimum=2, maximum=100),
+                                   description="Expected final copy time, in minutes (0 to "
+                                               f"{MAX_COPY_TIME_MINUTES}; less than downtime_target_minutes)"),
+        "max_rounds": Param(10, type="integer", minimum=2, maximum=100,
+                            description="Most snapshot rounds before the cutover (2 to 100)"),
         # "at most N days ahead" needs the clock: the validate task checks it (pgops.ebs.spec)
         "cutover_at": Param(None, type=["null", "string"], format="date-time", maxLength=64,
                             description="Keep chaining until this time (with zone, at most "
-                                        f"{MAX_CUTOVER_AHEAD_DAYS} days ahead), then cut over"),
-        "cutover_mode": Param("backup", type="string", enum=list(CUTOVER_MODES)),
-        "volume_initialization": Param("none", type="string", enum=list(INITIALIZATIONS)),
+                                        f"{MAX_CUTOVER_AHEAD_DAYS} days ahead), then cut over. Fix: write it like "
+                                        "2025-01-05T02:00:00+00:00, or leave it empty to cut over when the plan "
+                                        "says so"),
+        "cutover_mode": Param("backup", type="string", enum=list(CUTOVER_MODES),
+                              description=f"How the final snapshot is taken, one of {_one_of(CUTOVER_MODES)}: "
+                                          "backup (inside pg_backup_start/pg_backup_stop, the server stays up), "
+                                          "stop-writes (a clean stop, the snapshot, a restart), crash-consistent "
+                                          "(no quiesce)"),
+        "volume_initialization": Param("none", type="string", enum=list(INITIALIZATIONS),
+                                       description="How the new volume's blocks are loaded from the snapshot, one "
+                                                   f"of {_one_of(INITIALIZATIONS)}: none (lazily, on first read), "
+                                                   "rate (volume_initialization_rate_mib_s), fast-snapshot-restore"),
         "volume_initialization_rate_mib_s": Param(None, type=["null", "integer"], minimum=MIN_INIT_RATE_MIB_S,
-                                                  maximum=MAX_INIT_RATE_MIB_S),
-        "volume_type": Param("gp3", type="string", enum=list(VOLUME_TYPES)),
-        "delete_intermediate_snapshots": Param(False, type="boolean"),
+                                                  maximum=MAX_INIT_RATE_MIB_S,
+                                                  description="With volume_initialization=rate: MiB/s, "
+                                                              f"{MIN_INIT_RATE_MIB_S} to {MAX_INIT_RATE_MIB_S}"),
+        "volume_type": Param("gp3", type="string", enum=list(VOLUME_TYPES),
+                             description=f"EBS type of the new volume, one of {_one_of(VOLUME_TYPES)}"),
+        "delete_intermediate_snapshots": Param(False, type="boolean",
+                                               description="After a completed migration, delete the rounds' "
+                                                           "snapshots and copies (the newest copy is kept)"),
         "dry_run": Param(False, type="boolean", description="Validate, preflight and plan only"),
-        "expected_volume_size_gib": Param(None, type=["null", "number"], minimum=1, maximum=MAX_VOLUME_SIZE_GIB),
+        "expected_volume_size_gib": Param(None, type=["null", "number"], minimum=1, maximum=MAX_VOLUME_SIZE_GIB,
+                                          description="For the plan before round 1: the source volume size in "
+                                                      f"GiB (1 to {MAX_VOLUME_SIZE_GIB}; empty: no early plan)"),
         "expected_throughput_mib_s": Param(None, type=["null", "number"], exclusiveMinimum=0,
-                                           maximum=MAX_THROUGHPUT_MIB_S),
+                                           maximum=MAX_THROUGHPUT_MIB_S,
+                                           description="For the plan before round 1: snapshot throughput in MiB/s "
+                                                       f"(above 0, at most {MAX_THROUGHPUT_MIB_S}; empty: no early "
+                                                       "plan)"),
         "expected_write_rate_mib_s": Param(None, type=["null", "number"], minimum=0, maximum=MAX_THROUGHPUT_MIB_S,
-                                           description="With size and throughput: plan (and refuse r >= 1) "
-                                                       "before round 1"),
+                                           description="The source's write rate in MiB/s (0 to "
+                                                       f"{MAX_THROUGHPUT_MIB_S}); with size and throughput: plan "
+                                                       "(and refuse r >= 1) before round 1"),
         "skip_approval": Param(False, type="boolean",
                                description="Cut over without asking a person (automation); the report says so"),
         "approval_timeout_minutes": Param(120, type="number", exclusiveMinimum=0, maximum=MAX_TIMEOUT_MINUTES,
                                           description="No answer within this long counts as Reject: no cutover"),
         "if_not_approved": Param("keep", type="string", enum=list(IF_NOT_APPROVED),
-                                 description="After a reject or a timeout: keep the chain's snapshots and copies "
-                                             "(clear approve_cutover to ask again) or delete them"),
+                                 description=f"One of {_one_of(IF_NOT_APPROVED)}: after a reject or a timeout, keep "
+                                             "the chain's snapshots and copies (clear approve_cutover to ask again) "
+                                             "or delete them"),
     }
 
 
