@@ -46,14 +46,16 @@ def missing_connections(inventory: Inventory) -> list[str]:
 
 
 def create_buckets(inventory: Inventory) -> list[str]:
-    from pgops.hooks import s3_client
+    """Create each cluster's bucket where it is missing (one PgopsS3Hook per AWS connection); the buckets made."""
+    from pgops.hooks import PgopsS3Hook
 
-    made = []
+    made: list[str] = []
+    hooks: dict[str, PgopsS3Hook] = {}
     for cluster in inventory.clusters:
-        s3 = s3_client(cluster.aws_conn_id)
-        existing = {b["Name"] for b in s3.list_buckets().get("Buckets", [])}
-        if cluster.storage.bucket not in existing:
-            s3.create_bucket(Bucket=cluster.storage.bucket)
+        hook = hooks.get(cluster.aws_conn_id)
+        if hook is None:
+            hook = hooks[cluster.aws_conn_id] = PgopsS3Hook(aws_conn_id=cluster.aws_conn_id)
+        if hook.ensure_bucket(cluster.storage.bucket):
             made.append(cluster.storage.bucket)
     return made
 

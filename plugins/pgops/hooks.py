@@ -105,6 +105,16 @@ def _s3_hook_class() -> type:
 
             return audit.fetch(self.conn, bucket, keys)
 
+        # --- buckets (deployment set-up) ---
+
+        def ensure_bucket(self, bucket: str) -> bool:
+            """Create ``bucket`` unless the account's bucket list names it (the bundled S3 at set-up); True when
+            it was created."""
+            if bucket in {b["Name"] for b in self.conn.list_buckets().get("Buckets", [])}:
+                return False
+            self.conn.create_bucket(Bucket=bucket)
+            return True
+
         # --- barman-cloud's catalog ---
 
         def backup_ids(self, cluster) -> list[str]:

@@ -7,7 +7,8 @@ marks it ``done``). A record is only shown for the run that wrote it while that 
 The measuring is the caller's (a callable returning a dict); :func:`describe` turns a record into the log line.
 Nothing here ever fails the task: a measurement or a write that fails is logged and the work goes on.
 Tasks reach the bucket through PgopsS3Hook (progress_publisher, read_progress, uploaded_since); the functions
-here take its boto3 client.
+here take its boto3 client. Triggers write through :func:`publish_for_cluster`, whose :class:`ClusterPublisher`
+keeps one hook per cluster and kind.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pgops.inventory import Cluster
 from pgops.restore import human_bytes
 
 DEFAULT_INTERVAL_S = 30.0
+PUBLISHER_REFRESH_S = 900.0  # a trigger's publisher reads the inventory and the connection again after this
 
 
 def progress_key(cluster: Cluster, kind: str) -> str:
@@ -148,17 +150,67 @@ def uploaded_since(s3, bucket: str, prefix: str, since: datetime) -> int:
     return total
 
 
-def publish_for_cluster(cluster_name: str | None, kind: str, record: dict[str, Any], log) -> None:
-    """Log a progress record and, for an inventory cluster, write it to the bucket (from a trigger: blocking,
-    call it in a thread). Never raises."""
-    log.info("progress %s", describe(record))
-    if not cluster_name:
-        return
-    try:
-        from pgops.hooks import PgopsS3Hook
-        from pgops.inventory import load_inventory
+class ClusterPublisher:
+    """Progress records of one inventory cluster and kind, written through one PgopsS3Hook: one boto3 client for
+    every record (a trigger writes one every poll).
 
-        cluster = load_inventory().get(cluster_name)
-        PgopsS3Hook(aws_conn_id=cluster.aws_conn_id).progress_publisher(cluster, kind)(record)
-    except Exception as exc:  # noqa: BLE001 - the dashboard's record must never stop the work
-        log.info("progress not published (%s)", str(exc).splitlines()[0][:200] if str(exc) else exc)
+    The cluster (its bucket, its AWS connection) is read from the inventory with the first record, and again when
+    the inventory file changes, after ``refresh_s``, and after a write that failed (a rotated key). Blocking: call
+    it in a thread from a trigger; thread-safe (boto3 clients are). Never raises.
+    """
+
+    def __init__(self, cluster_name: str, kind: str, *, refresh_s: float = PUBLISHER_REFRESH_S,
+                 clock: Callable[[], float] = time.monotonic):
+        self.cluster_name, self.kind = cluster_name, kind
+        self.refresh_s, self.clock = refresh_s, clock
+        self._lock = threading.Lock()
+        self._publish: Callable[[dict[str, Any]], None] | None = None
+        self._made: tuple[float, tuple[str, int | None]] = (0.0, ("", None))
+
+    def _publisher(self) -> Callable[[dict[str, Any]], None]:
+        from pgops.inventory import inventory_path
+
+        path = inventory_path()
+        try:
+            stamp = (str(path), path.stat().st_mtime_ns)
+        except OSError:
+            stamp = (str(path), None)  # load_inventory says what is wrong
+        with self._lock:
+            made_at, made_from = self._made
+            if self._publish is None or made_from != stamp or self.clock() - made_at >= self.refresh_s:
+                from pgops.hooks import PgopsS3Hook
+                from pgops.inventory import load_inventory
+
+                cluster = load_inventory(path).get(self.cluster_name)
+                self._publish = PgopsS3Hook(aws_conn_id=cluster.aws_conn_id).progress_publisher(cluster, self.kind)
+                self._made = (self.clock(), stamp)
+            return self._publish
+
+    def __call__(self, record: dict[str, Any], log) -> None:
+        try:
+            self._publisher()(record)
+        except Exception as exc:  # noqa: BLE001 - the dashboard's record must never stop the work
+            with self._lock:
+                self._publish = None  # the next record reads the inventory and the connection again
+            log.info("progress not published (%s)", str(exc).splitlines()[0][:200] if str(exc) else exc)
+
+
+_PUBLISHERS: dict[tuple[str, str], ClusterPublisher] = {}
+_PUBLISHERS_LOCK = threading.Lock()
+
+
+def cluster_publisher(cluster_name: str, kind: str) -> ClusterPublisher:
+    """The process's publisher of a cluster's ``kind`` records (one per cluster and kind, so one client)."""
+    with _PUBLISHERS_LOCK:
+        publisher = _PUBLISHERS.get((cluster_name, kind))
+        if publisher is None:
+            publisher = _PUBLISHERS[(cluster_name, kind)] = ClusterPublisher(cluster_name, kind)
+        return publisher
+
+
+def publish_for_cluster(cluster_name: str | None, kind: str, record: dict[str, Any], log) -> None:
+    """Log a progress record and, for an inventory cluster, write it to the bucket through the cluster's
+    :class:`ClusterPublisher` (from a trigger: blocking, call it in a thread). Never raises."""
+    log.info("progress %s", describe(record))
+    if cluster_name:
+        cluster_publisher(cluster_name, kind)(record, log)

@@ -14,7 +14,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pgops import reports
 from pgops.inventory import Cluster, Inventory, load_inventory
 
 log = logging.getLogger(__name__)
@@ -62,15 +61,24 @@ class TtlCache:
         return len(self._data)
 
 
+def _pgops_s3_hook(conn_id: str):
+    from pgops.hooks import PgopsS3Hook
+
+    hook = PgopsS3Hook(aws_conn_id=conn_id)
+    hook.conn  # noqa: B018 - its client is made here, under ReportSource's lock (boto3 makes clients thread-unsafely)
+    return hook
+
+
 class ReportSource:
     """Reads reports for the dashboard: latest.json per kind and bounded histories, cached."""
 
-    def __init__(self, *, ttl_s: float = 60.0, max_entries: int = 256, s3_factory: Callable[[str], Any] | None = None):
-        from pgops import hooks
-
+    def __init__(self, *, ttl_s: float = 60.0, max_entries: int = 256,
+                 hook_factory: Callable[[str], Any] | None = None):
+        """``hook_factory``: a PgopsS3Hook for an AWS connection id (default: ``PgopsS3Hook(aws_conn_id=...)``);
+        one hook, and so one boto3 client, per connection is kept for the source's life."""
         self.cache = TtlCache(ttl_s=ttl_s, max_entries=max_entries)
-        self._s3_factory = s3_factory or hooks.s3_client
-        self._clients: dict[str, Any] = {}
+        self._hook_factory = hook_factory or _pgops_s3_hook
+        self._hooks: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._inventory: tuple[Path, float, Inventory] | None = None
 
@@ -83,26 +91,26 @@ class ReportSource:
             self._inventory = (path, mtime, load_inventory(path))
         return self._inventory[2]
 
-    def s3(self, conn_id: str):
+    def hook(self, conn_id: str):
+        """The PgopsS3Hook of an AWS connection (made once, then reused)."""
         with self._lock:
-            if conn_id not in self._clients:
-                self._clients[conn_id] = self._s3_factory(conn_id)
-            return self._clients[conn_id]
+            if conn_id not in self._hooks:
+                self._hooks[conn_id] = self._hook_factory(conn_id)
+            return self._hooks[conn_id]
 
     def latest(self, cluster: Cluster, kind: str) -> dict[str, Any] | None:
         key = ("latest", cluster.storage.bucket, cluster.storage.server_prefix, kind)
-        return self.cache.get(key, lambda: self._safe(lambda: reports.read_latest(self.s3(cluster.aws_conn_id), cluster, kind)))
+        return self.cache.get(key, lambda: self._safe(
+            lambda: self.hook(cluster.aws_conn_id).read_latest_report(cluster, kind)))
 
     def history(self, cluster: Cluster, kind: str, limit: int) -> list[dict[str, Any]]:
         key = ("history", cluster.storage.bucket, cluster.storage.server_prefix, kind, limit)
         return self.cache.get(key, lambda: self._safe(
-            lambda: reports.list_reports(self.s3(cluster.aws_conn_id), cluster, kind, limit=limit)) or [])
+            lambda: self.hook(cluster.aws_conn_id).list_reports(cluster, kind, limit=limit)) or [])
 
     def progress(self, cluster: Cluster, kind: str) -> dict[str, Any] | None:
         """The progress record of a DAG kind (pgops.progress), read fresh: it is only asked for a running run."""
-        from pgops import progress
-
-        return self._safe(lambda: progress.read_progress(self.s3(cluster.aws_conn_id), cluster, kind))
+        return self._safe(lambda: self.hook(cluster.aws_conn_id).read_progress(cluster, kind))
 
     @staticmethod
     def _safe(fn: Callable[[], Any]) -> Any:
