@@ -92,6 +92,21 @@ def test_backup_end_to_end(lab, run_dag):
     after = {b["backup_id"] for b in json.loads(_barman(lab, "barman-cloud-backup-list", "--format", "json"))["backups_list"]}
     assert after == before
 
+    # The preflight's catalog read (taken before the first attempt) says the run has no backup yet: a second
+    # attempt must not believe it, or it takes a second backup; the first attempt's preflight did list nothing.
+    preflight = dr.get_task_instance("preflight").xcom_pull(task_ids="preflight")
+    assert preflight["run_id"] == dr.run_id and preflight["run_backups"] == []
+    assert preflight["cluster_size_bytes"] > 0
+    second_try = BarmanCloudBackupOperator(task_id="backup", cluster_name="main", preflight=preflight)
+    assert second_try.execute({"run_id": dr.run_id, "ti": _Ti(try_number=2)}) == summary["backup_id"]
+    after = {b["backup_id"] for b in json.loads(_barman(lab, "barman-cloud-backup-list", "--format", "json"))["backups_list"]}
+    assert after == before
+
+
+class _Ti:
+    def __init__(self, try_number: int):
+        self.try_number = try_number
+
 
 def test_runs_named_nightly_and_nightly_2_take_two_backups(lab):
     """Run nightly-2 first: run nightly must not take nightly-2's DONE backup for its own (a prefix match did)."""

@@ -14,7 +14,8 @@ from airflow.sdk.exceptions import AirflowFailException
 from pgops.dags.restore_verify import build_restore_verify_dag
 from pgops.dags.standby_rebuild import build_standby_rebuild_dag
 from pgops.inventory import load_inventory
-from pgops.operators.restore import as_mapping, step_outcomes
+from pgops.operators.base import as_mapping
+from pgops.operators.restore import step_outcomes
 
 PLAN = {"data_dir": "/var/tmp/pgops-restore/x/data", "port": 54321, "backup_id": "20261129T010000",
         "target": {"kind": "latest", "value": None}}

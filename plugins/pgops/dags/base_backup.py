@@ -7,7 +7,7 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import DAG, CronTriggerTimetable, Param
 
-from pgops.dags.common import backup_asset, dag_tags, default_args, pgops_dag
+from pgops.dags.common import backup_asset, dag_tags, default_args, pgops_dag, xcom
 from pgops.deadlines import deadline_alerts
 from pgops.inventory import Cluster
 from pgops.operators.backup import (
@@ -29,6 +29,7 @@ def build_base_backup_dag(cluster: Cluster) -> DAG:
         start_date=pendulum.datetime(2024, 1, 1, tz=cluster.schedule.timezone),
         catchup=False,
         max_active_runs=1,
+        render_template_as_native_obj=True,
         deadline=deadline_alerts(cluster, "backup"),
         default_args=default_args(cluster),
         tags=dag_tags(cluster, "backup"),
@@ -43,10 +44,11 @@ def build_base_backup_dag(cluster: Cluster) -> DAG:
                                             execution_timeout=timedelta(minutes=5))
         backup = BarmanCloudBackupOperator(
             task_id="backup", cluster_name=cluster.name, queue=cluster.runner.queue, pool=cluster.pool,
+            preflight=xcom(preflight),
             execution_timeout=timedelta(seconds=cluster.engine.timeout_s + 600))
         verify = BarmanCloudVerifyBackupOperator(
             task_id="verify", cluster_name=cluster.name, queue=cluster.runner.queue,
-            backup_id="{{ ti.xcom_pull(task_ids='backup') }}", outlets=[backup_asset(cluster)],
+            backup_id=xcom(backup), outlets=[backup_asset(cluster)],
             execution_timeout=timedelta(minutes=30))
         retention = BarmanCloudRetentionOperator(
             task_id="retention", cluster_name=cluster.name, queue=cluster.runner.queue, pool=cluster.pool,

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import re
-from collections.abc import Sequence
+import threading
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -13,12 +15,15 @@ from airflow.sdk.exceptions import AirflowFailException
 from pgops import progress
 from pgops.archiver import ARCHIVER_SQL, archiver_health
 from pgops.engines import barman_cloud
-from pgops.hooks import pg_query, pg_target, s3_client, s3_endpoint_url
+from pgops.hooks import pg_query, pg_target, s3_endpoint_url
 from pgops.inventory import Cluster
-from pgops.operators.base import ClusterOperator
+from pgops.operators.base import ClusterOperator, as_mapping
 from pgops.runners import CommandFailed
 
 CLUSTER_SIZE_SQL = "SELECT sum(pg_database_size(datname))::bigint AS size FROM pg_database"
+# The preflight's one query: the archiver's state and the databases' size.
+PREFLIGHT_SQL = (f"SELECT a.*, (SELECT sum(pg_database_size(datname))::bigint FROM pg_database) AS cluster_size_bytes "
+                 f"FROM ({ARCHIVER_SQL}) a")
 
 
 def backup_name_for_run(run_id: str) -> str:
@@ -47,33 +52,48 @@ def next_attempt_name(name: str, existing: list[str]) -> str:
 
 
 class BackupPreflightOperator(ClusterOperator):
-    """PostgreSQL reachable, WAL archiving healthy, bucket reachable and writable."""
+    """PostgreSQL reachable, WAL archiving healthy, bucket reachable and writable; then what the backup task needs.
+
+    Returns the archiver's state, the databases' size (the backup's part size) and this run's backups already in
+    the catalog (``run_backups``: id, name, status of the run's backup name and its retry attempts), so that the
+    backup task's first attempt starts barman-cloud-backup without look-ups of its own (made here with the
+    connection and the S3 client the checks already opened).
+    """
 
     def execute(self, context) -> dict[str, Any]:
+        from pgops.hooks import PgopsS3Hook
+
         cluster = self.cluster
         try:
-            rows = pg_query(cluster.postgres_conn_id, ARCHIVER_SQL)
+            rows = pg_query(cluster.postgres_conn_id, PREFLIGHT_SQL)
         except Exception as exc:  # psycopg2.OperationalError and friends: the server may come back, so retry
             t = pg_target(cluster.postgres_conn_id)
             raise RuntimeError(f"cluster {cluster.name!r}: PostgreSQL at {t.host}:{t.port} is not reachable "
                                f"({str(exc).strip()}). Fix: start the server or correct connection "
                                f"{cluster.postgres_conn_id!r}") from None
-        row = rows[0]
+        row = dict(rows[0])
+        size = row.pop("cluster_size_bytes", None)
         health = archiver_health(row)
         self.log.info("%s", health.message)
         if not health.healthy:
             raise AirflowFailException(f"cluster {cluster.name!r}: {health.message}")
-        self._check_bucket(cluster, context)
+        s3 = PgopsS3Hook(aws_conn_id=cluster.aws_conn_id)
+        self._check_bucket(cluster, s3, context)
+        name = backup_name_for_run(context["run_id"])
+        run_backups = [{"backup_id": backup_id, "backup_name": info.get("backup_name"), "status": info.get("status")}
+                       for backup_id, info in catalog_by_name(cluster, name, s3=s3)]
         return {"archiver": {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in row.items()
-                             if k != "archive_command"}}
+                             if k != "archive_command"},
+                "cluster_size_bytes": int(size) if size else None,
+                "run_id": context["run_id"], "backup_name": name, "run_backups": run_backups}
 
-    def _check_bucket(self, cluster: Cluster, context) -> None:
+    def _check_bucket(self, cluster: Cluster, s3, context) -> None:
+        from airflow.providers.common.compat.sdk import AirflowException
         from botocore.exceptions import ClientError, EndpointConnectionError
 
-        s3 = s3_client(cluster.aws_conn_id)
         bucket = cluster.storage.bucket
         try:
-            s3.head_bucket(Bucket=bucket)
+            s3.get_conn().head_bucket(Bucket=bucket)
         except ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "")
             if code in ("404", "NoSuchBucket"):
@@ -89,9 +109,9 @@ class BackupPreflightOperator(ClusterOperator):
             raise RuntimeError(f"cluster {cluster.name!r}: S3 endpoint not reachable: {exc}") from None
         probe = cluster.storage.report_key("preflight", "write-probe")
         try:
-            s3.put_object(Bucket=bucket, Key=probe, Body=context["run_id"].encode())
-            s3.delete_object(Bucket=bucket, Key=probe)
-        except ClientError as exc:
+            s3.load_bytes(context["run_id"].encode(), key=probe, bucket_name=bucket, replace=True)
+            s3.delete_objects(bucket, [probe])
+        except (ClientError, AirflowException) as exc:
             raise AirflowFailException(f"cluster {cluster.name!r}: bucket {bucket!r} is not writable under "
                                        f"{cluster.storage.server_prefix}/ ({exc}). Fix: grant s3:PutObject") from None
         self.log.info("bucket s3://%s/%s/ reachable and writable", bucket, cluster.storage.server_prefix)
@@ -101,45 +121,50 @@ class BarmanCloudBackupOperator(ClusterOperator):
     """Run barman-cloud-backup on the DB host. A retry reuses a DONE backup of the same run, never duplicates it.
 
     :param cluster_name: inventory cluster
+    :param preflight: the preflight task's return value (templated): the databases' size and this run's backups
+        in the catalog, read just before. The first attempt takes them as they are; a later attempt (a retry or a
+        cleared task), or one without them, reads the catalog again, since an earlier attempt may have made one.
     :param progress_interval_s: how often the bytes uploaded so far go to the task log and the dashboard
     """
 
-    def __init__(self, *, progress_interval_s: float = progress.DEFAULT_INTERVAL_S, **kwargs: Any):
+    template_fields: Sequence[str] = ("cluster_name", "preflight")
+
+    def __init__(self, *, preflight: dict[str, Any] | str | None = None,
+                 progress_interval_s: float = progress.DEFAULT_INTERVAL_S, **kwargs: Any):
         super().__init__(**kwargs)
+        self.preflight = preflight
         self.progress_interval_s = progress_interval_s
 
     def execute(self, context) -> str:
-        from concurrent.futures import ThreadPoolExecutor
-
         from pgops.hooks import PgopsS3Hook
 
         cluster = self.cluster
         base_name = backup_name_for_run(context["run_id"])
         s3 = PgopsS3Hook(aws_conn_id=cluster.aws_conn_id)
-        # What barman-cloud-backup needs is independent look-ups (this run's earlier backups in the catalog, the
-        # databases' size, the DB host's AWS identity, the endpoint): each a round trip or a session of its own,
-        # so they are made at once; one after the other they were most of the task's time outside barman.
-        with ThreadPoolExecutor(max_workers=4, thread_name_prefix="pgops-backup-prep") as pool:
-            existing_f = pool.submit(catalog_by_name, cluster, base_name, s3=s3)
-            size_f = pool.submit(cluster_size_bytes, cluster)
-            env_f = pool.submit(self.engine_env, cluster)
-            endpoint_f = pool.submit(s3_endpoint_url, cluster.engine_aws_conn_id)
-            existing = existing_f.result()
-            for backup_id, info in existing:
-                if info.get("status") == "DONE":
-                    self.log.info("backup %s (%s) of this run is already DONE: reusing it", backup_id,
-                                  info.get("backup_name"))
-                    return backup_id
-            size, env, endpoint = size_f.result(), env_f.result(), endpoint_f.result()
+        pre = preflight_findings(as_mapping(self.preflight, "preflight"), run_id=context["run_id"],
+                                 try_number=getattr(context.get("ti"), "try_number", None))
+        if pre is None:
+            existing, size = self._look_up(cluster, base_name, s3)
+        else:
+            existing, size = pre["run_backups"], pre["cluster_size_bytes"]
+            self.log.info("first attempt: this run's backups and the databases' size as the preflight read them")
+        for entry in existing:
+            if entry.get("status") == "DONE":
+                self.log.info("backup %s (%s) of this run is already DONE: reusing it", entry["backup_id"],
+                              entry.get("backup_name"))
+                return entry["backup_id"]
         # A failed earlier attempt leaves its own (FAILED) entry; a new attempt gets its own name.
-        name = next_attempt_name(base_name, [info.get("backup_name") or "" for _, info in existing])
+        name = next_attempt_name(base_name, [entry.get("backup_name") or "" for entry in existing])
         t = pg_target(cluster.postgres_conn_id)
         # In parts sized from the database, so that a restore takes engine.jobs of them at a time.
-        argv = barman_cloud.backup_argv(cluster, endpoint_url=endpoint, backup_name=name, pg_host=t.host,
-                                        pg_port=t.port, pg_user=t.user, pg_dbname=t.dbname, cluster_size_bytes=size)
+        argv = barman_cloud.backup_argv(cluster, endpoint_url=s3_endpoint_url(cluster.engine_aws_conn_id),
+                                        backup_name=name, pg_host=t.host, pg_port=t.port, pg_user=t.user,
+                                        pg_dbname=t.dbname, cluster_size_bytes=size)
+        # The S3 client (for the progress records and the catalog read after) is made while barman runs.
+        threading.Thread(target=_warm_client, args=(s3, self.log), name="pgops-s3-warm", daemon=True).start()
         try:
             with self._progress(cluster, s3, context["run_id"], size):
-                self.run_engine(cluster, argv, env=env)
+                self.run_engine(cluster, argv)
         except CommandFailed as exc:
             raise RuntimeError(f"cluster {cluster.name!r}: barman-cloud-backup failed: {exc}") from None
         made = [(i, info) for i, info in catalog_by_name(cluster, name, s3=s3) if info.get("backup_name") == name]
@@ -151,6 +176,17 @@ class BarmanCloudBackupOperator(ClusterOperator):
         self.log.info("barman-cloud-backup finished: backup %s (%s) status %s", backup_id, name, info.get("status"))
         return backup_id
 
+    def _look_up(self, cluster: Cluster, base_name: str, s3) -> tuple[list[dict[str, Any]], int | None]:
+        """This run's backups in the catalog and the databases' size, read at once (independent round trips)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="pgops-backup-prep") as pool:
+            existing_f = pool.submit(catalog_by_name, cluster, base_name, s3=s3)
+            size_f = pool.submit(cluster_size_bytes, cluster)
+            existing = [{"backup_id": backup_id, "backup_name": info.get("backup_name"), "status": info.get("status")}
+                        for backup_id, info in existing_f.result()]
+            return existing, size_f.result()
+
     def _progress(self, cluster: Cluster, s3, run_id: str, total: int | None) -> progress.ProgressTicker:
         """Bytes uploaded under base/ since the start (finished objects and the parts of open multipart uploads)
         against the cluster's size before compression (``total``, None when unknown). ``s3``: a PgopsS3Hook."""
@@ -158,9 +194,51 @@ class BarmanCloudBackupOperator(ClusterOperator):
         prefix = f"{cluster.storage.server_prefix}/base/"
         return progress.ProgressTicker(
             kind="backup", what=f"base backup of {cluster.name}", run_id=run_id, log=self.log,
-            interval_s=self.progress_interval_s, publish=s3.progress_publisher(cluster, "backup"),
+            interval_s=self.progress_interval_s, publish=_lazy_publisher(s3, cluster, "backup"),
             measure=lambda: {"done_bytes": s3.uploaded_since(cluster.storage.bucket, prefix, since),
                              "total_bytes": total, "total_note": " before compression", "verb": "uploaded"})
+
+
+def _lazy_publisher(s3, cluster: Cluster, kind: str):
+    """The hook's progress publisher, made at the first record (making it makes the S3 client: not before barman)."""
+    made = []
+
+    def publish(record: dict[str, Any]) -> None:
+        if not made:
+            made.append(s3.progress_publisher(cluster, kind))
+        made[0](record)
+
+    return publish
+
+
+def _warm_client(s3, log) -> None:
+    """Make the hook's S3 client in this thread, at the lowest CPU priority (Linux: per thread), so that making it
+    (~0.3 s of model loading) takes no CPU time from barman-cloud-backup and PostgreSQL."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):
+        pass
+    try:
+        s3.get_conn()
+    except Exception as exc:  # noqa: BLE001 - the first real use reports it
+        log.info("S3 client not made ahead (%s)", str(exc).splitlines()[0][:200] if str(exc) else exc)
+
+
+def preflight_findings(pre: dict[str, Any] | None, *, run_id: str, try_number: int | None) -> dict[str, Any] | None:
+    """The preflight's catalog read and size when the backup task may take them as they are, else None.
+
+    Only for the task's first attempt in the run the preflight ran for: until then no attempt of this run can have
+    made a backup, so the catalog the preflight read moments before is still the truth. A retry or a cleared
+    task (try_number > 1, or unknown) may follow an attempt that made one, so it reads the catalog itself.
+    """
+    if not pre or try_number != 1 or pre.get("run_id") != run_id:
+        return None
+    backups = pre.get("run_backups")
+    if not isinstance(backups, list) or not all(isinstance(b, Mapping) and b.get("backup_id") for b in backups):
+        return None
+    size = pre.get("cluster_size_bytes")
+    return {"run_backups": [dict(b) for b in backups],
+            "cluster_size_bytes": int(size) if isinstance(size, int) and size > 0 else None}
 
 
 def cluster_size_bytes(cluster: Cluster) -> int | None:

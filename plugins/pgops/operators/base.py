@@ -3,7 +3,9 @@ proven postmaster, and small helpers for templated values and run-time param che
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import ast
+import json
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator
@@ -54,6 +56,28 @@ class ClusterOperator(BaseOperator):
         res = self.run_engine(cluster, barman_cloud.backup_list_argv(cluster, endpoint_url=s3_endpoint_url(cluster.engine_aws_conn_id)),
                               capture=True, timeout_s=600)
         return barman_cloud.parse_backup_list(res.stdout)
+
+
+def as_mapping(value: Any, what: str = "value") -> dict[str, Any] | None:
+    """A templated mapping as a dict: the object itself (render_template_as_native_obj), or the text a plain
+    template renders (JSON or a Python literal); None when it is empty (the task that makes it pushed nothing)."""
+    if value is None:
+        return None
+    if isinstance(value, Mapping):
+        return dict(value)
+    if isinstance(value, str):
+        text = value.strip()
+        if text in ("", "None", "null"):
+            return None
+        try:
+            return as_mapping(json.loads(text), what)
+        except ValueError:
+            try:
+                return as_mapping(ast.literal_eval(text), what)
+            except (ValueError, SyntaxError):
+                pass
+    raise AirflowFailException(f"{what} {str(value)[:200]!r} is not a mapping. Fix: pass the upstream task's "
+                               "return value (pgops.dags.common.xcom) in a DAG with render_template_as_native_obj")
 
 
 def truthy(value: Any) -> bool:

@@ -9,9 +9,7 @@ another task's XCom itself.
 
 from __future__ import annotations
 
-import ast
 import asyncio
-import json
 import posixpath
 import time
 from collections.abc import Mapping, Sequence
@@ -29,7 +27,14 @@ from pgops.dbhost.host import node_runner
 from pgops.engines import barman_cloud
 from pgops.hooks import aws_child_env, pg_connect, pg_query, s3_endpoint_url
 from pgops.inventory import REPO_ROOT, Cluster, ReplicaNode
-from pgops.operators.base import ClusterOperator, param_checked, pg_bin, stop_proven_postmaster, truthy
+from pgops.operators.base import (
+    ClusterOperator,
+    as_mapping,
+    param_checked,
+    pg_bin,
+    stop_proven_postmaster,
+    truthy,
+)
 from pgops.params import (
     MAX_RECOVERY_TIMEOUT_S,
     MAX_REQUIRED_BYTES,
@@ -58,28 +63,6 @@ def scratch_paths(root: str, dag_id: str, run_id: str) -> dict[str, str]:
     scratch = posixpath.join(root, core.scratch_name(dag_id, run_id))
     return {"scratch_root": root, "scratch_dir": scratch, "data_dir": f"{scratch}/data", "socket_dir": f"{scratch}/run",
             "spool_dir": f"{scratch}/spool", "log_file": f"{scratch}/postgres.log"}
-
-
-def as_mapping(value: Any, what: str = "value") -> dict[str, Any] | None:
-    """A templated mapping as a dict: the object itself (render_template_as_native_obj), or the text a plain
-    template renders (JSON or a Python literal); None when it is empty (the task that makes it pushed nothing)."""
-    if value is None:
-        return None
-    if isinstance(value, Mapping):
-        return dict(value)
-    if isinstance(value, str):
-        text = value.strip()
-        if text in ("", "None", "null"):
-            return None
-        try:
-            return as_mapping(json.loads(text), what)
-        except ValueError:
-            try:
-                return as_mapping(ast.literal_eval(text), what)
-            except (ValueError, SyntaxError):
-                pass
-    raise AirflowFailException(f"{what} {str(value)[:200]!r} is not a mapping. Fix: pass the upstream task's "
-                               "return value (pgops.dags.common.xcom) in a DAG with render_template_as_native_obj")
 
 
 class RestoreStepOperator(ClusterOperator):
