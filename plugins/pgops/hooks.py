@@ -61,6 +61,21 @@ def _s3_hook_class() -> type:
 
             return reports.list_reports(self.conn, cluster, kind, limit=limit)
 
+        # --- an EBS migration's backup_label (pgops.ebs.backup_label) ---
+
+        def write_backup_label(self, cluster, migration: str, *, snapshots: dict[str, str],
+                               backup: dict[str, Any]) -> str:
+            """Store a backup-mode cutover's label beside the ebs-migration reports; its key."""
+            from pgops.ebs import backup_label
+
+            return backup_label.write_backup_label(self.conn, cluster, migration, snapshots=snapshots, backup=backup)
+
+        def read_backup_label(self, cluster, migration: str) -> dict[str, Any] | None:
+            """A migration's stored final-round label, or None when there is none (or it is not that migration's)."""
+            from pgops.ebs import backup_label
+
+            return backup_label.read_backup_label(self.conn, cluster, migration)
+
         # --- progress records (pgops.progress) ---
 
         def progress_publisher(self, cluster, kind: str):

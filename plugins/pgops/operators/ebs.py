@@ -17,7 +17,7 @@ from airflow.sdk.exceptions import AirflowFailException
 
 from pgops.ebs import planner
 from pgops.ebs import rounds as chain_rounds
-from pgops.ebs.backup_label import backup_label_key, read_backup_label, write_backup_label
+from pgops.ebs.backup_label import backup_label_key
 from pgops.ebs.spec import (
     TAG_BACKUP_LABEL,
     TAG_MIGRATION,
@@ -566,7 +566,7 @@ class EbsCutoverOperator(EbsMigrationBaseOperator):
         existing = ec2.find_snapshots({TAG_MIGRATION: mig, TAG_ROUND: FINAL_ROUND})
         superseded: list[str] = []
         if existing:
-            stored = read_backup_label(s3, cluster, mig)
+            stored = s3.read_backup_label(cluster, mig)
             ids = {s["SnapshotId"] for s in existing}
             if stored and set(stored.get("snapshots", {}).values()) == ids:
                 self.log.warning("final snapshot(s) %s exist from an earlier try with their stored backup_label "
@@ -583,7 +583,7 @@ class EbsCutoverOperator(EbsMigrationBaseOperator):
         taken: dict[str, str] = {}
 
         def store(held) -> None:  # after pg_backup_stop, before the backup session is released
-            key = write_backup_label(s3, cluster, mig, snapshots=taken, backup=held.to_dict())
+            key = s3.write_backup_label(cluster, mig, snapshots=taken, backup=held.to_dict())
             self.log.info("backup_label of %s stored at s3://%s/%s", sorted(taken.values()), cluster.storage.bucket,
                           key)
 
@@ -607,9 +607,10 @@ class EbsCutoverOperator(EbsMigrationBaseOperator):
 
     @staticmethod
     def _s3(cluster):
-        from pgops.hooks import s3_client
+        """The cluster's bucket (a PgopsS3Hook, one client for the cutover's reads and writes)."""
+        from pgops.hooks import PgopsS3Hook
 
-        return s3_client(cluster.aws_conn_id)
+        return PgopsS3Hook(aws_conn_id=cluster.aws_conn_id)
 
     def _stop_writes(self, take) -> tuple[dict[str, str], dict[str, Any]]:
         """Clean stop through the cluster's runner, final snapshot(s) while down, restart (always, bounded)."""
@@ -837,10 +838,10 @@ class EbsMigrationReportOperator(EbsMigrationBaseOperator):
         self.volumes = volumes
 
     def execute(self, context) -> dict[str, Any]:
-        from pgops.hooks import s3_client
+        from pgops.hooks import PgopsS3Hook
         from pgops.inventory import load_inventory
         from pgops.operators.approval import NOT_APPROVED, describe
-        from pgops.reports import envelope, utcnow, write_report
+        from pgops.reports import envelope, utcnow
 
         spec, chain, cutover, approval = self.spec, self.chain, self.cutover, self.approval
         copy, share, volume = self.final_copy, self.shared, self.volumes
@@ -879,7 +880,7 @@ class EbsMigrationReportOperator(EbsMigrationBaseOperator):
         report = envelope(kind="ebs-migration", cluster=self.cluster_name, run_id=context["run_id"],
                           started_at=started or utcnow(), status=status, body=body)
         cluster = load_inventory().get(self.cluster_name)
-        key = write_report(s3_client(cluster.aws_conn_id), cluster, report)
+        key = PgopsS3Hook(aws_conn_id=cluster.aws_conn_id).write_report(cluster, report)
         self.log.info("ebs-migration report %s (status %s): %d round(s), downtime %s s, volumes %s", key, status,
                       len(rounds), downtime_s, body["destination_volumes"])
         if status == "failed":
