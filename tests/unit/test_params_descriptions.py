@@ -21,20 +21,6 @@ from pgops.dags.wal_audit import build_wal_audit_dag
 
 BUILDERS = (build_base_backup_dag, build_restore_verify_dag, build_wal_audit_dag, build_ebs_migration_dag,
             build_standby_rebuild_dag)
-# Params whose DAG files do not say what they accept yet: the texts are in pgops.params (BACKUP_ID_HELP,
-# ABS_DIR_HELP, SETTINGS_HELP) or are the listed values. Drop an entry when its DAG file describes it.
-PENDING = {
-    "pgops_restore_verify.backup_id": "restore_verify.py: use pgops.params.BACKUP_ID_HELP",
-    "pgops_restore_verify.target": "restore_verify.py: name the accepted forms and a Fix",
-    "pgops_restore_verify.scratch_root": "restore_verify.py: use pgops.params.ABS_DIR_HELP",
-    "pgops_restore_verify.checks": "restore_verify.py: list the checks",
-    "pgops_standby_rebuild.target": "standby_rebuild.py: list the nodes",
-    "pgops_standby_rebuild.data_directory": "standby_rebuild.py: name the directory",
-    "pgops_standby_rebuild.slot": "standby_rebuild.py: name the slot",
-    "pgops_standby_rebuild.backup": "standby_rebuild.py: use pgops.params.BACKUP_ID_HELP",
-    "pgops_standby_rebuild.socket_dir": "standby_rebuild.py: use pgops.params.ABS_DIR_HELP",
-    "pgops_standby_rebuild.settings": "standby_rebuild.py: use pgops.params.SETTINGS_HELP",
-}
 
 
 def _cluster():
@@ -78,7 +64,6 @@ def test_the_dags_are_all_here():
     kinds = {key.split(".")[0] for key, _ in ALL}
     assert kinds == {"pgops_base_backup", "pgops_restore_verify", "pgops_wal_audit", "pgops_ebs_migration",
                      "pgops_standby_rebuild"}
-    assert set(PENDING) <= {key for key, _ in ALL}, "a PENDING entry names no param: drop it"
 
 
 @pytest.mark.parametrize(("key", "param"), ALL, ids=[key for key, _ in ALL])
@@ -86,9 +71,7 @@ def test_every_param_has_a_description(key, param):
     assert isinstance(param.description, str) and param.description.strip(), f"{key} has no description"
 
 
-CHECKED = [pytest.param(key, param, id=key,
-                        marks=[pytest.mark.xfail(reason=PENDING[key])] if key in PENDING else [])
-           for key, param in ALL if _checked(param)]
+CHECKED = [pytest.param(key, param, id=key) for key, param in ALL if _checked(param)]
 
 
 @pytest.mark.parametrize(("key", "param"), CHECKED)

@@ -27,13 +27,28 @@ from pgops.operators.restore import (
     RestoreSetupOperator,
     RestoreTeardownOperator,
 )
-from pgops.params import ABS_DIR_PATTERN, MAX_HORIZON_DAYS, MAX_RECOVERY_TIMEOUT_S, MAX_REQUIRED_BYTES, whole
+from pgops.params import (
+    ABS_DIR_HELP,
+    ABS_DIR_PATTERN,
+    BACKUP_ID_HELP,
+    BACKUP_ID_PATTERN,
+    MAX_HORIZON_DAYS,
+    MAX_RECOVERY_TIMEOUT_S,
+    MAX_REQUIRED_BYTES,
+    whole,
+)
 from pgops.restore import CHECKS
 
 DAG_ID_PREFIX = "pgops_restore_verify__"
 TARGET_PATTERN = whole(r"^(latest|canary|[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}|"
                        r"\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?(Z|[+-]\d{2}(:?\d{2})?))$")
 SCRATCH_ROOT_ENV = "PGOPS_RESTORE_SCRATCH_ROOT"
+TARGET_HELP = ("Where recovery stops: latest (all archived WAL), canary (the canary row written before the "
+               "restore), an ISO timestamp with its zone (not in the future) or an LSN. Fix: give latest, canary, a "
+               "time like 2025-01-05T02:00:00+00:00 or an LSN like 0/3000060")
+CHECKS_HELP = ("Checks to run on the restored instance, any of: canary (the canary row written before the restore "
+               "came back), system_identifier (the same as the primary's), amcheck (pg_amcheck --all), sql (every "
+               "query in include/sql/checks returns no rows in any database)")
 
 
 def build_restore_verify_dag(cluster: Cluster) -> DAG:
@@ -53,21 +68,20 @@ def build_restore_verify_dag(cluster: Cluster) -> DAG:
         tags=dag_tags(cluster, "restore-verify"),
         params={
             "cluster": Param(cluster.name, type="string", const=cluster.name, description="Inventory cluster"),
-            "backup_id": Param("latest", type="string", pattern=whole(r"^[A-Za-z0-9_.:-]{1,100}$"),
-                               description="Backup id or name from the catalog, or 'latest'"),
+            "backup_id": Param("latest", type="string", pattern=BACKUP_ID_PATTERN,
+                               description=f"Backup to restore: {BACKUP_ID_HELP}"),
             # The schema checks the form; "not in the future" needs the clock: the setup task checks it
             # (pgops.params.check_target_time) before it touches the restore host.
             "target": Param("canary", type="string", pattern=TARGET_PATTERN, maxLength=64,
-                            description="latest | canary | ISO timestamp with zone (not in the future) | "
-                                        "LSN like 0/3000060"),
+                            description=TARGET_HELP),
             "checks": Param(list(CHECKS), type="array", items={"type": "string", "enum": list(CHECKS)},
-                            description="Checks to run on the restored instance"),
+                            description=CHECKS_HELP),
             "heapallindexed": Param(True, type="boolean", description="pg_amcheck --heapallindexed (slower, deeper)"),
             "keep": Param(False, type="boolean", description="Leave the scratch instance running (debugging, "
                                                              "recovering lost rows); teardown logs how to remove it"),
             "scratch_root": Param(os.environ.get(SCRATCH_ROOT_ENV, DEFAULT_SCRATCH_ROOT), type="string",
                                   pattern=ABS_DIR_PATTERN, maxLength=1024,
-                                  description="Directory on the restore host for scratch areas (absolute, no '..')"),
+                                  description=f"Directory on the restore host for scratch areas: {ABS_DIR_HELP}"),
             "required_bytes": Param(0, type="integer", minimum=0, maximum=MAX_REQUIRED_BYTES,
                                     description="Free bytes the restore needs (0: the backup's size plus a margin)"),
             "recovery_timeout_s": Param(min(max(3600, 3 * cluster.targets.rto_s), MAX_RECOVERY_TIMEOUT_S),

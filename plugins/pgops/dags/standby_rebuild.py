@@ -29,15 +29,22 @@ from pgops.operators.standby import (
     StandbyStreamingOperator,
 )
 from pgops.params import (
+    ABS_DIR_HELP,
     ABS_DIR_PATTERN,
+    BACKUP_ID_HELP,
+    BACKUP_ID_PATTERN,
     MAX_LAG_BYTES,
     MAX_REQUIRED_BYTES,
     MAX_STANDBY_TIMEOUT_S,
+    SETTINGS_HELP,
     SETTINGS_SCHEMA,
-    whole,
 )
 
 DAG_ID_PREFIX = "pgops_standby_rebuild__"
+
+
+def _one_of(values) -> str:
+    return ", ".join(values) or "none (the inventory lists no replication nodes)"
 
 
 def build_standby_rebuild_dag(cluster: Cluster) -> DAG:
@@ -62,23 +69,28 @@ def build_standby_rebuild_dag(cluster: Cluster) -> DAG:
             "cluster": Param(cluster.name, type="string", const=cluster.name, description="Inventory cluster"),
             "target": Param(first.name if first else "", type="string",
                             **({"enum": names} if names else {}),
-                            description="Replication node to rebuild (never the current primary)"),
+                            description=f"Replication node to rebuild, one of {_one_of(names)} (never the current "
+                                        "primary). Fix: pick a standby, or the old primary after a failover"),
             "data_directory": Param("", type="string", enum=["", *dirs],
-                                    description="'' = the target's data_directory in the inventory (the only "
-                                                "directory a rebuild replaces; any other value is refused)"),
+                                    description="Data directory to replace: empty for the target's data_directory "
+                                                f"in the inventory, or exactly it ({_one_of(dirs)}); the only "
+                                                "directory a rebuild replaces. Fix: leave it empty; to move a node, "
+                                                "change the inventory"),
             "slot": Param("", type="string", enum=["", *slots],
-                          description="'' = the target's slot in the inventory; created on the primary when missing "
-                                      "and dropped again when the rebuild fails"),
+                          description="Replication slot on the primary: empty for the target's slot in the inventory, "
+                                      f"or exactly it ({_one_of(slots)}); created when missing and dropped again "
+                                      "when the rebuild fails. Fix: leave it empty; to rename a slot, change the "
+                                      "inventory"),
             "force": Param(False, type="boolean",
                            description="Replace the contents of a stopped node or a running standby. Never stops a "
                                        "primary or touches another node's or another cluster's directory"),
-            "backup": Param("latest", type="string", pattern=whole(r"^[A-Za-z0-9_.:-]{1,100}$"),
-                            description="Backup id or name, or 'latest' (the newest DONE backup)"),
+            "backup": Param("latest", type="string", pattern=BACKUP_ID_PATTERN,
+                            description=f"Backup to rebuild from: {BACKUP_ID_HELP}"),
             "socket_dir": Param("/var/run/postgresql", type="string", pattern=ABS_DIR_PATTERN, maxLength=90,
-                                description="unix_socket_directories of the rebuilt standby"),
+                                description="unix_socket_directories of the rebuilt standby (at most 90 "
+                                            f"characters): {ABS_DIR_HELP}"),
             "settings": Param({}, **SETTINGS_SCHEMA,
-                              description="Extra recovery/resource settings for the standby (allowlisted names, "
-                                          "one-line values)"),
+                              description=f"Extra settings for the standby: {SETTINGS_HELP}"),
             "wal_parallel": Param(4, type="integer", minimum=0, maximum=32,
                                   description="Download threads of the WAL prefetcher in restore_command (0: none)"),
             "max_lag_bytes": Param(0, type="integer", minimum=0, maximum=MAX_LAG_BYTES,

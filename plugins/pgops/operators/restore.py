@@ -39,6 +39,7 @@ from pgops.params import (
     MAX_RECOVERY_TIMEOUT_S,
     MAX_REQUIRED_BYTES,
     check_abs_dir,
+    check_backup_id,
     check_duration,
     check_number,
     check_target_time,
@@ -229,6 +230,7 @@ class RestoreSetupOperator(RestoreStepOperator):
     def run_step(self, context) -> dict[str, Any]:
         cluster = self.cluster
         # The trigger form checked these; a run made another way is checked again before anything is done.
+        backup_id = param_checked(check_backup_id, "backup_id", self.backup_id or "latest")
         param_checked(check_target_time, str(self.target))
         param_checked(check_abs_dir, "scratch_root", str(self.scratch_root))
         param_checked(check_number, "required_bytes", self.required_bytes or 0, minimum=0,
@@ -237,7 +239,7 @@ class RestoreSetupOperator(RestoreStepOperator):
             kind, value = core.parse_target(str(self.target))
             canary = as_mapping(self.canary, "canary") if kind in ("canary", "latest") else None
             target = core.resolve_target(kind, value, canary=canary, canary_mode=self.canary_mode)
-            backup = core.choose_backup(self.catalog(cluster), str(self.backup_id or "latest"),
+            backup = core.choose_backup(self.catalog(cluster), backup_id,
                                         before=core.target_time(target, canary))
         except core.RestorePlanError as exc:
             raise AirflowFailException(f"cluster {cluster.name!r}: {exc}") from None

@@ -38,7 +38,7 @@ from pgops.operators.restore import (
     step_outcomes,
     wait_started,
 )
-from pgops.params import MAX_STANDBY_TIMEOUT_S, check_abs_dir, check_duration
+from pgops.params import MAX_STANDBY_TIMEOUT_S, check_abs_dir, check_backup_id, check_duration
 from pgops.reports import envelope, utcnow
 from pgops.runners import CommandFailed
 
@@ -197,6 +197,8 @@ class StandbyPreflightOperator(StandbyStepOperator):
 
     def run_step(self, context) -> dict[str, Any]:
         cluster = self.cluster
+        # The trigger form checked it; a run made another way is checked again before anything is read.
+        backup_id = param_checked(check_backup_id, "backup", self.backup or "latest")
         repl = self.replication(cluster)
         try:
             node = repl.node(str(self.target))
@@ -237,7 +239,7 @@ class StandbyPreflightOperator(StandbyStepOperator):
         running, non_empty = target["running"], target["non_empty"]
         paths = standby_paths(data_dir, node.name)
         try:
-            backup = core.choose_backup(self.catalog(cluster), str(self.backup or "latest"))
+            backup = core.choose_backup(self.catalog(cluster), backup_id)
         except core.RestorePlanError as exc:
             raise AirflowFailException(f"cluster {cluster.name!r}: {exc}") from None
         if backup.systemid and sysid and str(backup.systemid) != sysid:
