@@ -18,8 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins"))
 
-from pgops import layouts, wal  # noqa: E402
-from pgops.continuity import check_continuity  # noqa: E402
+from pgops.core import layouts, wal  # noqa: E402
+from pgops.core.continuity import check_continuity  # noqa: E402
 
 PREFIX = "pgops/main"
 T0 = datetime(2026, 1, 1, tzinfo=UTC)

@@ -17,7 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins"))
 
-from pgops.ebs import planner, simulator  # noqa: E402
+from pgops.core.ebs import planner  # noqa: E402
+from pgops.lab import ebs_simulator as simulator  # noqa: E402
 
 GIB = 1024**3
 MIB = 1024**2

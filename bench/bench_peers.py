@@ -47,10 +47,10 @@ sys.path.insert(0, str(REPO / "plugins"))
 
 import peers_lib as pl  # noqa: E402
 
-from pgops import restore as core  # noqa: E402
-from pgops.engines import barman_cloud  # noqa: E402
+from pgops.core import restore as core  # noqa: E402
+from pgops.dbhost.engines import barman_cloud  # noqa: E402
 from pgops.inventory import load_inventory  # noqa: E402
-from pgops.lab import Lab, as_db_user  # noqa: E402
+from pgops.lab.local import Lab, as_db_user  # noqa: E402
 
 INVENTORY = REPO / "include" / "clusters.example.yaml"
 MARK = "PGOPS_BENCH_RESULT "

@@ -17,10 +17,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pgops import restore as core
-from pgops.audit import decompress
-from pgops.engines import barman_cloud
-from pgops.lab import PG_BIN, Lab, LabState, as_db_user, free_port, is_root, pid_alive, stop_pid
+from pgops.airflow.audit import decompress
+from pgops.core import restore as core
+from pgops.dbhost.engines import barman_cloud
+from pgops.lab.local import PG_BIN, Lab, LabState, as_db_user, free_port, is_root, pid_alive, stop_pid
 
 SEGMENT_BYTES = 16 * 1024 * 1024
 BULK_SCRIPT = ("\\set aid random(1, 100000 * :scale - 200)\n"

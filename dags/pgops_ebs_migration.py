@@ -1,6 +1,6 @@
 """Airflow DAGs pgops_ebs_migration__<cluster>: one manually triggered EBS migration dag per inventory cluster."""
 
-from pgops.dags.ebs_migration import build_ebs_migration_dag
+from pgops.airflow.dags.ebs_migration import build_ebs_migration_dag
 from pgops.inventory import load_inventory
 
 for _cluster in load_inventory().clusters:

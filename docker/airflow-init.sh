@@ -9,8 +9,8 @@ chmod -R g+rwX /opt/airflow/logs
 
 airflow db migrate   # Airflow's tables and the FAB auth manager's (users, roles)
 # The pgops roles from the inventory, then the admin (FAB role Admin); the password is read from the environment.
-python -m pgops.fab_roles sync
-python -m pgops.fab_roles user --username admin --role Admin --password-env AIRFLOW_ADMIN_PASSWORD
-python -m pgops.deploy init --pools-file /tmp/pgops-pools.json
+python -m pgops.airflow.fab_roles sync
+python -m pgops.airflow.fab_roles user --username admin --role Admin --password-env AIRFLOW_ADMIN_PASSWORD
+python -m pgops.airflow.deploy init --pools-file /tmp/pgops-pools.json
 airflow pools import /tmp/pgops-pools.json
 airflow version

@@ -29,7 +29,7 @@ echo "host all postgres $client_cidr scram-sha-256 # pgops-dbhost" >> "$PGDATA/p
 # `pgops archive-command` prints it, quoted with shlex.
 archive_command=$(python -c '
 import os, shlex
-from pgops.engines import barman_cloud
+from pgops.dbhost.engines import barman_cloud
 from pgops.inventory import load_inventory
 cluster = load_inventory().get(os.environ.get("PGOPS_DBHOST_CLUSTER", "main"))
 argv = barman_cloud.archive_command_argv(cluster, endpoint_url=os.environ.get("PGOPS_ARCHIVE_ENDPOINT") or None)

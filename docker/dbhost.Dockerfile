@@ -45,5 +45,5 @@ ENV PATH=/opt/airflow-venv/bin:/usr/lib/postgresql/15/bin:$PATH \
     PGDATA=/var/lib/postgresql/15/main
 EXPOSE 5432
 ENTRYPOINT ["/opt/pgops/docker/dbhost-entrypoint.sh"]
-# pgops.airflow_stack.celery_commands(["dbhost_main"]): task logs go to the shared log volume, no log server
+# pgops.lab.airflow_stack.celery_commands(["dbhost_main"]): task logs go to the shared log volume, no log server
 CMD ["airflow", "celery", "worker", "--queues", "dbhost_main", "--concurrency", "2", "--skip-serve-logs"]

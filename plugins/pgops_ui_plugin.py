@@ -1,4 +1,4 @@
-"""Airflow plugin: the recoverability dashboard (pgops.ui) at /pgops, a "Recoverability" nav entry, a rounds view
+"""Airflow plugin: the recoverability dashboard (pgops.airflow.ui) at /pgops, a "Recoverability" nav entry, a rounds view
 on EBS-migration runs and a widget on the home dashboard.
 
 The class lives here, at the top of plugins/, because Airflow's loader imports every .py file under plugins/
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from airflow.plugins_manager import AirflowPlugin
 
-from pgops.ui.api import URL_PREFIX, create_app
+from pgops.airflow.ui.api import URL_PREFIX, create_app
 
 
 class PgopsDashboardPlugin(AirflowPlugin):

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_FILE = REPO / "tests" / "artifacts" / "aws-calls.json"
 POLICY_TEST = "test_zz_iam_policy.py"
 # Repository files whose AWS calls are test set-up, not the product's own.
-TEST_SIDE = ("tests/", "plugins/pgops/lab.py", "plugins/pgops/lab_replica.py", "bench/")
+TEST_SIDE = ("tests/", "plugins/pgops/lab/local.py", "plugins/pgops/lab/replica.py", "bench/")
 
 
 class Recorder:

@@ -45,7 +45,7 @@ def airflow_db():
 @pytest.fixture(scope="session")
 def lab():
     """The real lab (SeaweedFS, moto, PostgreSQL 15) for the whole session; stopped by pid at the end."""
-    from pgops.lab import Lab
+    from pgops.lab.local import Lab
 
     # Not under pytest's basetemp (0700): the postgres OS user must reach its data dir.
     state_dir = Path(os.environ.get("PGOPS_TEST_LAB_DIR") or tempfile.mkdtemp(prefix="pgops-lab-"))

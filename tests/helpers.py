@@ -50,8 +50,8 @@ def without_deadlines(dag):
 def airflow_stack(home: Path, extra_env: dict[str, str], *, dag_id: str, pools: dict[str, int] | None = None):
     """The body of a module fixture (``yield from``): the real scheduler, triggerer, dag-processor and api-server up
     with dag_id parsed (and pools made); afterwards down, with every process they ran gone."""
-    from pgops.airflow_stack import AirflowStack
-    from pgops.lab import pid_alive
+    from pgops.lab.airflow_stack import AirflowStack
+    from pgops.lab.local import pid_alive
 
     stack = AirflowStack(home, extra_env=extra_env)
     st = stack.up()

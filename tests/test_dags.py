@@ -87,7 +87,7 @@ def test_pgops_dag_tasks_see_the_dag_params_without_copies_of_them():
 def test_pgops_dag_refuses_bad_param_defaults_where_airflow_does(schedule):
     from airflow.sdk import DAG, Param
 
-    from pgops.dags.common import pgops_dag
+    from pgops.airflow.dags.common import pgops_dag
 
     params = {"ok": Param(3, type="integer"), "rounds": Param("ten", type="integer", minimum=2)}
     kwargs = {"dag_id": "bad_defaults", "schedule": schedule}

@@ -1,4 +1,4 @@
-"""pgops.dags.sdk_adapter against the installed Airflow: each private use behaves as the public path does.
+"""pgops.airflow.dags.sdk_adapter against the installed Airflow: each private use behaves as the public path does.
 A failure here after an Airflow upgrade means: re-check dags/common.py's pgops_dag before anything else."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 from airflow.sdk import DAG, Param
 from airflow.sdk.definitions.param import ParamsDict
 
-from pgops.dags import sdk_adapter
+from pgops.airflow.dags import sdk_adapter
 
 
 def test_is_arg_set_knows_the_sdk_sentinel():

@@ -137,11 +137,11 @@ def test_not_exercised_actions_have_call_sites():
         assert _allowed(action, _policy()["Statement"]), f"{action} is listed but not in the policy"
 
 
-# The audit's endpoint check (plugins/pgops/endpoint.py, also the standby-rebuild report): reads only, one statement
+# The audit's endpoint check (plugins/pgops/airflow/endpoint.py, also the standby-rebuild report): reads only, one statement
 # per service. tests/lab/test_endpoint.py exercises every one of them against moto.
 ENDPOINT_SIDS = ("AuditEndpointRead", "AuditEndpointDnsRecordRead")
 ENDPOINT_ACTIONS = {"ec2:DescribeAddresses", "ec2:DescribeInstances", "route53:ListResourceRecordSets"}
-ENDPOINT_CALLER = "plugins/pgops/endpoint.py"
+ENDPOINT_CALLER = "plugins/pgops/airflow/endpoint.py"
 ENDPOINT_TESTS = "tests/lab/test_endpoint.py"
 
 

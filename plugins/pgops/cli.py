@@ -9,7 +9,7 @@ import sys
 
 
 def _lab(args: argparse.Namespace) -> int:
-    from pgops.lab import Lab, LabError
+    from pgops.lab.local import Lab, LabError
 
     lab = Lab(args.state_dir)
     try:
@@ -33,7 +33,7 @@ def _lab(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from pgops.demo import main as demo_main
+    from pgops.lab.demo import main as demo_main
 
     return demo_main(args)
 
@@ -42,7 +42,7 @@ def _audit(args: argparse.Namespace) -> int:
     """Exit 0 when clean, 1 on a warning, 2 on a critical finding (or when the audit cannot run)."""
     import contextlib
 
-    from pgops import audit
+    from pgops.airflow import audit
     from pgops.inventory import InventoryError, load_inventory
 
     try:
@@ -58,7 +58,7 @@ def _audit(args: argparse.Namespace) -> int:
 
 def _archive_command(args: argparse.Namespace) -> int:
     """The postgresql.conf lines that archive a cluster's WAL the way pgops expects (print, change nothing)."""
-    from pgops.engines import barman_cloud
+    from pgops.dbhost.engines import barman_cloud
     from pgops.inventory import InventoryError, load_inventory
 
     try:

@@ -260,7 +260,7 @@ def test_init_writes_pools_and_names_missing_connections(tmp_path, monkeypatch):
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW_CONN_")}
     env["PGOPS_INVENTORY"] = str(REPO / "include" / "clusters.example.yaml")
     pools = tmp_path / "pools.json"
-    res = subprocess.run([sys.executable, "-m", "pgops.deploy", "init", "--pools-file", str(pools)], env=env,
+    res = subprocess.run([sys.executable, "-m", "pgops.airflow.deploy", "init", "--pools-file", str(pools)], env=env,
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 1
     assert "connection 'pgops_main_pg' is not defined. Fix: set AIRFLOW_CONN_PGOPS_MAIN_PG" in res.stderr
@@ -268,7 +268,7 @@ def test_init_writes_pools_and_names_missing_connections(tmp_path, monkeypatch):
                                                              "description": "pgops: DB-host work of cluster main"}}
     env["AIRFLOW_CONN_PGOPS_MAIN_PG"] = json.dumps({"conn_type": "postgres", "host": "dbhost"})
     env["AIRFLOW_CONN_PGOPS_MAIN_AWS"] = json.dumps({"conn_type": "aws"})
-    res = subprocess.run([sys.executable, "-m", "pgops.deploy", "init", "--pools-file", str(pools)], env=env,
+    res = subprocess.run([sys.executable, "-m", "pgops.airflow.deploy", "init", "--pools-file", str(pools)], env=env,
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
 
@@ -300,7 +300,7 @@ def test_the_managed_postgres_is_reachable_only_on_dbnet_with_its_own_s3_identit
     # tests/deploy/test_dbhost_entrypoint.py, which runs it and reads the postmaster's environment)
 
 
-# compose service -> the component of pgops.airflow_stack.celery_commands() it runs (for the example's queue)
+# compose service -> the component of pgops.lab.airflow_stack.celery_commands() it runs (for the example's queue)
 SERVICE_COMPONENTS = {"airflow-apiserver": "api-server", "airflow-scheduler": "scheduler",
                       "airflow-dag-processor": "dag-processor", "airflow-triggerer": "triggerer",
                       "airflow-worker": "worker", "dbhost": "dbhost-worker:dbhost_main",
@@ -317,7 +317,7 @@ def test_services_run_the_commands_the_celery_test_starts(compose, tmp_path):
     """tests/lab/test_celery.py proves celery_commands() on real processes; compose must run the same ones, and the
     lab may add only its loopback and one-machine arguments."""
     sys.path.insert(0, str(REPO / "plugins"))
-    from pgops.airflow_stack import LAB_ONLY_ARGS, CeleryStack, celery_commands
+    from pgops.lab.airflow_stack import LAB_ONLY_ARGS, CeleryStack, celery_commands
 
     expected = celery_commands(["dbhost_main"])
     assert set(SERVICE_COMPONENTS.values()) == set(expected)
@@ -344,7 +344,7 @@ def test_login_is_the_fab_auth_manager_with_the_pgops_roles(compose):
     assert not [k for k in env if "SIMPLE_AUTH_MANAGER" in k]
     init = (REPO / "docker" / "airflow-init.sh").read_text()
     # roles after the migration (FAB's tables), the admin after the roles, its password from the environment only
-    assert init.index("airflow db migrate") < init.index("pgops.fab_roles sync") < init.index("pgops.fab_roles user")
+    assert init.index("airflow db migrate") < init.index("pgops.airflow.fab_roles sync") < init.index("pgops.airflow.fab_roles user")
     assert "--password-env AIRFLOW_ADMIN_PASSWORD" in init and "--password " not in init
     assert compose["services"]["airflow-init"]["environment"]["AIRFLOW_ADMIN_PASSWORD"]
 

@@ -58,7 +58,7 @@ def test_kms_preflight_refuses_keys_the_target_account_cannot_use(moto, run_dag,
 
     from airflow.sdk.exceptions import AirflowFailException
 
-    from pgops.operators.ebs import EbsMigrationPreflightOperator
+    from pgops.airflow.operators.ebs import EbsMigrationPreflightOperator
 
     op = EbsMigrationPreflightOperator(task_id="preflight", aws_conn_id=lab.cluster.aws_conn_id)
     with pytest.raises(AirflowFailException) as err:
@@ -78,7 +78,7 @@ def test_a_retried_create_volume_sends_the_same_client_token_and_makes_one_volum
     import botocore.client
     from botocore.exceptions import ClientError
 
-    from pgops.operators.ebs import EbsCreateVolumeOperator
+    from pgops.airflow.operators.ebs import EbsCreateVolumeOperator
 
     lab = moto
     ec2 = lab.aws_client("ec2", region=TARGET_REGION)

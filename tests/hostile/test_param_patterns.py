@@ -8,12 +8,12 @@ import re
 
 import pytest
 
-from pgops import params as P
-from pgops.dags.base_backup import build_base_backup_dag
-from pgops.dags.ebs_migration import build_ebs_migration_dag
-from pgops.dags.restore_verify import build_restore_verify_dag
-from pgops.dags.standby_rebuild import build_standby_rebuild_dag
-from pgops.dags.wal_audit import build_wal_audit_dag
+from pgops.airflow.dags.base_backup import build_base_backup_dag
+from pgops.airflow.dags.ebs_migration import build_ebs_migration_dag
+from pgops.airflow.dags.restore_verify import build_restore_verify_dag
+from pgops.airflow.dags.standby_rebuild import build_standby_rebuild_dag
+from pgops.airflow.dags.wal_audit import build_wal_audit_dag
+from pgops.core import params as P
 from pgops.inventory import load_inventory
 
 
@@ -53,7 +53,7 @@ def test_whole_refuses_only_what_it_should():
 
 
 def test_the_run_time_checks_refuse_a_trailing_newline_too():
-    from pgops.ebs import spec
+    from pgops.core.ebs import spec
 
     with pytest.raises(P.ParamRefused, match="plain absolute"):
         P.check_abs_dir("scratch_root", "/var/tmp/pgops-restore\n")

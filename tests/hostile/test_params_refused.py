@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from helpers import load_dag, task_states
 
-from pgops import params as P
+from pgops.core import params as P
 
 pytestmark = [pytest.mark.lab, pytest.mark.airflow]
 
@@ -79,7 +79,7 @@ def test_restore_verify_refuses_in_the_form(lab, run_dag, scratch, param, value,
 def test_restore_verify_refuses_a_target_in_the_future_before_touching_the_restore_host(lab, run_dag, scratch):
     future = (datetime.now(UTC) + timedelta(days=365)).isoformat()
     dr = run_dag(load_dag(RESTORE_DAG), conf={"scratch_root": SCRATCH_ROOT, "target": future})
-    from pgops.reports import read_latest
+    from pgops.core.reports import read_latest
 
     states = task_states(dr)
     assert states["setup"] == "failed" and states["restore"] == "upstream_failed", states

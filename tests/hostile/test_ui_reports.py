@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pgops import hooks, reports
-from pgops.airflow_stack import AirflowStack
+from pgops.airflow import hooks
+from pgops.core import reports
 from pgops.inventory import REPO_ROOT, load_inventory
+from pgops.lab.airflow_stack import AirflowStack
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 

@@ -21,7 +21,7 @@ CLUSTER = "repl"
 
 @dataclass
 class ReplicatedPair:
-    rl: object  # pgops.lab_replica.ReplicaLab
+    rl: object  # pgops.lab.replica.ReplicaLab
     cluster_name: str
     inventory: Path
     primary: object  # Node
@@ -54,7 +54,7 @@ _PAIR_NUMBERS = itertools.count(1)
 @pytest.fixture(scope="module")
 def replicated_pair(lab, tmp_path_factory):
     """pg1 (primary, archiving to s3://<lab bucket>/clusters/repl-<pid>/) and pg2 streaming from it through slot pg2."""
-    from pgops.lab_replica import ReplicaLab
+    from pgops.lab.replica import ReplicaLab
 
     # A prefix of its own per pair: each pair is a new database system, and a restore_command reading another
     # pair's WAL or .history under a shared prefix fails ("WAL file is from different database system").

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pgops.procs import free_port, stop_pid
+from pgops.dbhost.procs import free_port, stop_pid
 
 SSHD = Path("/usr/sbin/sshd")
 

@@ -61,7 +61,7 @@ def _untouched(pair, files_before: dict[str, int], slots_before: str) -> None:
 
 
 def test_a_node_wipe_waits_for_a_person_reject_leaves_it_and_approve_rebuilds_it(replicated_pair, stack):
-    from pgops.operators.backup import BarmanCloudBackupOperator
+    from pgops.airflow.operators.backup import BarmanCloudBackupOperator
 
     pair = replicated_pair
     rl, pg1, pg2 = pair.rl, pair.primary, pair.standby

@@ -18,8 +18,8 @@ DAG_ID = "pgops_base_backup__main"
 
 
 def _barman(lab, *args: str) -> str:
-    from pgops.engines import barman_cloud
-    from pgops.lab import as_db_user
+    from pgops.dbhost.engines import barman_cloud
+    from pgops.lab.local import as_db_user
 
     st = lab.load()
     cluster = lab.cluster
@@ -85,7 +85,7 @@ def test_backup_end_to_end(lab, run_dag):
 
     # A retry of the backup task in the same run reuses the DONE backup instead of taking a second one.
     before = {b["backup_id"] for b in listed}
-    from pgops.operators.backup import BarmanCloudBackupOperator
+    from pgops.airflow.operators.backup import BarmanCloudBackupOperator
 
     op = BarmanCloudBackupOperator(task_id="backup_retry", cluster_name="main")
     assert op.execute({"run_id": dr.run_id}) == summary["backup_id"]
@@ -110,7 +110,7 @@ class _Ti:
 
 def test_runs_named_nightly_and_nightly_2_take_two_backups(lab):
     """Run nightly-2 first: run nightly must not take nightly-2's DONE backup for its own (a prefix match did)."""
-    from pgops.operators.backup import BarmanCloudBackupOperator, backup_name_for_run
+    from pgops.airflow.operators.backup import BarmanCloudBackupOperator, backup_name_for_run
 
     tag = f"{os.getpid()}-{int(time.time())}"
     second = BarmanCloudBackupOperator(task_id="backup", cluster_name="main").execute({"run_id": f"nightly-{tag}-2"})
@@ -148,7 +148,7 @@ def test_broken_archive_command_is_named(lab, run_dag):
         assert failing
         from airflow.sdk.exceptions import AirflowFailException
 
-        from pgops.operators.backup import BackupPreflightOperator
+        from pgops.airflow.operators.backup import BackupPreflightOperator
 
         with pytest.raises(AirflowFailException, match=f"archive_command failed for WAL segment {failing}"):
             BackupPreflightOperator(task_id="preflight", cluster_name="main").execute({"run_id": "t"})
@@ -167,14 +167,14 @@ def test_missing_bucket_is_a_clear_error(lab, tmp_path, monkeypatch):
     monkeypatch.setenv("PGOPS_INVENTORY", str(_write_inventory(tmp_path, **{"storage.bucket": "pgops-no-such-bucket"})))
     from airflow.sdk.exceptions import AirflowFailException
 
-    from pgops.operators.backup import BackupPreflightOperator
+    from pgops.airflow.operators.backup import BackupPreflightOperator
 
     with pytest.raises(AirflowFailException, match="bucket 'pgops-no-such-bucket' does not exist"):
         BackupPreflightOperator(task_id="preflight", cluster_name="main").execute({"run_id": "t"})
 
 
 def test_retention_deletes_only_what_policy_allows(lab, tmp_path, monkeypatch):
-    from pgops.operators.backup import BarmanCloudBackupOperator, BarmanCloudRetentionOperator
+    from pgops.airflow.operators.backup import BarmanCloudBackupOperator, BarmanCloudRetentionOperator
 
     ids = [BarmanCloudBackupOperator(task_id="b", cluster_name="main").execute({"run_id": f"retention-{i}"})
            for i in range(3)]
@@ -199,7 +199,7 @@ def test_failure_notification_reaches_sqs(lab, run_dag, tmp_path, monkeypatch):
     # A cluster of its own: the "main" DAG's backup asset keeps pointing at the lab bucket for later tests.
     monkeypatch.setenv("PGOPS_INVENTORY", str(_write_inventory(
         tmp_path, **{"name": "alerting", "storage.bucket": "pgops-missing-for-alert"})))
-    from pgops.dags.base_backup import build_base_backup_dag
+    from pgops.airflow.dags.base_backup import build_base_backup_dag
     from pgops.inventory import load_inventory
 
     dr = run_dag(build_base_backup_dag(load_inventory().get("alerting")))

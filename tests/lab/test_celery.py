@@ -3,7 +3,7 @@
 Redis (Debian's redis-server, with a password) is the broker; the lab's PostgreSQL holds the Airflow metadata DB
 and, in a database of its own, Celery's results. api-server, scheduler, dag-processor, a triggerer and a Celery
 worker for the queue "default", and a worker and a triggerer for the DB host's queue dbhost_main, each a process
-of its own (pgops.airflow_stack.celery_commands). Each worker stands for a host of its own (default-host,
+of its own (pgops.lab.airflow_stack.celery_commands). Each worker stands for a host of its own (default-host,
 dbhost_main-host): the REST API's task instances say where every task ran.
 """
 
@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from pgops.airflow_stack import CeleryStack, StackError, descendants
 from pgops.inventory import load_inventory
-from pgops.lab import pid_alive
+from pgops.lab.airflow_stack import CeleryStack, StackError, descendants
+from pgops.lab.local import pid_alive
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
@@ -71,8 +71,8 @@ def task_instances(stack, dag_id: str, run_id: str) -> dict[str, dict]:
 
 def declared_queues(dag_id: str) -> dict[str, str]:
     """task -> queue, from the DAG factories themselves (what the inventory routes where)."""
-    from pgops.dags.base_backup import build_base_backup_dag
-    from pgops.dags.restore_verify import build_restore_verify_dag
+    from pgops.airflow.dags.base_backup import build_base_backup_dag
+    from pgops.airflow.dags.restore_verify import build_restore_verify_dag
 
     cluster = load_inventory().get("main")
     dag = (build_base_backup_dag if dag_id == BACKUP else build_restore_verify_dag)(cluster)

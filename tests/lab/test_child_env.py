@@ -17,10 +17,10 @@ DAG_ID = "pgops_restore_verify__main"
 
 
 def test_scratch_postmaster_environment_has_no_worker_secrets(lab, run_dag, monkeypatch):
-    from pgops.dbhost import DbHost
+    from pgops.airflow.operators.backup import BarmanCloudBackupOperator
+    from pgops.airflow.operators.restore import stop_and_remove
+    from pgops.dbhost.host import DbHost
     from pgops.inventory import load_inventory
-    from pgops.operators.backup import BarmanCloudBackupOperator
-    from pgops.operators.restore import stop_and_remove
 
     secrets = {"AIRFLOW__CORE__FERNET_KEY": "fernet-secret-7f3a", "AIRFLOW__API_AUTH__JWT_SECRET": "jwt-secret-91c2",
                "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": "postgresql://airflow:db-secret-5d1e@db/airflow",

@@ -48,7 +48,7 @@ def _volume(lab, size_gib: int = 8) -> str:
 def _slow_copies(monkeypatch, rounds_late: dict[int, int]):
     """Show round i's copy as in flight until round i + rounds_late.get(i, 0) + 1 has finished (moto's copies are
     complete at once). Returns the log of each copy started: (round, rounds whose copies were in flight then)."""
-    from pgops.ebs import rounds
+    from pgops.core.ebs import rounds
 
     original = rounds.copy_records
     started: list[tuple[int, list[int]]] = []
@@ -66,7 +66,7 @@ def _slow_copies(monkeypatch, rounds_late: dict[int, int]):
                 item.pop("CompletionTime", None)
         return items
 
-    from pgops.ebs.hooks import EbsEc2Hook
+    from pgops.airflow.ebs_hooks import EbsEc2Hook
 
     copy = EbsEc2Hook.copy_snapshots
 
@@ -86,7 +86,7 @@ def _slow_copies(monkeypatch, rounds_late: dict[int, int]):
 
 
 def _seen_by_planner(monkeypatch) -> list[Any]:
-    from pgops.ebs import planner
+    from pgops.core.ebs import planner
 
     decide = planner.decide
     seen: list[Any] = []
@@ -175,7 +175,7 @@ def drive(op, context, *, max_steps: int = 30) -> tuple[Any, list[str]]:
 
 
 def _chain_op(lab, volume_id: str, **kwargs):
-    from pgops.operators.ebs import EbsSnapshotChainOperator
+    from pgops.airflow.operators.ebs import EbsSnapshotChainOperator
 
     # moto does not refuse snapshots of one volume 15 s apart
     return EbsSnapshotChainOperator(task_id="chain", preflight=_preflight(volume_id),
@@ -195,7 +195,7 @@ def test_a_paced_round_waits_on_a_datetime_trigger_before_its_snapshot(moto, mon
     """A decision with wait_s > 0 defers on DateTimeTrigger; the next CreateSnapshot comes after the moment."""
     import dataclasses
 
-    from pgops.ebs import planner
+    from pgops.core.ebs import planner
 
     lab = moto
     volume_id = _volume(lab)
@@ -227,7 +227,7 @@ def test_a_paced_round_waits_on_a_datetime_trigger_before_its_snapshot(moto, mon
 def test_a_retried_chain_makes_no_second_snapshot_or_copy(moto, monkeypatch):
     """A try dies right after starting round 2's copy; the retry (XCom cleared) walks the rounds again, reusing
     each snapshot and copy, adopts round 2's copy and goes on; then a whole second retry: nothing new at all."""
-    from pgops.ebs.hooks import EbsEc2Hook
+    from pgops.airflow.ebs_hooks import EbsEc2Hook
 
     lab = moto
     volume_id = _volume(lab)
@@ -267,7 +267,7 @@ def test_a_retried_chain_makes_no_second_snapshot_or_copy(moto, monkeypatch):
 def test_a_stale_chain_takes_one_more_round_before_the_cutover(moto):
     """The chain's last round ended 45 h ago (an approval that waited): the cutover takes round 3 first, measures it,
     and only then enters backup mode for the final snapshot; a fresh chain cuts over at once."""
-    from pgops.operators.ebs import EbsCutoverOperator
+    from pgops.airflow.operators.ebs import EbsCutoverOperator
 
     lab = moto
     volume_id = _volume(lab)

@@ -38,7 +38,7 @@ def _conf(volume_id: str, **changes) -> dict:
 
 
 def test_whole_dag_snapshots_copies_and_creates_the_volume(moto, run_dag):
-    from pgops.reports import read_latest
+    from pgops.core.reports import read_latest
 
     lab = moto
     ec2 = lab.aws_client("ec2", region=SOURCE_REGION)
@@ -96,7 +96,7 @@ def test_whole_dag_snapshots_copies_and_creates_the_volume(moto, run_dag):
 
 
 def test_retried_create_snapshot_makes_no_duplicate(moto):
-    from pgops.ebs.hooks import EbsEc2Hook
+    from pgops.airflow.ebs_hooks import EbsEc2Hook
 
     lab = moto
     ec2 = lab.aws_client("ec2", region=SOURCE_REGION)
@@ -113,7 +113,7 @@ def test_retried_create_snapshot_makes_no_duplicate(moto):
 
 
 def test_instance_snapshots_are_crash_consistent_and_idempotent(moto):
-    from pgops.ebs.hooks import EbsEc2Hook
+    from pgops.airflow.ebs_hooks import EbsEc2Hook
 
     lab = moto
     ec2 = lab.aws_client("ec2", region=SOURCE_REGION)
@@ -142,7 +142,7 @@ def test_instance_snapshots_are_crash_consistent_and_idempotent(moto):
      "diverges"),
 ])
 def test_bad_params_fail_before_any_aws_call(moto, run_dag, changes, message):
-    from pgops.ebs.spec import MigrationParamsError, migration_spec
+    from pgops.core.ebs.spec import MigrationParamsError, migration_spec
 
     lab = moto
     conf = _conf("vol-0123456789abcdef0", **changes)
@@ -173,8 +173,8 @@ def test_dry_run_plans_and_writes_a_report_without_snapshots(moto, run_dag):
 
 HOLDER = textwrap.dedent("""
     import sys, time
-    from pgops.ebs.quiesce import backup_mode
-    from pgops.hooks import pg_connect
+    from pgops.dbhost.quiesce import backup_mode
+    from pgops.airflow.hooks import pg_connect
     with backup_mode(lambda: pg_connect("pgops_main_pg"), label="pgops-watchdog", timeout_s=float(sys.argv[1]),
                      log=lambda m: print(m, flush=True)) as held:
         print("PID", held.backend_pid, flush=True)
@@ -227,7 +227,7 @@ def _postmaster(lab) -> tuple[int | None, str | None]:
     """(postmaster pid from postmaster.pid, pg_postmaster_start_time) or (None, None) when the server is down."""
     from pathlib import Path
 
-    from pgops.lab import LabError
+    from pgops.lab.local import LabError
 
     pid_file = Path(lab.load().pg_data) / "postmaster.pid"
     try:
@@ -285,8 +285,8 @@ def _canary(lab) -> str:
 def test_stop_writes_whole_dag_from_an_instance_shared_and_cleaned_up(stoppable_primary, moto, run_dag, monkeypatch):
     """stop-writes cutover of an instance's data volumes, shared with another account (KMS preflight), intermediate
     snapshots deleted after success; the final snapshot is taken while PostgreSQL is down, which runs again after."""
-    import pgops.operators.ebs as ebs_ops
-    from pgops.ebs.hooks import EbsEc2Hook
+    import pgops.airflow.operators.ebs as ebs_ops
+    from pgops.airflow.ebs_hooks import EbsEc2Hook
 
     lab = stoppable_primary
     ec2 = lab.aws_client("ec2", region=SOURCE_REGION)
@@ -382,7 +382,7 @@ def test_stop_writes_whole_dag_from_an_instance_shared_and_cleaned_up(stoppable_
 def test_kms_preflight_refuses_a_key_the_target_account_cannot_use(moto):
     from airflow.sdk.exceptions import AirflowFailException
 
-    from pgops.operators.ebs import EbsMigrationPreflightOperator
+    from pgops.airflow.operators.ebs import EbsMigrationPreflightOperator
 
     lab = moto
     volume_id = lab.aws_client("ec2", region=SOURCE_REGION).create_volume(
@@ -404,7 +404,7 @@ class _TI:
 
 
 def test_stop_writes_restarts_after_a_failure_between_stop_and_snapshot(stoppable_primary, moto):
-    from pgops.operators.ebs import EbsCutoverOperator
+    from pgops.airflow.operators.ebs import EbsCutoverOperator
 
     lab = stoppable_primary
     _pid, started_before = _postmaster(lab)
@@ -423,10 +423,10 @@ def test_stop_writes_restarts_after_a_failure_between_stop_and_snapshot(stoppabl
 
 WATCHED = textwrap.dedent("""
     import sys, time
-    from pgops.ebs.quiesce import server_stopped
+    from pgops.dbhost.quiesce import server_stopped
     from pgops.inventory import load_inventory
-    from pgops.procs import PG_BIN
-    from pgops.runners import get_runner
+    from pgops.dbhost.procs import PG_BIN
+    from pgops.dbhost.runners import get_runner
 
     runner = get_runner(load_inventory().get("main"))
     with server_stopped(runner, pg_ctl=str(PG_BIN / "pg_ctl"), data_dir=sys.argv[1], log_file=sys.argv[2],
@@ -466,8 +466,8 @@ def test_stop_writes_watchdog_restarts_when_the_task_dies(stoppable_primary):
 def test_backup_cutover_stores_the_full_label_and_a_retry_without_it_takes_a_new_final_round(moto):
     """The full backup_label goes to the bucket before the backup session ends; a retry reuses final snapshots only
     with it, and supersedes final snapshots whose label was never stored (a try that died in between)."""
-    from pgops.ebs.backup_label import backup_label_key, read_backup_label
-    from pgops.operators.ebs import EbsCutoverOperator
+    from pgops.airflow.operators.ebs import EbsCutoverOperator
+    from pgops.core.ebs.backup_label import backup_label_key, read_backup_label
 
     lab = moto
     s3 = lab.s3_client()

@@ -20,7 +20,7 @@ def _first_event(trigger) -> dict:
 
 
 def test_a_partial_with_the_end_segments_name_does_not_satisfy_the_wait(lab):
-    from pgops.triggers.s3 import WalSegmentArchivedTrigger
+    from pgops.airflow.triggers.s3 import WalSegmentArchivedTrigger
 
     st = lab.load()
     s3 = lab.s3_client()

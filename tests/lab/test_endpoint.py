@@ -2,7 +2,7 @@
 moto EC2 instances with an Elastic IP (and a Route 53 record) as the clients' endpoint. Tests run in file order:
 healthy, then a failover that leaves the endpoint behind, then the old primary back writable, then fenced, then the
 old primary rebuilt as a standby by the standby-rebuild DAG, whose report carries the endpoint's state. Every check
-goes through the audit's entry point (pgops.audit.audit_cluster), as the hourly audit runs it.
+goes through the audit's entry point (pgops.airflow.audit.audit_cluster), as the hourly audit runs it.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import pytest
 import yaml
 from helpers import load_dag, task_states
 
-from pgops import endpoint as E
-from pgops import findings as F
-from pgops import replication as R
+from pgops.airflow import endpoint as E
+from pgops.airflow import replication as R
+from pgops.core import findings as F
 from pgops.inventory import load_inventory
 
 pytestmark = [pytest.mark.lab]
@@ -80,15 +80,15 @@ def aws(replicated_pair, lab, tmp_path_factory):
 @pytest.fixture(scope="module")
 def backup(replicated_pair):
     """A base backup of pg1 before the failover: the last test rebuilds the old primary from it."""
-    from pgops.operators.backup import BarmanCloudBackupOperator
+    from pgops.airflow.operators.backup import BarmanCloudBackupOperator
 
     return BarmanCloudBackupOperator(task_id="backup", cluster_name=replicated_pair.cluster_name).execute(
         {"run_id": f"endpoint-{os.getpid()}"})
 
 
 def _audit(cluster):
-    """The audit report's replication section and its findings by id (pgops.audit, as the hourly audit runs)."""
-    from pgops import audit
+    """The audit report's replication section and its findings by id (pgops.airflow.audit, as the hourly audit runs)."""
+    from pgops.airflow import audit
 
     report = audit.audit_cluster(cluster, run_id="endpoint-test")
     return report["body"]["replication"], {f["id"]: F.Finding(**f) for f in report["body"]["findings"]}
@@ -112,7 +112,7 @@ def _problems(found: dict) -> dict:
 
 def _endpoint_calls(aws_calls) -> dict[str, int]:
     with aws_calls.lock:
-        return {f"{s}:{o}": n for (s, o, caller, _), n in aws_calls.calls.items() if caller == "plugins/pgops/endpoint.py"}
+        return {f"{s}:{o}": n for (s, o, caller, _), n in aws_calls.calls.items() if caller == "plugins/pgops/airflow/endpoint.py"}
 
 
 def _delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
@@ -120,7 +120,7 @@ def _delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
 
 
 def test_endpoint_on_the_primary_is_ok(replicated_pair, aws, aws_calls):
-    from pgops import audit
+    from pgops.airflow import audit
 
     pair = replicated_pair
     _wait_for("pg2 streams from pg1", lambda: pair.rl.psql(
@@ -227,7 +227,8 @@ def test_old_primary_instance_stopped_is_fenced(replicated_pair, aws):
 
 
 def _latest_rebuild_report(cluster) -> dict:
-    from pgops import hooks, reports
+    from pgops.airflow import hooks
+    from pgops.core import reports
 
     report = reports.read_latest(hooks.s3_client(cluster.aws_conn_id), cluster, "replication")
     assert report is not None and report["body"]["action"] == "standby-rebuild", report

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from pgops.inventory import REPO_ROOT
-from pgops.lab import Lab, LabError, as_db_user, dbhost_venv, is_root, pid_alive
+from pgops.lab.local import Lab, LabError, as_db_user, dbhost_venv, is_root, pid_alive
 
 pytestmark = pytest.mark.lab
 
@@ -98,7 +98,7 @@ def test_a_clone_the_postgres_user_cannot_read_still_gets_a_working_lab(tmp_path
     env = {k: v for k, v in os.environ.items() if k != "PGOPS_LAB_DIR"}
     env["PYTHONPATH"] = str(clone / "plugins")
     cli = [sys.executable, "-m", "pgops.cli", "lab"]
-    where = subprocess.run([sys.executable, "-c", "import pgops.lab as L; print(L.__file__); print(L.default_state_dir())"],
+    where = subprocess.run([sys.executable, "-c", "import pgops.lab.local as L; print(L.__file__); print(L.default_state_dir())"],
                            env=env, capture_output=True, text=True, check=True, timeout=60).stdout.split()
     assert where[0].startswith(str(clone)) and where[1].startswith("/var/tmp/pgops-lab-"), where
     try:

@@ -21,8 +21,8 @@ import pytest
 import yaml
 from helpers import REPO, load_dag, task_states, tree
 
-from pgops.engines import barman_cloud
-from pgops.lab import as_db_user, dbhost_venv
+from pgops.dbhost.engines import barman_cloud
+from pgops.lab.local import as_db_user, dbhost_venv
 
 pytestmark = [pytest.mark.lab]
 
@@ -276,7 +276,7 @@ def _inventory_in_parts(source: Path, dest_dir: Path, monkeypatch) -> None:
 
 
 def test_restore_verification_uses_the_parallel_restorer(lab, tools, run_dag, monkeypatch, tmp_path):
-    from pgops.operators.backup import BarmanCloudBackupOperator
+    from pgops.airflow.operators.backup import BarmanCloudBackupOperator
 
     assert lab.psql("SELECT count(*) FROM pg_tablespace") == "2", "a tablespace is left over"
     _inventory_in_parts(REPO / "include" / "clusters.example.yaml", tmp_path, monkeypatch)
@@ -302,7 +302,7 @@ def test_restore_verification_uses_the_parallel_restorer(lab, tools, run_dag, mo
 
 
 def test_standby_rebuild_uses_the_parallel_restorer(replicated_pair, tools, run_dag, monkeypatch, tmp_path):
-    from pgops.operators.backup import BarmanCloudBackupOperator
+    from pgops.airflow.operators.backup import BarmanCloudBackupOperator
 
     pair = replicated_pair
     rl, pg1, pg2 = pair.rl, pair.primary, pair.standby

@@ -7,15 +7,15 @@ import logging
 
 import pytest
 
-from pgops import progress
-from pgops.hooks import s3_client
+from pgops.airflow import progress
+from pgops.airflow.hooks import s3_client
 from pgops.inventory import load_inventory
 
 pytestmark = [pytest.mark.lab, pytest.mark.airflow]
 
 
 def test_backup_reports_bytes_uploaded_while_it_runs(lab, airflow_db, capfd):
-    from pgops.operators.backup import BarmanCloudBackupOperator, _stored_bytes
+    from pgops.airflow.operators.backup import BarmanCloudBackupOperator, _stored_bytes
 
     # enough data that the upload spans several ticks
     lab.psql("CREATE TABLE IF NOT EXISTS progress_fill AS SELECT g AS id, md5(g::text) AS pad "
@@ -44,7 +44,7 @@ def test_restore_verification_reports_bytes_restored_and_the_replay_lsn(lab, air
 
     from helpers import load_dag, task_states
 
-    from pgops.operators.backup import BarmanCloudBackupOperator
+    from pgops.airflow.operators.backup import BarmanCloudBackupOperator
 
     BarmanCloudBackupOperator(task_id="backup", cluster_name="main").execute({"run_id": "progress-restore"})
     dag = load_dag("pgops_restore_verify__main")
@@ -64,7 +64,7 @@ def test_an_ebs_wait_reports_the_round_and_each_snapshots_percent(lab):
     """The snapshot trigger (moto's snapshots are born completed, so the poll is driven by hand here): the round
     of the predicted total and each snapshot's percent, in the record the dashboard reads; kept across the
     trigger's serialisation (the triggerer rebuilds it from its kwargs)."""
-    from pgops.triggers.ebs import EbsSnapshotCompletedTrigger
+    from pgops.airflow.triggers.ebs import EbsSnapshotCompletedTrigger
 
     cluster = load_inventory().get("main")
     trigger = EbsSnapshotCompletedTrigger(

@@ -11,8 +11,8 @@ import time
 import pytest
 from helpers import load_dag, task_states
 
-from pgops import findings as F
-from pgops import replication as R
+from pgops.airflow import replication as R
+from pgops.core import findings as F
 
 pytestmark = [pytest.mark.lab, pytest.mark.airflow]
 
@@ -71,7 +71,7 @@ def _assert_no_worker_secrets(pid: int, aws_env: dict[str, str]) -> None:
 @pytest.fixture(scope="module")
 def backup(replicated_pair):
     """Some data on pg1, one base backup of it, its WAL archived."""
-    from pgops.operators.backup import BarmanCloudBackupOperator
+    from pgops.airflow.operators.backup import BarmanCloudBackupOperator
 
     rl, pg1 = replicated_pair.rl, replicated_pair.primary
     rl.psql(pg1, "CREATE TABLE repl_data (id int PRIMARY KEY, note text); "
@@ -90,7 +90,7 @@ def test_healthy_pair_has_no_findings(replicated_pair):
     assert body["current_primary"] == "pg1" and body["nodes"]["pg2"]["role"] == "standby"
     assert body["repmgr_nodes"][1]["type"] == "standby"
 
-    from pgops import audit
+    from pgops.airflow import audit
 
     report = audit.audit_cluster(pair.cluster(), run_id="replication-test")
     assert report["body"]["replication"]["current_primary"] == "pg1"
@@ -184,7 +184,7 @@ def test_failover_is_found_and_the_old_primary_is_rebuilt_from_the_backup(replic
     rl.refresh(pg1)
     try:
         assert dr.get_task_instance("restore").xcom_pull(task_ids="restore")["pid"] == pg1.pid
-        from pgops.hooks import aws_child_env
+        from pgops.airflow.hooks import aws_child_env
 
         _assert_no_worker_secrets(pg1.pid, aws_child_env(pair.cluster().engine_aws_conn_id))
         assert rl.psql(pg1, "SELECT pg_is_in_recovery()") == "t"

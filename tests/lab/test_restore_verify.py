@@ -62,7 +62,7 @@ def _processes_using(path: str) -> list[int]:
 
 
 def _assert_nothing_left(dr) -> None:
-    from pgops.operators.restore import scratch_paths
+    from pgops.airflow.operators.restore import scratch_paths
 
     paths = scratch_paths(SCRATCH_ROOT, DAG_ID, dr.run_id)
     assert not os.path.exists(paths["scratch_dir"]), f"{paths['scratch_dir']} was left behind"
@@ -82,7 +82,7 @@ def _ti_state(run_id: str, task_id: str) -> str | None:
 
 def _stop_kept(plan: dict) -> None:
     """Stop a kept scratch instance by its pid and remove its directory (what the teardown log says to do)."""
-    from pgops.lab import PG_BIN, as_db_user, stop_pid
+    from pgops.lab.local import PG_BIN, as_db_user, stop_pid
 
     pid = int((Path(plan["data_dir"]) / "postmaster.pid").read_text().split()[0])
     subprocess.run(as_db_user([str(PG_BIN / "pg_ctl"), "-D", plan["data_dir"], "-m", "fast", "-w", "stop"]),
@@ -94,7 +94,7 @@ def _stop_kept(plan: dict) -> None:
 @pytest.fixture(scope="module")
 def backup(lab):
     """One base backup for the module, taken after some data exists."""
-    from pgops.operators.backup import BarmanCloudBackupOperator
+    from pgops.airflow.operators.backup import BarmanCloudBackupOperator
 
     lab.psql("CREATE TABLE IF NOT EXISTS rv_data (id int PRIMARY KEY, note text); "
              "INSERT INTO rv_data SELECT g, md5(g::text) FROM generate_series(1, 20000) g ON CONFLICT DO NOTHING; "
@@ -109,7 +109,7 @@ def backup(lab):
 
 
 def test_short_disk_fails_before_downloading(lab, backup, run_dag):
-    from pgops.params import MAX_REQUIRED_BYTES
+    from pgops.core.params import MAX_REQUIRED_BYTES
 
     dr = run_dag(load_dag(DAG_ID), _conf(required_bytes=MAX_REQUIRED_BYTES))  # 1 PiB, the form's maximum
     states = task_states(dr)
@@ -163,7 +163,7 @@ def test_timestamp_target_restores_exactly_the_earlier_rows(lab, backup, run_dag
     try:
         states = task_states(dr)
         assert set(states.values()) == {"success", "skipped"} and states["canary"] == "skipped", states
-        from pgops.hooks import pg_connect_local
+        from pgops.airflow.hooks import pg_connect_local
 
         conn = pg_connect_local(host=plan["socket_dir"], port=plan["port"], user="postgres")
         try:
@@ -183,8 +183,8 @@ def test_timestamp_target_restores_exactly_the_earlier_rows(lab, backup, run_dag
 
 def test_setup_failing_part_way_is_torn_down(lab, backup, run_dag, monkeypatch):
     """Setup fails after it made the scratch area: Airflow would skip a teardown whose setup failed; ours runs."""
-    from pgops.dbhost import DbHost
-    from pgops.operators.restore import scratch_paths
+    from pgops.airflow.operators.restore import scratch_paths
+    from pgops.dbhost.host import DbHost
 
     seen: list[str] = []
 
@@ -229,8 +229,8 @@ def test_replay_killed_then_run_cleared_leaves_nothing(lab, backup, airflow_db, 
     from airflow.models.dagrun import DagRun
     from airflow.utils.types import DagRunType
 
-    from pgops.operators.restore import scratch_paths
-    from pgops.procs import pid_alive
+    from pgops.airflow.operators.restore import scratch_paths
+    from pgops.dbhost.procs import pid_alive
 
     when = datetime.now(UTC).replace(microsecond=0)
     run_id = DagRun.generate_run_id(run_type=DagRunType.MANUAL, logical_date=when, run_after=when)
@@ -310,7 +310,7 @@ def test_missing_wal_segment_is_named_and_everything_is_cleaned_up(lab, backup, 
 
 
 def test_corrupted_base_backup_fails_clearly(lab, backup, run_dag):
-    from pgops.operators.backup import BarmanCloudBackupOperator
+    from pgops.airflow.operators.backup import BarmanCloudBackupOperator
 
     broken = BarmanCloudBackupOperator(task_id="backup", cluster_name="main").execute(
         {"run_id": f"restore-verify-corrupt-{os.getpid()}"})

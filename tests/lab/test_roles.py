@@ -22,9 +22,9 @@ import yaml
 from helpers import GateRuns, task_errors
 from test_ui_api import _inventory, _write_fixtures
 
-from pgops.airflow_stack import AirflowStack
-from pgops.fab_roles import REBUILD_PREFIX, cluster_dag_ids
+from pgops.airflow.fab_roles import REBUILD_PREFIX, cluster_dag_ids
 from pgops.inventory import load_inventory
+from pgops.lab.airflow_stack import AirflowStack
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
@@ -230,7 +230,7 @@ def test_a_waiting_rebuild_approval_is_answered_by_the_operator_and_refused_to_t
     """The operator starts a real rebuild of beta's pg2; it waits at its gate for a person. The viewer's and alpha's
     roles' answers are refused and the gate keeps waiting; the operator's Reject resolves it: nothing is restored,
     pg2's files are as they were, and the report says the operator rejected it."""
-    from pgops.operators.backup import BarmanCloudBackupOperator
+    from pgops.airflow.operators.backup import BarmanCloudBackupOperator
 
     stack, tokens, _ = fab
     rl, pg2 = replicated_pair.rl, replicated_pair.standby

@@ -17,10 +17,10 @@ import time
 import pytest
 import yaml
 
-from pgops import demo
-from pgops.airflow_stack import AirflowStack
 from pgops.inventory import REPO_ROOT
-from pgops.lab import Lab, pid_alive
+from pgops.lab import demo
+from pgops.lab.airflow_stack import AirflowStack
+from pgops.lab.local import Lab, pid_alive
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 

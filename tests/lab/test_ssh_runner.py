@@ -17,7 +17,7 @@ import yaml
 from helpers import REPO, task_states
 from sshd_lab import SSHD, _keygen, start_sshd
 
-from pgops.lab import pid_alive
+from pgops.lab.local import pid_alive
 
 CONN_ID = "pgops_main_ssh"
 pytestmark = [pytest.mark.skipif(not SSHD.exists(), reason="openssh-server is not installed (make setup installs it)"),
@@ -37,7 +37,7 @@ def ssh_conn(sshd, monkeypatch):
 
 
 def _runner(**kw):
-    from pgops.runners import SshRunner
+    from pgops.dbhost.runners import SshRunner
 
     return SshRunner(ssh_conn_id=CONN_ID, cluster_name="main", **kw)
 
@@ -74,7 +74,7 @@ def test_runs_as_postgres_with_quoting_env_and_streaming(ssh_conn):
 
 
 def test_failure_carries_exit_code_and_output(ssh_conn):
-    from pgops.runners import CommandFailed
+    from pgops.dbhost.runners import CommandFailed
 
     with pytest.raises(CommandFailed, match=r"failed on postgres@127\.0\.0\.1:\d+ .* exit code 3: boom") as err:
         _runner().run(["sh", "-c", "echo boom; exit 3"], timeout_s=30)
@@ -83,7 +83,7 @@ def test_failure_carries_exit_code_and_output(ssh_conn):
 
 
 def test_timeout_kills_the_remote_process_tree(ssh_conn):
-    from pgops.runners import CommandTimeout
+    from pgops.dbhost.runners import CommandTimeout
 
     runner = _runner()
     started = time.monotonic()
@@ -97,7 +97,7 @@ def test_timeout_kills_the_remote_process_tree(ssh_conn):
 def test_kill_from_another_thread_stops_the_remote_command(ssh_conn):
     import threading
 
-    from pgops.runners import CommandFailed
+    from pgops.dbhost.runners import CommandFailed
 
     runner = _runner()
     lines: list[str] = []
@@ -110,7 +110,7 @@ def test_kill_from_another_thread_stops_the_remote_command(ssh_conn):
 
 
 def test_host_key_mismatch_is_a_clear_error(sshd, monkeypatch, tmp_path):
-    from pgops.runners import RunnerAccessDenied
+    from pgops.dbhost.runners import RunnerAccessDenied
 
     _keygen(tmp_path / "other_host")
     monkeypatch.setenv(f"AIRFLOW_CONN_{CONN_ID.upper()}",
@@ -121,7 +121,7 @@ def test_host_key_mismatch_is_a_clear_error(sshd, monkeypatch, tmp_path):
 
 
 def test_unknown_host_key_is_refused_unless_the_connection_allows_it(sshd, monkeypatch):
-    from pgops.runners import RunnerAccessDenied
+    from pgops.dbhost.runners import RunnerAccessDenied
 
     monkeypatch.setenv(f"AIRFLOW_CONN_{CONN_ID.upper()}", sshd.conn(host_key=None))
     with pytest.raises(RunnerAccessDenied, match="host key of postgres@127.0.0.1.* is unknown.*ssh-keyscan"):
@@ -131,7 +131,7 @@ def test_unknown_host_key_is_refused_unless_the_connection_allows_it(sshd, monke
 
 
 def test_auth_failure_is_a_clear_error(sshd, monkeypatch, tmp_path):
-    from pgops.runners import RunnerAccessDenied
+    from pgops.dbhost.runners import RunnerAccessDenied
 
     _keygen(tmp_path / "stranger")
     monkeypatch.setenv(f"AIRFLOW_CONN_{CONN_ID.upper()}", sshd.conn(private_key=(tmp_path / "stranger").read_text()))
@@ -143,7 +143,7 @@ def test_auth_failure_is_a_clear_error(sshd, monkeypatch, tmp_path):
 
 
 def test_run_as_other_than_the_login_is_refused(ssh_conn):
-    from pgops.runners import RunnerAccessDenied
+    from pgops.dbhost.runners import RunnerAccessDenied
 
     with pytest.raises(RunnerAccessDenied, match="run_as is 'barman' but SSH connection"):
         _runner(run_as="barman").run(["true"], timeout_s=30)
@@ -160,9 +160,9 @@ def _ssh_inventory(tmp_path: Path) -> Path:
 @pytest.mark.lab
 @pytest.mark.airflow
 def test_base_backup_dag_through_ssh(lab, run_dag, sshd, ssh_conn, tmp_path, monkeypatch):
-    from pgops.dags.base_backup import build_base_backup_dag
+    from pgops.airflow.dags.base_backup import build_base_backup_dag
+    from pgops.dbhost.runners import SshRunner, get_runner
     from pgops.inventory import load_inventory
-    from pgops.runners import SshRunner, get_runner
 
     monkeypatch.setenv("PGOPS_INVENTORY", str(_ssh_inventory(tmp_path)))
     cluster = load_inventory().get("main")
@@ -185,10 +185,10 @@ def test_base_backup_dag_through_ssh(lab, run_dag, sshd, ssh_conn, tmp_path, mon
 @pytest.mark.airflow
 def test_restore_verification_dag_through_ssh(lab, run_dag, sshd, ssh_conn, tmp_path, monkeypatch):
     """Every restore-host command (mkdir, barman-cloud-restore, pg_ctl, pg_amcheck, rm) runs through sshd."""
-    from pgops.dags.restore_verify import build_restore_verify_dag
+    from pgops.airflow.dags.restore_verify import build_restore_verify_dag
+    from pgops.airflow.operators.backup import BarmanCloudBackupOperator
+    from pgops.airflow.operators.restore import scratch_paths
     from pgops.inventory import load_inventory
-    from pgops.operators.backup import BarmanCloudBackupOperator
-    from pgops.operators.restore import scratch_paths
 
     monkeypatch.setenv("PGOPS_INVENTORY", str(_ssh_inventory(tmp_path)))
     cluster = load_inventory().get("main")
@@ -218,7 +218,7 @@ def test_restore_verification_dag_through_ssh(lab, run_dag, sshd, ssh_conn, tmp_
 def test_remote_command_quotes_every_word_and_refuses_unsafe_environment():
     import shlex
 
-    from pgops.runners import REMOTE_SCRIPT, SshRunner, _env_block
+    from pgops.dbhost.runners import REMOTE_SCRIPT, SshRunner, _env_block
 
     argv = ["/opt/x/barman-cloud-backup", "--name", "a b'c", "$(reboot)", "s3://b/p"]
     words = shlex.split(SshRunner(ssh_conn_id=CONN_ID).remote_command(argv, timeout_s=90.4))
@@ -242,10 +242,10 @@ def test_restore_verification_with_a_restore_root_the_worker_cannot_see(lab, run
     """The restore root is a private tmpfs of the ssh host (its own mount namespace, 0700, owned by postgres): the
     worker sees an empty directory there. Setup, restore, the wait (postmaster proof, recovery state, server log),
     the checks (SQL over the host's own socket) and teardown all pass, so none of them reads the worker's files."""
-    from pgops.dags.restore_verify import build_restore_verify_dag
+    from pgops.airflow.dags.restore_verify import build_restore_verify_dag
+    from pgops.airflow.operators.backup import BarmanCloudBackupOperator
+    from pgops.airflow.operators.restore import scratch_paths
     from pgops.inventory import load_inventory
-    from pgops.operators.backup import BarmanCloudBackupOperator
-    from pgops.operators.restore import scratch_paths
 
     if not _unshare_works():
         pytest.fail("unshare --mount failed: the private restore root needs CAP_SYS_ADMIN (run the suite as root)")
@@ -254,7 +254,7 @@ def test_restore_verification_with_a_restore_root_the_worker_cannot_see(lab, run
         monkeypatch.setenv(f"AIRFLOW_CONN_{CONN_ID.upper()}", server.conn())
         monkeypatch.setenv("PGOPS_INVENTORY", str(_ssh_inventory(tmp_path)))
         cluster = load_inventory().get("main")
-        from pgops.dbhost import DbHost
+        from pgops.dbhost.host import DbHost
 
         host = DbHost.for_node(cluster)
         host.run(["touch", f"{root}/only-on-the-host"])

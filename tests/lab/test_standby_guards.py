@@ -256,8 +256,8 @@ def test_refused_without_pg_read_all_settings_and_without_the_primarys_dir_in_th
     conn = rl.connection(pair.primary)
     monkeypatch.setenv("AIRFLOW_CONN_PGOPS_REPL_PG1", json.dumps({**conn, "login": monitor_role,
                                                                     "password": "monitor-pw"}))
-    from pgops import replication as R
-    from pgops.hooks import pg_query
+    from pgops.airflow import replication as R
+    from pgops.airflow.hooks import pg_query
 
     obs = R.collect(pair.cluster().replication)
     assert not obs.nodes["pg1"].get("error") and obs.nodes["pg1"]["data_directory"] is None, obs.nodes["pg1"]
@@ -273,7 +273,7 @@ def test_the_old_primary_running_writable_is_refused_even_with_force(guarded, ru
     """A node that answers as a primary is never stopped by a rebuild: the connection says so, and so does
     pg_controldata on its host."""
     pair = guarded.pair
-    from pgops.dbhost import DbHost
+    from pgops.dbhost.host import DbHost
 
     cluster = pair.cluster()
     host = DbHost.for_node(cluster, cluster.replication.node("pg1"))
@@ -286,7 +286,7 @@ def test_the_old_primary_running_writable_is_refused_even_with_force(guarded, ru
 def test_hostile_params_are_refused_by_the_form_and_at_run_time(guarded, run_dag):
     from airflow.sdk.exceptions import AirflowFailException, ParamValidationError
 
-    from pgops.operators.standby import StandbyPreflightOperator, StandbyRestoreOperator
+    from pgops.airflow.operators.standby import StandbyPreflightOperator, StandbyRestoreOperator
 
     pair = guarded.pair
     dag = load_dag(DAG_ID)
@@ -312,7 +312,7 @@ def test_hostile_params_are_refused_by_the_form_and_at_run_time(guarded, run_dag
         with pytest.raises(AirflowFailException, match=expect):
             op.run_step({})
     with pytest.raises(AirflowFailException, match="runs a shell command"):
-        from pgops.operators.standby import checked_settings
+        from pgops.airflow.operators.standby import checked_settings
 
         checked_settings(json.dumps(hostile[3]["settings"]))
     assert StandbyRestoreOperator  # the restore step re-checks settings with the same function
@@ -323,9 +323,9 @@ def test_a_stale_pid_that_belongs_to_another_process_is_not_signalled(replicated
     signalled, and the stop reports it."""
     import subprocess
 
-    from pgops.dbhost import DbHost
-    from pgops.lab import as_db_user
-    from pgops.procs import pid_alive, stop_pid
+    from pgops.dbhost.host import DbHost
+    from pgops.dbhost.procs import pid_alive, stop_pid
+    from pgops.lab.local import as_db_user
 
     cluster = replicated_pair.cluster()
     host = DbHost.for_node(cluster, cluster.replication.node("pg2"))
@@ -367,7 +367,7 @@ def test_a_slot_the_failed_rebuild_created_is_dropped_again(replicated_pair, run
     """The last test of this module: it replaces pg2's contents (force) and then fails on purpose."""
     pair = replicated_pair
     rl, pg1, pg2 = pair.rl, pair.primary, pair.standby
-    from pgops.operators.backup import BarmanCloudBackupOperator
+    from pgops.airflow.operators.backup import BarmanCloudBackupOperator
 
     BarmanCloudBackupOperator(task_id="backup", cluster_name="repl").execute({"run_id": f"guards-{os.getpid()}"})
     rl.stop(pg2)

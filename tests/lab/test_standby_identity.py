@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from helpers import load_dag, task_states
 
-from pgops.lab import as_db_user
-from pgops.procs import PG_BIN
+from pgops.dbhost.procs import PG_BIN
+from pgops.lab.local import as_db_user
 
 pytestmark = [pytest.mark.lab, pytest.mark.airflow]
 
@@ -34,7 +34,7 @@ def _files(root: str) -> dict[str, tuple[int, int]]:
 def stopped_standby(replicated_pair):
     """A base backup of pg1 (so the preflight gets as far as the target's contents), then pg2 stopped with its
     directory kept aside; each test puts what it needs at pg2's data_directory. pg2 is put back afterwards."""
-    from pgops.operators.backup import BarmanCloudBackupOperator
+    from pgops.airflow.operators.backup import BarmanCloudBackupOperator
 
     pair = replicated_pair
     BarmanCloudBackupOperator(task_id="backup", cluster_name=pair.cluster_name).execute(

@@ -25,8 +25,8 @@ CONN_ID = "pgops_repl_pg2_ssh"
 
 
 def test_rebuild_over_ssh_into_a_directory_only_the_host_sees(replicated_pair, run_dag, tmp_path, monkeypatch):
-    from pgops.dbhost import DbHost
-    from pgops.operators.backup import BarmanCloudBackupOperator
+    from pgops.airflow.operators.backup import BarmanCloudBackupOperator
+    from pgops.dbhost.host import DbHost
 
     pair = replicated_pair
     rl, pg1, pg2 = pair.rl, pair.primary, pair.standby

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pgops import findings as F
+from pgops.core import findings as F
 from pgops.inventory import load_inventory
 
 pytestmark = [pytest.mark.lab, pytest.mark.airflow]
@@ -81,9 +81,9 @@ def conn_with(monkeypatch):
 
 
 def test_verify_full_reaches_the_tls_only_primary_from_every_sql_path(lab, tls_only, conn_with, airflow_db):
-    from pgops import audit, hooks
-    from pgops.operators.backup import BackupPreflightOperator
-    from pgops.operators.restore import RestoreCanaryOperator
+    from pgops.airflow import audit, hooks
+    from pgops.airflow.operators.backup import BackupPreflightOperator
+    from pgops.airflow.operators.restore import RestoreCanaryOperator
 
     conn_with(sslmode="verify-full", sslrootcert=tls_only["ca"])
     row = hooks.pg_query("pgops_main_pg", "SELECT ssl, version FROM pg_stat_ssl WHERE pid = pg_backend_pid()")[0]
@@ -98,8 +98,8 @@ def test_verify_full_reaches_the_tls_only_primary_from_every_sql_path(lab, tls_o
 
 
 def test_barman_cloud_backup_connects_with_the_connections_tls_settings(lab, tls_only, conn_with, airflow_db):
-    from pgops import hooks
-    from pgops.operators.backup import BarmanCloudBackupOperator, backup_name_for_run, catalog_by_name
+    from pgops.airflow import hooks
+    from pgops.airflow.operators.backup import BarmanCloudBackupOperator, backup_name_for_run, catalog_by_name
 
     conn_with(sslmode="verify-full", sslrootcert=tls_only["ca"])
     env = hooks.pg_target("pgops_main_pg").child_env()
@@ -115,7 +115,7 @@ def test_barman_cloud_backup_connects_with_the_connections_tls_settings(lab, tls
     ({"sslmode": "verify-full", "sslrootcert": "OTHER"}, "certificate verify failed"),
 ])
 def test_without_tls_or_with_another_ca_the_primary_is_refused(lab, tls_only, conn_with, airflow_db, extra, said):
-    from pgops.operators.backup import BackupPreflightOperator
+    from pgops.airflow.operators.backup import BackupPreflightOperator
 
     conn_with(**{k: (tls_only["other_ca"] if v == "OTHER" else v) for k, v in extra.items()})
     with pytest.raises(RuntimeError, match="is not reachable") as err:

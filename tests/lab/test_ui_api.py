@@ -21,9 +21,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pgops import hooks, reports
-from pgops.airflow_stack import AirflowStack
+from pgops.airflow import hooks
+from pgops.core import reports
 from pgops.inventory import REPO_ROOT, load_inventory
+from pgops.lab.airflow_stack import AirflowStack
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
@@ -285,10 +286,10 @@ def test_reports_are_cached_for_the_ttl_then_reread(dash):
 
 
 def test_a_running_run_shows_its_progress(dash):
-    """The backup task's progress record (pgops.progress) is shown for the run that wrote it while it runs."""
+    """The backup task's progress record (pgops.airflow.progress) is shown for the run that wrote it while it runs."""
     import sqlite3
 
-    from pgops import progress
+    from pgops.airflow import progress
 
     stack, inventory_path = dash
     beta = load_inventory(inventory_path).get("beta")

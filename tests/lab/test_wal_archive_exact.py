@@ -45,7 +45,7 @@ def _cluster(lab, server: str, *, bucket: str | None = None, parallel: int = 2, 
 
 
 def _archive_command(lab, cluster) -> str:
-    from pgops.engines import barman_cloud
+    from pgops.dbhost.engines import barman_cloud
 
     return shlex.join(barman_cloud.archive_command_argv(cluster, endpoint_url=lab.load().s3_endpoint)) + " %p"
 
@@ -80,8 +80,8 @@ def _versions_of(lab, bucket: str, server: str, name: str) -> dict[str, list[dic
 
 def _peer_archive(lab, server: str, bucket: str, path: Path, *, compression: str | None = None) -> None:
     """Archive a file with the bare barman-cloud-wal-archive (a peer, e.g. another primary)."""
-    from pgops.engines import barman_cloud
-    from pgops.lab import as_db_user
+    from pgops.dbhost.engines import barman_cloud
+    from pgops.lab.local import as_db_user
 
     st = lab.load()
     argv = barman_cloud.wal_archive_argv(_cluster(lab, server, bucket=bucket, compression=compression),
@@ -90,13 +90,13 @@ def _peer_archive(lab, server: str, bucket: str, path: Path, *, compression: str
 
 
 def _spool(data: Path) -> Path:
-    from pgops.engines import barman_cloud
+    from pgops.dbhost.engines import barman_cloud
 
     return Path(barman_cloud.wal_archive_spool_dir(str(data)))
 
 
 def _stop_pusher(data: Path) -> None:
-    from pgops.procs import stop_pid
+    from pgops.dbhost.procs import stop_pid
 
     pid = pid_in(_spool(data) / ".pusher.pid")
     if pid:
@@ -120,7 +120,7 @@ class ScratchPg:
         return self.root / "run"
 
     def psql(self, sql: str) -> str:
-        from pgops.lab import PG_BIN, as_db_user
+        from pgops.lab.local import PG_BIN, as_db_user
 
         res = subprocess.run(as_db_user([str(PG_BIN / "psql"), "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1",
                                          "-h", str(self.socket_dir), "-p", str(self.port), "-U", "postgres",
@@ -133,7 +133,7 @@ class ScratchPg:
         self.psql("SELECT pg_reload_conf()")
 
     def start(self) -> None:
-        from pgops.lab import PG_BIN, as_db_user
+        from pgops.lab.local import PG_BIN, as_db_user
 
         subprocess.run(as_db_user([str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-l", str(self.root / "pg.log"),
                                    "-w", "-t", "60", "start"], env=self.lab.db_env(self.lab.load())),
@@ -141,8 +141,8 @@ class ScratchPg:
         self.pid = int((self.data / "postmaster.pid").read_text().split()[0])
 
     def stop(self) -> None:
-        from pgops.lab import PG_BIN, as_db_user
-        from pgops.procs import pid_alive, stop_pid
+        from pgops.dbhost.procs import pid_alive, stop_pid
+        from pgops.lab.local import PG_BIN, as_db_user
 
         if pid_alive(self.pid):
             subprocess.run(as_db_user([str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "-t", "30",
@@ -171,7 +171,7 @@ class ScratchPg:
 @pytest.fixture
 def scratch_pg(lab):
     """A PostgreSQL 15 cluster whose pg_wal is a symlink to its own directory, archiving through the wrapper."""
-    from pgops.lab import PG_BIN, _chown_db_user, as_db_user, free_port
+    from pgops.lab.local import PG_BIN, _chown_db_user, as_db_user, free_port
 
     made: list[ScratchPg] = []
 
@@ -201,8 +201,8 @@ def scratch_pg(lab):
 
 
 def test_moved_archive_command_is_obeyed_while_the_pusher_is_busy(lab, scratch_pg):
-    from pgops import wal
-    from pgops.procs import pid_alive
+    from pgops.core import wal
+    from pgops.dbhost.procs import pid_alive
 
     old, new = _server("old"), _server("new")
     pg = scratch_pg(_cluster(lab, old, parallel=2))
@@ -239,7 +239,7 @@ def test_moved_archive_command_is_obeyed_while_the_pusher_is_busy(lab, scratch_p
 
 
 def test_pusher_stops_with_postgres_when_pg_wal_is_a_symlink(lab, scratch_pg):
-    from pgops.procs import pid_alive
+    from pgops.dbhost.procs import pid_alive
 
     pg = scratch_pg(_cluster(lab, _server("symlink")))
     assert (pg.data / "pg_wal").is_symlink()
@@ -254,8 +254,8 @@ def test_pusher_stops_with_postgres_when_pg_wal_is_a_symlink(lab, scratch_pg):
 
 
 def test_spool_is_not_in_a_base_backup(lab, scratch_pg, db_tmp_path):
-    from pgops.engines import barman_cloud
-    from pgops.lab import as_db_user
+    from pgops.dbhost.engines import barman_cloud
+    from pgops.lab.local import as_db_user
 
     server = _server("backup")
     cluster = _cluster(lab, server)
@@ -349,8 +349,8 @@ class StandIn:
             parallel: int = 2) -> subprocess.CompletedProcess:
         """The engine's archive_command for ``segment``; background=False without its pusher (parallel 1 has
         none anyway)."""
-        from pgops.engines import barman_cloud
-        from pgops.lab import as_db_user
+        from pgops.dbhost.engines import barman_cloud
+        from pgops.lab.local import as_db_user
 
         st = self.lab.load()
         argv = barman_cloud.archive_command_argv(_cluster(self.lab, server, bucket=self.bucket, parallel=parallel,
@@ -499,7 +499,7 @@ def test_markers_of_another_destination_are_not_trusted(lab, stand_in):
 
 
 def test_a_pusher_for_another_destination_stops_at_once_and_its_log_is_capped(lab, stand_in):
-    from pgops.procs import pid_alive
+    from pgops.dbhost.procs import pid_alive
 
     first, second = _server("first"), _server("second")
     spool = _spool(stand_in.data)

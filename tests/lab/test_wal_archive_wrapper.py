@@ -69,8 +69,8 @@ def _empty(lab, bucket: str, prefix: str) -> None:
 @pytest.fixture
 def fake_pg_wal(lab, fake_bucket):
     """A data directory stand-in: pg_wal with six ready segments (a copy of a real segment's bytes)."""
-    from pgops.engines import barman_cloud
-    from pgops.lab import as_db_user
+    from pgops.dbhost.engines import barman_cloud
+    from pgops.lab.local import as_db_user
 
     st = lab.load()
     _empty(lab, fake_bucket, f"{st.prefix}/{FAKE_SERVER}/")  # each test counts its own uploads
@@ -97,14 +97,14 @@ def fake_pg_wal(lab, fake_bucket):
     pid = _pusher_pid(_spool(data))
     shutil.rmtree(root, ignore_errors=True)
     if pid:
-        from pgops.procs import stop_pid
+        from pgops.dbhost.procs import stop_pid
 
         stop_pid(pid, timeout_s=10)
 
 
 def _spool(data: Path) -> Path:
     """The wrapper's default spool: next to the data directory, not in it."""
-    from pgops.engines import barman_cloud
+    from pgops.dbhost.engines import barman_cloud
 
     return Path(barman_cloud.wal_archive_spool_dir(str(data)))
 
@@ -123,7 +123,7 @@ def _bad_credentials_env(lab, tmp: Path) -> dict[str, str]:
 
 
 def test_background_pusher_archives_what_is_ready(lab, fake_pg_wal):
-    from pgops.procs import pid_alive
+    from pgops.dbhost.procs import pid_alive
 
     data, run = fake_pg_wal
     spool = _spool(data)
@@ -185,7 +185,7 @@ def test_archives_ahead_and_trusts_only_matching_markers(lab, fake_pg_wal):
 @pytest.mark.parametrize("background", [False, True])
 def test_a_failure_records_nothing(lab, fake_pg_wal, background):
     data, run = fake_pg_wal
-    from pgops.lab import free_port
+    from pgops.lab.local import free_port
 
     # nothing listens there; with the pusher, its failed upload sends the call to archive for itself, and fail
     res = run(3, SEGMENTS[0], endpoint=f"http://127.0.0.1:{free_port()}", background=background)
@@ -196,8 +196,8 @@ def test_a_failure_records_nothing(lab, fake_pg_wal, background):
 
 @pytest.mark.parametrize("parallel", [1, 4])
 def test_primary_archives_through_the_wrapper(lab, parallel):
-    from pgops import wal
-    from pgops.engines import barman_cloud
+    from pgops.core import wal
+    from pgops.dbhost.engines import barman_cloud
 
     st = lab.load()
     argv = barman_cloud.archive_command_argv(_cluster(lab, parallel), endpoint_url=st.s3_endpoint)

@@ -105,8 +105,8 @@ def moto_bucket(lab):
 
 
 def test_lab_archive_is_clean_then_a_deleted_segment_is_critical(lab, run_dag):
-    from pgops.audit import audit_cluster
-    from pgops.operators.backup import BarmanCloudBackupOperator
+    from pgops.airflow.audit import audit_cluster
+    from pgops.airflow.operators.backup import BarmanCloudBackupOperator
 
     backup_id = BarmanCloudBackupOperator(task_id="b", cluster_name="main").execute({"run_id": "audit-fixture"})
     _archive_some_wal(lab, rounds=4)
@@ -123,7 +123,7 @@ def test_lab_archive_is_clean_then_a_deleted_segment_is_critical(lab, run_dag):
     st = lab.load()
     s3 = lab.s3_client()
     newest = report["body"]["continuity"]["newest_segment"]
-    from pgops import wal
+    from pgops.core import wal
 
     victim = wal.segno_to_segment(1, wal.segment_to_segno(newest)[1] - 1)
     listed = s3.list_objects_v2(Bucket=st.bucket, Prefix=f"{st.prefix}/{st.server_name}/wals/{victim[:16]}/{victim}")
@@ -164,8 +164,8 @@ def test_dag_run_succeeds_and_writes_report(lab, run_dag):
 
 @pytest.mark.skipif(not shutil.which("pgbackrest"), reason="pgbackrest is not installed (include/dbhost/apt-packages.txt)")
 def test_pgbackrest_repository(lab, db_tmp_path):
-    from pgops.audit import audit_cluster
-    from pgops.lab import as_db_user, is_root
+    from pgops.airflow.audit import audit_cluster
+    from pgops.lab.local import as_db_user, is_root
 
     st = lab.load()
     work = db_tmp_path / "pgbr"
@@ -222,7 +222,7 @@ def test_pgbackrest_repository(lab, db_tmp_path):
 
 
 def test_walg_layout_and_gap(lab, synth):
-    from pgops.audit import audit_cluster
+    from pgops.airflow.audit import audit_cluster
 
     s3, bucket = synth
     root = "walg/main"
@@ -245,7 +245,7 @@ def test_walg_layout_and_gap(lab, synth):
 
 
 def test_wale_layout_configured(lab, synth):
-    from pgops.audit import audit_cluster
+    from pgops.airflow.audit import audit_cluster
 
     s3, bucket = synth
     root = "wale/main"
@@ -261,7 +261,7 @@ def test_wale_layout_configured(lab, synth):
 
 
 def test_barman_timeline_switch_history_and_big_segments(lab, synth):
-    from pgops.audit import audit_cluster
+    from pgops.airflow.audit import audit_cluster
 
     s3, bucket = synth
     root = "tli/main"
@@ -289,8 +289,8 @@ def test_barman_timeline_switch_history_and_big_segments(lab, synth):
 
 
 def test_64mib_segments_with_the_primary_unreachable_take_the_size_from_backup_info(lab, synth):
-    from pgops import wal
-    from pgops.audit import audit_cluster
+    from pgops.airflow.audit import audit_cluster
+    from pgops.core import wal
 
     s3, bucket = synth
     root = "seg64/main"
@@ -320,7 +320,7 @@ def test_64mib_segments_with_the_primary_unreachable_take_the_size_from_backup_i
 
 
 def test_unknown_layout_and_empty_prefix_are_findings(lab, synth):
-    from pgops.audit import audit_cluster
+    from pgops.airflow.audit import audit_cluster
 
     s3, bucket = synth
     _put(s3, bucket, "photos/main/cat.jpg")
@@ -337,7 +337,7 @@ SEGS = [f"0000000100000000000000{n:02X}" for n in range(2, 6)]
 
 
 def test_lifecycle_shorter_than_retention_is_critical_and_fix_applies(lab, moto_bucket):
-    from pgops.audit import audit_cluster
+    from pgops.airflow.audit import audit_cluster
 
     s3, bucket = moto_bucket
     _barman_bucket(s3, bucket, "pg/main", segments=SEGS)
@@ -360,7 +360,7 @@ def test_lifecycle_shorter_than_retention_is_critical_and_fix_applies(lab, moto_
 
 
 def test_history_under_expiring_rule_is_warning(lab, moto_bucket):
-    from pgops.audit import audit_cluster
+    from pgops.airflow.audit import audit_cluster
 
     s3, bucket = moto_bucket
     _barman_bucket(s3, bucket, "pg/main", segments=SEGS)
@@ -372,7 +372,7 @@ def test_history_under_expiring_rule_is_warning(lab, moto_bucket):
 
 
 def test_lifecycle_on_walg_layout_uses_its_paths(lab, moto_bucket):
-    from pgops.audit import audit_cluster
+    from pgops.airflow.audit import audit_cluster
 
     s3, bucket = moto_bucket
     root = "walg/main"
@@ -401,7 +401,7 @@ def test_lifecycle_on_walg_layout_uses_its_paths(lab, moto_bucket):
 
 
 def test_backups_stopped_counts_days_until_loss(lab, moto_bucket):
-    from pgops.audit import audit_cluster
+    from pgops.airflow.audit import audit_cluster
 
     s3, bucket = moto_bucket
     _barman_bucket(s3, bucket, "pg/main", segments=SEGS, backup_age=timedelta(days=20))
@@ -415,8 +415,8 @@ def test_backups_stopped_counts_days_until_loss(lab, moto_bucket):
 
 
 def test_wal_only_rule_with_stopped_backups_counts_down_to_the_wal_it_deletes(lab, moto_bucket):
-    from pgops.audit import audit_cluster, summary
-    from pgops.ui.summary import fleet_row
+    from pgops.airflow.audit import audit_cluster, summary
+    from pgops.airflow.ui.summary import fleet_row
 
     s3, bucket = moto_bucket
     # the case: WAL expires after 3 days, the last backup ended 2 days (and an hour) ago
@@ -445,7 +445,7 @@ def test_wal_only_rule_with_stopped_backups_counts_down_to_the_wal_it_deletes(la
 
 
 def test_hardening_on_moto(lab, moto_bucket):
-    from pgops.audit import check_hardening
+    from pgops.airflow.audit import check_hardening
 
     s3, bucket = moto_bucket
     state, found = check_hardening(s3, bucket)

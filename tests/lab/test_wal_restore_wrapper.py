@@ -15,9 +15,9 @@ import lz4.frame
 import pytest
 from helpers import pid_in, wait_for
 
-from pgops import restore as core
-from pgops.engines import barman_cloud
-from pgops.lab import as_db_user, pid_alive, stop_pid
+from pgops.core import restore as core
+from pgops.dbhost.engines import barman_cloud
+from pgops.lab.local import as_db_user, pid_alive, stop_pid
 
 pytestmark = [pytest.mark.lab]
 

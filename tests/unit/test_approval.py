@@ -12,7 +12,7 @@ import pytest
 from airflow.sdk import DAG
 from airflow.sdk.exceptions import AirflowFailException, TaskAwaitingInput
 
-from pgops.operators import approval as A
+from pgops.airflow.operators import approval as A
 
 CHAIN = {
     "rounds": [{"index": 1, "completed_at": "2026-11-29T01:00:00+00:00"},
@@ -212,7 +212,7 @@ def _replicated_cluster():
 def test_the_dags_put_the_gates_before_the_steps_that_change_things():
     from helpers import load_dag
 
-    from pgops.dags.standby_rebuild import build_standby_rebuild_dag
+    from pgops.airflow.dags.standby_rebuild import build_standby_rebuild_dag
 
     ebs = load_dag("pgops_ebs_migration__main")
     assert [t.task_id for t in ebs.topological_sort()] == [
@@ -228,7 +228,7 @@ def test_the_dags_put_the_gates_before_the_steps_that_change_things():
 
 
 def test_the_rounds_view_says_who_decided_and_a_refused_cutover_is_not_green():
-    from pgops.ui import api, summary
+    from pgops.airflow.ui import api, summary
 
     body = {"rounds": [{"index": 1, "started_at": "2026-11-29T01:00:00+00:00", "duration_s": 60}],
             "decisions": [{"action": "another_round"}, {"action": "cut_over"}], "outcome": "cut_over",

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from pgops.engines import barman_cloud
+from pgops.dbhost.engines import barman_cloud
 from pgops.inventory import load_inventory
 
 

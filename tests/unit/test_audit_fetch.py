@@ -1,4 +1,4 @@
-"""pgops.audit.fetch: the named objects, fetched at once, each decompressed by its magic bytes; a missing or undecodable one
+"""pgops.airflow.audit.fetch: the named objects, fetched at once, each decompressed by its magic bytes; a missing or undecodable one
 left out, any other S3 error raised."""
 
 import gzip
@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 import pytest
 from botocore.exceptions import ClientError
 
-from pgops.audit import fetch
+from pgops.airflow.audit import fetch
 
 
 class _Body:

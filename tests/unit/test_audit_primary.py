@@ -3,7 +3,8 @@
 import gzip
 from datetime import UTC, datetime, timedelta
 
-from pgops import audit, layouts
+from pgops.airflow import audit
+from pgops.core import layouts
 from pgops.inventory import Cluster, Storage
 
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)

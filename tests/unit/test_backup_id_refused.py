@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 from airflow.sdk.exceptions import AirflowFailException
 
-from pgops.operators.base import ClusterOperator
-from pgops.operators.restore import RestoreSetupOperator, RestoreStepOperator
-from pgops.operators.standby import StandbyPreflightOperator, StandbyStepOperator
+from pgops.airflow.operators.base import ClusterOperator
+from pgops.airflow.operators.restore import RestoreSetupOperator, RestoreStepOperator
+from pgops.airflow.operators.standby import StandbyPreflightOperator, StandbyStepOperator
 
 BAD = ["../other-server/base/x", "latest\n", "a b", "x" * 101, "20250105T020000; rm -rf /"]
 

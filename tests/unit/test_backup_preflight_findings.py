@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pgops.operators.backup import PREFLIGHT_SQL, preflight_findings
+from pgops.airflow.operators.backup import PREFLIGHT_SQL, preflight_findings
 
 RUN = "scheduled__2026-11-29T02:00:00+00:00"
 PRE = {"run_id": RUN, "backup_name": "pgops-x", "cluster_size_bytes": 123456,

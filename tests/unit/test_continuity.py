@@ -2,10 +2,10 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from pgops import findings as F
-from pgops import wal
-from pgops.continuity import check_continuity
-from pgops.layouts import BackupRef, WalIndex
+from pgops.core import findings as F
+from pgops.core import wal
+from pgops.core.continuity import check_continuity
+from pgops.core.layouts import BackupRef, WalIndex
 
 GIB = 1024 * wal.MIB
 T0 = datetime(2026, 11, 25, 10, 0, tzinfo=UTC)

@@ -4,10 +4,11 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from pgops import audit, layouts, wal
-from pgops import findings as F
-from pgops import lifecycle as L
-from pgops.continuity import check_continuity
+from pgops.airflow import audit
+from pgops.core import findings as F
+from pgops.core import layouts, wal
+from pgops.core import lifecycle as L
+from pgops.core.continuity import check_continuity
 
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 ROOT = "pg/main"

@@ -14,8 +14,8 @@ def _conn(key: str, secret: str) -> str:
 
 
 def test_engine_env_uses_the_dbhost_connection(tmp_path, monkeypatch):
+    from pgops.airflow.operators.base import ClusterOperator
     from pgops.inventory import load_inventory
-    from pgops.operators.base import ClusterOperator
 
     data = yaml.safe_load((REPO / "include" / "clusters.example.yaml").read_text())
     data["clusters"][0]["dbhost_aws_conn_id"] = "pgops_main_dbhost_aws"
@@ -50,7 +50,7 @@ def test_a_bad_dbhost_connection_id_is_refused(tmp_path):
 
 
 def test_a_ca_bundle_in_the_connection_reaches_the_db_host_child(monkeypatch, tmp_path):
-    from pgops.hooks import aws_child_env
+    from pgops.airflow.hooks import aws_child_env
 
     bundle = tmp_path / "ca.pem"
     conn = json.loads(_conn("AKIADBHOSTWALONLY001", "dbhost-secret"))

@@ -9,10 +9,10 @@ from datetime import timedelta
 
 import pytest
 
-from pgops import deadlines
-from pgops.dags.base_backup import build_base_backup_dag
-from pgops.dags.restore_verify import build_restore_verify_dag
-from pgops.dags.wal_audit import build_wal_audit_dag
+from pgops.airflow import deadlines
+from pgops.airflow.dags.base_backup import build_base_backup_dag
+from pgops.airflow.dags.restore_verify import build_restore_verify_dag
+from pgops.airflow.dags.wal_audit import build_wal_audit_dag
 from pgops.inventory import Alerts, InventoryError, load_inventory
 
 
@@ -31,8 +31,8 @@ def test_backup_and_restore_runs_have_deadlines_from_the_inventory(cluster):
 
     backup = _only(build_base_backup_dag(cluster))
     assert backup.interval == timedelta(seconds=cluster.targets.backup_deadline_s) == timedelta(hours=6)
-    assert backup.reference == DeadlineReference.DAGRUN_LOGICAL_DATE  # not queued_at: see pgops.deadlines
-    assert backup.callback.path == "pgops.deadlines.deadline_missed"
+    assert backup.reference == DeadlineReference.DAGRUN_LOGICAL_DATE  # not queued_at: see pgops.airflow.deadlines
+    assert backup.callback.path == "pgops.airflow.deadlines.deadline_missed"
     assert backup.callback.kwargs["target_arn"] == cluster.alerts.sns_topic_arn
     restore = _only(build_restore_verify_dag(cluster))
     assert restore.interval == timedelta(seconds=cluster.targets.rto_s)  # restore_deadline_s defaults to rto_s

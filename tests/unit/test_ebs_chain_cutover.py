@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pgops.ebs import planner, simulator
+from pgops.core.ebs import planner
+from pgops.lab import ebs_simulator as simulator
 
 _spec = importlib.util.spec_from_file_location(
     "bench_ebs_chain", Path(__file__).resolve().parents[2] / "bench" / "bench_ebs_chain.py")

@@ -9,7 +9,7 @@ import re
 import pytest
 from airflow.providers.amazon.aws.hooks.ec2 import EC2Hook
 
-from pgops.ebs.hooks import EbsDirectHook, EbsEc2Hook, EbsKmsHook
+from pgops.airflow.ebs_hooks import EbsDirectHook, EbsEc2Hook, EbsKmsHook
 
 
 def test_the_ec2_hook_is_the_providers_in_client_mode_with_our_waiters():
@@ -23,15 +23,15 @@ def test_the_ec2_hook_is_the_providers_in_client_mode_with_our_waiters():
 
 
 def test_an_operator_keeps_one_hook_per_region():
-    from pgops.operators.ebs import EbsMigrationPreflightOperator
+    from pgops.airflow.operators.ebs import EbsMigrationPreflightOperator
 
     op = EbsMigrationPreflightOperator(task_id="preflight", aws_conn_id="aws_default")
     assert op.ec2() is op.ec2() is op.ec2(None)
     assert op.ec2("us-west-2") is op.ec2("us-west-2") and op.ec2("us-west-2") is not op.ec2()
 
 
-@pytest.mark.parametrize("module", ["pgops.operators.ebs", "pgops.operators.approval", "pgops.sensors.ebs",
-                                    "pgops.triggers.ebs"])
+@pytest.mark.parametrize("module", ["pgops.airflow.operators.ebs", "pgops.airflow.operators.approval", "pgops.airflow.sensors.ebs",
+                                    "pgops.airflow.triggers.ebs"])
 def test_no_raw_client_calls_or_upstream_pulls_outside_the_hooks(module):
     import importlib
 

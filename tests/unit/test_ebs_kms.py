@@ -1,11 +1,11 @@
-"""pgops.ebs.kms: reading a key policy's statements and grants for the target account, as IAM would."""
+"""pgops.core.ebs.kms: reading a key policy's statements and grants for the target account, as IAM would."""
 
 from __future__ import annotations
 
 import json
 
-from pgops.ebs.hooks import client_token
-from pgops.ebs.kms import REQUIRED_ACTIONS, key_access
+from pgops.airflow.ebs_hooks import client_token
+from pgops.core.ebs.kms import REQUIRED_ACTIONS, key_access
 
 ACCOUNT, OTHER = "210987654321", "123456789012"
 KEY = f"arn:aws:kms:us-west-2:{OTHER}:key/1234abcd-12ab-34cd-56ef-1234567890ab"

@@ -3,8 +3,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from pgops.ebs import planner
-from pgops.ebs.planner import ChainParams, RoundObservation
+from pgops.core.ebs import planner
+from pgops.core.ebs.planner import ChainParams, RoundObservation
 
 GIB = 1024**3
 TIB = 1024 * GIB

@@ -1,6 +1,6 @@
 """stop-writes helpers that need no server: the pg_ctl start command line."""
 
-from pgops.ebs.quiesce import pg_ctl_start_argv
+from pgops.dbhost.quiesce import pg_ctl_start_argv
 
 
 def test_start_argv_in_the_data_dir():

@@ -1,10 +1,10 @@
-"""The chain's XCom round records turned into the planner's inputs (pgops.ebs.rounds): observations, the copy
+"""The chain's XCom round records turned into the planner's inputs (pgops.core.ebs.rounds): observations, the copy
 state as DescribeSnapshots shows the copies, and a retry's copies adopted instead of made again."""
 
 import json
 from datetime import UTC, datetime, timedelta
 
-from pgops.ebs import planner, rounds
+from pgops.core.ebs import planner, rounds
 
 T0 = datetime(2025, 1, 6, tzinfo=UTC)
 GIB = 1024**3

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from pgops.ebs.backup_label import backup_label_key
+from pgops.core.ebs.backup_label import backup_label_key
 from pgops.inventory import load_inventory
 
 LABEL = "START WAL LOCATION: 0/9000028 (file 000000010000000000000009)\nLABEL: mig\n"
@@ -35,7 +35,7 @@ class FakeS3:
 
 @pytest.fixture
 def clients(monkeypatch):
-    from pgops.hooks import PgopsS3Hook
+    from pgops.airflow.hooks import PgopsS3Hook
 
     made: list[tuple[FakeS3, str | None]] = []
 
@@ -48,7 +48,7 @@ def clients(monkeypatch):
 
 
 def test_the_backup_label_round_trips_through_one_hook(clients):
-    from pgops.operators.ebs import EbsCutoverOperator
+    from pgops.airflow.operators.ebs import EbsCutoverOperator
 
     cluster = load_inventory().get("main")
     s3 = EbsCutoverOperator._s3(cluster)
@@ -63,7 +63,7 @@ def test_the_backup_label_round_trips_through_one_hook(clients):
 
 
 def test_no_operator_sensor_or_trigger_makes_its_own_s3_client():
-    """Only pgops.hooks makes clients: the task code uses its hooks."""
+    """Only pgops.airflow.hooks makes clients: the task code uses its hooks."""
     import re
     from pathlib import Path
 

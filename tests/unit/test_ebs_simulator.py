@@ -2,9 +2,10 @@ from datetime import timedelta
 
 import pytest
 
-from pgops.ebs import planner, simulator
-from pgops.ebs.planner import ChainParams
-from pgops.ebs.simulator import BLOCK_SIZE_BYTES, EbsSimulator, Workload
+from pgops.core.ebs import planner
+from pgops.core.ebs.planner import ChainParams
+from pgops.lab import ebs_simulator as simulator
+from pgops.lab.ebs_simulator import BLOCK_SIZE_BYTES, EbsSimulator, Workload
 
 GIB = 1024**3
 VOLUME_BYTES = 64 * GIB

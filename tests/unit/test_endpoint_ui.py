@@ -6,12 +6,12 @@ from __future__ import annotations
 import copy
 from datetime import UTC, datetime
 
-from pgops import endpoint as E
-from pgops import replication as R
+from pgops.airflow import endpoint as E
+from pgops.airflow import replication as R
+from pgops.airflow.ui import api, summary
+from pgops.airflow.ui.summary import AMBER, GREEN, RED
+from pgops.core.reports import envelope
 from pgops.inventory import Endpoint, ReplicaNode, Replication
-from pgops.reports import envelope
-from pgops.ui import api, summary
-from pgops.ui.summary import AMBER, GREEN, RED
 
 NOW = datetime(2026, 3, 1, 12, tzinfo=UTC)
 PG1, PG2 = "i-0aaaaaaaaaaaaaaa1", "i-0bbbbbbbbbbbbbbb2"

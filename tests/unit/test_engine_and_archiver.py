@@ -7,11 +7,11 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from pgops.archiver import archiver_health
-from pgops.engines import barman_cloud
+from pgops.airflow.operators.backup import backup_name_for_run
+from pgops.core.archiver import archiver_health
+from pgops.dbhost.engines import barman_cloud
 from pgops.inventory import REPO_ROOT as REPO
 from pgops.inventory import load_inventory
-from pgops.operators.backup import backup_name_for_run
 
 
 @pytest.fixture
@@ -86,7 +86,7 @@ def test_wal_restore_argv_puts_the_prefetcher_in_front_of_barman(cluster):
     assert ours[cut + 1:] == plain  # barman answers, with its own arguments, whatever the prefetcher cannot
     bare = barman_cloud.wal_restore_argv(cluster, endpoint_url=None, parallel=4, spool_dir="/s/spool", bare=True)
     assert bare[0] == plain[0] and bare[bare.index("--parallel") + 1] == "4"
-    from pgops import restore as core
+    from pgops.core import restore as core
 
     command = core.restore_command(ours)
     assert command.startswith("[ -f /s/spool/%f ] && mv -f /s/spool/%f %p || ") and command.endswith(" main %f %p")

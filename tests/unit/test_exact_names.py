@@ -8,10 +8,10 @@ import dataclasses
 import pytest
 from helpers import REPO
 
-from pgops.engines import barman_cloud
+from pgops.airflow.operators.backup import backup_name_for_run, is_own_backup_name, next_attempt_name
+from pgops.airflow.triggers.s3 import is_segment_key
+from pgops.dbhost.engines import barman_cloud
 from pgops.inventory import load_inventory
-from pgops.operators.backup import backup_name_for_run, is_own_backup_name, next_attempt_name
-from pgops.triggers.s3 import is_segment_key
 
 
 def test_runs_sharing_a_beginning_get_names_of_their_own():

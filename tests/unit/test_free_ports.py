@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 from pgops.dbhost.host import FREE_PORT_PY
-from pgops.procs import _ephemeral_range, free_port, free_ports
+from pgops.dbhost.procs import _ephemeral_range, free_port, free_ports
 
 
 def test_free_ports_are_distinct_bindable_and_outside_the_ephemeral_range():
@@ -26,7 +26,7 @@ def test_free_ports_skips_a_port_in_use(monkeypatch):
         taken = held.getsockname()[1]
         held.listen()
         spare = free_port()
-        monkeypatch.setattr("pgops.procs._listen_candidates", lambda: [taken, spare])
+        monkeypatch.setattr("pgops.dbhost.procs._listen_candidates", lambda: [taken, spare])
         assert free_ports(1) == [spare]
     finally:
         held.close()

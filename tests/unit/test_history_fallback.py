@@ -23,10 +23,10 @@ from xml.sax.saxutils import escape
 import pytest
 from helpers import REPO, pid_in, wait_for
 
-from pgops.engines import barman_cloud
+from pgops.dbhost.engines import barman_cloud
+from pgops.dbhost.runners import CHILD_PATH
 from pgops.inventory import Storage, load_inventory
-from pgops.lab import dbhost_venv, pid_alive
-from pgops.runners import CHILD_PATH
+from pgops.lab.local import dbhost_venv, pid_alive
 
 WRAPPER = REPO / "include" / "dbhost" / "pgops_wal_restore.py"
 PYTHON = dbhost_venv() / "bin" / "python"

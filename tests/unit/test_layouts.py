@@ -1,8 +1,8 @@
 import json
 from datetime import UTC, datetime
 
-from pgops import findings as F
-from pgops import layouts, wal
+from pgops.core import findings as F
+from pgops.core import layouts, wal
 
 T0 = datetime(2026, 11, 25, 10, 0, tzinfo=UTC)
 SHA = "0123456789abcdef0123456789abcdef01234567"

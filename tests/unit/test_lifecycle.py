@@ -2,8 +2,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from pgops import findings as F
-from pgops import lifecycle as L
+from pgops.core import findings as F
+from pgops.core import lifecycle as L
 
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 PREFIX = "pg/main"

@@ -4,9 +4,9 @@ from datetime import UTC, datetime
 
 import pytest
 
-from pgops import findings as F
-from pgops import layouts
-from pgops import lifecycle as L
+from pgops.core import findings as F
+from pgops.core import layouts
+from pgops.core import lifecycle as L
 
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 ROOT = "pg/main"

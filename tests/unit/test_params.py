@@ -1,4 +1,4 @@
-"""pgops.params: the run-time checks of trigger-form params, and the standby settings schema as Airflow applies it."""
+"""pgops.core.params: the run-time checks of trigger-form params, and the standby settings schema as Airflow applies it."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from pgops import params as p
+from pgops.core import params as p
 
 NOW = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 

@@ -12,12 +12,12 @@ import re
 
 import pytest
 
-from pgops import params as P
-from pgops.dags.base_backup import build_base_backup_dag
-from pgops.dags.ebs_migration import build_ebs_migration_dag
-from pgops.dags.restore_verify import build_restore_verify_dag
-from pgops.dags.standby_rebuild import build_standby_rebuild_dag
-from pgops.dags.wal_audit import build_wal_audit_dag
+from pgops.airflow.dags.base_backup import build_base_backup_dag
+from pgops.airflow.dags.ebs_migration import build_ebs_migration_dag
+from pgops.airflow.dags.restore_verify import build_restore_verify_dag
+from pgops.airflow.dags.standby_rebuild import build_standby_rebuild_dag
+from pgops.airflow.dags.wal_audit import build_wal_audit_dag
+from pgops.core import params as P
 
 BUILDERS = (build_base_backup_dag, build_restore_verify_dag, build_wal_audit_dag, build_ebs_migration_dag,
             build_standby_rebuild_dag)
@@ -106,7 +106,7 @@ def test_an_ebs_regex_param_refused_in_the_form_is_refused_again_with_a_fix(name
     """The form shows only the regex (and the description above); the validate task names param, value and Fix."""
     from airflow.sdk.exceptions import ParamValidationError
 
-    from pgops.ebs import spec
+    from pgops.core.ebs import spec
 
     ebs = {key.split(".", 1)[1]: p for key, p in ALL if key.startswith("pgops_ebs_migration.")}
     with pytest.raises(ParamValidationError, match="does not match"):

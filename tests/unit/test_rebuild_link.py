@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 
-from pgops import replication as R
+from pgops.airflow import replication as R
+from pgops.airflow.ui import api, summary
+from pgops.core.reports import envelope
 from pgops.inventory import ReplicaNode, Replication
-from pgops.reports import envelope
-from pgops.ui import api, summary
 
 NOW = datetime(2026, 3, 1, 12, tzinfo=UTC)
 BASE_URL = "https://airflow.example.com"
@@ -143,7 +143,7 @@ def test_the_linked_conf_runs_the_real_dag_without_force():
     its default, false."""
     import yaml
 
-    from pgops.dags.standby_rebuild import build_standby_rebuild_dag
+    from pgops.airflow.dags.standby_rebuild import build_standby_rebuild_dag
     from pgops.inventory import DEFAULT_INVENTORY, parse_inventory
 
     raw = yaml.safe_load(DEFAULT_INVENTORY.read_text())

@@ -8,8 +8,8 @@ from datetime import UTC, datetime, timedelta
 
 from test_ui_summary import HEALTHY_BACKUPS, NOW, audit_report, backup, seg
 
-from pgops.reports import parse_ts
-from pgops.ui import charts, summary
+from pgops.airflow.ui import charts, summary
+from pgops.core.reports import parse_ts
 
 
 def rects(svg: str, cls: str) -> list[tuple[float, float]]:

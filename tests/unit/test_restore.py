@@ -6,8 +6,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from pgops import restore as core
-from pgops.engines.barman_cloud import parse_backup_info
+from pgops.core import restore as core
+from pgops.dbhost.engines.barman_cloud import parse_backup_info
 
 
 def _backup(backup_id: str, end: str, status: str = "DONE", size: int = 10**9):

@@ -454,7 +454,7 @@ def test_part_names_are_barmans():
 
 # -- the engine side --------------------------------------------------------------------------------------
 def test_max_archive_size_gives_parts_for_every_job():
-    from pgops.engines import barman_cloud as bc
+    from pgops.dbhost.engines import barman_cloud as bc
 
     gib, mib = 1024 ** 3, 1024 ** 2
     assert bc.max_archive_size_bytes(None, jobs=2, compression="lz4") is None
@@ -472,7 +472,7 @@ def test_max_archive_size_gives_parts_for_every_job():
 
 
 def test_backup_and_restore_argv():
-    from pgops.engines import barman_cloud as bc
+    from pgops.dbhost.engines import barman_cloud as bc
     from pgops.inventory import load_inventory
 
     cluster = load_inventory(REPO / "include" / "clusters.example.yaml").clusters[0]
@@ -495,7 +495,7 @@ def test_backup_and_restore_argv():
 
 
 def test_restore_summary_is_read_from_the_output():
-    from pgops.engines import barman_cloud as bc
+    from pgops.dbhost.engines import barman_cloud as bc
 
     lines = ["pgops-restore: part 1/2 ...", 'pgops-restore summary: {"parts": 5, "jobs": 2}', ""]
     assert bc.parse_restore_summary(lines) == {"parts": 5, "jobs": 2}
@@ -504,7 +504,7 @@ def test_restore_summary_is_read_from_the_output():
 
 
 def test_summary_prefix_is_the_tools():
-    from pgops.engines import barman_cloud as bc
+    from pgops.dbhost.engines import barman_cloud as bc
 
     assert bc.RESTORE_SUMMARY_PREFIX == pr.SUMMARY
     assert bc.PARALLEL_RESTORE_TOOL == pr.PROG
@@ -523,7 +523,7 @@ class FakeHost:
         return path in self.has
 
     def run(self, argv, *, env=None, timeout_s=300, capture=False, check=True, quiet=False):
-        from pgops.runners import CommandFailed, CommandResult
+        from pgops.dbhost.runners import CommandFailed, CommandResult
 
         self.ran.append((list(argv), dict(env or {})))
         if self.fail and argv[0].endswith(self.fail):
@@ -543,12 +543,12 @@ class Log:
 def cluster(monkeypatch):
     from pgops.inventory import load_inventory
 
-    monkeypatch.setattr("pgops.operators.restore.s3_endpoint_url", lambda conn_id: "http://s3.test")
+    monkeypatch.setattr("pgops.airflow.operators.restore.s3_endpoint_url", lambda conn_id: "http://s3.test")
     return load_inventory(REPO / "include" / "clusters.example.yaml").clusters[0]
 
 
 def test_restore_step_runs_pgops_restore_and_records_its_summary(cluster):
-    from pgops.operators.restore import restore_base_backup
+    from pgops.airflow.operators.restore import restore_base_backup
 
     tool = f"{cluster.engine.bin_dir}/pgops-restore"
     host = FakeHost(has={tool}, output=["pgops-restore: part 1/6 ...",
@@ -565,7 +565,7 @@ def test_restore_step_runs_pgops_restore_and_records_its_summary(cluster):
 
 
 def test_restore_step_falls_back_to_barman_where_the_tools_predate_it(cluster):
-    from pgops.operators.restore import restore_base_backup
+    from pgops.airflow.operators.restore import restore_base_backup
 
     host, log = FakeHost(has=set()), Log()
     got = restore_base_backup(host, cluster, backup_id="B", data_dir="/scratch/data", env={}, log=log)
@@ -576,8 +576,8 @@ def test_restore_step_falls_back_to_barman_where_the_tools_predate_it(cluster):
 
 @pytest.mark.parametrize(("installed", "tool"), [(True, "pgops-restore"), (False, "barman-cloud-restore")])
 def test_a_failed_restore_names_its_tool(cluster, installed, tool):
-    from pgops.operators.restore import restore_base_backup
-    from pgops.runners import CommandFailed
+    from pgops.airflow.operators.restore import restore_base_backup
+    from pgops.dbhost.runners import CommandFailed
 
     host = FakeHost(has={f"{cluster.engine.bin_dir}/pgops-restore"} if installed else set(), fail=tool)
     with pytest.raises(CommandFailed) as caught:

@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 
-from pgops.runners import LocalRunner, SshRunner, _env_block
+from pgops.dbhost.runners import LocalRunner, SshRunner, _env_block
 
 # what the old postmaster ran with (no locale, no TZ)
 SERVER_ENV = {"PATH": "/usr/bin:/bin", "HOME": "/srv/pg-home", "PGDATA": "/srv/pg/15/main", "PGOPS_MARK": "old-env"}

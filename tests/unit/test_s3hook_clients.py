@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from pgops import progress
+from pgops.airflow import progress
 from pgops.inventory import load_inventory
 
 LOG = logging.getLogger("test")
@@ -60,7 +60,7 @@ class FakeS3:
 @pytest.fixture
 def clients(monkeypatch):
     """Every boto3 client a PgopsS3Hook makes (the hook's own ``conn`` path, only the client is a fake)."""
-    from pgops.hooks import PgopsS3Hook
+    from pgops.airflow.hooks import PgopsS3Hook
 
     made: list[tuple[FakeS3, str | None]] = []
 
@@ -131,8 +131,8 @@ def test_a_cluster_missing_from_the_inventory_is_logged_not_raised(clients, capl
 
 
 def test_the_triggers_progress_records_share_one_client(clients):
-    from pgops.triggers.ebs import EbsSnapshotCompletedTrigger
-    from pgops.triggers.restore import RecoveryEndedTrigger
+    from pgops.airflow.triggers.ebs import EbsSnapshotCompletedTrigger
+    from pgops.airflow.triggers.restore import RecoveryEndedTrigger
 
     recovery = RecoveryEndedTrigger(cluster_name="main", data_dir="/d", socket_dir="/s", port=5432, user="postgres",
                                     pid=1, log_file="/l", progress={"run_id": "r", "what": "replay", "target": "latest"})
@@ -149,7 +149,7 @@ def test_the_triggers_progress_records_share_one_client(clients):
 
 
 def test_the_report_source_keeps_one_hook_per_connection(clients):
-    from pgops.ui.data import ReportSource
+    from pgops.airflow.ui.data import ReportSource
 
     cluster = load_inventory().get("main")
     source = ReportSource(ttl_s=0.0)
@@ -162,7 +162,7 @@ def test_the_report_source_keeps_one_hook_per_connection(clients):
 
 
 def test_the_deployment_makes_missing_buckets_with_one_hook_per_connection(clients, monkeypatch):
-    from pgops import deploy
+    from pgops.airflow import deploy
 
     inventory = load_inventory()
     made = deploy.create_buckets(inventory)

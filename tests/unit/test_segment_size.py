@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from pgops import findings as F
-from pgops import inventory, layouts, wal
-from pgops.continuity import check_continuity
+from pgops import inventory
+from pgops.core import findings as F
+from pgops.core import layouts, wal
+from pgops.core.continuity import check_continuity
 
 T0 = datetime(2026, 11, 25, 10, 0, tzinfo=UTC)
 MIB64 = 64 * wal.MIB

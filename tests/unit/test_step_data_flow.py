@@ -11,11 +11,11 @@ import json
 import pytest
 from airflow.sdk.exceptions import AirflowFailException
 
-from pgops.dags.restore_verify import build_restore_verify_dag
-from pgops.dags.standby_rebuild import build_standby_rebuild_dag
+from pgops.airflow.dags.restore_verify import build_restore_verify_dag
+from pgops.airflow.dags.standby_rebuild import build_standby_rebuild_dag
+from pgops.airflow.operators.base import as_mapping
+from pgops.airflow.operators.restore import step_outcomes
 from pgops.inventory import load_inventory
-from pgops.operators.base import as_mapping
-from pgops.operators.restore import step_outcomes
 
 PLAN = {"data_dir": "/var/tmp/pgops-restore/x/data", "port": 54321, "backup_id": "20261129T010000",
         "target": {"kind": "latest", "value": None}}
@@ -138,7 +138,7 @@ class FakeS3:
 
 
 def _hook_with(client):
-    from pgops.hooks import PgopsS3Hook
+    from pgops.airflow.hooks import PgopsS3Hook
 
     hook = PgopsS3Hook(aws_conn_id=None)
     hook.__dict__["conn"] = client  # S3Hook.conn is a cached_property: this is the client it keeps
@@ -146,7 +146,7 @@ def _hook_with(client):
 
 
 def test_the_hook_reads_barman_clouds_catalog_and_keeps_one_client(monkeypatch):
-    from pgops.hooks import PgopsS3Hook, s3_client
+    from pgops.airflow.hooks import PgopsS3Hook, s3_client
 
     cluster = load_inventory().get("main")
     base = f"{cluster.storage.server_prefix}/base/"
@@ -168,8 +168,8 @@ def test_the_hook_reads_barman_clouds_catalog_and_keeps_one_client(monkeypatch):
 
 
 def test_the_end_wal_trigger_lists_with_one_hook_per_run(monkeypatch):
-    import pgops.hooks
-    from pgops.triggers.s3 import WalSegmentArchivedTrigger
+    import pgops.airflow.hooks
+    from pgops.airflow.triggers.s3 import WalSegmentArchivedTrigger
 
     segment = "pg/main/wals/0000000100000000/000000010000000000000003"
     made, answers = [], [None, None, segment + ".lz4"]
@@ -182,7 +182,7 @@ def test_the_end_wal_trigger_lists_with_one_hook_per_run(monkeypatch):
             key = answers.pop(0)
             return key if key and match(key) else None
 
-    monkeypatch.setattr(pgops.hooks, "_s3_hook_class", lambda: OneClientHook)
+    monkeypatch.setattr(pgops.airflow.hooks, "_s3_hook_class", lambda: OneClientHook)
 
     async def first():
         async for event in WalSegmentArchivedTrigger(aws_conn_id="aws", bucket="b", key_prefix=segment,
@@ -193,8 +193,8 @@ def test_the_end_wal_trigger_lists_with_one_hook_per_run(monkeypatch):
     assert made == [{"aws_conn_id": "aws"}] and answers == []
 
 
-@pytest.mark.parametrize("module", ["pgops.operators.restore", "pgops.operators.standby", "pgops.operators.audit",
-                                    "pgops.triggers.s3", "pgops.triggers.restore", "pgops.triggers.standby"])
+@pytest.mark.parametrize("module", ["pgops.airflow.operators.restore", "pgops.airflow.operators.standby", "pgops.airflow.operators.audit",
+                                    "pgops.airflow.triggers.s3", "pgops.airflow.triggers.restore", "pgops.airflow.triggers.standby"])
 def test_no_raw_clients_and_no_upstream_pulls_in_the_restore_and_standby_tasks(module):
     import importlib
     import inspect
@@ -224,9 +224,9 @@ class ReportBucket:
 
 
 def test_the_reports_are_built_from_the_rendered_values(monkeypatch):
-    import pgops.hooks
+    import pgops.airflow.hooks
 
-    monkeypatch.setattr(pgops.hooks, "_s3_hook_class", lambda: ReportBucket)
+    monkeypatch.setattr(pgops.airflow.hooks, "_s3_hook_class", lambda: ReportBucket)
     ReportBucket.written = []
     dag = build_restore_verify_dag(load_inventory().get("main"))
     recovery = {"replay_s": 2.0, "segments_replayed": 3, "rto_s": 30.0, "recovery_stop": None}
@@ -248,9 +248,9 @@ def test_the_reports_are_built_from_the_rendered_values(monkeypatch):
     assert ReportBucket.written[-1]["status"] == "failed"
 
     rebuild = build_standby_rebuild_dag(load_inventory().get("main"))
-    monkeypatch.setattr("pgops.endpoint.report_state", lambda cluster, primary, standby: None)
+    monkeypatch.setattr("pgops.airflow.endpoint.report_state", lambda cluster, primary, standby: None)
     declined, ti = _rendered(rebuild, "report", {("preflight", "return_value"): {"node": "pg2", "primary": "pg1"},
                                                  ("approve_rebuild", "return_value"): {"decision": "rejected"}})
-    monkeypatch.setattr("pgops.operators.standby.NOT_APPROVED", ("rejected",))
+    monkeypatch.setattr("pgops.airflow.operators.standby.NOT_APPROVED", ("rejected",))
     assert declined.run_step({"ti": ti, "run_id": "r"})["status"] == "warning"
     assert ReportBucket.written[-1]["body"]["repmgr_registered"] is False

@@ -8,8 +8,8 @@ import logging
 import pytest
 from airflow.sdk.exceptions import AirflowFailException
 
+from pgops.airflow.operators.base import stop_proven_postmaster
 from pgops.dbhost.host import Postmaster
-from pgops.operators.base import stop_proven_postmaster
 
 DATA = "/srv/pg/data"
 

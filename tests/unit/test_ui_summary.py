@@ -7,9 +7,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from pgops.reports import envelope
-from pgops.ui import charts, summary
-from pgops.ui.summary import AMBER, GREEN, RED
+from pgops.airflow.ui import charts, summary
+from pgops.airflow.ui.summary import AMBER, GREEN, RED
+from pgops.core.reports import envelope
 
 NOW = datetime(2025, 3, 20, 12, 0, tzinfo=UTC)
 MIB16 = 16 * 2**20

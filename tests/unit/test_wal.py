@@ -1,6 +1,6 @@
 import pytest
 
-from pgops import wal
+from pgops.core import wal
 
 GIB = 1024 * wal.MIB
 

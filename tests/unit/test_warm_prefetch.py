@@ -6,8 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from pgops.airflow.operators.restore import BarmanCloudRestoreOperator
 from pgops.inventory import load_inventory
-from pgops.operators.restore import BarmanCloudRestoreOperator
 
 PLAN = {"spool_dir": "/var/tmp/scratch/spool", "backup_begin_wal": "000000010000000000000007"}
 

@@ -1,5 +1,2 @@
-"""Database-host access: one object per node that answers every file, process and port question on that host."""
-
-from pgops.dbhost.host import DbHost, DbHostError, Postmaster
-
-__all__ = ["DbHost", "DbHostError", "Postmaster"]
+"""The database host: where commands run (runners), its processes (procs), one access point per node (host),
+the backup engine's command lines (engines), the cutover's quiesce."""

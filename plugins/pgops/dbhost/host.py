@@ -18,10 +18,10 @@ import posixpath
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from pgops.dbhost.procs import PG_BIN
+from pgops.dbhost.runners import CommandResult, Runner, runner_from_spec
 from pgops.inventory import Cluster, ReplicaNode
 from pgops.inventory import Runner as RunnerSpec
-from pgops.procs import PG_BIN
-from pgops.runners import CommandResult, Runner, runner_from_spec
 
 log = logging.getLogger(__name__)
 

@@ -1,1 +1,0 @@
-"""EBS snapshot chains: the convergence planner and a simulator to test it against."""
