@@ -16,9 +16,10 @@ import pytest
 import yaml
 from helpers import load_dag, task_states
 
-from pgops.airflow import endpoint as E
-from pgops.airflow import replication as R
+from pgops.airflow.endpoint import report_state
+from pgops.core import endpoint as E
 from pgops.core import findings as F
+from pgops.core import replication as R
 from pgops.inventory import load_inventory
 
 pytestmark = [pytest.mark.lab]
@@ -146,7 +147,7 @@ def test_endpoint_on_the_primary_is_ok(replicated_pair, aws, aws_calls):
     assert body["endpoint"]["state"] == "on_primary" and body["endpoint"]["values"] == [aws.private_ip("pg1")]
     assert E.ENDPOINT_OK in found and not _problems(found), _problems(found)
 
-    state = E.report_state(cluster, primary="pg1", standby="pg2")
+    state = report_state(cluster, primary="pg1", standby="pg2")
     assert state["state"] == "on_primary" and state["findings"] == [{"id": E.ENDPOINT_OK, "severity": F.OK}]
 
 
@@ -221,7 +222,7 @@ def test_old_primary_instance_stopped_is_fenced(replicated_pair, aws):
     assert not {k for k in _problems(found) if k.startswith(("ENDPOINT_", "OLD_PRIMARY_"))}, _problems(found)
 
     # the standby-rebuild report's view: the same endpoint state, judged without asking the nodes
-    state = E.report_state(cluster, primary="pg2")
+    state = report_state(cluster, primary="pg2")
     assert state["state"] == "on_primary" and state["points_at_nodes"] == ["pg2"]
     assert {x["id"] for x in state["findings"]} == {E.ENDPOINT_OK, E.OLD_PRIMARY_FENCED}
 

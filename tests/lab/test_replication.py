@@ -11,8 +11,9 @@ import time
 import pytest
 from helpers import load_dag, task_states
 
-from pgops.airflow import replication as R
+from pgops.airflow.replication import check_cluster
 from pgops.core import findings as F
+from pgops.core import replication as R
 
 pytestmark = [pytest.mark.lab, pytest.mark.airflow]
 
@@ -23,7 +24,7 @@ def _check(pair, **thresholds):
     cluster = pair.cluster()
     if thresholds:
         cluster = dataclasses.replace(cluster, replication=dataclasses.replace(cluster.replication, **thresholds))
-    body, found = R.check_cluster(cluster, base_url="http://airflow.test")
+    body, found = check_cluster(cluster, base_url="http://airflow.test")
     return body, {f.id: f for f in found if f.severity != F.OK}, found
 
 

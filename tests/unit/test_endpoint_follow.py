@@ -1,4 +1,4 @@
-"""The endpoint check's core (pgops.airflow.endpoint.evaluate, points_at, reach, the fix commands): plain values in,
+"""The endpoint check's core (pgops.core.endpoint.evaluate, points_at, reach, the fix commands): plain values in,
 findings out. The AWS reads are proven against the lab's moto in tests/lab/test_endpoint.py."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import shlex
 
 import pytest
 
-from pgops.airflow import endpoint as E
-from pgops.airflow import replication as R
+from pgops.core import endpoint as E
 from pgops.core import findings as F
+from pgops.core import replication as R
 from pgops.inventory import Endpoint, ReplicaNode, Replication
 
 PG1, PG2, PG3 = "i-0aaaaaaaaaaaaaaa1", "i-0bbbbbbbbbbbbbbb2", "i-0ccccccccccccccc3"

@@ -6,10 +6,10 @@ from __future__ import annotations
 import copy
 from datetime import UTC, datetime
 
-from pgops.airflow import endpoint as E
-from pgops.airflow import replication as R
 from pgops.airflow.ui import api, summary
 from pgops.airflow.ui.summary import AMBER, GREEN, RED
+from pgops.core import endpoint as E
+from pgops.core import replication as R
 from pgops.core.reports import envelope
 from pgops.inventory import Endpoint, ReplicaNode, Replication
 

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from pgops.airflow import replication as R
 from pgops.airflow.ui import api, summary
+from pgops.core import replication as R
 from pgops.core.reports import envelope
 from pgops.inventory import ReplicaNode, Replication
 

@@ -23,7 +23,6 @@ from typing import Any
 
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
-from pgops.airflow import replication as repl_core
 from pgops.airflow.hooks import aws_child_env, pg_query, s3_endpoint_url
 from pgops.airflow.operators.approval import NOT_APPROVED, describe
 from pgops.airflow.operators.base import param_checked, pg_bin, stop_proven_postmaster, truthy
@@ -34,6 +33,8 @@ from pgops.airflow.operators.restore import (
     step_outcomes,
     wait_started,
 )
+from pgops.airflow.replication import collect as collect_replication
+from pgops.core import replication as repl_core
 from pgops.core import restore as core
 from pgops.core.params import MAX_STANDBY_TIMEOUT_S, check_abs_dir, check_backup_id, check_duration
 from pgops.core.reports import envelope, utcnow
@@ -212,7 +213,7 @@ class StandbyPreflightOperator(StandbyStepOperator):
         problem = core.socket_path_problem(socket_dir)
         if problem:
             raise AirflowFailException(problem)
-        obs = repl_core.collect(repl)
+        obs = collect_replication(repl)
         primary_name = repl_core.current_primary(repl, obs.nodes)
         if primary_name is None:
             raise AirflowFailException(f"cluster {cluster.name!r}: no node is a reachable primary, so there is nothing "
@@ -436,7 +437,7 @@ class StandbyRestoreOperator(StandbyStepOperator):
         """After the approval (which may have taken hours): the primary is still the plan's, the slot is free or
         made, and the current WAL segment is archived. Nothing on the target has been touched yet."""
         repl = self.replication(cluster)
-        obs = repl_core.collect(repl)
+        obs = collect_replication(repl)
         now_primary = repl_core.current_primary(repl, obs.nodes)
         if now_primary != plan["primary"]:
             raise AirflowFailException(f"REFUSED: the primary of {cluster.name} is {now_primary or 'unreachable'} now, "
