@@ -51,7 +51,9 @@ def test_the_backup_label_round_trips_through_one_hook(clients):
     from pgops.airflow.operators.ebs import EbsCutoverOperator
 
     cluster = load_inventory().get("main")
-    s3 = EbsCutoverOperator._s3(cluster)
+    op = EbsCutoverOperator.__new__(EbsCutoverOperator)  # the hook cache needs no constructor arguments
+    s3 = op.s3_hook(cluster.aws_conn_id)
+    assert op.s3_hook(cluster.aws_conn_id) is s3  # one hook per connection for the task's life
     assert s3.read_backup_label(cluster, "run-1") is None
     key = s3.write_backup_label(cluster, "run-1", snapshots={"vol-1": "snap-1"}, backup={"backup_label": LABEL})
     assert key == backup_label_key(cluster, "run-1")

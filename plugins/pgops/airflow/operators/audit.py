@@ -31,9 +31,8 @@ class WalArchiveAuditOperator(ClusterOperator):
     def execute(self, context) -> dict[str, Any]:
         cluster = self.cluster
         apply = str(self.apply_lifecycle).strip().lower() in ("true", "1", "yes")
-        from pgops.airflow.hooks import PgopsS3Hook
 
-        s3 = PgopsS3Hook(aws_conn_id=cluster.aws_conn_id)
+        s3 = self.s3_hook(cluster.aws_conn_id)
         try:
             report = audit.audit_cluster(cluster, s3=s3.conn, run_id=context["run_id"], apply_lifecycle=apply)
         except audit.AuditError as exc:

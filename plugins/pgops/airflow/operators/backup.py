@@ -61,7 +61,6 @@ class BackupPreflightOperator(ClusterOperator):
     """
 
     def execute(self, context) -> dict[str, Any]:
-        from pgops.airflow.hooks import PgopsS3Hook
 
         cluster = self.cluster
         try:
@@ -77,7 +76,7 @@ class BackupPreflightOperator(ClusterOperator):
         self.log.info("%s", health.message)
         if not health.healthy:
             raise AirflowFailException(f"cluster {cluster.name!r}: {health.message}")
-        s3 = PgopsS3Hook(aws_conn_id=cluster.aws_conn_id)
+        s3 = self.s3
         self._check_bucket(cluster, s3, context)
         name = backup_name_for_run(context["run_id"])
         run_backups = [{"backup_id": backup_id, "backup_name": info.get("backup_name"), "status": info.get("status")}
@@ -136,11 +135,10 @@ class BarmanCloudBackupOperator(ClusterOperator):
         self.progress_interval_s = progress_interval_s
 
     def execute(self, context) -> str:
-        from pgops.airflow.hooks import PgopsS3Hook
 
         cluster = self.cluster
         base_name = backup_name_for_run(context["run_id"])
-        s3 = PgopsS3Hook(aws_conn_id=cluster.aws_conn_id)
+        s3 = self.s3
         pre = preflight_findings(as_mapping(self.preflight, "preflight"), run_id=context["run_id"],
                                  try_number=getattr(context.get("ti"), "try_number", None))
         if pre is None:
@@ -266,7 +264,13 @@ def catalog_by_name(cluster: Cluster, name: str, *, s3=None) -> list[tuple[str, 
 
 
 class BarmanCloudVerifyBackupOperator(ClusterOperator):
-    """The new backup must be DONE in the catalog, its end WAL archived; then emit the backup asset event."""
+    """The new backup must be DONE in the catalog, its end WAL archived; then emit the backup asset event.
+
+    :param cluster_name: inventory cluster
+    :param backup_id: the backup task's return value (templated); a reserved name (latest, oldest) is refused
+    :param wal_wait_timeout_s: how long the deferred wait for the backup's end WAL segment in the bucket may take
+    :param poll_interval_s: how often that wait lists the segment's key
+    """
 
     template_fields: Sequence[str] = ("cluster_name", "backup_id")
 
@@ -328,7 +332,11 @@ class BarmanCloudVerifyBackupOperator(ClusterOperator):
 
 
 class BarmanCloudRetentionOperator(ClusterOperator):
-    """barman-cloud-backup-delete by the cluster's retention policy (only downstream of a verified backup)."""
+    """barman-cloud-backup-delete by the cluster's retention policy (only downstream of a verified backup).
+
+    :param cluster_name: inventory cluster
+    :param dry_run: only log what the policy would delete (templated: a bool or its text)
+    """
 
     template_fields: Sequence[str] = ("cluster_name", "dry_run")
 

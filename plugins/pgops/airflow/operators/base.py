@@ -1,5 +1,6 @@
-"""What the cluster operators share: ClusterOperator (one inventory cluster, its engine and runner), stopping a
-proven postmaster, and small helpers for templated values and run-time param checks."""
+"""What pgops' operators share: PgopsOperator (the base of every one: hooks kept for the task's life, errors
+classed as fail-fast or retryable), ClusterOperator (one inventory cluster, its engine, runner and DB-host access
+point), stopping a proven postmaster, and small helpers for templated values and run-time param checks."""
 
 from __future__ import annotations
 
@@ -15,14 +16,51 @@ from pgops.airflow.hooks import aws_child_env, pg_target, s3_endpoint_url
 from pgops.core.params import ParamRefused
 from pgops.dbhost.engines import barman_cloud
 from pgops.dbhost.runners import get_runner
-from pgops.inventory import Cluster, load_inventory
+from pgops.inventory import Cluster, InventoryError, ReplicaNode, load_inventory
 
 if TYPE_CHECKING:
+    from pgops.airflow.hooks import PgopsS3Hook
     from pgops.dbhost.host import DbHost
 
+# Errors a retry cannot mend: the task fails at once (AirflowFailException) instead of retrying them.
+FAIL_FAST_ERRORS: tuple[type[Exception], ...] = (InventoryError, ParamRefused)
 
-class ClusterOperator(BaseOperator):
-    """An operator acting on one inventory cluster (read at execute time, never at parse time)."""
+
+class PgopsOperator(BaseOperator):
+    """The base of every pgops operator.
+
+    Hooks: ``s3_hook(conn_id)`` keeps one PgopsS3Hook (one boto3 client) per AWS connection for the task's life.
+
+    Errors are classed by what a retry can do. What it cannot mend fails the task at once with
+    AirflowFailException, naming the value and the fix: a refusal (a target not proven to be the one meant, a
+    hostile param), an inventory or param error (``FAIL_FAST_ERRORS``, turned into one by ``fail_fast``), a missing
+    bucket, a backup that is not DONE. Anything else (a connection refused, a timeout, an S3 5xx, a DB-host command
+    that failed) is raised as it is and left to the task's retries.
+    """
+
+    def s3_hook(self, aws_conn_id: str | None) -> PgopsS3Hook:
+        """The PgopsS3Hook of ``aws_conn_id``: one per connection (and client) for this task's life."""
+        hooks = self.__dict__.setdefault("_s3_hooks", {})
+        if aws_conn_id not in hooks:
+            from pgops.airflow.hooks import PgopsS3Hook
+
+            hooks[aws_conn_id] = PgopsS3Hook(aws_conn_id=aws_conn_id)
+        return hooks[aws_conn_id]
+
+    @staticmethod
+    def fail_fast(call, *args: Any, **kwargs: Any) -> Any:
+        """``call(*args, **kwargs)``; an error of ``FAIL_FAST_ERRORS`` fails the task at once with its message."""
+        try:
+            return call(*args, **kwargs)
+        except FAIL_FAST_ERRORS as exc:
+            raise AirflowFailException(str(exc)) from None
+
+
+class ClusterOperator(PgopsOperator):
+    """An operator acting on one inventory cluster (read at execute time, never at parse time).
+
+    :param cluster_name: the inventory cluster (templated); one not in the inventory fails the task at once
+    """
 
     template_fields: Sequence[str] = ("cluster_name",)
 
@@ -33,7 +71,31 @@ class ClusterOperator(BaseOperator):
 
     @property
     def cluster(self) -> Cluster:
-        return load_inventory().get(self.cluster_name)
+        return self.fail_fast(lambda: load_inventory().get(self.cluster_name))
+
+    @property
+    def s3(self) -> PgopsS3Hook:
+        """The cluster's S3 hook (its aws_conn_id), kept for the task's life."""
+        return self.s3_hook(self.cluster.aws_conn_id)
+
+    def dbhost(self, cluster: Cluster, node: ReplicaNode | None = None) -> DbHost:
+        """The DB-host access point of ``node``, or of the restore host (the cluster's runner) when None.
+
+        A local runner acts on the machine this task runs on, so the task's queue must be the node's own: anything
+        else fails at once, before a command runs on the wrong machine.
+        """
+        from pgops.dbhost.host import DbHost, node_runner
+
+        spec = node_runner(cluster, node)
+        if spec.kind == "local" and spec.queue != self.queue:
+            raise AirflowFailException(
+                f"cluster {cluster.name!r}: task {self.task_id} runs on worker queue {self.queue!r}, but "
+                f"{'node ' + node.name if node else 'the restore host'}'s commands run on the worker of queue "
+                f"{spec.queue!r}; running them here would act on the wrong machine. Fix: give the node an ssh "
+                "runner in the inventory, or the same queue as the cluster's runner")
+        host = DbHost.for_node(cluster, node, on_line=self.log.info)
+        self._runner = host.runner  # on_kill reaches whatever it runs
+        return host
 
     def engine_env(self, cluster: Cluster) -> dict[str, str]:
         return {**aws_child_env(cluster.engine_aws_conn_id), **pg_target(cluster.postgres_conn_id).child_env()}

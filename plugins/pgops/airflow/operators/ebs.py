@@ -12,9 +12,9 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
 
+from pgops.airflow.operators.base import PgopsOperator
 from pgops.core.ebs import planner
 from pgops.core.ebs import rounds as chain_rounds
 from pgops.core.ebs.backup_label import backup_label_key
@@ -104,7 +104,7 @@ def _volume_bytes(preflight: dict[str, Any]) -> int:
     return sum(v["size_gib"] for v in preflight["volumes"]) * 1024**3
 
 
-class EbsMigrationBaseOperator(BaseOperator):
+class EbsMigrationBaseOperator(PgopsOperator):
     """
     Base of the EBS migration's AWS operators: the run's params (validated) and one hook per region.
 
@@ -176,7 +176,7 @@ class EbsMigrationBaseOperator(BaseOperator):
                    method_name=method_name, timeout=timedelta(days=2))
 
 
-class EbsMigrationValidateOperator(BaseOperator):
+class EbsMigrationValidateOperator(PgopsOperator):
     """
     Check the run's params across fields and, with the expected sizes and rates, the plan before round 1.
 
@@ -562,7 +562,7 @@ class EbsCutoverOperator(EbsMigrationBaseOperator):
         from pgops.dbhost.quiesce import backup_mode
 
         cluster = self._cluster()
-        s3 = self._s3(cluster)
+        s3 = self.s3_hook(cluster.aws_conn_id)
         existing = ec2.find_snapshots({TAG_MIGRATION: mig, TAG_ROUND: FINAL_ROUND})
         superseded: list[str] = []
         if existing:
@@ -604,13 +604,6 @@ class EbsCutoverOperator(EbsMigrationBaseOperator):
                                        "stop-writes restarts PostgreSQL through the cluster's runner: set the "
                                        "operator's cluster_name")
         return load_inventory().get(self.cluster_name)
-
-    @staticmethod
-    def _s3(cluster):
-        """The cluster's bucket (a PgopsS3Hook, one client for the cutover's reads and writes)."""
-        from pgops.airflow.hooks import PgopsS3Hook
-
-        return PgopsS3Hook(aws_conn_id=cluster.aws_conn_id)
 
     def _stop_writes(self, take) -> tuple[dict[str, str], dict[str, Any]]:
         """Clean stop through the cluster's runner, final snapshot(s) while down, restart (always, bounded)."""
@@ -838,7 +831,6 @@ class EbsMigrationReportOperator(EbsMigrationBaseOperator):
         self.volumes = volumes
 
     def execute(self, context) -> dict[str, Any]:
-        from pgops.airflow.hooks import PgopsS3Hook
         from pgops.airflow.operators.approval import NOT_APPROVED, describe
         from pgops.core.reports import envelope, utcnow
         from pgops.inventory import load_inventory
@@ -880,7 +872,7 @@ class EbsMigrationReportOperator(EbsMigrationBaseOperator):
         report = envelope(kind="ebs-migration", cluster=self.cluster_name, run_id=context["run_id"],
                           started_at=started or utcnow(), status=status, body=body)
         cluster = load_inventory().get(self.cluster_name)
-        key = PgopsS3Hook(aws_conn_id=cluster.aws_conn_id).write_report(cluster, report)
+        key = self.s3_hook(cluster.aws_conn_id).write_report(cluster, report)
         self.log.info("ebs-migration report %s (status %s): %d round(s), downtime %s s, volumes %s", key, status,
                       len(rounds), downtime_s, body["destination_volumes"])
         if status == "failed":

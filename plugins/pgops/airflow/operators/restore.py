@@ -42,9 +42,9 @@ from pgops.core.params import (
 )
 from pgops.core.reports import envelope, utcnow
 from pgops.dbhost.engines import barman_cloud
-from pgops.dbhost.host import DbHost, DbHostError, node_runner
+from pgops.dbhost.host import DbHost, DbHostError
 from pgops.dbhost.runners import CommandFailed
-from pgops.inventory import REPO_ROOT, Cluster, ReplicaNode
+from pgops.inventory import REPO_ROOT, Cluster
 
 DEFAULT_SCRATCH_ROOT = "/var/tmp/pgops-restore"
 SQL_CHECKS_DIR = REPO_ROOT / "include" / "sql" / "checks"
@@ -96,20 +96,6 @@ class RestoreStepOperator(ClusterOperator):
             except Exception:  # the report then says "did not finish": still true
                 self.log.warning("could not record the error in XCom")
             raise
-
-    def dbhost(self, cluster: Cluster, node: ReplicaNode | None = None) -> DbHost:
-        """The host this step acts on: ``node``'s, or the restore host (the cluster's runner)."""
-        spec = node_runner(cluster, node)
-        if spec.kind == "local" and spec.queue != self.queue:
-            # a local runner acts on the machine this task runs on: that must be the node's own
-            raise AirflowFailException(
-                f"cluster {cluster.name!r}: task {self.task_id} runs on worker queue {self.queue!r}, but "
-                f"{'node ' + node.name if node else 'the restore host'}'s commands run on the worker of queue "
-                f"{spec.queue!r}; running them here would act on the wrong machine. Fix: give the node an ssh "
-                "runner in the inventory, or the same queue as the cluster's runner")
-        host = DbHost.for_node(cluster, node, on_line=self.log.info)
-        self._runner = host.runner  # on_kill reaches whatever it runs
-        return host
 
     def host(self, cluster: Cluster, argv: list[str], *, env: dict[str, str] | None = None, timeout_s: float = 300,
              capture: bool = False, check: bool = True):
@@ -358,14 +344,13 @@ class BarmanCloudRestoreOperator(RestoreStepOperator):
     def _progress(self, cluster: Cluster, plan: dict[str, Any], run_id: str) -> progress.ProgressTicker:
         """Bytes in the data directory on the restore host (its own DbHost: the restore's runner is busy) against
         the backup's size."""
-        from pgops.airflow.hooks import PgopsS3Hook
 
         watcher = self.dbhost(cluster)
         total = plan.get("backup_size_bytes")
         return progress.ProgressTicker(
             kind="restore", what=f"restore of {cluster.name} backup {plan['backup_id']}", run_id=run_id, log=self.log,
             interval_s=self.progress_interval_s,
-            publish=PgopsS3Hook(aws_conn_id=cluster.aws_conn_id).progress_publisher(cluster, "restore"),
+            publish=self.s3_hook(cluster.aws_conn_id).progress_publisher(cluster, "restore"),
             measure=lambda: {"done_bytes": watcher.used_bytes(plan["data_dir"]), "total_bytes": total,
                              "verb": "restored"})
 
@@ -672,7 +657,6 @@ class RestoreReportOperator(RestoreStepOperator):
         self.keep = keep
 
     def run_step(self, context) -> dict[str, Any]:
-        from pgops.airflow.hooks import PgopsS3Hook
 
         cluster = self.cluster
         errors, missing = step_outcomes(self.steps, self.optional_steps)
@@ -688,7 +672,7 @@ class RestoreReportOperator(RestoreStepOperator):
             "restore_parts": restore.get("parts"), "replay_s": wait.get("replay_s"),
             "segments_replayed": wait.get("segments_replayed"), "rto_s": wait.get("rto_s") if not failed else None,
         }
-        s3 = PgopsS3Hook(aws_conn_id=cluster.aws_conn_id)
+        s3 = self.s3_hook(cluster.aws_conn_id)
         trend = core.RtoTrend(points=0, horizon_days=int(self.horizon_days))
         if measurements["rto_s"] is not None and measurements["database_size_bytes"]:
             history = core.history_points(s3.list_reports(cluster, "restore-verify"))

@@ -662,7 +662,6 @@ class StandbyReportOperator(StandbyStepOperator):
         self.approval, self.started, self.streaming, self.registered = approval, started, streaming, registered
 
     def run_step(self, context) -> dict[str, Any]:
-        from pgops.airflow.hooks import PgopsS3Hook
 
         cluster = self.cluster
         approval = as_mapping(self.approval, "approval")
@@ -690,7 +689,7 @@ class StandbyReportOperator(StandbyStepOperator):
         status = "failed" if failed else ("warning" if declined else "ok")
         report = envelope(kind="replication", cluster=cluster.name, run_id=context["run_id"],
                           started_at=datetime.fromisoformat(started) if started else utcnow(), status=status, body=body)
-        key = PgopsS3Hook(aws_conn_id=cluster.aws_conn_id).write_report(cluster, report)
+        key = self.s3_hook(cluster.aws_conn_id).write_report(cluster, report)
         self.log.info("standby rebuild of %s: %s | approval: %s | from backup %s | time to ready %s s | report "
                       "s3://%s/%s", body["node"], status.upper(), body["approval_text"], body["backup_id"],
                       body["time_to_ready_s"], cluster.storage.bucket, key)
