@@ -22,8 +22,7 @@ from pgops.inventory import Cluster
 
 CLUSTER_SIZE_SQL = "SELECT sum(pg_database_size(datname))::bigint AS size FROM pg_database"
 # The preflight's one query: the archiver's state and the databases' size.
-PREFLIGHT_SQL = (f"SELECT a.*, (SELECT sum(pg_database_size(datname))::bigint FROM pg_database) AS cluster_size_bytes "
-                 f"FROM ({ARCHIVER_SQL}) a")
+PREFLIGHT_SQL = f"SELECT a.*, ({CLUSTER_SIZE_SQL}) AS cluster_size_bytes FROM ({ARCHIVER_SQL}) a"
 
 
 def backup_name_for_run(run_id: str) -> str:
@@ -79,8 +78,7 @@ class BackupPreflightOperator(ClusterOperator):
         s3 = self.s3
         self._check_bucket(cluster, s3, context)
         name = backup_name_for_run(context["run_id"])
-        run_backups = [{"backup_id": backup_id, "backup_name": info.get("backup_name"), "status": info.get("status")}
-                       for backup_id, info in catalog_by_name(cluster, name, s3=s3)]
+        run_backups = run_backups_in_catalog(cluster, name, s3=s3)
         return {"archiver": {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in row.items()
                              if k != "archive_command"},
                 "cluster_size_bytes": int(size) if size else None,
@@ -135,7 +133,6 @@ class BarmanCloudBackupOperator(ClusterOperator):
         self.progress_interval_s = progress_interval_s
 
     def execute(self, context) -> str:
-
         cluster = self.cluster
         base_name = backup_name_for_run(context["run_id"])
         s3 = self.s3
@@ -179,11 +176,9 @@ class BarmanCloudBackupOperator(ClusterOperator):
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="pgops-backup-prep") as pool:
-            existing_f = pool.submit(catalog_by_name, cluster, base_name, s3=s3)
+            existing_f = pool.submit(run_backups_in_catalog, cluster, base_name, s3=s3)
             size_f = pool.submit(cluster_size_bytes, cluster)
-            existing = [{"backup_id": backup_id, "backup_name": info.get("backup_name"), "status": info.get("status")}
-                        for backup_id, info in existing_f.result()]
-            return existing, size_f.result()
+            return existing_f.result(), size_f.result()
 
     def _progress(self, cluster: Cluster, s3, run_id: str, total: int | None) -> progress.ProgressTicker:
         """Bytes uploaded under base/ since the start (finished objects and the parts of open multipart uploads)
@@ -261,6 +256,12 @@ def catalog_by_name(cluster: Cluster, name: str, *, s3=None) -> list[tuple[str, 
     infos = s3.backup_infos(cluster, s3.backup_ids(cluster))
     return [(backup_id, info) for backup_id, info in sorted(infos.items())
             if is_own_backup_name(info.get("backup_name"), name)]
+
+
+def run_backups_in_catalog(cluster: Cluster, name: str, *, s3=None) -> list[dict[str, Any]]:
+    """The run's backups (``name`` and its retry attempts) as the preflight passes them on: id, name, status."""
+    return [{"backup_id": backup_id, "backup_name": info.get("backup_name"), "status": info.get("status")}
+            for backup_id, info in catalog_by_name(cluster, name, s3=s3)]
 
 
 class BarmanCloudVerifyBackupOperator(ClusterOperator):
