@@ -94,7 +94,7 @@ def build_restore_verify_dag(cluster: Cluster) -> DAG:
         doc_md=__doc__,
     ) as dag:
         canary = RestoreCanaryOperator(task_id="canary", cluster_name=cluster.name, target="{{ params.target }}",
-                                       execution_timeout=timedelta(minutes=15))
+                                       backup_id="{{ params.backup_id }}", execution_timeout=timedelta(minutes=15))
         setup = RestoreSetupOperator(
             task_id="setup", cluster_name=cluster.name, queue=q, backup_id="{{ params.backup_id }}",
             target="{{ params.target }}", canary=xcom(canary), scratch_root="{{ params.scratch_root }}",

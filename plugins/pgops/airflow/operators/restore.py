@@ -118,21 +118,26 @@ class RestoreCanaryOperator(RestoreStepOperator):
 
     :param cluster_name: the inventory cluster (templated)
     :param target: the restore target (templated): canary or latest write a canary, anything else skips
+    :param backup_id: the backup the run restores (templated); checked before the canary is written, so that a bad
+        one is refused before anything is written to the primary (the setup step checks it again)
     :param archive_timeout_s: how long to wait for the canary's segment to be archived (default: the RPO target,
         at least 60 s)
     :param poll_interval_s: seconds between two looks at pg_stat_archiver
     """
 
-    template_fields: Sequence[str] = (*RestoreStepOperator.template_fields, "target")
+    template_fields: Sequence[str] = (*RestoreStepOperator.template_fields, "target", "backup_id")
 
-    def __init__(self, *, target: str = "canary", archive_timeout_s: float | None = None, poll_interval_s: float = 1.0,
-                 **kwargs: Any):
+    def __init__(self, *, target: str = "canary", backup_id: str = "latest", archive_timeout_s: float | None = None,
+                 poll_interval_s: float = 1.0, **kwargs: Any):
         super().__init__(**kwargs)
         self.target = target
+        self.backup_id = backup_id
         self.archive_timeout_s = archive_timeout_s
         self.poll_interval_s = poll_interval_s
 
     def run_step(self, context) -> dict[str, Any]:
+        # A run made through the API or the CLI is not checked by the form: refuse its backup id before writing.
+        param_checked(check_backup_id, "backup_id", self.backup_id or "latest")
         kind, _ = core.parse_target(self.target)
         if kind not in ("canary", "latest"):
             raise AirflowSkipException(f"target {self.target!r} is a fixed point in the past: no canary needed")
