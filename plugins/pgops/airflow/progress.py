@@ -65,10 +65,15 @@ def describe(record: dict[str, Any]) -> str:
 
 class ProgressTicker:
     """``with ProgressTicker(...):`` around long work: every ``interval_s`` (and once at the end) measure, log,
-    publish. ``measure`` runs in the ticker's thread and must not share non-thread-safe clients with the work."""
+    publish. ``measure`` runs in the ticker's thread and must not share non-thread-safe clients with the work.
+
+    ``skip_end_if_short``: work that ended before the first interval gets no end record either (the dashboard shows
+    only a running run's record, so a short run needs none, and the measure's client is never made for it)."""
 
     def __init__(self, *, kind: str, what: str, run_id: str, measure: Callable[[], dict[str, Any]], log,
-                 publish: Callable[[dict[str, Any]], None] | None = None, interval_s: float = DEFAULT_INTERVAL_S):
+                 publish: Callable[[dict[str, Any]], None] | None = None, interval_s: float = DEFAULT_INTERVAL_S,
+                 skip_end_if_short: bool = False):
+        self.skip_end_if_short = skip_end_if_short
         self.kind, self.what, self.run_id = kind, what, run_id
         self.measure, self.log, self.publish = measure, log, publish
         self.interval_s = max(0.2, float(interval_s))
@@ -88,6 +93,8 @@ class ProgressTicker:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=self.interval_s + 30)
+        if self.skip_end_if_short and not self.records:
+            return
         self.tick(state="done" if exc_type is None else "failed")
 
     def _loop(self) -> None:

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import threading
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -78,11 +76,30 @@ class BackupPreflightOperator(ClusterOperator):
         s3 = self.s3
         self._check_bucket(cluster, s3, context)
         name = backup_name_for_run(context["run_id"])
-        run_backups = run_backups_in_catalog(cluster, name, s3=s3)
+        run_backups = self._run_backups(cluster, name, s3)
         return {"archiver": {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in row.items()
                              if k != "archive_command"},
                 "cluster_size_bytes": int(size) if size else None,
                 "run_id": context["run_id"], "backup_name": name, "run_backups": run_backups}
+
+    def _run_backups(self, cluster: Cluster, name: str, s3) -> list[dict[str, Any]]:
+        """This run's backups in barman's catalog; a failed read names where and the fix, and is retried (a 403
+        can be a policy being rolled out, a 500 the store's own hiccup)."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        base = f"s3://{cluster.storage.bucket}/{cluster.storage.server_prefix}/base/"
+        try:
+            return run_backups_in_catalog(cluster, name, s3=s3)
+        except ClientError as exc:
+            err = exc.response.get("Error", {})
+            raise RuntimeError(
+                f"cluster {cluster.name!r}: cannot read barman-cloud's catalog in {base} ({err.get('Code', '?')} on "
+                f"{exc.operation_name}: {err.get('Message', '')}). Fix: grant connection {cluster.aws_conn_id!r} "
+                f"s3:ListBucket on {cluster.storage.server_prefix}/base/ and s3:GetObject on its backup.info files "
+                "(include/iam/), or wait for the object store to answer; the task is retried") from None
+        except BotoCoreError as exc:
+            raise RuntimeError(f"cluster {cluster.name!r}: cannot read barman-cloud's catalog in {base} ({exc}). Fix: "
+                               "check the S3 endpoint and the network; the task is retried") from None
 
     def _check_bucket(self, cluster: Cluster, s3, context) -> None:
         from airflow.providers.common.compat.sdk import AirflowException
@@ -155,13 +172,19 @@ class BarmanCloudBackupOperator(ClusterOperator):
         argv = barman_cloud.backup_argv(cluster, endpoint_url=s3_endpoint_url(cluster.engine_aws_conn_id),
                                         backup_name=name, pg_host=t.host, pg_port=t.port, pg_user=t.user,
                                         pg_dbname=t.dbname, cluster_size_bytes=size)
-        # The S3 client (for the progress records and the catalog read after) is made while barman runs.
-        threading.Thread(target=_warm_client, args=(s3, self.log), name="pgops-s3-warm", daemon=True).start()
+        # barman's own log names the backup it made: no S3 client and no catalog read for a backup that needs
+        # no progress record (the first is due after progress_interval_s); the verify task reads its catalog entry.
+        out = barman_cloud.BackupLog(self.log.info)
         try:
             with self._progress(cluster, s3, context["run_id"], size):
-                self.run_engine(cluster, argv)
+                self.run_engine(cluster, argv, on_line=out)
         except CommandFailed as exc:
             raise RuntimeError(f"cluster {cluster.name!r}: barman-cloud-backup failed: {exc}") from None
+        if out.chunk_lines:
+            self.log.info("(%d per-chunk upload lines of barman-cloud-backup not logged)", out.chunk_lines)
+        if out.made():
+            self.log.info("barman-cloud-backup finished: backup %s (%s)", out.made(), name)
+            return out.made()
         made = [(i, info) for i, info in catalog_by_name(cluster, name, s3=s3) if info.get("backup_name") == name]
         if not made:
             raise RuntimeError(f"cluster {cluster.name!r}: barman-cloud-backup exited 0 but no backup named {name!r} is "
@@ -187,7 +210,7 @@ class BarmanCloudBackupOperator(ClusterOperator):
         prefix = f"{cluster.storage.server_prefix}/base/"
         return progress.ProgressTicker(
             kind="backup", what=f"base backup of {cluster.name}", run_id=run_id, log=self.log,
-            interval_s=self.progress_interval_s, publish=_lazy_publisher(s3, cluster, "backup"),
+            interval_s=self.progress_interval_s, publish=_lazy_publisher(s3, cluster, "backup"), skip_end_if_short=True,
             measure=lambda: {"done_bytes": s3.uploaded_since(cluster.storage.bucket, prefix, since),
                              "total_bytes": total, "total_note": " before compression", "verb": "uploaded"})
 
@@ -202,19 +225,6 @@ def _lazy_publisher(s3, cluster: Cluster, kind: str):
         made[0](record)
 
     return publish
-
-
-def _warm_client(s3, log) -> None:
-    """Make the hook's S3 client in this thread, at the lowest CPU priority (Linux: per thread), so that making it
-    (~0.3 s of model loading) takes no CPU time from barman-cloud-backup and PostgreSQL."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-    except (AttributeError, OSError):
-        pass
-    try:
-        s3.get_conn()
-    except Exception as exc:  # noqa: BLE001 - the first real use reports it
-        log.info("S3 client not made ahead (%s)", str(exc).splitlines()[0][:200] if str(exc) else exc)
 
 
 def preflight_findings(pre: dict[str, Any] | None, *, run_id: str, try_number: int | None) -> dict[str, Any] | None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import ast
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator
@@ -101,12 +101,14 @@ class ClusterOperator(PgopsOperator):
         return {**aws_child_env(cluster.engine_aws_conn_id), **pg_target(cluster.postgres_conn_id).child_env()}
 
     def run_engine(self, cluster: Cluster, argv: list[str], *, capture: bool = False, check: bool = True,
-                   timeout_s: float | None = None, env: dict[str, str] | None = None):
-        """Run an engine command on the cluster's runner; ``env``: engine_env(cluster), when already made."""
+                   timeout_s: float | None = None, env: dict[str, str] | None = None,
+                   on_line: Callable[[str], None] | None = None):
+        """Run an engine command on the cluster's runner; ``env``: engine_env(cluster), when already made;
+        ``on_line``: where its output lines go (the task log when None)."""
         self._runner = get_runner(cluster)
         try:
             return self._runner.run(argv, env=self.engine_env(cluster) if env is None else env, capture=capture, check=check,
-                                    timeout_s=timeout_s or cluster.engine.timeout_s, on_line=self.log.info)
+                                    timeout_s=timeout_s or cluster.engine.timeout_s, on_line=on_line or self.log.info)
         finally:
             self._runner = None
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import posixpath
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,7 +75,8 @@ def backup_argv(cluster: Cluster, *, endpoint_url: str | None, backup_name: str,
     (max_archive_size_bytes); engine.extra_args come last, so a --max-archive-size there wins.
     """
     e = cluster.engine
-    argv = [e.bin("barman-cloud-backup"), *_common(cluster, endpoint_url), *_compression(e.compression),
+    # -v: barman's INFO lines, among them "Starting backup '<id>'" (BackupLog reads the new backup's id from it)
+    argv = [e.bin("barman-cloud-backup"), "-v", *_common(cluster, endpoint_url), *_compression(e.compression),
             "--jobs", str(e.jobs), "--name", backup_name]
     part_bytes = max_archive_size_bytes(cluster_size_bytes, jobs=e.jobs, compression=e.compression)
     if part_bytes:
@@ -90,6 +93,43 @@ def backup_argv(cluster: Cluster, *, endpoint_url: str | None, backup_name: str,
         argv += ["--dbname", pg_dbname]
     argv += [*e.extra_args, cluster.storage.destination_url, cluster.storage.server_name]
     return argv
+
+
+# barman-cloud-backup -v: "<date> <time> [<pid>] INFO: Starting backup '20261129T101010'" (cloud.py _start_backup),
+# and one line per uploaded chunk and per completed object, which the task log does without.
+_STARTING_BACKUP_RE = re.compile(r"\[\d+\] INFO: Starting backup '(\d{8}T\d{6})'$")
+_PER_CHUNK_RE = re.compile(r"\[\d+\] INFO: (Uploading '[^']*', part '\d+'|Completing '[^']*'|Skipping '[^']*', part "
+                           r"'\d+') \(worker \d+\)$")
+
+
+class BackupLog:
+    """The on_line sink of a barman-cloud-backup -v run: passes its lines on to ``emit`` but the per-chunk upload
+    lines (counted instead: a 1 TiB backup has thousands), and keeps the id barman gave the backup it started.
+
+    The id is barman's own word, printed when it called pg_backup_start for this backup: nothing else prints
+    that line into this process's output. A run that exits 0 made that backup (DONE); one without the line (an
+    older or newer barman that words it otherwise) leaves ``backup_id`` None and the caller reads the catalog."""
+
+    def __init__(self, emit: Callable[[str], None]):
+        self.emit = emit
+        self.backup_id: str | None = None
+        self.started = 0
+        self.chunk_lines = 0
+
+    def __call__(self, line: str) -> None:
+        text = line.rstrip()
+        if _PER_CHUNK_RE.search(text):
+            self.chunk_lines += 1
+            return
+        found = _STARTING_BACKUP_RE.search(text)
+        if found:
+            self.started += 1
+            self.backup_id = found.group(1)
+        self.emit(line)
+
+    def made(self) -> str | None:
+        """The backup id when exactly one backup was started, else None (the catalog then decides)."""
+        return self.backup_id if self.started == 1 else None
 
 
 def wal_archive_argv(cluster: Cluster, *, endpoint_url: str | None) -> list[str]:
