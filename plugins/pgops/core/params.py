@@ -236,8 +236,12 @@ def check_abs_dir(name: str, value: Any) -> str:
 
 
 def check_backup_id(name: str, value: Any) -> str:
-    """A backup id or name from the catalog, or latest (refuses paths, spaces, newlines, over 100 characters)."""
-    if not isinstance(value, str) or not _BACKUP_ID_RE.fullmatch(value):
+    """A backup id or name from the catalog, or latest (refuses paths, spaces, newlines, over 100 characters).
+
+    A name of digits only reaches a task as an int (the DAGs render templates as native objects): it is taken
+    back as its text."""
+    text = str(value) if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else value
+    if not isinstance(text, str) or not _BACKUP_ID_RE.fullmatch(text):
         raise refusal(name, value, "is not a backup id, a backup name or latest (up to 100 letters, digits and "
                       "_.:-)", "copy an id from barman-cloud-backup-list, e.g. 20250105T020000, or give latest")
-    return value
+    return text
