@@ -4,14 +4,16 @@ Starts its own lab (SeaweedFS S3, PostgreSQL 15) in a temp state dir, fills a pg
 and measures every tool with the same parallelism (--jobs: barman-cloud --jobs, pgops' pusher, prefetcher
 and restore, pgBackRest process-max), the same compression (lz4 at its fast level; pgBackRest compress-type=lz4,
 compress-level=1) and the same transport (TLS to the lab's HTTPS S3 listener: pgBackRest cannot speak plain
-HTTP; --transport http measures pgops without TLS). Each compared figure is taken --repeats times, the tools
-interleaved (the order rotates every repeat), and reported as the median with min-max; ratios are taken
-within one repeat and then summarised. Each tool's best setting (2 x --jobs) is measured once beside them.
+HTTP; --transport http measures pgops without TLS). Each compared figure is taken --repeats times (backups
+--backup-repeats, WAL archiving --wal-repeats), the tools interleaved (the order rotates every repeat), and
+reported as the median with min-max; ratios are taken within one repeat and then summarised. Each tool's best
+setting (2 x --jobs) is measured once beside them.
   backup   a pg_basebackup -Ft -D - > /dev/null (read floor)   b barman-cloud-backup CLI (pgops' options)
            c the base-backup DAG (dag.test: backup task and whole run)   d pgBackRest full backup
-  WAL      pgbench write load (200-row UPDATEs, synchronous_commit off) for --load-s with each archive_command:
-           pgBackRest async archive-push, the pgops wrapper; once: bare barman-cloud-wal-archive and each tool's
-           best setting; one --long-load-s run of the pgops wrapper (does its lag grow?); lag sampled every second
+  WAL      pgbench write load (200-row UPDATEs, synchronous_commit off) for --load-s from a checkpoint, with
+           each archive_command: pgBackRest async archive-push, the pgops wrapper; once: bare
+           barman-cloud-wal-archive and each tool's best setting; one --long-load-s run of the pgops wrapper
+           (does its lag grow?); lag sampled every second
   restore  the restore-verification DAG's RTO (download + replay), pgBackRest restore + replay (async
            archive-get); replay of one restored copy with the pgops prefetcher and from a local WAL copy; once:
            barman-cloud-restore, replay without prefetch and with barman's --parallel prefetch
@@ -63,6 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="samples of every compared figure (medians)")
     p.add_argument("--backup-repeats", type=int, default=5, help="samples of each backup (the shortest figures, "
                                                                  "so the noisiest)")
+    p.add_argument("--wal-repeats", type=int, default=5, help="samples of each WAL archiving figure (a write "
+                                                             "load's WAL varies more than a restore's time)")
     p.add_argument("--load-s", type=float, default=40, help="seconds of write load per WAL archiving sample")
     p.add_argument("--long-load-s", type=float, default=120, help="seconds of the one long load (lag growth)")
     p.add_argument("--replay-load-s", type=float, default=30, help="seconds of write load replayed by restores")
@@ -203,6 +207,9 @@ class Bench:
     def wal_phase(self, name: str, load_s: float) -> dict:
         lab, st = self.lab, self.st
         pl.set_archive_command(lab, self.commands[name])
+        # Every sample starts right after a checkpoint: the WAL a write load makes depends on how long ago the last
+        # one was (full-page images), so without it the samples' loads differ by up to a quarter.
+        lab.psql("CHECKPOINT", st=st)
         pl.switch_and_wait(lab, st)
         drained, _ = pl.wait_drained(lab, st, self.args.drain_timeout_s)
         if not drained:
@@ -245,7 +252,7 @@ class Bench:
 
     def wal(self) -> dict:
         load_s, runs = self.args.load_s, []
-        for rep in range(self.args.repeats):
+        for rep in range(self.args.wal_repeats):
             for name in self.order([PGBR, PGOPS], rep):
                 runs.append({"rep": rep, "name": name, **self.wal_phase(name, load_s)})
         once = {name: self.wal_phase(name, load_s) for name in self.commands if name not in (PGOPS, PGBR)}
@@ -255,7 +262,7 @@ class Bench:
         def of(name: str, key: str) -> list:
             return [r[key] for r in runs if r["name"] == name]
 
-        reps = range(self.args.repeats)
+        reps = range(self.args.wal_repeats)
         pair = [{r["name"]: r for r in runs if r["rep"] == rep} for rep in reps]
         out = {"runs": runs, "once": once, "long": long, "stats": {}}
         for name in (PGOPS, PGBR):
@@ -534,10 +541,11 @@ def table(r: dict, *, markdown: bool = False) -> str:
     """The README's table: medians [min-max] of the repeats (as text, or as Markdown for the README)."""
     db, m, n = r["database"], r["machine"], r["params"]["repeats"]
     nb = r["params"]["backup_repeats"]
+    nw = r["params"].get("wal_repeats", n)
     b, w, x = r["backup"]["stats"], r["wal"]["stats"], r["restore"]["stats"]
     rows: list[tuple[str, str, str]] = [
         ("database", f"pgbench scale {db['scale']}, {db['pgbench_db_bytes'] / 2**30:.1f} GiB",
-         f"{m.get('cpus')} cpus, {m.get('memory_gib')} GiB; medians [min-max] of {n} ({nb} for backups), tools interleaved"),
+         f"{m.get('cpus')} cpus, {m.get('memory_gib')} GiB; medians [min-max] of {n} ({nb} for backups, {nw} for WAL), tools interleaved"),
         ("backup a: pg_basebackup -Ft to /dev/null", _mm(b["a"], " s", ".1f"), "read floor"),
         ("backup b: bare barman-cloud-backup (lz4)", _mm(b["b"], " s", ".1f"), ""),
         ("backup c: base-backup DAG, backup task / whole run", _mm(b["c"], " s", ".1f"), f"run {_mm(b['c_run_s'], ' s', '.1f')}"),

@@ -17,7 +17,8 @@ def test_bench_peers_smoke(tmp_path):
     out = tmp_path / "peers.json"
     state = Path("/var/tmp") / f"pgops-bench-smoke-{tmp_path.name}"
     res = subprocess.run([sys.executable, str(REPO / "bench" / "bench_peers.py"), "--scale", "1", "--load-s", "3",
-                          "--long-load-s", "4", "--replay-load-s", "3", "--repeats", "2", "--backup-repeats", "2", "--clusters", "3",
+                          "--long-load-s", "4", "--replay-load-s", "3", "--repeats", "2", "--backup-repeats", "2",
+                          "--wal-repeats", "2", "--clusters", "3",
                           "--out", str(out), "--state-dir", str(state)],
                          capture_output=True, text=True, timeout=1500)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
