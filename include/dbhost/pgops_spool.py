@@ -2,24 +2,22 @@
 long-lived process per spool directory, found through an exclusive lock on a file in it, and a log that
 cannot grow without bound.
 
-Standard library only; imported by those scripts from their own directory (Python puts a script's directory
-first on sys.path).
+Standard library only, and none of it that an interpreter start has not loaded already (no pathlib): the
+archive_command wrapper imports this module once per WAL segment. Paths are str or os.PathLike.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
-import signal
 import sys
 import time
-from pathlib import Path
 
 
-def held_by_someone(spool: Path, lock_name: str) -> bool:
+def held_by_someone(spool: str | os.PathLike, lock_name: str) -> bool:
     """True while a process holds the spool's lock (the helper runs); the probe holds it for an instant."""
     try:
-        fd = os.open(spool / lock_name, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(os.path.join(spool, lock_name), os.O_RDWR | os.O_CREAT, 0o600)
     except OSError:
         return False
     try:
@@ -34,14 +32,14 @@ def held_by_someone(spool: Path, lock_name: str) -> bool:
 class SpoolOwner:
     """The lock of a spool, held for a helper's whole life, and its pid file (stop it by that pid)."""
 
-    def __init__(self, spool: Path, lock_name: str, pid_name: str):
+    def __init__(self, spool: str | os.PathLike, lock_name: str, pid_name: str):
         self.spool, self.lock_name, self.pid_name = spool, lock_name, pid_name
         self.fd: int | None = None
         self.inode: int | None = None
 
     def acquire(self) -> bool:
         """Take the lock (a probe may hold it for an instant); False when another helper has it."""
-        fd = os.open(self.spool / self.lock_name, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(os.path.join(self.spool, self.lock_name), os.O_RDWR | os.O_CREAT, 0o600)
         for _attempt in range(50):
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -52,16 +50,19 @@ class SpoolOwner:
             os.close(fd)
             return False
         self.fd, self.inode = fd, os.fstat(fd).st_ino
+        import signal  # here, not at the top: signal loads enum, and the archive_command call never needs it
+
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stopped by pid: clean up as on idle
-        tmp = self.spool / f".tmp-{self.pid_name}"
-        tmp.write_text(f"{os.getpid()}\n")
-        tmp.replace(self.spool / self.pid_name)
+        tmp = os.path.join(self.spool, f".tmp-{self.pid_name}")
+        with open(tmp, "w") as fh:
+            fh.write(f"{os.getpid()}\n")
+        os.replace(tmp, os.path.join(self.spool, self.pid_name))
         return True
 
     def still_ours(self) -> bool:
         """False once the spool is removed or replaced by a new one (its lock file is another file)."""
         try:
-            return self.inode is not None and os.stat(self.spool / self.lock_name).st_ino == self.inode
+            return self.inode is not None and os.stat(os.path.join(self.spool, self.lock_name)).st_ino == self.inode
         except OSError:
             return False
 
@@ -70,17 +71,20 @@ class SpoolOwner:
         if self.fd is None:
             return
         if self.still_ours():
-            (self.spool / self.pid_name).unlink(missing_ok=True)
+            try:
+                os.unlink(os.path.join(self.spool, self.pid_name))
+            except FileNotFoundError:
+                pass
         os.close(self.fd)
         self.fd, self.inode = None, None
 
 
-def rotate_log(path: Path, cap_bytes: int) -> bool:
+def rotate_log(path: str | os.PathLike, cap_bytes: int) -> bool:
     """Move a log past cap_bytes to <log>.1 (replacing the older one); True when it did."""
     try:
         if os.stat(path).st_size <= cap_bytes:
             return False
-        os.replace(path, path.with_name(path.name + ".1"))
+        os.replace(path, os.fspath(path) + ".1")
         return True
     except OSError:
         return False
@@ -90,7 +94,7 @@ class CappedLog:
     """A helper's stdout and stderr (fds 1 and 2, so barman's logging and tracebacks too) in one file that is
     moved to <file>.1 once it passes cap_bytes: at most about twice the cap on disk, however long it runs."""
 
-    def __init__(self, path: Path, cap_bytes: int):
+    def __init__(self, path: str | os.PathLike, cap_bytes: int):
         self.path, self.cap_bytes = path, cap_bytes
 
     def attach(self) -> None:

@@ -54,19 +54,22 @@ from __future__ import annotations
 
 import _thread
 import os
-import re
 import stat
 import sys
 import time
-from pathlib import Path
-from types import SimpleNamespace
 
 from pgops_spool import CappedLog, SpoolOwner, held_by_someone, rotate_log
 
-# PostgreSQL starts this script once per WAL segment: the modules only some paths need (argparse, subprocess,
-# shutil, hashlib's OpenSSL) are imported where they are used, so a call whose segment the pusher has archived
-# costs an interpreter start and little more (`make bench` measures the CPU per segment).
-SEGMENT_RE = re.compile(r"^[0-9A-F]{24}$")
+if False:  # for annotations only (typing.TYPE_CHECKING would import typing): only the paths that archive load it
+    from pathlib import Path
+
+# PostgreSQL starts this script once per WAL segment: a call whose segment the pusher has archived imports
+# nothing an interpreter start has not loaded already (no re, pathlib, types, argparse, subprocess, shutil or
+# hashlib's OpenSSL: together they took as long as the interpreter's own start), and works on str paths; the
+# paths that archive in this process, and the pusher, import what they need (`make bench` measures the CPU per
+# segment, tests/unit/test_archive_call_imports.py what a call loads).
+SimpleNamespace = type(sys.implementation)  # types.SimpleNamespace, as the types module itself gets it
+_HEX_UPPER = frozenset("0123456789ABCDEF")
 SPOOL_PREFIX = "pgops_wal_spool."  # default spool: <data directory's parent>/pgops_wal_spool.<its name>
 LEGACY_SPOOL = "pgops_wal_spool"  # the old default, inside the data directory (so in every base backup)
 CALLED = ".called"
@@ -153,17 +156,30 @@ def destination_hash(command: list[str]) -> str:
     return sha256("\0".join(command).encode()).hexdigest()[:16]
 
 
-def default_spool(data_dir: Path) -> Path:
+def is_segment_name(name: str) -> bool:
+    """A WAL segment's file name: 24 upper-case hex digits (not a .history, .backup or .partial file)."""
+    return len(name) == 24 and _HEX_UPPER.issuperset(name)
+
+
+def default_spool(data_dir: str | os.PathLike) -> str:
     """Next to the data directory, not in it: a base backup must not carry the spool."""
-    return data_dir.parent / f"{SPOOL_PREFIX}{data_dir.name}"
+    data_dir = os.fspath(data_dir).rstrip("/") or "/"
+    return os.path.join(os.path.dirname(data_dir), SPOOL_PREFIX + os.path.basename(data_dir))
 
 
-def _identity(path: Path) -> str:
-    st = path.stat()
+def _identity(path: str | os.PathLike) -> str:
+    st = os.stat(path)
     return f"{st.st_ino} {st.st_size} {st.st_mtime_ns}"
 
 
-def _fsync_dir(path: Path) -> None:
+def _unlink(path: str | os.PathLike) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _fsync_dir(path: str | os.PathLike) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -171,12 +187,13 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _tmp_name(path: Path) -> Path:
+def _tmp_name(path: str | os.PathLike) -> str:
     """A temporary name of this writer only (process and thread): two writers never share one."""
-    return path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}.{_thread.get_ident()}")
+    head, tail = os.path.split(os.fspath(path))
+    return os.path.join(head, f"{TMP_PREFIX}{tail}.{os.getpid()}.{_thread.get_ident()}")
 
 
-def _write_atomic(path: Path, text: str, *, durable: bool = False) -> None:
+def _write_atomic(path: str | os.PathLike, text: str, *, durable: bool = False) -> None:
     tmp = _tmp_name(path)
     try:
         with open(tmp, "w") as fh:
@@ -184,28 +201,29 @@ def _write_atomic(path: Path, text: str, *, durable: bool = False) -> None:
             if durable:
                 fh.flush()
                 os.fsync(fh.fileno())
-        tmp.replace(path)
+        os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        _unlink(tmp)
         raise
     if durable:
-        _fsync_dir(path.parent)
+        _fsync_dir(os.path.dirname(os.fspath(path)) or ".")
 
 
-def _read(path: Path) -> str:
+def _read(path: str | os.PathLike) -> str:
     try:
-        return path.read_text().strip()
-    except OSError:
+        with open(path) as fh:
+            return fh.read().strip()
+    except (OSError, ValueError):  # ValueError: not UTF-8, as Path.read_text raised it
         return ""
 
 
-def _write_marker(spool: Path, name: str, identity: str, dest: str) -> None:
-    _write_atomic(spool / f"{name}.archived", f"{identity} {dest}\n", durable=True)
+def _write_marker(spool: str | os.PathLike, name: str, identity: str, dest: str) -> None:
+    _write_atomic(os.path.join(spool, f"{name}.archived"), f"{identity} {dest}\n", durable=True)
 
 
-def _marker_matches(spool: Path, name: str, wal: Path, dest: str) -> bool:
+def _marker_matches(spool: str | os.PathLike, name: str, wal: str | os.PathLike, dest: str) -> bool:
     """A marker vouches only for this very file (inode, size, mtime) archived to this destination (hash)."""
-    marker = _read(spool / f"{name}.archived")
+    marker = _read(os.path.join(spool, f"{name}.archived"))
     if not marker:
         return False
     try:
@@ -214,21 +232,21 @@ def _marker_matches(spool: Path, name: str, wal: Path, dest: str) -> bool:
         return False
 
 
-def _ready(wal_dir: Path, limit: int, accept) -> list[tuple[str, str]]:
+def _ready(wal_dir: str | os.PathLike, limit: int, accept) -> list[tuple[str, str]]:
     """(name, identity) of the oldest ready WAL segments that accept(name) takes, up to limit. A .ready
     without its segment file (an orphan) is skipped, never fatal."""
     if limit <= 0:
         return []
     try:
-        ready = sorted(n[:-6] for n in os.listdir(wal_dir / "archive_status") if n.endswith(".ready"))
+        ready = sorted(n[:-6] for n in os.listdir(os.path.join(wal_dir, "archive_status")) if n.endswith(".ready"))
     except OSError:
         return []
     out = []
     for name in ready:
-        if not SEGMENT_RE.match(name) or not accept(name):
+        if not is_segment_name(name) or not accept(name):
             continue
         try:
-            out.append((name, _identity(wal_dir / name)))
+            out.append((name, _identity(os.path.join(wal_dir, name))))
         except OSError:
             continue  # an orphan .ready (or recycled meanwhile): PostgreSQL's own call for it gets the answer
         if len(out) == limit:
@@ -236,7 +254,7 @@ def _ready(wal_dir: Path, limit: int, accept) -> list[tuple[str, str]]:
     return out
 
 
-def _prune(spool: Path, wal_dir: Path) -> None:
+def _prune(spool: str | os.PathLike, wal_dir: str | os.PathLike) -> None:
     """Drop markers whose segment is gone from pg_wal (archived and recycled) and temporary files of writers
     that died: they can never be asked for."""
     now = time.time()
@@ -247,19 +265,19 @@ def _prune(spool: Path, wal_dir: Path) -> None:
     for entry in entries:
         try:
             if entry.startswith(TMP_PREFIX):
-                if now - os.stat(spool / entry).st_mtime > STALE_TMP_S:
-                    (spool / entry).unlink(missing_ok=True)
-            elif entry.endswith(".archived") and not (wal_dir / entry.split(".", 1)[0]).exists():
-                (spool / entry).unlink(missing_ok=True)
+                if now - os.stat(os.path.join(spool, entry)).st_mtime > STALE_TMP_S:
+                    _unlink(os.path.join(spool, entry))
+            elif entry.endswith(".archived") and not os.path.exists(os.path.join(wal_dir, entry.split(".", 1)[0])):
+                _unlink(os.path.join(spool, entry))
         except OSError:
             continue
 
 
-def _spool_problem(spool: Path) -> str | None:
+def _spool_problem(spool: str | os.PathLike) -> str | None:
     """Why the spool cannot be used, or None. Markers in it vouch for archived WAL: it must be a directory of this
     user that nobody else can write (not a symlink someone left in a shared parent directory)."""
     try:
-        spool.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.makedirs(spool, mode=0o700, exist_ok=True)
         st = os.lstat(spool)
     except OSError as exc:
         return str(exc)
@@ -270,12 +288,12 @@ def _spool_problem(spool: Path) -> str | None:
     return None
 
 
-def _drop_legacy_spool(data_dir: Path, spool: Path) -> None:
+def _drop_legacy_spool(data_dir: str | os.PathLike, spool: str | os.PathLike) -> None:
     """The spool used to live in the data directory, and so in every base backup: remove it once no pusher
     of an older version works in it."""
-    old = data_dir / LEGACY_SPOOL
+    old = os.path.join(data_dir, LEGACY_SPOOL)
     try:
-        if not old.is_dir() or old.resolve() == spool.resolve() or held_by_someone(old, LOCK):
+        if not os.path.isdir(old) or os.path.realpath(old) == os.path.realpath(spool) or held_by_someone(old, LOCK):
             return
     except OSError:
         return
@@ -464,6 +482,9 @@ def _archive_in_process(command: list[str], paths: list[Path], parallel: int) ->
 
 def _archive(opts: SimpleNamespace, command: list[str], paths: list[Path]) -> list[int] | None:
     """Exit codes per path; None when nothing could start (barman not importable, bad arguments)."""
+    from pathlib import Path
+
+    paths = [Path(p) for p in paths]
     archive = _archive_in_process if opts.in_process else _archive_processes
     try:
         return archive(command, paths, opts.parallel)
@@ -479,15 +500,16 @@ def _failed_hint(command: list[str], name: str, code: int, wal: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    opts, command, wal_arg = _parse(argv)
+    opts, command, wal = _parse(argv)
     dest = destination_hash(command)
-    wal = Path(wal_arg)
-    name = wal.name
-    data_dir = Path.cwd()  # PostgreSQL runs archive_command in the data directory
-    wal_dir = Path(os.path.abspath(wal)).parent  # pg_wal as PostgreSQL names it (a symlink stays one)
-    spool = Path(opts.spool_dir) if opts.spool_dir else default_spool(data_dir)
+    name = os.path.basename(wal)
+    data_dir = os.getcwd()  # PostgreSQL runs archive_command in the data directory
+    wal_dir = os.path.dirname(os.path.abspath(wal))  # pg_wal as PostgreSQL names it (a symlink stays one)
+    spool = opts.spool_dir or default_spool(data_dir)
     if opts.pusher:
-        return Pusher(opts, command, dest, wal_dir, data_dir, spool.absolute()).run()
+        from pathlib import Path
+
+        return Pusher(opts, command, dest, Path(wal_dir), Path(data_dir), Path(data_dir, spool)).run()
     problem = _spool_problem(spool)
     if problem:
         print(f"pgops_wal_archive: no spool at {spool} ({problem}): archiving {name} alone. Fix: let the PostgreSQL "
@@ -501,30 +523,31 @@ def main(argv: list[str] | None = None) -> int:
         _drop_legacy_spool(data_dir, spool)
 
     background = opts.background and opts.in_process
+    called = os.path.join(spool, CALLED)
     if background:
         try:  # the call record: PostgreSQL archives through this wrapper, to this destination
-            _write_atomic(spool / CALLED, dest + "\n")
+            _write_atomic(called, dest + "\n")
         except OSError as exc:
-            print(f"pgops_wal_archive: cannot write {spool / CALLED} ({exc}); archiving {name} in this call",
-                  file=sys.stderr)
+            print(f"pgops_wal_archive: cannot write {called} ({exc}); archiving {name} in this call", file=sys.stderr)
             background = False
+    marker = os.path.join(spool, f"{name}.archived")
     # (a segment file that is not there, an orphan .ready, is not waited for: this call fails at once)
-    if _marker_matches(spool, name, wal, dest) or (background and SEGMENT_RE.match(name) and wal.exists()
+    if _marker_matches(spool, name, wal, dest) or (background and is_segment_name(name) and os.path.exists(wal)
                                                    and _wait_for_pusher(opts, argv, spool, wal, dest)):
         # Archived ahead, and the file is the one that was archived, where this command archives. The pusher
         # drops the marker once PostgreSQL has marked the segment done (dropping it here would have the
         # pusher archive it again).
         if not background:
-            (spool / f"{name}.archived").unlink(missing_ok=True)
+            _unlink(marker)
         return 0
-    (spool / f"{name}.archived").unlink(missing_ok=True)
+    _unlink(marker)
 
     batch = opts.batch or 2 * opts.parallel
     # the segments ahead, unless a pusher archives them (both would upload, and then compare, each of them)
-    ahead = [] if background and _pusher_alive(spool) else \
-        _ready(wal_dir, batch - 1, lambda n: n != name and not _marker_matches(spool, n, wal_dir / n, dest))
+    ahead = [] if background and _pusher_alive(spool) else _ready(
+        wal_dir, batch - 1, lambda n: n != name and not _marker_matches(spool, n, os.path.join(wal_dir, n), dest))
     names = [name, *(n for n, _ in ahead)]
-    codes_list = _archive(opts, command, [wal_dir / n for n in names])
+    codes_list = _archive(opts, command, [os.path.join(wal_dir, n) for n in names])
     if codes_list is None:
         return EXIT_ERROR  # nothing recorded as archived
     codes = dict(zip(names, codes_list, strict=True))
@@ -535,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
                   "with its own archive_command call", file=sys.stderr)
             continue
         try:
-            if _identity(wal_dir / n) == identity:
+            if _identity(os.path.join(wal_dir, n)) == identity:
                 _write_marker(spool, n, identity, dest)
         except OSError as exc:  # the file went, or the spool is full: only a marker less (archived again later)
             print(f"pgops_wal_archive: no marker for {n} ({exc})", file=sys.stderr)
@@ -545,38 +568,41 @@ def main(argv: list[str] | None = None) -> int:
     return codes[name]
 
 
-def _pusher_alive(spool: Path) -> bool:
+def _pusher_alive(spool: str | os.PathLike) -> bool:
     return held_by_someone(spool, LOCK)
 
 
-def _start_pusher(argv: list[str], spool: Path, wal: Path) -> None:
+def _start_pusher(argv: list[str], spool: str | os.PathLike, wal: str | os.PathLike) -> None:
     import subprocess
 
-    rotate_log(spool / LOG, LOG_CAP_BYTES)
+    log_path = os.path.join(spool, LOG)
+    rotate_log(log_path, LOG_CAP_BYTES)
     cut = argv.index("--")
-    with open(spool / LOG, "ab") as log:
+    with open(log_path, "ab") as log:
         subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv[:cut], "--pusher", "--",
                           *argv[cut + 1:-1], os.path.abspath(wal)],
                          stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
                          close_fds=True, cwd=os.getcwd())
 
 
-def _wait_for_pusher(opts: SimpleNamespace, argv: list[str], spool: Path, wal: Path, dest: str) -> bool:
+def _wait_for_pusher(opts: SimpleNamespace, argv: list[str], spool: str | os.PathLike, wal: str | os.PathLike,
+                     dest: str) -> bool:
     """True once a pusher has archived this file to this destination; False: the caller archives it itself.
 
     A pusher for another destination sees this call's record and stops at once; this call then starts one
     for its own (a few times at most: one that cannot run leaves the work to this call)."""
-    failed = spool / f"{wal.name}.failed"
+    name = os.path.basename(wal)
+    failed = os.path.join(spool, f"{name}.failed")
     try:
-        failed.unlink(missing_ok=True)  # this call asks again: the pusher may retry it
+        _unlink(failed)  # this call asks again: the pusher may retry it
     except OSError:
         return False
     deadline = time.monotonic() + opts.wait_s
     starts, last_start, checked = 0, 0.0, 0.0
     while time.monotonic() < deadline:
-        if _marker_matches(spool, wal.name, wal, dest):
+        if _marker_matches(spool, name, wal, dest):
             return True
-        if failed.exists():
+        if os.path.exists(failed):
             return False
         now = time.monotonic()
         if now - checked > 0.05:
@@ -586,7 +612,7 @@ def _wait_for_pusher(opts: SimpleNamespace, argv: list[str], spool: Path, wal: P
                     try:
                         _start_pusher(argv, spool, wal)
                     except OSError as exc:
-                        print(f"pgops_wal_archive: no pusher ({exc}); archiving {wal.name} in this call",
+                        print(f"pgops_wal_archive: no pusher ({exc}); archiving {name} in this call",
                               file=sys.stderr)
                         return False
                     starts, last_start = starts + 1, now
