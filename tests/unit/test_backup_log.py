@@ -51,6 +51,9 @@ def test_the_id_is_barmans_own_and_the_chunk_lines_are_counted_not_logged():
     ["2026-11-29 16:28:50,043 [1] INFO: Starting backup 'latest'"],  # not an id
     ["Starting backup '20261129T162850'"],  # not barman's log format
     ["2026-11-29 16:28:50,043 [1] INFO: psql said: Starting backup '20261129T162850' x"],  # not the whole line
+    # inside another message (a server's notice relayed in a WARNING line): not barman's own line
+    ["2026-11-29 16:28:50,043 [1] WARNING: 2026-11-29 16:28:50,043 [1] INFO: Starting backup '20261129T162850'"],
+    ["x 2026-11-29 16:28:50,043 [1] INFO: Starting backup '20261129T162850'"],
     # two starts in one output: which one this run made is not for the log to say
     ["2026-11-29 16:28:50,043 [1] INFO: Starting backup '20261129T162850'",
      "2026-11-29 16:28:51,043 [1] INFO: Starting backup '20261129T162851'"],
@@ -60,6 +63,15 @@ def test_no_single_clear_start_line_means_no_id(lines):
     for line in lines:
         out(line)
     assert out.made() is None
+
+
+def test_only_barmans_own_chunk_lines_are_held_back():
+    logged: list[str] = []
+    out = barman_cloud.BackupLog(logged.append)
+    line = "2026-11-29 16:28:50,043 [1] ERROR: Uploading 'k', part '1' (worker 0) failed: Access Denied"
+    out(line)
+    out("2026-11-29 16:28:51,001 [2] INFO: Uploading 'k', part '1' (worker 0) and more")
+    assert out.chunk_lines == 0 and len(logged) == 2
 
 
 def test_the_backup_command_asks_barman_for_its_info_lines():

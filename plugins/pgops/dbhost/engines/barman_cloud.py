@@ -97,9 +97,11 @@ def backup_argv(cluster: Cluster, *, endpoint_url: str | None, backup_name: str,
 
 # barman-cloud-backup -v: "<date> <time> [<pid>] INFO: Starting backup '20261129T101010'" (cloud.py _start_backup),
 # and one line per uploaded chunk and per completed object, which the task log does without.
-_STARTING_BACKUP_RE = re.compile(r"\[\d+\] INFO: Starting backup '(\d{8}T\d{6})'$")
-_PER_CHUNK_RE = re.compile(r"\[\d+\] INFO: (Uploading '[^']*', part '\d+'|Completing '[^']*'|Skipping '[^']*', part "
-                           r"'\d+') \(worker \d+\)$")
+# Whole lines in barman's log format (cloud.py LOGGING_FORMAT), so no text inside another message can pass for one.
+_LOG_PREFIX = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} \[\d+\] INFO: "
+_STARTING_BACKUP_RE = re.compile(_LOG_PREFIX + r"Starting backup '(\d{8}T\d{6})'")
+_PER_CHUNK_RE = re.compile(_LOG_PREFIX + r"(Uploading '[^']*', part '\d+'|Completing '[^']*'|Skipping '[^']*', "
+                           r"part '\d+') \(worker \d+\)")
 
 
 class BackupLog:
@@ -118,10 +120,10 @@ class BackupLog:
 
     def __call__(self, line: str) -> None:
         text = line.rstrip()
-        if _PER_CHUNK_RE.search(text):
+        if _PER_CHUNK_RE.fullmatch(text):
             self.chunk_lines += 1
             return
-        found = _STARTING_BACKUP_RE.search(text)
+        found = _STARTING_BACKUP_RE.fullmatch(text)
         if found:
             self.started += 1
             self.backup_id = found.group(1)
