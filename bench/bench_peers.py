@@ -10,10 +10,10 @@ reported as the median with min-max; ratios are taken within one repeat and then
 setting (2 x --jobs) is measured once beside them.
   backup   a pg_basebackup -Ft -D - > /dev/null (read floor)   b barman-cloud-backup CLI (pgops' options)
            c the base-backup DAG (dag.test: backup task and whole run)   d pgBackRest full backup
-  WAL      pgbench write load (200-row UPDATEs, synchronous_commit off) for --load-s from a checkpoint, with
-           each archive_command: pgBackRest async archive-push, the pgops wrapper; once: bare
-           barman-cloud-wal-archive and each tool's best setting; one --long-load-s run of the pgops wrapper
-           (does its lag grow?); lag sampled every second
+  WAL      after a warm-up load, pgbench write load (200-row UPDATEs, synchronous_commit off, no autovacuum) for
+           --load-s from a checkpoint, with each archive_command: pgBackRest async archive-push, the pgops
+           wrapper; once: bare barman-cloud-wal-archive and each tool's best setting; one --long-load-s run of
+           the pgops wrapper (does its lag grow?); lag sampled every second
   restore  the restore-verification DAG's RTO (download + replay), pgBackRest restore + replay (async
            archive-get); replay of one restored copy with the pgops prefetcher and from a local WAL copy; once:
            barman-cloud-restore, replay without prefetch and with barman's --parallel prefetch
@@ -65,8 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="samples of every compared figure (medians)")
     p.add_argument("--backup-repeats", type=int, default=5, help="samples of each backup (the shortest figures, "
                                                                  "so the noisiest)")
-    p.add_argument("--wal-repeats", type=int, default=5, help="samples of each WAL archiving figure (a write "
-                                                             "load's WAL varies more than a restore's time)")
+    p.add_argument("--wal-repeats", type=int, default=6, help="samples of each WAL archiving figure (a write "
+                                                             "load's WAL varies more than a restore's time; even: "
+                                                             "each tool goes first as often)")
     p.add_argument("--load-s", type=float, default=40, help="seconds of write load per WAL archiving sample")
     p.add_argument("--long-load-s", type=float, default=120, help="seconds of the one long load (lag growth)")
     p.add_argument("--replay-load-s", type=float, default=30, help="seconds of write load replayed by restores")
@@ -252,12 +253,22 @@ class Bench:
 
     def wal(self) -> dict:
         load_s, runs = self.args.load_s, []
-        for rep in range(self.args.wal_repeats):
-            for name in self.order([PGBR, PGOPS], rep):
-                runs.append({"rep": rep, "name": name, **self.wal_phase(name, load_s)})
-        once = {name: self.wal_phase(name, load_s) for name in self.commands if name not in (PGOPS, PGBR)}
-        self.log(f"WAL archiving, long load: {self.args.long_load_s:.0f} s with the {PGOPS}")
-        long = self.wal_phase(PGOPS, self.args.long_load_s)
+        # The same table for every sample: no autovacuum landing in one of them at random (it took up to a tenth
+        # of a sample's WAL), and one load first that is not counted: a freshly loaded table makes more WAL per
+        # update than one updated for a while (no free space in its pages for HOT updates yet). The table then
+        # ages evenly; each tool goes first in every other repeat, so an even number of repeats cancels that.
+        self.lab.psql("ALTER TABLE pgbench_accounts SET (autovacuum_enabled = off)", st=self.st)
+        try:
+            self.log(f"WAL archiving: a {load_s:.0f}-s warm-up load, not counted")
+            self.wal_phase(PGOPS, load_s)
+            for rep in range(self.args.wal_repeats):
+                for name in self.order([PGBR, PGOPS], rep):
+                    runs.append({"rep": rep, "name": name, **self.wal_phase(name, load_s)})
+            once = {name: self.wal_phase(name, load_s) for name in self.commands if name not in (PGOPS, PGBR)}
+            self.log(f"WAL archiving, long load: {self.args.long_load_s:.0f} s with the {PGOPS}")
+            long = self.wal_phase(PGOPS, self.args.long_load_s)
+        finally:
+            self.lab.psql("ALTER TABLE pgbench_accounts RESET (autovacuum_enabled)", st=self.st)
 
         def of(name: str, key: str) -> list:
             return [r[key] for r in runs if r["name"] == name]
@@ -312,6 +323,11 @@ class Bench:
         lab, st = self.lab, self.st
         both = self.commands[PGOPS] + " && " + self.pgbr.archive_command(asynchronous=False)
         pl.set_archive_command(lab, both)  # both repositories get every segment from here on (restores need them)
+        # The WAL loads left dead rows in pgbench_accounts: vacuum them now, so that no autovacuum of that table
+        # runs through some of the backups and not others.
+        self.log("VACUUM of the table the WAL loads updated (not timed)")
+        lab.psql("VACUUM pgbench_accounts", st=st, timeout_s=1800)
+        lab.psql("CHECKPOINT", st=st)
         pl.switch_and_wait(lab, st)
         runs, repeats = [], self.args.backup_repeats
         for rep in range(repeats):
