@@ -41,6 +41,7 @@ def test_backup_reports_bytes_uploaded_while_it_runs(lab, airflow_db, capfd):
 
 def test_restore_verification_reports_bytes_restored_and_the_replay_lsn(lab, airflow_db, run_dag, capfd):
     import os
+    import shutil
 
     from helpers import load_dag, task_states
 
@@ -50,7 +51,11 @@ def test_restore_verification_reports_bytes_restored_and_the_replay_lsn(lab, air
     dag = load_dag("pgops_restore_verify__main")
     dag.get_task("restore").progress_interval_s = 0.2
     dag.get_task("wait_recovery").progress_interval_s = 0.1
-    dr = run_dag(dag, {"scratch_root": f"/var/tmp/pgops-restore-progress-{os.getpid()}"})
+    scratch_root = f"/var/tmp/pgops-restore-progress-{os.getpid()}"  # the postgres user must reach it
+    try:
+        dr = run_dag(dag, {"scratch_root": scratch_root})
+    finally:
+        shutil.rmtree(scratch_root, ignore_errors=True)  # the teardown removed the run's directory, not the root
     assert set(task_states(dr).values()) == {"success"}, task_states(dr)
     out = capfd.readouterr()
     text = out.out + out.err
