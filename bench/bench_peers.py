@@ -8,8 +8,9 @@ HTTP; --transport http measures pgops without TLS). Each compared figure is take
 --backup-repeats, WAL archiving --wal-repeats), the tools interleaved (the order rotates every repeat), and
 reported as the median with min-max; ratios are taken within one repeat and then summarised. Each tool's best
 setting (2 x --jobs) is measured once beside them.
-  backup   a pg_basebackup -Ft -D - > /dev/null (read floor)   b barman-cloud-backup CLI (pgops' options)
-           c the base-backup DAG (dag.test: backup task and whole run)   d pgBackRest full backup
+  backup   a pg_basebackup -Ft -D - > /dev/null (read floor)   b the bare barman-cloud-backup CLI (pgops' options)
+           c the base-backup DAG (dag.test: backup task and whole run; barman-cloud-backup through pgops-backup,
+           which waits for the backup's end WAL itself)   d pgBackRest full backup
   WAL      after a warm-up load, pgbench write load (200-row UPDATEs, synchronous_commit off, no autovacuum) for
            --load-s from a checkpoint, with each archive_command: pgBackRest async archive-push, the pgops
            wrapper; once: bare barman-cloud-wal-archive and each tool's best setting; one --long-load-s run of
@@ -301,6 +302,7 @@ class Bench:
             argv = barman_cloud.backup_argv(self.cluster, endpoint_url=self.s3, backup_name=f"bench-cli-{rep}",
                                             pg_host=st.pg_socket_dir, pg_port=st.pg_port, pg_user="postgres",
                                             cluster_size_bytes=self.r["database"]["cluster_bytes"])
+            argv[0] = self.cluster.engine.bin("barman-cloud-backup")  # the bare CLI (pgops runs it as pgops-backup)
             before = self._base_bytes()
             secs, _ = pl.timed(pl.run_db, argv, env=self.env)
             return {"s": secs, "stored_bytes": self._base_bytes() - before,

@@ -156,7 +156,7 @@ def _barman_backup_pids(root: int) -> list[int]:
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if any(a.endswith(b"barman-cloud-backup") for a in argv):
+        if any(a.endswith((b"barman-cloud-backup", b"pgops-backup")) for a in argv):
             out.append(pid)
     return out
 

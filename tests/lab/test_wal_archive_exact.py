@@ -274,7 +274,8 @@ def test_spool_is_not_in_a_base_backup(lab, scratch_pg, db_tmp_path):
     env = lab.db_env(st)
     argv = barman_cloud.backup_argv(cluster, endpoint_url=st.s3_endpoint, backup_name="spool-proof",
                                     pg_host=str(pg.socket_dir), pg_port=pg.port, pg_user="postgres")
-    subprocess.run(as_db_user(argv, env=env), check=True, capture_output=True, timeout=300)
+    res = subprocess.run(as_db_user(argv, env=env), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
     target = db_tmp_path / "restored"
     subprocess.run(["chown", "postgres:postgres", str(db_tmp_path)], check=True)
     argv = barman_cloud.restore_argv(cluster, endpoint_url=st.s3_endpoint, backup_id="spool-proof",
@@ -532,3 +533,57 @@ def test_a_spool_others_can_write_is_not_trusted(lab, stand_in):
     assert res.returncode == 0, res.stderr
     assert "others could forge its markers" in res.stderr
     assert SEGMENTS[1] in _keys(lab, server, stand_in.bucket)  # archived again, not taken from the marker
+
+
+def test_a_backup_is_done_only_once_its_last_wal_is_archived(lab, scratch_pg):
+    """pgops-backup stops the backup without PostgreSQL's 1-s wait and waits for the end WAL itself
+    (include/dbhost/pgops_backup.py): while archive_command fails, the backup does not end and the catalog holds
+    no DONE backup for it; once archiving works again it ends DONE, with its end segment in the bucket. 1 MiB
+    segments and pg_wal through a symlink: the file names and the status directory are PostgreSQL's own."""
+    from pgops.dbhost.engines import barman_cloud
+    from pgops.lab.local import as_db_user
+
+    server = _server("endwal")
+    cluster = _cluster(lab, server)
+    pg = scratch_pg(cluster)
+    pg.switch(2)
+    pg.wait_archived(pg.last_switched())
+    block = pg.root / "archive-blocked"
+    block.touch()
+    pg.set_archive_command(f"test ! -e {shlex.quote(str(block))} && {_archive_command(lab, cluster)}")
+    st = lab.load()
+    env = lab.db_env(st)
+    argv = barman_cloud.backup_argv(cluster, endpoint_url=st.s3_endpoint, backup_name="endwal-proof",
+                                    pg_host=str(pg.socket_dir), pg_port=pg.port, pg_user="postgres")
+    assert argv[0].endswith("/pgops-backup")
+
+    def catalog() -> dict:
+        res = subprocess.run(as_db_user(barman_cloud.backup_list_argv(cluster, endpoint_url=st.s3_endpoint),
+                                        env=env), capture_output=True, text=True, check=True)
+        return {b.backup_name: b for b in barman_cloud.parse_backup_list(res.stdout)}
+
+    status = pg.data / "pg_wal" / "archive_status"
+    proc = subprocess.Popen(as_db_user(argv, env=env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        # pg_backup_stop has run once the backup history file is ready to archive; archiving fails meanwhile
+        assert wait_for(lambda: any(n.endswith(".backup.ready") for n in os.listdir(status)), 120), \
+            sorted(os.listdir(status))
+        assert wait_for(lambda: int(pg.psql("SELECT failed_count FROM pg_stat_archiver")) >= 1, 30)
+        time.sleep(3)
+        assert proc.poll() is None, proc.communicate()[0]
+        entry = catalog().get("endwal-proof")  # a backup not DONE is listed without its name, or not at all
+        assert entry is None or entry.status != "DONE", entry
+        block.unlink()
+        pg.switch(1)  # a new ready segment wakes the archiver (it waits up to a minute after failures)
+        out = proc.communicate(timeout=180)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, out
+    backup = catalog()["endwal-proof"]
+    assert backup.status == "DONE" and backup.end_wal, backup
+    assert backup.end_wal in _keys(lab, server)
+    line = next(x for x in out.splitlines() if "are archived (waited" in x)
+    assert backup.end_wal in line and ".backup" in line
+    assert not [n for n in os.listdir(status) if n.endswith(".backup.ready")]

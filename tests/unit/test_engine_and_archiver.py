@@ -22,7 +22,7 @@ def cluster():
 def test_backup_argv_is_a_list_without_secrets(cluster):
     argv = barman_cloud.backup_argv(cluster, endpoint_url="http://127.0.0.1:9000", backup_name="pgops-run",
                                     pg_host="127.0.0.1", pg_port=5433, pg_user="postgres", pg_dbname="postgres")
-    assert argv[0].endswith("barman-cloud-backup")
+    assert argv[0].endswith("/pgops-backup")  # barman-cloud-backup's main, with pgops' wait for the end WAL
     assert argv[-2:] == ["s3://pgops-lab/clusters", "main"]
     assert ["--endpoint-url", "http://127.0.0.1:9000"] == argv[argv.index("--endpoint-url"):argv.index("--endpoint-url") + 2]
     assert "--lz4" in argv and "--immediate-checkpoint" in argv and argv[argv.index("--jobs") + 1] == "2"

@@ -20,6 +20,9 @@ WAL_ARCHIVE_WRAPPER = "pgops-wal-archive"
 WAL_RESTORE_WRAPPER = "pgops-wal-restore"
 # pgops' parallel restorer (include/dbhost/pgops_restore.py, main(argv)), a console script of the same package.
 PARALLEL_RESTORE_TOOL = "pgops-restore"
+# barman-cloud-backup run by barman's own main, but for the wait for the backup's last WAL segment, which pgops
+# makes at a finer grain than PostgreSQL's 1-s one (include/dbhost/pgops_backup.py); the same arguments.
+BACKUP_TOOL = "pgops-backup"
 # Base backups in parts (barman-cloud-backup --max-archive-size: compressed bytes per tar part) so that a restore
 # can take engine.jobs parts at a time. barman counts compressed bytes and closes a part only between two files,
 # so the database size is scaled by the strongest compression expected (the lab's pgbench database: lz4 stores
@@ -69,14 +72,15 @@ def max_archive_size_bytes(cluster_size_bytes: int | None, *, jobs: int, compres
 def backup_argv(cluster: Cluster, *, endpoint_url: str | None, backup_name: str, pg_host: str | None = None,
                 pg_port: int | None = None, pg_user: str | None = None, pg_dbname: str | None = None,
                 cluster_size_bytes: int | None = None) -> list[str]:
-    """barman-cloud-backup of the local primary into the cluster's prefix, named after the Airflow run.
+    """barman-cloud-backup (through pgops-backup: BACKUP_TOOL) of the local primary into the cluster's prefix,
+    named after the Airflow run.
 
     With ``cluster_size_bytes`` (the databases' size), the backup is written in parts for a parallel restore
     (max_archive_size_bytes); engine.extra_args come last, so a --max-archive-size there wins.
     """
     e = cluster.engine
     # -v: barman's INFO lines, among them "Starting backup '<id>'" (BackupLog reads the new backup's id from it)
-    argv = [e.bin("barman-cloud-backup"), "-v", *_common(cluster, endpoint_url), *_compression(e.compression),
+    argv = [e.bin(BACKUP_TOOL), "-v", *_common(cluster, endpoint_url), *_compression(e.compression),
             "--jobs", str(e.jobs), "--name", backup_name]
     part_bytes = max_archive_size_bytes(cluster_size_bytes, jobs=e.jobs, compression=e.compression)
     if part_bytes:
