@@ -16,13 +16,15 @@ uploaded. pgBackRest calls pg_backup_stop(false) and waits for the segment itsel
 - with no time limit, as PostgreSQL has none (the task's own timeout bounds it), and a warning naming the
   files every WARN_EVERY_S;
 - only if archiving is active (archive_mode not off, wal_level not minimal), as PostgreSQL does.
-Until the wait ends, barman has not written backup_label and pg_control into the backup nor marked it DONE: a
+Until the wait ends, barman has not written backup_label into the backup nor marked the backup DONE: a
 backup whose end WAL never reaches the archive is never DONE (interrupted, barman marks it FAILED). On a
 standby, or before PostgreSQL 15, barman's own pg_backup_stop call runs unchanged.
 
-And one clean-up: once barman's upload workers are done, the multiprocessing manager behind their queues is
-shut down before barman removes its temporary directory (the manager's socket is there); left to its exit
-finalizer, it cost every run a one-second timeout (stop_upload_manager).
+Two more changes, neither of them in what is stored but for a checksum: with lz4, each part's frame carries
+block checksums (lz4_with_block_checksums: a damaged part fails its restore wherever the damage is); and once
+barman's upload workers are done, the multiprocessing manager behind their queues is shut down before barman
+removes its temporary directory, where the manager's socket is (stop_upload_manager): left to its exit
+finalizer, it cost every run a one-second timeout.
 """
 
 from __future__ import annotations
@@ -153,6 +155,7 @@ def install() -> None:
     stop_upload_manager in the place of CloudInterface.close."""
     from barman.clients import cloud_backup  # noqa: F401  barman's own import order (postgres first is circular)
     from barman import cloud, postgres
+    from barman.clients import cloud_compression
 
     original = postgres.PostgreSQLConnection.stop_concurrent_backup
     if getattr(original, "_pgops", False):
@@ -168,6 +171,22 @@ def install() -> None:
     stop_concurrent_backup._pgops = True
     postgres.PostgreSQLConnection.stop_concurrent_backup = stop_concurrent_backup
     cloud.CloudInterface.close = close
+    cloud_compression.Lz4Compressor.add_chunk = lz4_with_block_checksums(cloud_compression.Lz4Compressor.add_chunk)
+
+
+def lz4_with_block_checksums(original_add_chunk):
+    """barman's lz4 compressor (clients/cloud_compression.py Lz4Compressor), its frame opened with block
+    checksums: every compressed block carries the xxHash32 of its bytes, which every lz4 frame decoder checks
+    (barman-cloud-restore's and pgops-restore's alike), so damage anywhere in a part's data fails its restore,
+    naming the part, where barman's frames (no checksum) were caught only when the damage broke the frame or the
+    tar stream. The hash runs over the compressed bytes: a few hundredths of a second for a 1.5 GiB database."""
+
+    def add_chunk(self, data):
+        if self._compressor is None:
+            self._compressor = self._lz4_frame.LZ4FrameCompressor(auto_flush=True, block_checksum=True)
+        return original_add_chunk(self, data)
+
+    return add_chunk
 
 
 def main(argv: list[str] | None = None) -> None:

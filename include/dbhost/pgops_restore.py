@@ -23,8 +23,9 @@ Safety:
   FIFO is refused, and the whole restore fails naming it; symlinks are made after every part is extracted and
   only where no symlink is on the way, so no write goes through one;
 - every part is checked whole: its size in the bucket listing against the bytes downloaded, the compression's
-  own end and checksums (gzip CRC, bzip2 and snappy block checksums, the lz4 frame end), tar header checksums,
-  the end-of-archive marker and nothing but zeros after it; the parts of a directory are numbered without a
+  own end and checksums (gzip CRC, bzip2 and snappy block checksums, the lz4 frame end and the lz4 block
+  checksums pgops-backup writes: barman's own lz4 frames have none), tar header checksums, the end-of-archive
+  marker and nothing but zeros after it; the parts of a directory are numbered without a
   gap; backup_label must equal backup.info's, which catches a lost last part of the data directory (barman
   writes pg_control and backup_label last);
 - until all of that passed, the data directory holds pgops_restore.incomplete (with the reason, on failure)

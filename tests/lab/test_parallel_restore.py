@@ -237,17 +237,21 @@ class TestBothWays:
         _assert_failed_and_marked(res, area / "d", "backup_label", before_last.rsplit("/", 1)[1])
 
 
-    @pytest.mark.parametrize("how", ["corrupt", "truncated"])
+    @pytest.mark.parametrize("how", ["flipped", "corrupt", "truncated"])
     def test_a_broken_part_fails_naming_it(self, lab, backups, broken, area, how):
         cluster, prefix = broken
         st = lab.load()
         s3 = lab.s3_client()
         key = prefix + "data_0002.tar.lz4"
         body = bytearray(s3.get_object(Bucket=st.bucket, Key=key)["Body"].read())
-        if how == "corrupt":
-            # A member header in the middle of the part no longer matches its checksum. (barman's lz4 frames carry no
-            # content checksum: bytes flipped inside the compressed stream are caught when they break the frame or
-            # the tar stream, which is most of the time but not always; a damaged header always is.)
+        assert body[:4] == b"\x04\x22\x4d\x18" and body[4] & 0x10, "pgops-backup writes lz4 block checksums"
+        if how == "flipped":
+            # bytes flipped in the middle of the compressed data: the block's checksum no longer matches (barman's
+            # own frames, without checksums, let such damage through whenever it still decompresses to a tar stream)
+            at = len(body) // 2
+            body[at:at + 64] = bytes(b ^ 0x5A for b in body[at:at + 64])
+        elif how == "corrupt":
+            # a member header in the middle of the part no longer matches its tar checksum (compressed again)
             import io
             import tarfile
 
