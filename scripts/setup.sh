@@ -50,7 +50,7 @@ if [ ! -f "$stamp" ]; then
 fi
 
 # --- DB-host tools venv (barman-cloud and the pgops DB-host tools), readable by the postgres OS user -------
-# The tools (include/dbhost: pgops-wal-archive, pgops-wal-restore, pgops-restore) are installed as a package, not run from
+# The tools (include/dbhost: pgops-backup, pgops-wal-archive, pgops-wal-restore, pgops-restore) are installed as a package, not run from
 # this checkout: PostgreSQL runs them as the postgres OS user, who may not be able to read a clone in a 0700
 # home. The stamp covers the lock, every source of the package and this script, so an edited tool is reinstalled.
 # Bytecode is compiled at install: the postgres user cannot write __pycache__ here, and without it every
@@ -70,7 +70,7 @@ if [ ! -f "$dbstamp" ]; then
   uv pip install -q --no-cache --compile-bytecode --python "$DBHOST_VENV/bin/python" --no-deps --reinstall "$build"
   rm -rf "$build"; trap - EXIT
   chmod -R a+rX "$DBHOST_VENV"
-  for tool in pgops-wal-archive pgops-wal-restore pgops-restore; do
+  for tool in pgops-backup pgops-wal-archive pgops-wal-restore pgops-restore; do
     [ -x "$DBHOST_VENV/bin/$tool" ] || { echo "setup: $DBHOST_VENV/bin/$tool was not installed" >&2; exit 1; }
   done
   rm -f "$DBHOST_VENV"/.pgops-lock-*; touch "$dbstamp"
