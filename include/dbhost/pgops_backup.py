@@ -29,6 +29,7 @@ finalizer, it cost every run a one-second timeout.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import re
@@ -153,7 +154,7 @@ def stop_upload_manager(cloud_interface: Any, original_close) -> None:
 def install() -> None:
     """Put stop_backup in the place of barman's stop_concurrent_backup (standby connections call it too), and
     stop_upload_manager in the place of CloudInterface.close."""
-    from barman.clients import cloud_backup  # noqa: F401  barman's own import order (postgres first is circular)
+    importlib.import_module("barman.clients.cloud_backup")  # barman's own import order: postgres first is circular
     from barman import cloud, postgres
     from barman.clients import cloud_compression
 

@@ -4,6 +4,7 @@ end before both files are archived, and barman's own stop call wherever pgops do
 
 from __future__ import annotations
 
+import itertools
 import logging
 import sys
 from types import SimpleNamespace
@@ -102,7 +103,7 @@ def test_the_wait_ends_only_when_both_files_are_archived(data_dir, caplog):
         waited = pb.wait_archived(str(data_dir), [SEG, HIST], poll_s=0.5, warn_every_s=60, sleep=sleep,
                                   clock=lambda: now[0])
     assert waited == pytest.approx(125)
-    assert all(b - a == pytest.approx(0.5) for a, b in zip(polls, polls[1:]))
+    assert all(b - a == pytest.approx(0.5) for a, b in itertools.pairwise(polls))
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 2 and all(HIST in w and SEG not in w for w in warnings)  # at 60 and 120 s
 
