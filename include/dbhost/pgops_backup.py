@@ -36,10 +36,11 @@ import re
 import time
 from typing import Any
 
+from pgops_spool import is_segment_name
+
 POLL_S = 0.02
 WARN_EVERY_S = 60.0
 _START_RE = re.compile(r"^START WAL LOCATION: ([0-9A-F]+)/([0-9A-F]+) \(file ([0-9A-F]{24})\)$", re.MULTILINE)
-_SEGMENT_RE = re.compile(r"^[0-9A-F]{24}$")
 _log = logging.getLogger("pgops.backup")
 
 
@@ -61,7 +62,7 @@ def history_file_name(backup_label: str, *, timeline_segment: str, wal_segment_s
     """The backup history file pg_backup_stop wrote: <timeline><start segment's log/seg>.<offset>.backup
     (BackupHistoryFileName with the stop timeline, as do_pg_backup_stop names it), from the backup label."""
     m = _START_RE.search(backup_label)
-    if not m or not _SEGMENT_RE.match(timeline_segment):
+    if not m or not is_segment_name(timeline_segment):
         raise ValueError("the backup label has no START WAL LOCATION line: cannot name the backup history file")
     lsn = (int(m.group(1), 16) << 32) + int(m.group(2), 16)
     return f"{timeline_segment[:8]}{m.group(3)[8:]}.{lsn % wal_segment_size:08X}.backup"
@@ -102,7 +103,8 @@ SETTINGS_QUERY = ("SELECT current_setting('data_directory'), current_setting('ar
 
 def stop_backup(pg: Any, original) -> Any:
     """The replacement of PostgreSQLConnection.stop_concurrent_backup (``original``: barman's)."""
-    if pg.server_version < 150000 or pg.is_in_recovery is not False:
+    version = pg.server_version
+    if not version or version < 150000 or pg.is_in_recovery is not False:
         return original(pg)
     import psycopg2
     from barman.exceptions import PostgresConnectionError, PostgresException

@@ -13,6 +13,14 @@ import os
 import sys
 import time
 
+_HEX_UPPER = frozenset("0123456789ABCDEF")
+
+
+def is_segment_name(name: str) -> bool:
+    """A WAL segment's file name: 24 upper-case hex digits (not a .history, .backup or .partial file). Without re
+    (the archive call loads none; re's $ would also take a trailing newline): every DB-host tool checks names so."""
+    return len(name) == 24 and _HEX_UPPER.issuperset(name)
+
 
 def held_by_someone(spool: str | os.PathLike, lock_name: str) -> bool:
     """True while a process holds the spool's lock (the helper runs); the probe holds it for an instant."""

@@ -58,7 +58,7 @@ import stat
 import sys
 import time
 
-from pgops_spool import CappedLog, SpoolOwner, held_by_someone, rotate_log
+from pgops_spool import CappedLog, SpoolOwner, held_by_someone, is_segment_name, rotate_log
 
 if False:  # for annotations only (typing.TYPE_CHECKING would import typing): only the paths that archive load it
     from pathlib import Path
@@ -69,7 +69,6 @@ if False:  # for annotations only (typing.TYPE_CHECKING would import typing): on
 # paths that archive in this process, and the pusher, import what they need (`make bench` measures the CPU per
 # segment, tests/unit/test_archive_call_imports.py what a call loads).
 SimpleNamespace = type(sys.implementation)  # types.SimpleNamespace, as the types module itself gets it
-_HEX_UPPER = frozenset("0123456789ABCDEF")
 SPOOL_PREFIX = "pgops_wal_spool."  # default spool: <data directory's parent>/pgops_wal_spool.<its name>
 LEGACY_SPOOL = "pgops_wal_spool"  # the old default, inside the data directory (so in every base backup)
 CALLED = ".called"
@@ -154,11 +153,6 @@ def destination_hash(command: list[str]) -> str:
     )
 
     return sha256("\0".join(command).encode()).hexdigest()[:16]
-
-
-def is_segment_name(name: str) -> bool:
-    """A WAL segment's file name: 24 upper-case hex digits (not a .history, .backup or .partial file)."""
-    return len(name) == 24 and _HEX_UPPER.issuperset(name)
 
 
 def default_spool(data_dir: str | os.PathLike) -> str:

@@ -39,9 +39,8 @@ import sys
 import time
 from pathlib import Path
 
-from pgops_spool import SpoolOwner, held_by_someone
+from pgops_spool import SpoolOwner, held_by_someone, is_segment_name
 
-SEGMENT_RE = re.compile(r"^[0-9A-F]{24}$")
 HISTORY_RE = re.compile(r"^[0-9A-F]{8}\.history$")
 LOCK = ".prefetcher.lock"
 PID = ".prefetcher.pid"
@@ -70,7 +69,7 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str], str, str]:
     opts = parser.parse_args(argv[:cut])
     rest = argv[cut + 1:]
     if opts.start:
-        if not SEGMENT_RE.match(opts.start):
+        if not is_segment_name(opts.start):
             raise SystemExit(f"pgops_wal_restore.py: --start {opts.start!r} is not a WAL segment name "
                              "(24 hexadecimal digits, e.g. 000000010000000000000003)")
         if not rest:
@@ -121,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     if opts.start:
         return _warm_start(opts, command, spool)
     history = bool(HISTORY_RE.match(wal_name))
-    if opts.parallel < 1 or not (SEGMENT_RE.match(wal_name) or history):
+    if opts.parallel < 1 or not (is_segment_name(wal_name) or history):
         _fallback(command, wal_name, wal_dest)
     ready, missing, absent = spool / wal_name, spool / f"{wal_name}.missing", spool / f"{wal_name}.absent"
     try:
@@ -240,7 +239,7 @@ class Prefetcher:
                             else:
                                 self.fetched.discard(wanted)
                                 self.inflight[wanted] = pool.submit(self._download, wanted, key)
-                    elif (wanted, stamp) != wanted_seen and SEGMENT_RE.match(wanted):
+                    elif (wanted, stamp) != wanted_seen and is_segment_name(wanted):
                         # asked for by PostgreSQL: needed now, so everything before it was taken
                         wanted_seen, activity = (wanted, stamp), True
                         self._advance(wanted, asked=True)
@@ -254,7 +253,7 @@ class Prefetcher:
                                 self.inflight[wanted] = pool.submit(self._download, wanted, key)
                     for name in [n for n in self.fetched if not (self.spool / n).exists()]:
                         self.fetched.discard(name)  # taken by PostgreSQL
-                        if SEGMENT_RE.match(name):
+                        if is_segment_name(name):
                             self._advance(name)
                         activity = True
                     for name, fut in list(self.inflight.items()):
@@ -306,7 +305,7 @@ class Prefetcher:
                     if base.endswith(ext):
                         base = base[:-len(ext)]
                         break
-                if SEGMENT_RE.match(base):
+                if is_segment_name(base):
                     keys[base] = key
             self.listed[directory] = (time.monotonic(), keys)
         return keys

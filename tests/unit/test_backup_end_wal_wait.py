@@ -114,9 +114,10 @@ def test_no_wait_when_already_archived(data_dir):
     assert pb.wait_archived(str(data_dir), [SEG, HIST], sleep=lambda s: pytest.fail("slept")) == pytest.approx(0, abs=1)
 
 
-@pytest.mark.parametrize("version, in_recovery", [(140000, False), (150000, True), (150000, None)])
+@pytest.mark.parametrize("version, in_recovery", [(140000, False), (150000, True), (150000, None), (None, False)])
 def test_barmans_own_stop_where_pgops_does_not_take_over(version, in_recovery):
-    """Before PostgreSQL 15 (other arguments), on a standby, or when recovery cannot be read: barman's call."""
+    """Before PostgreSQL 15 (other arguments), on a standby, or when the version or recovery cannot be read:
+    barman's call."""
     pg = SimpleNamespace(server_version=version, is_in_recovery=in_recovery,
                          connect=lambda: pytest.fail("pgops' stop ran"))
     assert pb.stop_backup(pg, lambda conn: ("barman's", conn)) == ("barman's", pg)
