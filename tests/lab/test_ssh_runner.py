@@ -73,6 +73,28 @@ def test_runs_as_postgres_with_quoting_env_and_streaming(ssh_conn):
     assert captured.stdout == "out\n" and lines[-1] == "warn"
 
 
+def test_exact_env_reaches_the_remote_command_unchanged(ssh_conn, monkeypatch):
+    """The stop-writes restart over a real sshd: a command run with exact_env (the environment the server ran with)
+    gets exactly that environment: nothing of the login session (sshd's SSH_*, the login shell's PATH, HOME,
+    MAIL, PWD) and nothing of the worker's (locale, TZ, secrets)."""
+    server_env = {"PATH": "/usr/bin:/bin", "HOME": "/srv/pg-home", "PGDATA": "/srv/pg/15/main",
+                  "PGOPS_MARK": "old env; $(touch /tmp/pgops-should-not-exist)"}
+    for key, value in {"LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "TZ": "Pacific/Chatham",
+                       "DB_ADMIN_PASSWORD": "sentinel-worker-secret"}.items():
+        monkeypatch.setenv(key, value)
+
+    def environ(res) -> dict[str, str]:
+        return dict(item.split("=", 1) for item in res.stdout.split("\0") if item)
+
+    exact = _runner().run(["/usr/bin/env", "-0"], env=server_env, exact_env=True, capture=True, timeout_s=30)
+    assert environ(exact) == server_env
+    assert not Path("/tmp/pgops-should-not-exist").exists()
+    # the contrast: any other command runs in the login session (its SSH_* variables), plus what it is given
+    other = environ(_runner().run(["/usr/bin/env", "-0"], env={"PGOPS_MARK": "x"}, capture=True, timeout_s=30))
+    assert other["PGOPS_MARK"] == "x" and any(k.startswith("SSH_") for k in other), sorted(other)
+    assert "DB_ADMIN_PASSWORD" not in other
+
+
 def test_failure_carries_exit_code_and_output(ssh_conn):
     from pgops.dbhost.runners import CommandFailed
 
