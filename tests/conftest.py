@@ -31,6 +31,21 @@ os.environ.update({
     "PGOPS_INVENTORY": str(REPO / "include" / "clusters.example.yaml"),
 })
 os.environ.pop("AIRFLOW_CONN_PGOPS_MAIN_AWS", None)
+# The restore's default scratch root (a DB host keeps it); made by a test run only where none was there before.
+_SCRATCH_ROOT = Path("/var/tmp/pgops-restore")
+_SCRATCH_ROOT_WAS_THERE = _SCRATCH_ROOT.exists()
+
+
+def pytest_unconfigure(config):
+    """A test session leaves nothing behind: its AIRFLOW_HOME (metadata DB, task logs) goes, and the default
+    restore scratch root too if this session made it and every run's directory in it is gone (rmdir: only when
+    empty, so nothing a run left can be lost unnoticed)."""
+    shutil.rmtree(_AIRFLOW_HOME, ignore_errors=True)
+    if not _SCRATCH_ROOT_WAS_THERE:
+        try:
+            _SCRATCH_ROOT.rmdir()
+        except OSError:
+            pass
 
 
 @pytest.fixture(scope="session")
