@@ -587,3 +587,42 @@ def test_a_backup_is_done_only_once_its_last_wal_is_archived(lab, scratch_pg):
     line = next(x for x in out.splitlines() if "are archived (waited" in x)
     assert backup.end_wal in line and ".backup" in line
     assert not [n for n in os.listdir(status) if n.endswith(".backup.ready")]
+
+
+def test_a_backup_killed_while_it_waits_for_its_last_wal_is_never_done(lab, scratch_pg):
+    """The task killed during pgops-backup's wait (kill -9 of its process group, as a lost worker): the backup is
+    not DONE in the catalog, before or after archiving works again."""
+    import signal
+
+    from pgops.dbhost.engines import barman_cloud
+    from pgops.lab.local import as_db_user
+
+    server = _server("endwal-kill")
+    cluster = _cluster(lab, server)
+    pg = scratch_pg(cluster)
+    block = pg.root / "archive-blocked"
+    block.touch()
+    pg.set_archive_command(f"test ! -e {shlex.quote(str(block))} && {_archive_command(lab, cluster)}")
+    st = lab.load()
+    env = lab.db_env(st)
+    argv = barman_cloud.backup_argv(cluster, endpoint_url=st.s3_endpoint, backup_name="endwal-killed",
+                                    pg_host=str(pg.socket_dir), pg_port=pg.port, pg_user="postgres")
+    status = pg.data / "pg_wal" / "archive_status"
+    tmp_before = set(Path("/tmp").glob("barman-cloud-backup-*"))
+    proc = subprocess.Popen(as_db_user(argv, env=env), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        assert wait_for(lambda: any(n.endswith(".backup.ready") for n in os.listdir(status)), 120)
+        assert proc.poll() is None
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # its own session: the test's child and nothing else
+        proc.wait(timeout=30)
+        for path in set(Path("/tmp").glob("barman-cloud-backup-*")) - tmp_before:  # the killed barman's own
+            shutil.rmtree(path)
+    block.unlink()
+    pg.switch(1)
+    pg.wait_archived(pg.last_switched())
+    res = subprocess.run(as_db_user(barman_cloud.backup_list_argv(cluster, endpoint_url=st.s3_endpoint), env=env),
+                         capture_output=True, text=True, check=True)
+    done = [b for b in barman_cloud.parse_backup_list(res.stdout) if b.status == "DONE"]
+    assert done == [], done

@@ -157,3 +157,70 @@ def test_an_upload_manager_that_cannot_stop_does_not_fail_a_finished_backup():
     assert closed == [interface]
     pb.stop_upload_manager(SimpleNamespace(queue=None), closed.append)  # no async upload ran: barman's close only
     assert len(closed) == 2
+
+
+_PG15_SCRIPT = r'''
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import psycopg2
+import pgops_backup as pb
+from barman.exceptions import PostgresException
+
+LABEL = "START WAL LOCATION: 0/4F000028 (file 00000001000000000000004F)\n"
+
+class Cursor:
+    def __init__(self, pg): self.pg = pg
+    def execute(self, sql, args=None):
+        self.pg.sql.append(sql)
+        if self.pg.fail_on and self.pg.fail_on in sql:
+            raise psycopg2.OperationalError("server closed the connection unexpectedly")
+    def fetchone(self):
+        if "pg_backup_stop" in self.pg.sql[-1]:
+            return {"location": "0/51000100", "timeline": 1, "backup_label": LABEL, "timestamp": None}
+        return ("/srv/pg/data", self.pg.archive_mode, "replica", 16777216, "000000010000000000000051")
+
+class Conn:
+    def __init__(self, pg): self.pg = pg
+    def rollback(self): pass
+    def cursor(self, cursor_factory=None): return Cursor(self.pg)
+
+class Pg:
+    server_version, is_in_recovery = 150018, False
+    def __init__(self, archive_mode, fail_on=None):
+        self.sql, self.archive_mode, self.fail_on = [], archive_mode, fail_on
+    def connect(self): return Conn(self)
+
+waited = []
+pb.wait_archived = lambda data_dir, names: waited.append([data_dir, names]) or 0.0
+out = {}
+pg = Pg("on")
+pb.stop_backup(pg, lambda p: 1 / 0)
+out["on"] = {"stop": [s for s in pg.sql if "pg_backup_stop" in s], "waited": waited[:]}
+waited.clear()
+pg = Pg("off")
+out["off"] = {"location": pb.stop_backup(pg, lambda p: 1 / 0)["location"], "waited": waited[:]}
+try:
+    pb.stop_backup(Pg("on", fail_on="pg_backup_stop"), lambda p: 1 / 0)
+except PostgresException as e:
+    out["error"] = str(e)
+print(json.dumps(out))
+'''
+
+
+def test_the_stop_on_a_primary_with_barmans_own_modules():
+    """In the DB-host venv (barman, psycopg2): pg_backup_stop(wait_for_archive => false), then the wait for the
+    last segment and the history file; no wait where archiving is off (as PostgreSQL); a database error is
+    barman's PostgresException naming pg_backup_stop (barman marks the backup FAILED)."""
+    import json
+    import subprocess
+
+    python = "/opt/pgops/dbhost-venv/bin/python"
+    res = subprocess.run([python, "-c", _PG15_SCRIPT, str(REPO / "include" / "dbhost")], capture_output=True,
+                         text=True, timeout=60)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = json.loads(res.stdout.splitlines()[-1])
+    assert len(out["on"]["stop"]) == 1 and "pg_backup_stop(wait_for_archive => false)" in out["on"]["stop"][0]
+    assert out["on"]["waited"] == [["/srv/pg/data", ["000000010000000000000051",
+                                                     "00000001000000000000004F.00000028.backup"]]]
+    assert out["off"] == {"location": "0/51000100", "waited": []}
+    assert "pg_backup_stop" in out["error"] and "server closed the connection" in out["error"]
